@@ -1,0 +1,214 @@
+"""SPEC sections 1-2: the three noise methods, DSSN's golden vectors, statistics and input checks."""
+
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from ssn_exp.smoothing import DSSN, SSN, OffGridError, Uniform, make_smoothing
+
+# ----------------------------------------------------------------------------- golden vectors
+
+
+def _golden_configs(path):
+    z = np.load(path)
+    return z, sorted({k.split("/")[0] for k in z.files})
+
+
+def test_golden_dssn_matches_authors_code(shared):
+    z, configs = _golden_configs(shared / "golden" / "dssn_levine2021.npz")
+    assert len(configs) >= 8
+    for cfg in configs:
+        dim, seed, sigma = re.fullmatch(r"d(\d+)_seed(\d+)_sigma([\d.]+)", cfg).groups()
+        m = DSSN(float(sigma), q=255, dim=int(dim), seed=int(seed))
+        assert m.levels == int(z[f"{cfg}/levels"]), cfg
+        assert m.v.dtype == torch.int64 and m.v.shape == (int(dim),)
+        np.testing.assert_array_equal(m.v.numpy(), z[f"{cfg}/template"], err_msg=cfg)
+        x = torch.from_numpy(z[f"{cfg}/x_uint8"].astype(np.float32)) / 255
+        want = z[f"{cfg}/x_tilde"]
+        every = m.offsets(x, 0, m.levels)
+        assert every.shape == (2, m.levels, int(dim))
+        got = every[:, torch.from_numpy(z[f"{cfg}/sample_index"].astype(np.int64))]
+        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6, err_msg=cfg)
+        # a sub-range gives the same values as the full enumeration
+        j0 = int(z[f"{cfg}/sample_index"][0])
+        torch.testing.assert_close(m.offsets(x, j0, j0 + 3), every[:, j0 : j0 + 3], rtol=0, atol=0)
+
+
+def test_levels_match_every_published_dssn_run(reference_dir):
+    import csv
+
+    rows = [r for r in csv.DictReader(open(reference_dir / "index.csv")) if r["method"] == "dssn"]
+    assert len(rows) == 45
+    for r in rows:
+        assert DSSN(float(r["sigma"]), q=255, dim=4).levels == int(r["levels"]), r["file"]
+
+
+# ----------------------------------------------------------------------------- interface
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 8, 8), (5, 64)])
+@pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
+def test_sample_keeps_shape_device_and_is_fresh_per_example(method, shape):
+    torch.manual_seed(0)
+    m = make_smoothing(method, 0.5, q=16, dim=64, seed=0)
+    x = torch.randint(0, 17, shape).float() / 16
+    x = x[:1].expand(shape).contiguous()  # the same image five times
+    out = m.sample(x)
+    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
+    flat = out.reshape(5, -1)
+    assert len({tuple(r.tolist()) for r in flat}) > 1, "every example must get its own noise"
+    assert math.isclose(m.lam, math.sqrt(3) * 0.5)
+
+
+def test_dssn_offsets_shape_and_dtype():
+    m = DSSN(1.0, q=16, dim=64)
+    x = torch.randint(0, 17, (3, 64)).float() / 16
+    out = m.offsets(x, 2, 9)
+    assert out.shape == (3, 7, 64) and out.dtype == torch.float32
+    # NCHW input is flattened in C*H*W order
+    torch.testing.assert_close(m.offsets(x.view(3, 1, 8, 8), 2, 9), out, rtol=0, atol=0)
+
+
+def test_dssn_noise_values_lie_on_the_quarter_grid():
+    m = DSSN(0.4, q=16, dim=64)
+    x = torch.randint(0, 17, (4, 64)).float() / 16
+    t = m.offsets(x) * (4 * 16)
+    torch.testing.assert_close(t, t.round(), rtol=0, atol=1e-4)
+    assert float(m.offsets(x).min()) >= 0 and float(m.offsets(x).max()) <= 1
+
+
+@pytest.mark.parametrize("sigma", [0.05, 0.1, 0.2, 0.3, 0.6, 1.0, 2.0])
+def test_ssn_float_formula_equals_dssn_integer_table_on_the_grid(sigma):
+    """Two independent implementations of eq. 42-43 (float vs exact integers) agree, both branches."""
+    q = 64
+    m = DSSN(sigma, q=q, dim=8)
+    ssn = SSN(m.levels / (2 * math.sqrt(3) * q))  # 2 lam = L / q
+    k = torch.arange(q + 1, dtype=torch.float64).repeat_interleave(m.levels)
+    mm = torch.arange(m.levels, dtype=torch.float64).repeat(q + 1)
+    x, s = k / q, (mm + 0.5) / q
+    want = m._table.double()
+    torch.testing.assert_close(ssn.split_general(x, s), want, rtol=0, atol=1e-6)
+    if ssn.lam >= 0.5:
+        torch.testing.assert_close(ssn.split(x, s), want, rtol=0, atol=1e-6)
+
+
+def test_ssn_branches_agree_for_lambda_at_least_half():
+    g = torch.Generator().manual_seed(1)
+    for sigma in (0.2887, 0.5, 1.3, 3.5):
+        m = SSN(sigma)
+        assert m.lam >= 0.5
+        x = torch.rand(20000, generator=g, dtype=torch.float64)
+        s = torch.rand(20000, generator=g, dtype=torch.float64) * 2 * m.lam
+        torch.testing.assert_close(m.split(x, s), m.split_general(x, s), rtol=0, atol=1e-12)
+
+
+# ----------------------------------------------------------------------------- statistics
+
+
+def test_uniform_marginal_is_uniform_on_the_lambda_box():
+    g = torch.Generator().manual_seed(2)
+    m = Uniform(0.7)
+    x = torch.full((50000,), 0.3, dtype=torch.float64)
+    eps = (m.sample(x, g) - x).numpy()
+    assert eps.min() >= -m.lam and eps.max() <= m.lam
+    assert stats.kstest(eps, stats.uniform(loc=-m.lam, scale=2 * m.lam).cdf).pvalue > 1e-3
+    # independence across coordinates: correlation near 0
+    pair = (m.sample(torch.zeros(20000, 2, dtype=torch.float64), g)).numpy()
+    assert abs(np.corrcoef(pair.T)[0, 1]) < 0.03
+
+
+def test_ssn_marginal_small_lambda_is_uniform_additive_in_the_interior():
+    g = torch.Generator().manual_seed(3)
+    m = SSN(0.1)  # lam ~ 0.173 < 0.5
+    x = torch.full((50000,), 0.5, dtype=torch.float64)  # 2 lam <= x <= 1 - 2 lam
+    d = (m.sample(x, g) - x).numpy()
+    assert stats.kstest(d, stats.uniform(loc=-m.lam, scale=2 * m.lam).cdf).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("sigma", [0.5, 2.0])
+def test_ssn_marginal_large_lambda(sigma):
+    """lam >= 0.5: an atom at 1/2 of mass 1 - 1/(2 lam), else uniform on [x/2, (x+1)/2)."""
+    g = torch.Generator().manual_seed(4)
+    m = SSN(sigma)
+    x0 = 0.25
+    xt = m.sample(torch.full((60000,), x0, dtype=torch.float64), g).numpy()
+    atom = np.isclose(xt, 0.5, atol=0)
+    p_atom = 1 - 1 / (2 * m.lam)
+    assert abs(atom.mean() - p_atom) < 4 * math.sqrt(p_atom * (1 - p_atom) / len(xt)) + 1e-9
+    rest = xt[~atom]
+    assert rest.min() >= x0 / 2 and rest.max() < (x0 + 1) / 2
+    assert stats.kstest(rest, stats.uniform(loc=x0 / 2, scale=0.5).cdf).pvalue > 1e-3
+
+
+def test_dssn_training_offsets_are_uniform_and_v_is_fixed():
+    m = DSSN(0.3, q=16, dim=64, seed=0)  # L = 16
+    torch.manual_seed(5)
+    x = torch.randint(0, 17, (1, 64)).float() / 16
+    table = m.offsets(x)[0]  # (L, dim): one row per offset
+    assert len({tuple(r.tolist()) for r in table}) == m.levels, "offsets must give distinct samples here"
+    draws = m.sample(x.expand(8000, 64).contiguous())
+    # every training sample is exactly one of the L deterministic offsets (same v always)
+    match = (draws.unsqueeze(1) == table.unsqueeze(0)).all(-1)
+    assert bool((match.sum(1) == 1).all())
+    counts = match.sum(0).numpy()
+    assert stats.chisquare(counts).pvalue > 1e-3
+
+
+def test_dssn_seed_changes_v_reproducibly():
+    a, b, c = DSSN(1.0, 255, 3072, seed=0), DSSN(1.0, 255, 3072, seed=0), DSSN(1.0, 255, 3072, seed=1)
+    assert torch.equal(a.v, b.v) and not torch.equal(a.v, c.v)
+    np.testing.assert_array_equal(a.v.numpy(), np.random.RandomState(0).randint(a.levels, size=3072))
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("bad", [0, -1.0, float("nan"), float("inf"), "1.0", None, True])
+def test_bad_sigma_is_rejected_clearly(bad):
+    for ctor in (lambda s: Uniform(s), lambda s: SSN(s), lambda s: DSSN(s, 16, 64)):
+        with pytest.raises(ValueError, match="sigma"):
+            ctor(bad)
+
+
+def test_other_nonsense_is_rejected():
+    with pytest.raises(ValueError, match="unknown smoothing method 'gauss'"):
+        make_smoothing("gauss", 0.5)
+    with pytest.raises(ValueError, match="q must be"):
+        DSSN(0.5, q=0, dim=4)
+    with pytest.raises(ValueError, match="dim must be"):
+        DSSN(0.5, q=16, dim=2.5)
+    with pytest.raises(ValueError, match="seed must be"):
+        DSSN(0.5, q=16, dim=4, seed=-1)
+    with pytest.raises(ValueError, match="too small"):
+        DSSN(0.001, q=16, dim=4)
+    with pytest.raises(ValueError, match="dssn needs"):
+        make_smoothing("dssn", 0.5)
+    m = DSSN(0.5, q=16, dim=4)
+    with pytest.raises(ValueError, match="dim=4"):
+        m.offsets(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="offset range"):
+        m.offsets(torch.zeros(2, 4), 0, m.levels + 1)
+
+
+@pytest.mark.parametrize("value", [0.5 / 16 + 1e-2, 0.3, -1 / 16, 17 / 16, float("nan")])
+def test_dssn_rejects_inputs_off_the_grid(value):
+    m = DSSN(0.5, q=16, dim=4)
+    x = torch.zeros(3, 4)
+    x[1, 2] = value
+    with pytest.raises(OffGridError, match=r"off the quantization grid k/16: example 1, coordinate 2"):
+        m.offsets(x, 0, 1)
+    with pytest.raises(OffGridError):
+        m.sample(x)
+
+
+def test_dssn_accepts_8bit_images_as_torchvision_makes_them():
+    m = DSSN(0.5, q=255, dim=3 * 4 * 4)
+    img = torch.arange(48, dtype=torch.uint8).view(1, 3, 4, 4) * 5
+    x = img.float().div(255)  # what ToTensor does
+    assert m.offsets(x, 0, 2).shape == (1, 2, 48)
