@@ -1,0 +1,6 @@
+"""python -m ssn_exp.certify ckpt=PATH [overrides]: certify a saved checkpoint (see --help)."""
+
+from ssn_exp.cli import certify_main
+
+if __name__ == "__main__":
+    certify_main()

@@ -1,0 +1,210 @@
+"""``python -m ssn_exp.report PATH...``: tables, curves and a missing-run list over result files."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ssn_exp.certify.metrics import PAPER_RADII
+from ssn_exp.report.missing import find_missing
+from ssn_exp.report.tables import (
+    acr_rows,
+    build_best_tables,
+    dedupe_records,
+    format_acr_markdown,
+    format_latex,
+    format_markdown,
+    format_seed_latex,
+    format_seed_markdown,
+    seed_table,
+    write_acr_csv,
+    write_csv,
+)
+from ssn_exp.results import load_paths
+
+__all__ = ["main", "build_parser"]
+
+PROG = "python -m ssn_exp.report"
+
+DESCRIPTION = """\
+Report over certification results (SPEC.md section 4). Reads result files only; trains nothing.
+
+Each PATH is one of:
+  - a run directory (metrics.json + certificates.csv, written by `python -m ssn_exp`);
+  - a Hydra multirun directory (numbered job dirs 0/, 1/, ... each with .hydra/ and, once
+    finished, metrics.json) or any folder above run directories;
+  - a folder of published arrays (index.csv + npz, e.g. shared/reference/levine2021).
+Runs are told apart by origin: "ours" for run directories, the folder name (e.g. levine2021)
+for published arrays. All numbers are recomputed from the per-example certificates; DSSN radii
+are compared exactly as integers k/q.
+"""
+
+EPILOG = """\
+Printed to stdout (Markdown) and written into --out:
+  best_over_sigma.md/.tex/.csv  for every (origin, dataset, method, training, denoiser) group and
+                                each radius: the best certified accuracy over the sigma sweep, the
+                                sigma achieving it and that model's clean accuracy, written
+                                "72.25 (81.50 @ σ=0.75)" (the paper's appendix Table 3). The .tex is a
+                                booktabs table; the CSV has one row per (group, radius) with columns
+                                dataset,method,training,denoiser,radius,certified_accuracy,sigma,
+                                clean_accuracy,origin (accuracies in percent). A group with several
+                                seeds uses its smallest seed here.
+  acr.md/.csv                   one row per run: origin, dataset, method, training, denoiser, sigma,
+                                seed, n, clean accuracy (%), ACR (average certified radius).
+  seeds.md/.tex                 seed robustness: DSSN, standard training, no denoiser, one
+                                best-over-sigma row per (dataset, origin, seed).
+  curves_<dataset>_<training>_<denoiser>.png
+                                certified accuracy (%) against l1 radius, one panel per sigma, one
+                                line per method (uniform blue, SSN orange, DSSN green); published
+                                runs dashed, ours solid (the paper's Figures 10-14).
+  missing.txt                   Hydra job dirs without metrics.json (with their overrides) and runs
+                                that could not be read or were ignored as duplicates.
+  report.md                     everything printed to stdout.
+
+Exit status: 0 when at least one result was read (even if runs are missing: the report then says
+so in its "Missing runs" section and on stderr); 2 when no PATH holds any result.
+
+Examples:
+  python -m ssn_exp.report ../shared/reference/levine2021
+  python -m ssn_exp.report multirun/2024-05-01/12-00-00 ../shared/reference/levine2021 --out outputs/cmp
+  python -m ssn_exp.report outputs/run1 --radii 0.25 0.5 1.0 --no-plots --csv table.csv
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("paths", nargs="+", metavar="PATH", help="run dir, multirun dir or published-array folder")
+    parser.add_argument(
+        "--out", default="outputs/report", metavar="DIR", help="output folder (created; default: %(default)s)"
+    )
+    parser.add_argument("--csv", metavar="FILE", help="also write the best-over-sigma CSV here")
+    parser.add_argument(
+        "--radii",
+        type=float,
+        nargs="+",
+        default=list(PAPER_RADII),
+        metavar="R",
+        help="radii of the tables (default: the paper's 0.5 1.0 ... 4.0)",
+    )
+    parser.add_argument("--no-plots", action="store_true", help="skip the certified-accuracy curves")
+    return parser
+
+
+def _error(msg: str) -> int:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if any(r < 0 for r in args.radii):
+        return _error("--radii must be non-negative")
+
+    records, problems = load_paths(args.paths)
+    missing = find_missing(args.paths)
+    if not records:
+        extra = f"; {len(missing)} unfinished job dir(s) found" if missing else ""
+        detail = f" ({problems[0]})" if problems else ""
+        return _error(f"no results found in {' '.join(args.paths)}{detail}{extra}")
+    records, dup_notes = dedupe_records(records)
+    problems = problems + dup_notes
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+
+    def write(name: str, text: str) -> None:
+        path = out / name
+        path.write_text(text if text.endswith("\n") else text + "\n")
+        written.append(path)
+
+    best = build_best_tables(records, args.radii)
+    best_md = format_markdown(best)
+    write("best_over_sigma.md", best_md)
+    write("best_over_sigma.tex", format_latex(best))
+    write_csv(best, out / "best_over_sigma.csv")
+    written.append(out / "best_over_sigma.csv")
+    if args.csv:
+        write_csv(best, args.csv)
+        written.append(Path(args.csv))
+
+    acr = acr_rows(records)
+    acr_md = format_acr_markdown(acr)
+    write("acr.md", acr_md)
+    write_acr_csv(acr, out / "acr.csv")
+    written.append(out / "acr.csv")
+
+    seeds = seed_table(records, args.radii)
+    seeds_md = format_seed_markdown(seeds)
+    write("seeds.md", seeds_md)
+    write("seeds.tex", format_seed_latex(seeds))
+
+    curves: list[Path] = []
+    if not args.no_plots:
+        from ssn_exp.report.plots import plot_all_curves
+
+        curves = plot_all_curves(records, out)
+        written.extend(curves)
+
+    missing_lines = [f"missing (no metrics.json): {m}" for m in missing]
+    missing_lines += [f"unreadable or ignored: {p}" for p in problems]
+    write("missing.txt", "\n".join(missing_lines) if missing_lines else "none")
+
+    n_ours = sum(r.origin == "ours" for r in records)
+    origins = sorted({r.origin for r in records})
+    parts = [
+        "# ssn_exp report",
+        "",
+        f"{len(records)} runs read ({n_ours} ours, {len(records) - n_ours} published) from: "
+        + ", ".join(f"`{p}`" for p in args.paths)
+        + f". Origins: {', '.join(origins)}.",
+    ]
+    if missing_lines:
+        parts += [
+            "",
+            f"> **WARNING: partial results** — {len(missing)} job(s) missing, {len(problems)} run(s) "
+            "unreadable or ignored. See *Missing runs* below.",
+        ]
+    parts += [
+        "",
+        "## Best certified accuracy over σ",
+        "",
+        "Cells: best certified accuracy % (clean accuracy % of that model @ its σ).",
+        "",
+        best_md,
+        "",
+        "## Average certified radius (ACR) per run",
+        "",
+        acr_md,
+        "",
+        "## Seed robustness (DSSN, standard training, no denoiser)",
+        "",
+        seeds_md,
+        "",
+        "## Curves",
+        "",
+    ]
+    parts += [f"- `{p}`" for p in curves] if curves else ["_skipped (--no-plots)_" if args.no_plots else "_none_"]
+    parts += ["", "## Missing runs", ""]
+    if missing_lines:
+        parts.append(f"**{len(missing)} job(s) without metrics.json, {len(problems)} unreadable or ignored run(s):**")
+        parts.append("")
+        parts += [f"- {line}" for line in missing_lines]
+    else:
+        parts.append("None: every job directory has results.")
+    parts += ["", "## Files written", ""]
+    report_path = out / "report.md"
+    parts += [f"- `{p}`" for p in [*written, report_path]]
+    text = "\n".join(parts) + "\n"
+    report_path.write_text(text)
+    sys.stdout.write(text)
+    if missing_lines:
+        print(
+            f"{PROG}: warning: partial results: {len(missing)} job(s) missing, "
+            f"{len(problems)} unreadable or ignored (see {out / 'missing.txt'})",
+            file=sys.stderr,
+        )
+    return 0

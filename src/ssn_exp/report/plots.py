@@ -1,0 +1,123 @@
+"""Certified-accuracy curves per sigma comparing the methods (the paper's Figures 10-14).
+
+Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from ssn_exp.report.tables import _rank, dedupe_records, pretty, select_seed, sort_key
+from ssn_exp.results import RunRecord, sigma_label
+
+__all__ = ["METHOD_COLORS", "curve", "radius_grid", "plot_curves", "plot_all_curves", "curve_filename"]
+
+METHOD_COLORS = {"uniform": "tab:blue", "ssn": "tab:orange", "dssn": "tab:green"}
+_EXTRA_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+
+
+def _color(method: str) -> str:
+    if method in METHOD_COLORS:
+        return METHOD_COLORS[method]
+    return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
+
+
+def max_certified_radius(rec: RunRecord) -> float:
+    """Largest radius certified for a correct example (0 if none)."""
+    rho = rec.rho[rec.correct]
+    return float(max(np.max(rho), 0.0)) if rho.size else 0.0
+
+
+def radius_grid(rmax: float, points: int = 201) -> np.ndarray:
+    """0 ... the next multiple of 0.25 above rmax (so the final drop shows), rounded to 6 decimals."""
+    top = (math.floor(rmax / 0.25) + 1) * 0.25
+    return np.round(np.linspace(0.0, top, points), 6)
+
+
+def curve(rec: RunRecord, grid: Sequence[float]) -> np.ndarray:
+    """Certified accuracy (%) at each radius of grid (exact integer comparison for DSSN records)."""
+    acc = rec.certified_accuracy([float(r) for r in grid])
+    return 100.0 * np.array([acc[float(r)] for r in grid])
+
+
+def curve_filename(dataset: str, training: str, denoiser: str) -> str:
+    return f"curves_{dataset}_{training}_{denoiser}.png"
+
+
+def plot_curves(records: Sequence[RunRecord], path, title: str | None = None, points: int = 201) -> Path:
+    """One PNG: a panel per sigma, a line per (method, origin); published runs dashed.
+
+    ``records`` should share dataset, training and denoiser; for each (origin, method, sigma) the
+    smallest seed is drawn.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records, _ = dedupe_records(records)
+    by_line: dict[tuple, list[RunRecord]] = {}
+    for rec in records:
+        by_line.setdefault((rec.origin, rec.method, round(float(rec.sigma), 6)), []).append(rec)
+    chosen = {key: select_seed(recs)[1][0] for key, recs in by_line.items()}
+    sigmas = sorted({key[2] for key in chosen})
+    if not sigmas:
+        raise ValueError("no records to plot")
+    ncols = min(5, len(sigmas))
+    nrows = math.ceil(len(sigmas) / ncols)
+    fig = Figure(figsize=(3.2 * ncols, 2.6 * nrows + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
+    handles = {}
+    for i, sigma in enumerate(sigmas):
+        ax = axes[i // ncols][i % ncols]
+        lines = [(key, rec) for key, rec in chosen.items() if key[2] == sigma]
+        lines.sort(key=lambda kr: (_rank("method", kr[0][1]), kr[0][0] != "ours", kr[0][0]))
+        grid = radius_grid(max(max_certified_radius(rec) for _, rec in lines), points)
+        for (origin, method, _), rec in lines:
+            published = origin != "ours"
+            label = f"{pretty(method)} ({'published' if published else 'ours'})"
+            if published and len({k[0] for k in chosen if k[0] != "ours"}) > 1:
+                label = f"{pretty(method)} (published, {origin})"
+            (h,) = ax.plot(
+                grid,
+                curve(rec, grid),
+                color=_color(method),
+                linestyle="--" if published else "-",
+                linewidth=1.4,
+                label=label,
+            )
+            handles.setdefault(label, h)
+        ax.set_title(f"σ = {sigma_label(sigma)}", fontsize=10)
+        ax.set_xlim(0, grid[-1])
+        ax.set_ylim(0, 100)
+        ax.grid(alpha=0.3)
+        if i % ncols == 0:
+            ax.set_ylabel("certified accuracy (%)")
+        if i // ncols == nrows - 1 or i + ncols >= len(sigmas):
+            ax.set_xlabel("ℓ1 radius")
+    for j in range(len(sigmas), nrows * ncols):
+        axes[j // ncols][j % ncols].set_visible(False)
+    if title:
+        fig.suptitle(title)
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(6, len(handles)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_all_curves(records: Iterable[RunRecord], out_dir, points: int = 201) -> list[Path]:
+    """A figure per (dataset, training, denoiser) into out_dir; returns the written paths."""
+    groups: dict[tuple, list[RunRecord]] = {}
+    for rec in records:
+        groups.setdefault((rec.dataset, rec.training, rec.denoiser), []).append(rec)
+    paths = []
+    for (dataset, training, denoiser), recs in sorted(
+        groups.items(), key=lambda kv: sort_key("ours", kv[0][0], "", kv[0][1], kv[0][2])
+    ):
+        title = f"{pretty(dataset)}, {training} training, denoiser: {denoiser}"
+        paths.append(plot_curves(recs, Path(out_dir) / curve_filename(dataset, training, denoiser), title, points))
+    return paths

@@ -1,0 +1,410 @@
+"""Report tables (SPEC.md section 4): best-over-sigma, ACR per run, seed robustness.
+
+Everything here works on :class:`ssn_exp.results.RunRecord` lists and only reads results:
+numbers are recomputed from the per-example certificates, never from a training run.
+Accuracies are kept as fractions in the data structures and written in percent (2 decimals).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ssn_exp.certify.metrics import PAPER_RADII, BestRow, best_over_sigma
+from ssn_exp.results import RunRecord, sigma_label
+
+__all__ = [
+    "BEST_CSV_COLUMNS",
+    "ACR_CSV_COLUMNS",
+    "GroupBest",
+    "dedupe_records",
+    "select_seed",
+    "build_best_tables",
+    "seed_table",
+    "format_cell",
+    "format_markdown",
+    "format_latex",
+    "format_seed_markdown",
+    "format_seed_latex",
+    "write_csv",
+    "acr_rows",
+    "format_acr_markdown",
+    "write_acr_csv",
+    "sort_key",
+]
+
+#: Exactly these first 8 columns; ``origin`` comes last.
+BEST_CSV_COLUMNS = (
+    "dataset",
+    "method",
+    "training",
+    "denoiser",
+    "radius",
+    "certified_accuracy",
+    "sigma",
+    "clean_accuracy",
+    "origin",
+)
+ACR_CSV_COLUMNS = (
+    "origin",
+    "dataset",
+    "method",
+    "training",
+    "denoiser",
+    "sigma",
+    "seed",
+    "n",
+    "clean_accuracy",
+    "acr",
+)
+
+# Display order (unknown names sort after the known ones, alphabetically).
+_ORDER = {
+    "dataset": ("cifar10", "imagenet"),
+    "method": ("uniform", "ssn", "dssn"),
+    "training": ("standard", "stability"),
+    "denoiser": ("none", "stability", "mse", "mse_retrain"),
+}
+_PRETTY = {
+    "uniform": "Uniform",
+    "ssn": "SSN",
+    "dssn": "DSSN",
+    "cifar10": "CIFAR-10",
+    "imagenet": "ImageNet",
+    "standard": "Standard",
+    "stability": "Stability",
+    "none": "None",
+    "mse": "MSE",
+    "mse_retrain": "MSE (retrained)",
+}
+
+
+def _rank(kind: str, value: str) -> tuple[int, str]:
+    order = _ORDER[kind]
+    return (order.index(value), "") if value in order else (len(order), value)
+
+
+def _origin_rank(origin: str) -> tuple[int, str]:
+    return (0, "") if origin == "ours" else (1, origin)
+
+
+def sort_key(origin: str, dataset: str, method: str, training: str, denoiser: str) -> tuple:
+    """Paper order: ours before published; cifar10, imagenet; uniform, ssn, dssn; ..."""
+    return (
+        _rank("dataset", dataset),
+        _rank("training", training),
+        _rank("denoiser", denoiser),
+        _rank("method", method),
+        _origin_rank(origin),
+    )
+
+
+def pretty(name: str) -> str:
+    return _PRETTY.get(name, name)
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.2f}"
+
+
+def radius_label(r: float) -> str:
+    return str(float(r))
+
+
+# ---------------------------------------------------------------------------------------------
+# Selecting records
+
+
+def _identity(rec: RunRecord) -> tuple:
+    return (rec.origin, *rec.group, round(float(rec.sigma), 6), int(rec.seed))
+
+
+def dedupe_records(records: Iterable[RunRecord]) -> tuple[list[RunRecord], list[str]]:
+    """Drop repeated runs (same origin, group, sigma and seed); return the kept ones and notes.
+
+    The same source read twice (a path given twice) is dropped silently; a second, different run
+    with the same identity is dropped with a note (best-over-sigma would otherwise pick the better
+    of two attempts, which is not what the paper's table reports).
+    """
+    seen: dict[tuple, RunRecord] = {}
+    notes = []
+    for rec in records:
+        key = _identity(rec)
+        if key in seen:
+            first = seen[key]
+            if Path(first.source).resolve() != Path(rec.source).resolve():
+                notes.append(
+                    f"{rec.source}: duplicate of {first.source} (same {'/'.join(rec.group)}, "
+                    f"sigma={sigma_label(rec.sigma)}, seed={rec.seed}); ignored"
+                )
+            continue
+        seen[key] = rec
+    return list(seen.values()), notes
+
+
+def select_seed(records: Sequence[RunRecord]) -> tuple[int | None, list[RunRecord]]:
+    """The smallest seed present and the records with it (the main table uses one seed per group)."""
+    if not records:
+        return None, []
+    seed = min(int(r.seed) for r in records)
+    return seed, [r for r in records if int(r.seed) == seed]
+
+
+# ---------------------------------------------------------------------------------------------
+# Best over sigma
+
+
+@dataclass
+class GroupBest:
+    """Best-over-sigma results of one (origin, dataset, method, training, denoiser) group and seed."""
+
+    origin: str
+    dataset: str
+    method: str
+    training: str
+    denoiser: str
+    seed: int
+    rows: list[BestRow]  # one per radius
+    sigmas: list[float]  # the sigma sweep that was searched
+    seeds: list[int]  # every seed present in the group (the table row uses ``seed``)
+
+    @property
+    def key(self) -> tuple[str, str, str, str, str]:
+        return (self.origin, self.dataset, self.method, self.training, self.denoiser)
+
+    @property
+    def radii(self) -> list[float]:
+        return [r.radius for r in self.rows]
+
+
+def _group_records(records: Iterable[RunRecord]) -> dict[tuple, list[RunRecord]]:
+    groups: dict[tuple, list[RunRecord]] = {}
+    for rec in records:
+        groups.setdefault((rec.origin, *rec.group), []).append(rec)
+    return dict(sorted(groups.items(), key=lambda kv: sort_key(*kv[0])))
+
+
+def _best(key: tuple, seed: int, recs: Sequence[RunRecord], radii, seeds) -> GroupBest:
+    rows = best_over_sigma([r.summary(radii) for r in recs], radii)
+    return GroupBest(*key, seed=seed, rows=rows, sigmas=sorted({float(r.sigma) for r in recs}), seeds=seeds)
+
+
+def build_best_tables(records: Iterable[RunRecord], radii: Iterable[float] = PAPER_RADII) -> list[GroupBest]:
+    """Best-over-sigma rows for every (origin, dataset, method, training, denoiser) group.
+
+    Each group uses its smallest seed (``GroupBest.seed``); see :func:`seed_table` for all seeds.
+    Ties go to the smaller sigma (:func:`ssn_exp.certify.metrics.best_over_sigma`).
+    """
+    radii = [float(r) for r in radii]
+    out = []
+    for key, recs in _group_records(records).items():
+        seeds = sorted({int(r.seed) for r in recs})
+        seed, chosen = select_seed(recs)
+        out.append(_best(key, seed, chosen, radii, seeds))
+    return out
+
+
+def seed_table(
+    records: Iterable[RunRecord],
+    radii: Iterable[float] = PAPER_RADII,
+    method: str = "dssn",
+    training: str = "standard",
+    denoiser: str = "none",
+) -> list[GroupBest]:
+    """The appendix's seed-robustness table: one best-over-sigma row per (origin, dataset, seed).
+
+    By default for DSSN, standard training, no denoiser.
+    """
+    radii = [float(r) for r in radii]
+    out = []
+    for key, recs in _group_records(records).items():
+        if key[2:] != (method, training, denoiser):
+            continue
+        seeds = sorted({int(r.seed) for r in recs})
+        for seed in seeds:
+            out.append(_best(key, seed, [r for r in recs if int(r.seed) == seed], radii, seeds))
+    return out
+
+
+def format_cell(row: BestRow) -> str:
+    """The paper's style: ``72.25 (81.50 @ σ=0.75)``."""
+    return f"{pct(row.certified_accuracy)} ({pct(row.clean_accuracy)} @ σ={sigma_label(row.sigma)})"
+
+
+def _md_table(header: Sequence[str], body: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def format_markdown(tables: Sequence[GroupBest]) -> str:
+    """Markdown: one row per group, one column per radius, cells ``cert (clean @ σ=s)``."""
+    if not tables:
+        return "_no runs_"
+    radii = tables[0].radii
+    header = ["origin", "dataset", "method", "training", "denoiser", "σ sweep"] + [
+        f"ρ={radius_label(r)}" for r in radii
+    ]
+    body = []
+    for t in tables:
+        sweep = f"{len(t.sigmas)}: {sigma_label(t.sigmas[0])}–{sigma_label(t.sigmas[-1])}"
+        body.append([*t.key, sweep] + [format_cell(r) for r in t.rows])
+    text = _md_table(header, body)
+    multi = [t for t in tables if len(t.seeds) > 1]
+    if multi:
+        text += "\n\nGroups with several seeds use the smallest one here (all seeds: seed table):\n"
+        text += "\n".join(f"- {'/'.join(t.key)}: seed {t.seed} of {', '.join(map(str, t.seeds))}" for t in multi)
+    return text
+
+
+def _tex_escape(s: str) -> str:
+    for a, b in (("\\", r"\textbackslash{}"), ("&", r"\&"), ("%", r"\%"), ("_", r"\_"), ("#", r"\#")):
+        s = s.replace(a, b)
+    return s
+
+
+def _tex_cell(row: BestRow) -> str:
+    return (
+        f"{pct(row.certified_accuracy)} "
+        f"{{\\scriptsize ({pct(row.clean_accuracy)} @ $\\sigma{{=}}{sigma_label(row.sigma)}$)}}"
+    )
+
+
+def _latex(tables: Sequence[GroupBest], label_cols: Sequence[tuple[str, callable]], caption: str, label: str) -> str:
+    radii = tables[0].radii if tables else list(PAPER_RADII)
+    ncol = len(label_cols) + len(radii)
+    lines = [
+        "% Generated by python -m ssn_exp.report. Needs \\usepackage{booktabs} (and graphicx for \\resizebox).",
+        "\\begin{table*}[t]",
+        "\\centering",
+        f"\\caption{{{caption}}}",
+        f"\\label{{{label}}}",
+        "\\resizebox{\\textwidth}{!}{%",
+        "\\begin{tabular}{" + "l" * len(label_cols) + "r" * len(radii) + "}",
+        "\\toprule",
+        " & ".join([name for name, _ in label_cols] + [f"$\\rho={radius_label(r)}$" for r in radii]) + " \\\\",
+        "\\midrule",
+    ]
+    prev_dataset = None
+    for t in tables:
+        if prev_dataset is not None and t.dataset != prev_dataset:
+            lines.append("\\midrule")
+        prev_dataset = t.dataset
+        cells = [_tex_escape(str(get(t))) for _, get in label_cols] + [_tex_cell(r) for r in t.rows]
+        lines.append(" & ".join(cells) + " \\\\")
+    if not tables:
+        lines.append(f"\\multicolumn{{{ncol}}}{{c}}{{no runs}} \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}}", "\\end{table*}", ""]
+    return "\n".join(lines)
+
+
+def format_latex(tables: Sequence[GroupBest]) -> str:
+    """A booktabs ``table*`` with the best-over-sigma rows, ready to paste into a paper."""
+    cols = [
+        ("Dataset", lambda t: pretty(t.dataset)),
+        ("Method", lambda t: pretty(t.method)),
+        ("Training", lambda t: pretty(t.training)),
+        ("Denoiser", lambda t: pretty(t.denoiser)),
+    ]
+    if len({t.origin for t in tables}) > 1:
+        cols.append(("Source", lambda t: "ours" if t.origin == "ours" else f"published ({t.origin})"))
+    caption = (
+        "Certified accuracy (\\%) under the $\\ell_1$ norm at each radius $\\rho$: the best over the "
+        "$\\sigma$ sweep, with that model's clean accuracy and its $\\sigma$ in parentheses."
+    )
+    return _latex(tables, cols, caption, "tab:best-over-sigma")
+
+
+def format_seed_markdown(tables: Sequence[GroupBest]) -> str:
+    if not tables:
+        return "_no runs for this table_"
+    radii = tables[0].radii
+    header = ["origin", "dataset", "seed"] + [f"ρ={radius_label(r)}" for r in radii]
+    body = [[t.origin, t.dataset, t.seed] + [format_cell(r) for r in t.rows] for t in tables]
+    return _md_table(header, body)
+
+
+def format_seed_latex(tables: Sequence[GroupBest]) -> str:
+    cols = [("Dataset", lambda t: pretty(t.dataset))]
+    if len({t.origin for t in tables}) > 1:
+        cols.append(("Source", lambda t: "ours" if t.origin == "ours" else f"published ({t.origin})"))
+    cols.append(("Seed", lambda t: t.seed))
+    what = f"{pretty(tables[0].method)}, {tables[0].training} training" if tables else "DSSN"
+    caption = (
+        f"Robustness to the random seed ({what}): best certified accuracy (\\%) over $\\sigma$ per seed, "
+        "with clean accuracy and $\\sigma$ in parentheses."
+    )
+    return _latex(tables, cols, caption, "tab:seeds")
+
+
+def best_csv_rows(tables: Sequence[GroupBest]) -> list[dict[str, str]]:
+    rows = []
+    for t in tables:
+        for r in t.rows:
+            rows.append(
+                {
+                    "dataset": t.dataset,
+                    "method": t.method,
+                    "training": t.training,
+                    "denoiser": t.denoiser,
+                    "radius": radius_label(r.radius),
+                    "certified_accuracy": pct(r.certified_accuracy),
+                    "sigma": sigma_label(r.sigma),
+                    "clean_accuracy": pct(r.clean_accuracy),
+                    "origin": t.origin,
+                }
+            )
+    return rows
+
+
+def _write(rows: Sequence[dict], columns: Sequence[str], path) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(buf.getvalue())
+    return buf.getvalue()
+
+
+def write_csv(tables: Sequence[GroupBest], path=None) -> str:
+    """Long-format CSV, one row per (group, radius); columns :data:`BEST_CSV_COLUMNS`. Returns the text."""
+    return _write(best_csv_rows(tables), BEST_CSV_COLUMNS, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# ACR per run
+
+
+def acr_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
+    """One row per run: identity, n, clean accuracy (%) and ACR, in paper order."""
+    recs = sorted(records, key=lambda r: (sort_key(r.origin, *r.group), float(r.sigma), int(r.seed)))
+    return [
+        {
+            "origin": r.origin,
+            "dataset": r.dataset,
+            "method": r.method,
+            "training": r.training,
+            "denoiser": r.denoiser,
+            "sigma": sigma_label(r.sigma),
+            "seed": str(r.seed),
+            "n": str(r.n),
+            "clean_accuracy": pct(r.clean_accuracy),
+            "acr": f"{r.acr():.4f}",
+        }
+        for r in recs
+    ]
+
+
+def format_acr_markdown(rows: Sequence[dict]) -> str:
+    if not rows:
+        return "_no runs_"
+    return _md_table(ACR_CSV_COLUMNS, [[row[c] for c in ACR_CSV_COLUMNS] for row in rows])
+
+
+def write_acr_csv(rows: Sequence[dict], path=None) -> str:
+    return _write(rows, ACR_CSV_COLUMNS, path)

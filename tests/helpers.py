@@ -1,0 +1,80 @@
+"""Helpers for the end-to-end tests: run the real entry points as subprocesses."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
+    """python -m <module> overrides... ; returns the CompletedProcess (text)."""
+    e = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    e.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", module, *overrides],
+        cwd=cwd or ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=e,
+    )
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def certificate_columns(rows: list[dict]) -> list[dict]:
+    """Certificates without the timing column (which differs from run to run)."""
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+
+
+def read_metrics(run_dir: Path) -> dict:
+    return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+
+def write_tiny_cifar10(root: Path, n_train: int = 40, n_test: int = 12, seed: int = 0) -> Path:
+    """A cifar-10-batches-py folder in the standard pickle format, with random images."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+
+    def batch(n):
+        return {
+            "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
+            "labels": rng.integers(0, 10, size=n).tolist(),
+            "batch_label": "tiny",
+            "filenames": [f"{i}.png" for i in range(n)],
+        }
+
+    for i in range(1, 6):
+        with open(folder / f"data_batch_{i}", "wb") as fh:
+            pickle.dump(batch(n_train // 5), fh)
+    with open(folder / "test_batch", "wb") as fh:
+        pickle.dump(batch(n_test), fh)
+    with open(folder / "batches.meta", "wb") as fh:
+        pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": n_train // 5}, fh)
+    return folder
+
+
+def write_tiny_imagefolder(root: Path, classes: int = 3, per_class: int = 4, size: int = 40, seed: int = 0) -> Path:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in range(classes):
+        d = Path(root) / f"n{c:08d}"
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            arr = rng.integers(0, 256, size=(size, size + 7, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(d / f"img_{i}.png")
+    return Path(root)

@@ -1,0 +1,152 @@
+"""End to end: `python -m ssn_exp` and `python -m ssn_exp.certify` as real subprocesses on digits."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helpers import certificate_columns, read_csv, read_metrics, run_cli, write_tiny_cifar10, write_tiny_imagefolder
+
+METRIC_KEYS = {
+    "method",
+    "sigma",
+    "lambda",
+    "q",
+    "dataset",
+    "training",
+    "denoiser",
+    "seed",
+    "n_examples",
+    "clean_accuracy",
+    "certified_accuracy",
+    "acr",
+    "seconds_per_example",
+    "forward_passes_per_example",
+}
+
+pytestmark = pytest.mark.slow
+
+
+def _train(tmp_path, *overrides):
+    run_dir = tmp_path / "run"
+    p = run_cli("ssn_exp", "debug=fast", f"hydra.run.dir={run_dir}", *overrides)
+    assert p.returncode == 0, p.stderr[-3000:]
+    return run_dir, p
+
+
+@pytest.mark.parametrize("training", ["standard", "stability"])
+@pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
+def test_each_method_and_training_runs_end_to_end(tmp_path, method, training):
+    run_dir, p = _train(tmp_path, f"method={method}", f"training={training}", "sigma=0.5")
+    m = read_metrics(run_dir)
+    assert METRIC_KEYS <= set(m)
+    assert (m["method"], m["training"], m["dataset"], m["q"], m["n_examples"]) == (method, training, "digits", 16, 8)
+    assert m["sigma"] == 0.5 and abs(m["lambda"] - 0.8660254) < 1e-6
+    rows = read_csv(run_dir / "certificates.csv")
+    extra = "k" if method == "dssn" else "p_lower"
+    assert list(rows[0]) == ["index", "label", "prediction", "correct", "radius", "seconds", extra]
+    assert [int(r["index"]) for r in rows] == list(range(8))
+    assert m["clean_accuracy"] == sum(int(r["correct"]) for r in rows) / 8
+    assert m["forward_passes_per_example"] == (27 if method == "dssn" else 64 + 256)
+    assert (run_dir / "certified_accuracy.png").stat().st_size > 1000
+    assert (run_dir / "checkpoints" / "last.ckpt").is_file()
+    assert "certified accuracy (%)" in p.stdout  # the table printed at the end
+
+
+def test_recertifying_a_checkpoint_reproduces_dssn_certificates_exactly(tmp_path):
+    run_dir, _ = _train(tmp_path, "method=dssn", "sigma=0.75", "certify.max_examples=24")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    want = certificate_columns(read_csv(run_dir / "certificates.csv"))
+    out = tmp_path / "recert"
+    # other batch sizes and noise batches: the same certificates, bit for bit
+    p = run_cli(
+        "ssn_exp.certify",
+        f"ckpt={ckpt}",
+        f"hydra.run.dir={out}",
+        "certify.max_examples=24",
+        "certify.batch_size=5",
+        "certify.noise_batch=7",
+        "certify.progress=false",
+        "sigma=0.75",
+        "method=dssn",
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert certificate_columns(read_csv(out / "certificates.csv")) == want
+    a, b = read_metrics(run_dir), read_metrics(out)
+    for key in ("certified_accuracy", "clean_accuracy", "acr", "n_examples", "q", "sigma", "method", "seed"):
+        assert a[key] == b[key], key
+
+
+def test_a_checkpoint_from_another_method_or_sigma_is_refused(tmp_path):
+    run_dir, _ = _train(tmp_path, "method=dssn", "sigma=0.5", "certify.enabled=false")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    for bad, word in (("sigma=1.0", "sigma"), ("method=uniform", "method"), ("seed=3", "seed")):
+        p = run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'x'}", bad)
+        assert p.returncode == 2, p.stderr[-2000:]
+        err = p.stderr.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("error: checkpoint") and word in err[0], p.stderr
+    p = run_cli("ssn_exp.certify", f"ckpt={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'x'}")
+    assert p.returncode == 2 and "checkpoint not found" in p.stderr
+
+
+def test_bad_input_gets_one_clear_line(tmp_path):
+    p = run_cli("ssn_exp", "sigma=-1", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+        "error: sigma must be a positive finite number, got -1.0 (method=dssn, sigma=-1)"
+    ]
+    p = run_cli("ssn_exp", "method=gauss", f"hydra.run.dir={tmp_path}")
+    assert p.returncode != 0 and "Could not find 'method/gauss'" in p.stderr and "dssn" in p.stderr
+    p = run_cli("ssn_exp", "data=cifar10", f"data.root={tmp_path / 'nodata'}", f"hydra.run.dir={tmp_path}")
+    assert p.returncode == 2
+    (line,) = p.stderr.strip().splitlines()
+    assert "CIFAR-10 not found" in line and str(tmp_path / "nodata") in line and "data.download=true" in line
+
+
+def test_resume_after_finish_is_a_noop_with_equal_results(tmp_path):
+    run_dir, _ = _train(tmp_path, "method=dssn")
+    first = read_csv(run_dir / "certificates.csv")
+    metrics = read_metrics(run_dir)
+    run_dir2, p = _train(tmp_path, "method=dssn")
+    assert "resuming" in (p.stdout + p.stderr)
+    assert read_csv(run_dir / "certificates.csv") == first  # nothing recomputed
+    assert read_metrics(run_dir2) == metrics
+    p = run_cli("ssn_exp", "debug=fast", f"hydra.run.dir={run_dir}", "sigma=1.0")
+    assert p.returncode == 2 and "different settings (sigma)" in p.stderr
+
+
+def test_cifar10_pickle_folder_trains_and_certifies(tmp_path):
+    write_tiny_cifar10(tmp_path / "c10")
+    run_dir, _ = _train(
+        tmp_path,
+        "data=cifar10",
+        f"data.root={tmp_path / 'c10'}",
+        "data.num_workers=0",
+        "model=digits_cnn",
+        "sigma=0.15",
+        "certify.max_examples=3",
+    )
+    m = read_metrics(run_dir)
+    assert (m["dataset"], m["q"], m["n_examples"], m["forward_passes_per_example"]) == ("cifar10", 255, 3, 132)
+
+
+def test_imagefolder_data(tmp_path):
+    write_tiny_imagefolder(tmp_path / "train")
+    write_tiny_imagefolder(tmp_path / "val", per_class=10, seed=1)
+    run_dir, _ = _train(
+        tmp_path,
+        "data=imagenet",
+        f"data.train_root={tmp_path / 'train'}",
+        f"data.val_root={tmp_path / 'val'}",
+        "data.num_classes=3",
+        "data.image_size=16",
+        "data.resize=18",
+        "data.test_every=10",
+        "data.num_workers=0",
+        "model=digits_cnn",
+        "method=uniform",
+    )
+    m = read_metrics(run_dir)
+    assert (m["dataset"], m["q"], m["n_examples"]) == ("imagenet", 255, 3)  # 30 val images, every 10th
+    cfg = json.loads(json.dumps(m))
+    assert cfg["forward_passes_per_example"] == 64 + 256
