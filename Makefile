@@ -33,6 +33,24 @@ lint: $(STAMP)  ## ruff check + format check
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
+bench: $(STAMP)  ## throughput of certification vs plain forward passes and a baseline (ARGS="--json FILE --models ...")
+	$(PY) -m ssn_exp.bench $(ARGS)
+
+sweep-smoke: $(STAMP)  ## digits, 3 methods x 3 sigma (a few minutes on a CPU), then the report
+	$(PY) -m ssn_exp.sweep smoke $(ARGS)
+
+sweep-paper-cifar10: $(STAMP)  ## CIFAR-10: 3 methods x 15 sigma x standard/stability (GPUs; ARGS="--launcher slurm")
+	$(PY) -m ssn_exp.sweep paper_cifar10 $(ARGS)
+
+sweep-paper-imagenet: $(STAMP)  ## ImageNet: 3 methods x sigma 0.5/2.0/3.5 x standard/stability (GPUs)
+	$(PY) -m ssn_exp.sweep paper_imagenet $(ARGS)
+
+sweep-dssn-seeds: $(STAMP)  ## CIFAR-10 DSSN, 15 sigma x seeds 0/1/2 (appendix Table 3)
+	$(PY) -m ssn_exp.sweep dssn_seeds $(ARGS)
+
+report: $(STAMP)  ## report over the published arrays (ARGS="outputs/sweeps/smoke ..." adds runs)
+	$(PY) -m ssn_exp.report ../shared/reference/levine2021 $(ARGS)
+
 clean:  ## remove caches and run outputs (keeps .venv)
 	rm -rf .pytest_cache .ruff_cache src/*.egg-info multirun
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +

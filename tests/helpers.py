@@ -78,3 +78,43 @@ def write_tiny_imagefolder(root: Path, classes: int = 3, per_class: int = 4, siz
             arr = rng.integers(0, 256, size=(size, size + 7, 3), dtype=np.uint8)
             Image.fromarray(arr).save(d / f"img_{i}.png")
     return Path(root)
+
+
+def read_wandb_offline(run_dir: Path) -> dict:
+    """Summary keys, config keys, name and group of the offline wandb run under run_dir/wandb.
+
+    Reads the run's transaction log (.wandb: a leveldb-style record log of protobuf Records).
+    """
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    (path,) = Path(run_dir).glob("wandb/offline-run-*/*.wandb")
+    data, pos, block, buf = path.read_bytes(), 7, 32768, b""
+    out = {"summary": {}, "config": set(), "name": None, "group": None, "history": 0}
+    while pos + 7 <= len(data):
+        left = block - pos % block
+        if left < 7:
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        pos += 7
+        if kind == 0 and length == 0:
+            break
+        buf += data[pos : pos + length]
+        pos += length
+        if kind not in (1, 4):  # FIRST / MIDDLE parts of a record
+            continue
+        rec = pb.Record()
+        rec.ParseFromString(buf)
+        buf = b""
+        which = rec.WhichOneof("record_type")
+        if which == "summary":
+            for item in rec.summary.update:
+                out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+        elif which == "run":
+            out["config"] |= {c.key for c in rec.run.config.update}
+            out["name"], out["group"] = rec.run.display_name, rec.run.run_group
+        elif which == "history":
+            out["history"] += 1
+    return out

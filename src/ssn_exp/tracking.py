@@ -48,3 +48,31 @@ def wandb_logger(cfg: DictConfig, out_dir: Path, job_name: str):
         config=OmegaConf.to_container(cfg, resolve=True),
         reinit=True,
     )
+
+
+def log_certification(logger, out_dir: Path, metrics: dict) -> None:
+    """On a WandbLogger: metrics.json as the run summary, the curve as a wandb plot, certificates as a table."""
+    from pytorch_lightning.loggers import WandbLogger
+
+    if not isinstance(logger, WandbLogger):
+        return
+    import csv
+
+    import wandb
+
+    run = logger.experiment
+    run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
+    run.summary.update({f"certified_accuracy/{r}": v for r, v in metrics["certified_accuracy"].items()})
+    with open(Path(out_dir) / "certificates.csv", newline="") as fh:
+        rows = list(csv.reader(fh))
+    if len(rows) > 1:
+        run.log({"certificates": wandb.Table(columns=rows[0], data=rows[1:])})
+    curve = wandb.Table(
+        columns=["radius", "certified_accuracy"],
+        data=[[float(r), float(v)] for r, v in metrics["certified_accuracy"].items()],
+    )
+    title = f"{metrics['method']} σ={metrics['sigma']:g}: certified accuracy"
+    run.log({"certified_accuracy_curve": wandb.plot.line(curve, "radius", "certified_accuracy", title=title)})
+    png = Path(out_dir) / "certified_accuracy.png"
+    if png.is_file():
+        run.log({"certified_accuracy_png": wandb.Image(str(png))})

@@ -1,0 +1,83 @@
+"""Named sweeps run as real Hydra --multirun subprocesses; the report reads them; wandb offline."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from helpers import read_metrics, read_wandb_offline, run_cli
+from ssn_exp.cli import CONF_DIR
+from ssn_exp.sweep import available, jobs, load_sweep
+
+EXPECTED = {"smoke": 9, "paper_cifar10": 90, "paper_imagenet": 18, "dssn_seeds": 45}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_named_sweeps_expand_and_every_job_composes(name):
+    assert name in available()
+    all_jobs = jobs(load_sweep(name))
+    assert len(all_jobs) == EXPECTED[name]
+    assert len({tuple(j) for j in all_jobs}) == len(all_jobs)
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        for job in all_jobs:
+            cfg = compose(config_name="config", overrides=job)
+            assert cfg.sigma > 0
+    if name == "dssn_seeds":
+        assert {c.split("=")[1] for j in all_jobs for c in j if c.startswith("seed=")} == {"0", "1", "2"}
+
+
+def test_dry_run_prints_the_command(tmp_path):
+    p = run_cli("ssn_exp.sweep", "paper_cifar10", "--dry-run", "--out", str(tmp_path), "--launcher", "slurm")
+    assert p.returncode == 0, p.stderr
+    assert "90 jobs" in p.stdout and "--multirun" in p.stdout and "hydra/launcher=slurm" in p.stdout
+    assert "[89]" in p.stdout
+
+
+@pytest.mark.slow
+def test_smoke_sweep_multirun_with_wandb_and_report(tmp_path):
+    out = tmp_path / "smoke"
+    p = run_cli("ssn_exp.sweep", "smoke", "debug=fast", "logger=wandb", "--out", str(out), timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = sorted(d for d in out.iterdir() if (d / "metrics.json").is_file())
+    assert len(runs) == 9
+    seen = {(read_metrics(r)["method"], read_metrics(r)["sigma"]) for r in runs}
+    assert seen == {(m, s) for m in ("uniform", "ssn", "dssn") for s in (0.25, 0.5, 1.0)}
+    # one wandb run per job: named by method/sigma/seed, grouped by sweep, summary = metrics.json
+    names = set()
+    for r in runs:
+        wb = read_wandb_offline(r)
+        m = read_metrics(r)
+        assert wb["group"] == "smoke"
+        names.add(wb["name"])
+        for key in ("clean_accuracy", "acr", "method", "sigma", "n_examples", "seconds_per_example"):
+            assert wb["summary"][key] == m[key], key
+        assert {"certificates/_type", "certified_accuracy_curve_table/_type"} <= set(wb["summary"])
+        assert {"data", "method", "sigma", "certify"} <= wb["config"]
+        assert wb["history"] > 0  # training curves
+    assert len(names) == 9 and "dssn-sigma0.5-seed0" in names
+    # the report over the sweep: tables and figures
+    rep = out / "report"
+    with open(rep / "best_over_sigma.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert {r["method"] for r in rows} == {"uniform", "ssn", "dssn"} and {r["dataset"] for r in rows} == {"digits"}
+    assert (rep / "curves_digits_standard_none.png").stat().st_size > 5000
+    assert "\\begin{tabular" in (rep / "best_over_sigma.tex").read_text()
+    assert (rep / "missing.txt").read_text().strip() == "none"
+    # running the sweep again resumes: every job is a quick no-op, results unchanged
+    before = {r.name: read_metrics(r) for r in runs}
+    p = run_cli("ssn_exp.sweep", "smoke", "debug=fast", "--out", str(out), "--no-report", timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert {r.name: read_metrics(r) for r in runs} == before
+
+
+@pytest.mark.slow
+def test_a_failing_job_loses_nothing_and_the_report_says_what_is_missing(tmp_path):
+    out = tmp_path / "sw"
+    p = run_cli("ssn_exp.sweep", "smoke", "debug=fast", "method=dssn", "sigma=-1,0.5", "--out", str(out))
+    assert p.returncode != 0
+    done = [d for d in out.iterdir() if (d / "metrics.json").is_file()]
+    assert len(done) == 1 and read_metrics(done[0])["sigma"] == 0.5
+    missing = (out / "report" / "missing.txt").read_text()
+    assert "sigma=-1" in missing
