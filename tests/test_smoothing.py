@@ -212,3 +212,20 @@ def test_dssn_accepts_8bit_images_as_torchvision_makes_them():
     img = torch.arange(48, dtype=torch.uint8).view(1, 3, 4, 4) * 5
     x = img.float().div(255)  # what ToTensor does
     assert m.offsets(x, 0, 2).shape == (1, 2, 48)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_dssn_noise_and_counts_are_identical_on_cuda():
+    from ssn_exp.certify import count_predictions
+
+    m = DSSN(1.25, q=255, dim=3 * 8 * 8, seed=0)
+    x = torch.randint(0, 256, (4, 3, 8, 8)).float() / 255
+    torch.testing.assert_close(m.offsets(x.cuda()).cpu(), m.offsets(x), rtol=0, atol=0)
+
+    def f(z):  # integer-valued logits: the same argmax on every device
+        return torch.stack([(z.flatten(1)[:, i::10] * 255).round().sum(1) for i in range(10)], 1)
+
+    a = count_predictions(f, x, m, m.levels, 10, noise_batch=333)
+    b = count_predictions(f, x.cuda(), m, m.levels, 10, noise_batch=4096).cpu()
+    assert torch.equal(a, b)

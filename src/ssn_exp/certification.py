@@ -13,6 +13,7 @@ Under DDP every rank certifies its own shard (``index % world == rank``) into
 from __future__ import annotations
 
 import csv
+import io
 import json
 import os
 import time
@@ -43,19 +44,21 @@ def _columns(smoothing: Smoothing) -> list[str]:
 
 
 def read_certificates(path: Path) -> dict[int, dict]:
-    """Rows by example index; a torn last line (crash mid-write) is ignored."""
+    """Rows by example index. A torn last line (a crash mid-write: no final newline) is ignored."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    text = path.read_text()
+    if text and not text.endswith("\n"):
+        text = text[: text.rfind("\n") + 1]
     rows: dict[int, dict] = {}
-    if not Path(path).is_file():
-        return rows
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        for row in reader:
-            if None in row.values() or None in row or any(v == "" for v in row.values()):
-                continue
-            try:
-                rows[int(row["index"])] = row
-            except ValueError:
-                continue
+    for row in csv.DictReader(io.StringIO(text)):
+        if None in row or None in row.values() or "" in row.values():
+            continue
+        try:
+            rows[int(row["index"])] = row
+        except ValueError:
+            continue
     return rows
 
 
@@ -68,114 +71,172 @@ def _write_rows_atomic(path: Path, columns: list[str], rows: Sequence[dict]) -> 
     os.replace(tmp, path)
 
 
-def _open_append(path: Path, columns: list[str]):
-    """Open for appending, rewriting the file first if it holds a torn last line or another header."""
-    done = read_certificates(path)
-    if path.is_file():
-        with open(path, newline="") as fh:
-            header = fh.readline().strip().split(",")
-            fh.seek(0)
-            lines = fh.read().splitlines()
-        if header != columns or len(lines) - 1 != len(done):
-            _write_rows_atomic(path, columns, [done[i] for i in sorted(done)])
-    else:
-        _write_rows_atomic(path, columns, [])
-    return open(path, "a", newline=""), done
-
-
 def _fmt(value: float) -> str:
     return repr(float(value))
 
 
-def certify_dataset(
-    model: torch.nn.Module,
-    smoothing: Smoothing,
-    dataset,
-    out_dir: str | Path,
-    *,
-    num_classes: int,
-    skip: int = 1,
-    max_examples: int | None = None,
-    n0: int = 64,
-    n: int = 100_000,
-    alpha: float = 0.001,
-    noise_batch: int = 1024,
-    batch_size: int = 1,
-    seed: int = 0,
-    device: torch.device | str = "cpu",
-    rank: int = 0,
-    world_size: int = 1,
-    progress: bool = True,
-    autocast_dtype: torch.dtype | None = None,
-) -> Path:
-    """Certify every ``skip``-th test example (this rank's shard) into ``out_dir``; returns the CSV path.
+def certify_indices(dataset_len: int, skip: int = 1, max_examples: int | None = None) -> list[int]:
+    """The test examples certified: every ``skip``-th, at most ``max_examples``."""
+    indices = list(range(0, dataset_len, max(1, int(skip))))
+    return indices if max_examples is None else indices[: int(max_examples)]
 
-    Resumable: examples already in the CSV are skipped. Randomized methods seed their noise per
-    example from (seed, index), so results do not depend on batching or sharding either.
+
+#: Settings that change certificates: a resumed certification must use the same ones.
+RESULT_SETTINGS = ("n0", "n", "alpha", "seed")
+
+
+class ShardCertifier:
+    """Certifies one rank's shard of the test examples into its CSV, resumably.
+
+    The shard is ``indices[rank::world_size]`` (no padding: every example exactly once overall).
+    Examples already present in the shard's CSV (or in a merged ``certificates.csv`` from an
+    earlier attempt) are skipped. Randomized methods seed their noise per example from
+    (seed, index), so results depend neither on batching nor on sharding.
     """
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    columns = _columns(smoothing)
-    name = "certificates.csv" if world_size == 1 else f"certificates.rank{rank}.csv"
-    path = out_dir / name
-    indices = list(range(0, len(dataset), max(1, int(skip))))
-    if max_examples is not None:
-        indices = indices[: int(max_examples)]
-    mine = [i for i in indices if i % world_size == rank]
-    fh, done = _open_append(path, columns)
-    if world_size > 1 and rank == 0:  # a merged file from an earlier single-process attempt counts too
-        done.update({i: r for i, r in read_certificates(out_dir / "certificates.csv").items() if i % world_size == 0})
-    todo = [i for i in mine if i not in done]
-    device = torch.device(device)
-    model.eval().to(device)
-    writer = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-    bar = _progress_bar(len(mine), len(mine) - len(todo), smoothing, enabled=progress and rank == 0)
-    try:
-        for start in range(0, len(todo), max(1, batch_size)):
-            chunk = todo[start : start + batch_size]
-            xs, ys = zip(*(dataset[i] for i in chunk), strict=True)
-            x = torch.stack([torch.as_tensor(v) for v in xs]).to(device)
-            t0 = time.perf_counter()
-            if smoothing.deterministic:
-                cert = _certify(model, x, smoothing, num_classes, n0, n, alpha, noise_batch, None, autocast_dtype)
-            else:  # one generator per example: reproducible whatever the batching or sharding
-                parts = []
-                for j, idx in enumerate(chunk):
-                    g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + idx)
-                    parts.append(
-                        _certify(
-                            model, x[j : j + 1], smoothing, num_classes, n0, n, alpha, noise_batch, g, autocast_dtype
-                        )
-                    )
-                cert = _concat(parts)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = (time.perf_counter() - t0) / len(chunk)
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        smoothing: Smoothing,
+        dataset,
+        out_dir: str | Path,
+        *,
+        num_classes: int,
+        skip: int = 1,
+        max_examples: int | None = None,
+        n0: int = 64,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        noise_batch: int = 1024,
+        batch_size: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        autocast: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        self.model, self.smoothing, self.dataset = model, smoothing, dataset
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.num_classes = num_classes
+        self.kw = dict(n0=n0, n=n, alpha=alpha, noise_batch=noise_batch)
+        self.batch_size = max(1, int(batch_size))
+        self.seed = int(seed)
+        self.rank, self.world_size = rank, world_size
+        dtypes = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if autocast not in dtypes:
+            raise ValueError(f"certify.autocast must be null, bf16 or fp16, got {autocast!r}")
+        self.autocast_dtype = dtypes[autocast]
+        self.channels_last = bool(channels_last)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(model) if compile else model
+        self.columns = _columns(smoothing)
+        self._check_settings(
+            {"method": smoothing.name, "sigma": smoothing.sigma, "n0": n0, "n": n, "alpha": alpha, "seed": seed}
+        )
+        self.path = self.out_dir / ("certificates.csv" if world_size == 1 else f"certificates.rank{rank}.csv")
+        self.shard = certify_indices(len(dataset), skip, max_examples)[rank::world_size]
+        done = read_certificates(self.path)
+        if world_size > 1:
+            merged = read_certificates(self.out_dir / "certificates.csv")
+            done.update({i: merged[i] for i in self.shard if i in merged})
+        # rewrite the shard file cleanly (drops a torn line, keeps every finished row)
+        _write_rows_atomic(self.path, self.columns, [done[i] for i in sorted(done)])
+        self.done = set(done)
+        self.todo = [i for i in self.shard if i not in self.done]
+
+    def _check_settings(self, settings: dict) -> None:
+        if self.smoothing.deterministic:  # DSSN certificates do not depend on n0, n, alpha or seed
+            settings = {k: v for k, v in settings.items() if k in ("method", "sigma")}
+        path = self.out_dir / "certify_settings.json"
+        if path.is_file() and (self.out_dir / "certificates.csv").is_file():
+            old = json.loads(path.read_text())
+            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+            if diff:
+                from ssn_exp.lit import CheckpointMismatch
+
+                raise CheckpointMismatch(
+                    f"{self.out_dir} holds certificates made with other settings ({'; '.join(diff)}); "
+                    "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
+                )
+        if self.rank == 0:
+            write_json_atomic(path, settings)
+
+    def chunks(self) -> list[list[int]]:
+        return [self.todo[i : i + self.batch_size] for i in range(0, len(self.todo), self.batch_size)]
+
+    def run_chunk(self, chunk: list[int], device: torch.device) -> None:
+        """Certify the examples of ``chunk`` and append (and flush) their rows."""
+        xs, ys = zip(*(self.dataset[i] for i in chunk), strict=True)
+        x = torch.stack([torch.as_tensor(v) for v in xs]).to(device)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t0 = time.perf_counter()
+        if self.smoothing.deterministic:
+            cert = self._certify(x, None)
+        else:  # one generator per example: reproducible whatever the batching or sharding
+            parts = []
             for j, idx in enumerate(chunk):
-                label = int(ys[j])
-                pred = int(cert.prediction[j])
-                row = {
-                    "index": idx,
-                    "label": label,
-                    "prediction": pred,
-                    "correct": int(pred == label),
-                    "radius": _fmt(cert.radius[j]),
-                    "seconds": f"{seconds:.6f}",
-                }
-                if smoothing.deterministic:
-                    row["k"] = int(cert.k[j])
-                else:
-                    row["p_lower"] = _fmt(cert.p_lower[j])
-                writer.writerow(row)
-            fh.flush()
-            bar(len(chunk))
-    finally:
-        fh.close()
-        bar(0, close=True)
-    return path
+                g = torch.Generator(device=device).manual_seed(self.seed * 1_000_003 + idx)
+                parts.append(self._certify(x[j : j + 1], g))
+            cert = _concat(parts)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        rows = []
+        for j, idx in enumerate(chunk):
+            label, pred = int(ys[j]), int(cert.prediction[j])
+            row = {
+                "index": idx,
+                "label": label,
+                "prediction": pred,
+                "correct": int(pred == label),
+                "radius": _fmt(cert.radius[j]),
+                "seconds": f"{seconds:.6f}",
+            }
+            if self.smoothing.deterministic:
+                row["k"] = int(cert.k[j])
+            else:
+                row["p_lower"] = _fmt(cert.p_lower[j])
+            rows.append(row)
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore").writerows(rows)
+        self.done.update(chunk)
+
+    def _certify(self, x, generator):
+        return _certify(
+            self.forward,
+            x,
+            self.smoothing,
+            self.num_classes,
+            generator=generator,
+            autocast_dtype=self.autocast_dtype,
+            **self.kw,
+        )
+
+    def run(self, device, progress: bool = True) -> Path:
+        device = torch.device(device)
+        self.model.eval().to(device)
+        bar = _progress_bar(
+            len(self.shard), len(self.shard) - len(self.todo), self.smoothing, enabled=progress and self.rank == 0
+        )
+        try:
+            for chunk in self.chunks():
+                self.run_chunk(chunk, device)
+                bar(len(chunk))
+        finally:
+            bar(0, close=True)
+        return self.path
 
 
-def _certify(model, x, smoothing, num_classes, n0, n, alpha, noise_batch, generator, autocast_dtype):
+def certify_dataset(model, smoothing, dataset, out_dir, *, device="cpu", progress=True, **kwargs) -> Path:
+    """Certify every ``skip``-th test example (this rank's shard) into ``out_dir``; returns the CSV path."""
+    return ShardCertifier(model, smoothing, dataset, out_dir, **kwargs).run(device, progress)
+
+
+def _certify(model, x, smoothing, num_classes, *, n0, n, alpha, noise_batch, generator, autocast_dtype):
     if autocast_dtype is None:
         return certify_batch(
             model, x, smoothing, num_classes, n0=n0, n=n, alpha=alpha, noise_batch=noise_batch, generator=generator
@@ -222,10 +283,19 @@ def merge_shards(out_dir: Path, world_size: int, smoothing: Smoothing) -> Path:
     return path
 
 
-def summarize(out_dir: Path, smoothing: Smoothing, meta: dict, radii: Sequence[float], plot: bool = True) -> dict:
-    """metrics.json (atomic) and the curve PNG from ``certificates.csv``; returns the metrics."""
+def summarize(
+    out_dir: Path, smoothing: Smoothing, meta: dict, radii: Sequence[float], plot: bool = True, indices=None
+) -> dict:
+    """metrics.json (atomic) and the curve PNG from ``certificates.csv`` (restricted to ``indices``)."""
     out_dir = Path(out_dir)
     rows = read_certificates(out_dir / "certificates.csv")
+    if indices is not None:
+        missing = sorted(set(indices) - set(rows))
+        if missing:
+            raise RuntimeError(
+                f"{len(missing)} selected examples have no certificate in {out_dir} (e.g. {missing[:5]})"
+            )
+        rows = {i: rows[i] for i in indices}
     if not rows:
         raise RuntimeError(f"no certificates in {out_dir / 'certificates.csv'}")
     order = sorted(rows)
@@ -316,7 +386,7 @@ class CertifyCallback(pl.Callback):
         )
         if trainer.global_rank == 0 and self.metrics is not None:
             for logger in trainer.loggers:
-                log_metrics(logger, self.metrics)
+                log_metrics(logger, self.metrics, self.out_dir)
 
 
 def run_certification(
@@ -334,11 +404,12 @@ def run_certification(
     barrier=None,
     progress=True,
 ) -> dict | None:
-    """Certify (this rank's shard), merge on rank 0, and summarize. Returns metrics on rank 0."""
+    """Certify this rank's shard, then (rank 0) merge and summarize. Returns metrics on rank 0."""
+    dataset = datamodule.certify_set()
     certify_dataset(
         model,
         smoothing,
-        datamodule.certify_set(),
+        dataset,
         out_dir,
         num_classes=datamodule.num_classes,
         device=device,
@@ -347,28 +418,75 @@ def run_certification(
         progress=progress,
         **settings,
     )
+    if world_size > 1 and barrier is not None:
+        barrier("certified")
+    if rank != 0:
+        return None
+    return finish_certification(out_dir, smoothing, world_size, len(dataset), settings, meta, radii)
+
+
+def finish_certification(out_dir, smoothing, world_size, dataset_len, settings, meta, radii) -> dict:
+    """Merge the shards (if any) and write metrics.json and the curve for the selected examples."""
     if world_size > 1:
-        if barrier is not None:
-            barrier("certified")
-        if rank != 0:
-            return None
         merge_shards(out_dir, world_size, smoothing)
-    return summarize(
-        out_dir, smoothing, {**meta, "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]}, radii
-    )
+    selected = certify_indices(dataset_len, settings.get("skip", 1), settings.get("max_examples"))
+    meta = {**meta, "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]}
+    return summarize(out_dir, smoothing, meta, radii, indices=set(selected))
 
 
-def log_metrics(logger, metrics: dict) -> None:
-    """Flatten metrics.json into the logger (certify/acc@r, certify/acr, ...)."""
+def _identity(batch):
+    return batch
+
+
+class CertifyTask(pl.LightningModule):
+    """Certification as a Lightning predict loop (``trainer.predict(task)``).
+
+    Every DDP rank builds the loader of its own shard of not-yet-certified examples (no padding,
+    no duplicates) and appends its rows to its own CSV; :func:`finish_certification` merges them
+    by example index afterwards.
+    """
+
+    def __init__(self, model, smoothing, dataset, out_dir, num_classes: int, settings: dict):
+        super().__init__()
+        self.model = model
+        self.smoothing = smoothing
+        self.dataset = dataset
+        self.out_dir = str(out_dir)
+        self.num_classes = num_classes
+        self.settings = settings
+        self.certifier: ShardCertifier | None = None
+
+    def predict_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        self.certifier = ShardCertifier(
+            self.model,
+            self.smoothing,
+            self.dataset,
+            self.out_dir,
+            num_classes=self.num_classes,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+            **self.settings,
+        )
+        return DataLoader(self.certifier.chunks(), batch_size=None, collate_fn=_identity)
+
+    def on_predict_start(self) -> None:
+        self.model.eval()
+
+    def predict_step(self, chunk, batch_idx):
+        self.certifier.run_chunk(list(chunk), self.device)
+
+
+def log_metrics(logger, metrics: dict, out_dir: Path | None = None) -> None:
+    """Flatten metrics.json into the logger (certify/acc@r, certify/acr, ...); wandb gets plots and tables too."""
     flat = {f"certify/acc@{r}": v for r, v in metrics["certified_accuracy"].items()}
     for key in ("clean_accuracy", "acr", "seconds_per_example", "forward_passes_per_example"):
         flat[f"certify/{key}"] = float(metrics[key])
     logger.log_metrics(flat)
-    if hasattr(logger, "experiment") and hasattr(logger.experiment, "summary"):
-        try:
-            logger.experiment.summary.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
-            logger.experiment.summary.update(flat)
-        except Exception:  # a disabled/offline experiment without a summary
-            pass
+    if out_dir is not None:
+        from ssn_exp.tracking import log_certification
+
+        log_certification(logger, out_dir, metrics)
     if hasattr(logger, "save"):
         logger.save()

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -106,6 +107,9 @@ def _certify_settings(cfg: DictConfig, n: int | None = None) -> dict:
         "noise_batch": int(c.noise_batch),
         "batch_size": int(c.batch_size),
         "seed": int(cfg.seed),
+        "autocast": c.get("autocast"),
+        "channels_last": bool(c.get("channels_last", False)),
+        "compile": bool(c.get("compile", False)),
     }
 
 
@@ -150,7 +154,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     from pytorch_lightning.callbacks import ModelCheckpoint
 
     from ssn_exp.certification import CertifyCallback, format_table
-    from ssn_exp.lit import SmoothedTraining, load_checkpoint
+    from ssn_exp.lit import SmoothedTraining, TrainingETA, load_checkpoint
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.print_config:
@@ -209,7 +213,16 @@ def run_train(cfg: DictConfig) -> dict | None:
     certify_cb = CertifyCallback(
         out_dir, dm, settings, list(cfg.certify.radii), meta, progress=bool(cfg.certify.progress)
     )
-    callbacks = [ModelCheckpoint(dirpath=ckpt_dir, filename="epoch{epoch:03d}", save_last=True, save_top_k=0)]
+    checkpoint = ModelCheckpoint(
+        dirpath=ckpt_dir,
+        filename="epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        save_last="link",
+        save_top_k=1,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+    )
+    callbacks = [checkpoint, TrainingETA()]
     if cfg.certify.enabled:
         callbacks.append(certify_cb)
     trainer = pl.Trainer(
@@ -224,6 +237,8 @@ def run_train(cfg: DictConfig) -> dict | None:
     finally:
         _finish_wandb()
     metrics = certify_cb.metrics
+    if metrics is None and cfg.certify.enabled and (out_dir / "metrics.json").is_file():
+        metrics = json.loads((out_dir / "metrics.json").read_text())  # ddp_spawn: written by rank 0's process
     if metrics is not None and trainer.global_rank == 0:
         print(format_table(metrics))
         print(f"results: {out_dir}")
@@ -240,9 +255,9 @@ def train_main(cfg: DictConfig):
 
 
 def run_certify(cfg: DictConfig) -> dict:
-    import torch
+    import pytorch_lightning as pl
 
-    from ssn_exp.certification import format_table, log_metrics, run_certification
+    from ssn_exp.certification import CertifyTask, finish_certification, format_table, log_metrics
     from ssn_exp.lit import load_checkpoint
 
     if cfg.get("ckpt") in (None, "", "???"):
@@ -270,26 +285,23 @@ def run_certify(cfg: DictConfig) -> dict:
             OmegaConf.update(data_cfg, key[5:], OmegaConf.select(cfg, key), force_add=True)
     dm = _datamodule(data_cfg)
     settings = _certify_settings(cfg, n=None if "certify.n" in given else int(data_cfg.certify_n))
-    accel = cfg.trainer.accelerator
-    device = "cuda" if accel in ("gpu", "cuda") and torch.cuda.is_available() else "cpu"
-    if accel in ("gpu", "cuda") and device == "cpu":
-        raise ConfigError("trainer=gpu asked for a GPU but torch sees none")
     job = _job_name(cfg)
     logger = _logger(cfg, out_dir, job)
+    meta = {**ident, "n_classes": dm.num_classes, "checkpoint": str(cfg.ckpt)}
+    dataset = dm.certify_set()
+    task = CertifyTask(module.model, module.smoothing, dataset, out_dir, dm.num_classes, settings)
+    trainer_kw = _trainer_kwargs(cfg)
+    for key in ("check_val_every_n_epoch", "limit_train_batches", "limit_val_batches", "log_every_n_steps"):
+        trainer_kw.pop(key, None)
+    # each rank loads its own shard (no DistributedSampler: it would pad and re-split the shard)
+    trainer = pl.Trainer(logger=False, default_root_dir=str(out_dir), use_distributed_sampler=False, **trainer_kw)
     try:
-        metrics = run_certification(
-            module.model,
-            module.smoothing,
-            dm,
-            out_dir,
-            settings=settings,
-            radii=list(cfg.certify.radii),
-            meta={**ident, "n_classes": dm.num_classes, "checkpoint": str(cfg.ckpt)},
-            device=device,
-            progress=bool(cfg.certify.progress),
+        trainer.predict(task, return_predictions=False)
+        metrics = finish_certification(
+            out_dir, module.smoothing, trainer.world_size, len(dataset), settings, meta, list(cfg.certify.radii)
         )
         if logger:
-            log_metrics(logger, metrics)
+            log_metrics(logger, metrics, out_dir)
     finally:
         _finish_wandb()
     print(format_table(metrics))

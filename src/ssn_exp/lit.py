@@ -78,9 +78,11 @@ class SmoothedTraining(pl.LightningModule):
             logits, logits2 = both.chunk(2)
             kl = F.kl_div(F.log_softmax(logits2, 1), F.log_softmax(logits, 1), reduction="batchmean", log_target=True)
             loss = F.cross_entropy(logits, y) + self.hparams.stability_weight * kl
-            self.log("train/kl", kl, on_step=False, on_epoch=True)
-        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True)
-        self.log("train/acc_noisy", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
+            self.log("train/kl", kl, on_step=False, on_epoch=True, sync_dist=True)
+        self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        self.log(
+            "train/acc_noisy", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True, sync_dist=True
+        )
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -140,3 +142,37 @@ def load_checkpoint(path: str | Path, expect: dict | None = None, map_location="
             raise CheckpointMismatch(f"checkpoint {path} does not match the request ({'; '.join(diff)})")
     module.load_state_dict(ckpt["state_dict"])
     return module
+
+
+class TrainingETA(pl.Callback):
+    """Logs one line per epoch with elapsed time and the estimated time to the end of training."""
+
+    def __init__(self):
+        self._t0 = None
+        self._start_epoch = 0
+
+    def on_train_start(self, trainer, pl_module):
+        import time
+
+        self._t0 = time.monotonic()
+        self._start_epoch = trainer.current_epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        import datetime
+        import logging
+        import time
+
+        if trainer.global_rank != 0 or self._t0 is None:
+            return
+        done = trainer.current_epoch + 1 - self._start_epoch
+        total = (trainer.max_epochs or 0) - self._start_epoch
+        elapsed = time.monotonic() - self._t0
+        eta = elapsed / max(done, 1) * max(total - done, 0)
+        fmt = lambda s: str(datetime.timedelta(seconds=int(s)))  # noqa: E731
+        logging.getLogger("ssn_exp").info(
+            "epoch %d/%d done, %s elapsed, ETA %s",
+            trainer.current_epoch + 1,
+            trainer.max_epochs,
+            fmt(elapsed),
+            fmt(eta),
+        )

@@ -27,6 +27,10 @@ class OffGridError(ValueError):
     """An input that DSSN cannot certify: not on the k/q quantization grid."""
 
 
+#: DSSN accepts x when |x q - k| <= _GRID_TOL for an integer k in [0, q].
+_GRID_TOL = 1e-3
+
+
 def _check_sigma(sigma) -> float:
     if isinstance(sigma, bool) or not isinstance(sigma, numbers.Real):
         raise ValueError(f"sigma must be a positive number, got {sigma!r}")
@@ -86,7 +90,8 @@ class Uniform(Smoothing):
     name = "uniform"
 
     def sample(self, x, generator=None):
-        return x + (2.0 * _rand(x, generator) - 1.0) * self.lam
+        # x + (2 r - 1) lam, computed in place in the fresh noise tensor (the same floats)
+        return _rand(x, generator).mul_(2.0).sub_(1.0).mul_(self.lam).add_(x)
 
 
 class SSN(Smoothing):
@@ -95,8 +100,10 @@ class SSN(Smoothing):
     name = "ssn"
 
     def sample(self, x, generator=None):
-        s = _rand(x, generator) * (2.0 * self.lam)
-        return self.split(x, s)
+        s = _rand(x, generator).mul_(2.0 * self.lam)
+        if self.lam >= 0.5:  # split(x, s), in place in the fresh tensors (the same floats)
+            return (x > s).to(s.dtype).add_(s.clamp_(max=1.0)).mul_(0.5)
+        return self.split_general(x, s)
 
     def split(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         """x_tilde for given split points s (same shape as x)."""
@@ -146,18 +153,33 @@ class DSSN(Smoothing):
         n = np.floor_divide(k - m - 1, L) + 1  # = ceil((x - s) / (L/q)) exactly
         c2 = 2 * n * L + 2 * m + 1  # 2q * c, an odd integer
         t = np.minimum(c2, 2 * q) + np.maximum(c2 - 2 * L, 0)  # 4q * x_tilde
-        self._table = torch.from_numpy((t / (4.0 * q)).astype(np.float32).reshape(-1))
+        table = (t / (4.0 * q)).astype(np.float32)
+        self._table = torch.from_numpy(table.reshape(-1))
+        # The hot paths index a table doubled along m, row k holding table[k, (m mod L)] for m in [0, 2L):
+        # the index of (k, (v_i + j) mod L) is then k * 2L + v_i + j, with no remainder to take.
+        self._table2 = torch.from_numpy(np.concatenate([table, table], axis=1).reshape(-1))
+        self._index_dtype = torch.int32 if self._table2.numel() + self.levels < 2**31 else torch.int64
+        # quantize() checks |x q - round(x q)| <= 1e-3 in float64. In float32, x q carries an error of at
+        # most q 2^-24 (1 + 1e-3); a float32 check with this much less tolerance therefore only accepts
+        # inputs the float64 check accepts, with the same k. Anything it flags goes to the float64 check.
+        # The fast path also computes table indices k * 2L + v + j in float32, exact below 2^24.
+        fast = self.q <= 4096 and self._table2.numel() + self.levels < 2**24
+        self._fast_tol = _GRID_TOL - 2.0**-23 * self.q if fast else None
         self._cache: dict = {}
 
     # -- helpers -------------------------------------------------------------------------
     def _on(self, device: torch.device):
+        """(v as the index dtype, v as float32, doubled table) on ``device``, cached."""
         key = str(device)
         if key not in self._cache:
-            self._cache[key] = (self.v.to(device), self._table.to(device))
+            self._cache[key] = (
+                self.v.to(device=device, dtype=self._index_dtype),
+                self.v.to(device=device, dtype=torch.float32),
+                self._table2.to(device),
+            )
         return self._cache[key]
 
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Integer grid indices k (int64, shape (batch, dim)) of x = k/q; rejects anything else."""
+    def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:
             raise ValueError(f"DSSN expects a batch of inputs (batch, ...), got shape {tuple(x.shape)}")
         flat = x.reshape(x.shape[0], -1)
@@ -165,10 +187,14 @@ class DSSN(Smoothing):
             raise ValueError(f"DSSN was built for dim={self.dim} but the input has {flat.shape[1]} values per example")
         if not flat.is_floating_point():
             raise ValueError(f"DSSN expects floating-point inputs in [0, 1], got dtype {flat.dtype}")
+        return flat
+
+    def _quantize_exact(self, flat: torch.Tensor) -> torch.Tensor:
+        """The reference check, in float64: integer k (int64) or OffGridError naming the first bad value."""
         scaled = flat.double() * self.q
         k = torch.round(scaled)
         err = (scaled - k).abs()
-        bad = (err > 1e-3) | (k < 0) | (k > self.q) | ~torch.isfinite(scaled)
+        bad = (err > _GRID_TOL) | (k < 0) | (k > self.q) | ~torch.isfinite(scaled)
         if bool(bad.any()):
             idx = torch.nonzero(bad)[0].tolist()
             value = float(flat[idx[0], idx[1]])
@@ -178,32 +204,66 @@ class DSSN(Smoothing):
             )
         return k.long()
 
-    def _gather(self, k: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        _, table = self._on(k.device)
-        return table[k * self.levels + m]
+    def _grid_fast(self, flat: torch.Tensor) -> torch.Tensor | None:
+        """k as float32 (batch, dim) if a float32 check accepts every value, else None.
+
+        A handful of ops and one host sync. k is clamped to [0, q] before the error is taken, so an
+        out-of-range value shows as a large error; NaN and inf give a NaN or inf error.
+        """
+        if self._fast_tol is None or flat.numel() == 0:
+            return None
+        if flat.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            return None
+        scaled = flat.float() * self.q
+        k = torch.round(scaled).clamp_(0, self.q)
+        if scaled.sub_(k).abs_().max().item() <= self._fast_tol:
+            return k
+        return None
+
+    def _base(self, x: torch.Tensor, j: torch.Tensor | None = None) -> torch.Tensor:
+        """Index k * 2L + v (+ j, shape (batch, 1)) in the doubled table: (batch, dim), the index dtype.
+
+        Checks the grid like :meth:`quantize` (the same accepted inputs, the same errors).
+        """
+        flat = self._flat(x)
+        v_int, v_float, _ = self._on(x.device)
+        k = self._grid_fast(flat)
+        if k is not None:  # float32 arithmetic on integers below 2^24: exact
+            idx = v_float if j is None else v_float + j
+            return idx.add(k, alpha=2 * self.levels).to(self._index_dtype)
+        idx = self._quantize_exact(flat).to(self._index_dtype).mul_(2 * self.levels).add_(v_int)
+        if j is not None:
+            idx.add_(j)
+        return idx
+
+    def _offsets_from_base(self, base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """x_tilde for offsets j in [start, stop) given :meth:`_base`: shape (batch, stop - start, dim)."""
+        _, _, table2 = self._on(base.device)
+        j = torch.arange(start, stop, device=base.device, dtype=base.dtype)
+        idx = base.unsqueeze(1) + j.view(1, -1, 1)  # (batch, n, dim), all < (q + 1) * 2L
+        return table2.index_select(0, idx.view(-1)).view(idx.shape)
+
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """Integer grid indices k (int64, shape (batch, dim)) of x = k/q; rejects anything else."""
+        flat = self._flat(x)
+        k = self._grid_fast(flat)
+        return self._quantize_exact(flat) if k is None else k.long()
 
     # -- public API ------------------------------------------------------------------------
     def sample(self, x, generator=None):
         """Training noise: one uniformly random offset j per example, the same v always."""
-        k = self.quantize(x)
-        v, _ = self._on(x.device)
+        self._flat(x)  # shape checks first
         j = torch.randint(0, self.levels, (x.shape[0], 1), generator=generator, device=x.device)
-        m = torch.remainder(v.unsqueeze(0) + j, self.levels)
-        out = self._gather(k, m)
-        return out.reshape(x.shape).to(x.dtype)
+        idx = self._base(x, j)  # k * 2L + v + j: the entry for m = (v + j) mod L
+        _, _, table2 = self._on(x.device)
+        return table2.index_select(0, idx.view(-1)).view(x.shape).to(x.dtype)
 
     def offsets(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """x_tilde for offsets j in [start, stop): shape (batch, stop - start, dim)."""
         stop = self.levels if stop is None else stop
         if not (0 <= start <= stop <= self.levels):
             raise ValueError(f"offset range [{start}, {stop}) outside [0, {self.levels})")
-        k = self.quantize(x)
-        v, _ = self._on(x.device)
-        j = torch.arange(start, stop, device=x.device)
-        m = torch.remainder(v.unsqueeze(0) + j.unsqueeze(1), self.levels)  # (n, dim)
-        idx = (k * self.levels).unsqueeze(1) + m.unsqueeze(0)  # (batch, n, dim)
-        _, table = self._on(x.device)
-        return table[idx]
+        return self._offsets_from_base(self._base(x), start, stop)
 
     def noisy(self, x, start, stop, generator=None):
         return self.offsets(x, start, stop)

@@ -96,19 +96,34 @@ def count_predictions(
     if noise_batch < 1:
         raise ValueError(f"noise_batch must be >= 1, got {noise_batch}")
     batch, shape = x.shape[0], x.shape[1:]
-    counts = torch.zeros(batch * num_classes, dtype=torch.int64, device=x.device)
+    counts = torch.zeros(batch, num_classes, dtype=torch.int64, device=x.device)
     with torch.inference_mode():
+        if isinstance(smoothing, DSSN):
+            if not 0 <= n <= smoothing.levels:
+                raise ValueError(f"offset range [0, {n}) outside [0, {smoothing.levels})")
+            base = smoothing._base(x)  # the grid check and the integer work, once for the whole batch
+
+            def noisy(i0, i1, start, stop):
+                return smoothing._offsets_from_base(base[i0:i1], start, stop)
+        else:
+
+            def noisy(i0, i1, start, stop):
+                return smoothing.noisy(x[i0:i1], start, stop, generator)
+
         for i0, i1, start, stop in _chunks(batch, n, noise_batch):
-            noisy = smoothing.noisy(x[i0:i1], start, stop, generator)
-            logits = model(noisy.reshape(-1, *shape))
+            logits = model(noisy(i0, i1, start, stop).reshape(-1, *shape))
             if logits.shape[-1] != num_classes:
                 raise ValueError(f"the model gives {logits.shape[-1]} logits, expected num_classes={num_classes}")
             pred = logits.argmax(dim=1)
-            owner = torch.arange(i0, i1, device=x.device).repeat_interleave(stop - start)
-            counts += torch.bincount(owner * num_classes + pred, minlength=batch * num_classes)
+            if i1 - i0 == 1:
+                counts[i0] += torch.bincount(pred, minlength=num_classes)
+            else:  # image i of the chunk owns bins [i C, (i + 1) C)
+                owner = torch.arange(0, (i1 - i0) * num_classes, num_classes, device=x.device)
+                key = (owner.unsqueeze(1) + pred.view(i1 - i0, stop - start)).view(-1)
+                counts[i0:i1] += torch.bincount(key, minlength=(i1 - i0) * num_classes).view(i1 - i0, num_classes)
             if progress is not None:
                 progress(pred.numel())
-    return counts.view(batch, num_classes)
+    return counts
 
 
 @dataclass

@@ -1,0 +1,491 @@
+"""Throughput benchmark of the certification path: ``python -m ssn_exp.bench`` (``make bench``).
+
+For each model and each certificate (DSSN, and randomized uniform noise), three ways of doing the
+same number of base-classifier forward passes are timed side by side in one process, interleaved,
+``--repeats`` times (medians are reported):
+
+- ``cert``     -- the library: :func:`ssn_exp.certify.certify_batch` (noise made on the device,
+  DSSN from its integer table, counts by ``bincount``);
+- ``forward``  -- the limit: plain batched forward passes of the same model on random inputs of
+  the same shape, in the same batch sizes, under ``torch.inference_mode``, argmax included;
+- ``baseline`` -- the straightforward way of the published code: every noisy sample of one image
+  is materialised (DSSN: the L copies built with the float split formula; randomized: ``torch.rand``
+  per batch), forwarded in batches and counted with ``F.one_hot(pred, C).sum(0)``.
+
+Throughput is forward passes per second; the ratios cert/forward and cert/baseline are reported
+per model. ``train_noise_overhead`` is the extra time noise sampling (``smoothing.sample``) adds to
+a training step (forward + backward + SGD step, batch 64): the time of ``sample`` on the batch
+divided by the time of the step without noise (both medians of interleaved repeats). The direct
+measurement, step with noise / step without - 1, is in ``raw`` too; it is the same quantity but
+much noisier on a shared CPU.
+
+``--json FILE`` writes the ratios, the raw numbers, the device, torch version and thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from ssn_exp.certify.core import _chunks, certify_batch
+from ssn_exp.models import build_model
+from ssn_exp.smoothing import DSSN, SSN, Uniform
+
+__all__ = ["ModelCase", "CASES", "run_bench", "main"]
+
+
+@dataclass(frozen=True)
+class ModelCase:
+    """One benchmarked model: its input shape, q, and the sizes used per device."""
+
+    name: str
+    model_kwargs: dict
+    shape: tuple[int, int, int]
+    q: int
+    num_classes: int = 10
+    dssn_sigma: float = 0.5
+    rand_sigma: float = 0.5
+    # per device ("cpu", "cuda"): images certified per repeat, noise_batch, randomized n
+    sizes: dict = field(default_factory=dict)
+    quick_sizes: dict = field(default_factory=dict)
+    cuda_only: bool = False
+
+
+CASES: dict[str, ModelCase] = {
+    "digits_cnn": ModelCase(
+        "digits_cnn",
+        dict(name="digits_cnn", num_classes=10, in_channels=1, image_size=8, mean=[0.3], std=[0.37], width=16),
+        (1, 8, 8),
+        q=16,
+        # L = 27 offsets: 37 images per chunk of noise_batch 1024 (999 inputs)
+        sizes={
+            "cpu": dict(images=740, noise_batch=1024, n0=64, n=2048, rand_images=16),
+            "cuda": dict(images=7400, noise_batch=4096, n0=64, n=8192, rand_images=64),
+        },
+        quick_sizes=dict(images=74, noise_batch=1024, n0=64, n=1024, rand_images=2),
+    ),
+    "wrn40_2": ModelCase(
+        "wrn40_2",
+        dict(
+            name="wrn40_2",
+            num_classes=10,
+            in_channels=3,
+            image_size=32,
+            mean=[0.49, 0.48, 0.45],
+            std=[0.25, 0.24, 0.26],
+        ),
+        (3, 32, 32),
+        q=255,
+        # L = 441 offsets. On a CPU small batches are faster per image (cache), so 3 chunks of 147.
+        sizes={
+            "cpu": dict(images=1, noise_batch=147, n0=64, n=441, rand_images=1),
+            "cuda": dict(images=36, noise_batch=4096, n0=64, n=8192, rand_images=4),
+        },
+        quick_sizes=dict(images=1, noise_batch=147, n0=16, n=147, rand_images=1),
+    ),
+    "resnet50": ModelCase(
+        "resnet50",
+        dict(
+            name="resnet50",
+            num_classes=1000,
+            in_channels=3,
+            image_size=224,
+            mean=[0.485, 0.456, 0.406],
+            std=[0.229, 0.224, 0.225],
+        ),
+        (3, 224, 224),
+        q=255,
+        num_classes=1000,
+        sizes={"cuda": dict(images=8, noise_batch=2048, n0=64, n=4096, rand_images=1)},
+        quick_sizes=dict(images=1, noise_batch=441, n0=64, n=441, rand_images=1),
+        cuda_only=True,
+    ),
+}
+
+METHODS = ("dssn", "randomized")
+VARIANTS = ("cert", "forward", "baseline")
+
+
+# ---------------------------------------------------------------------------------------- helpers
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _timed(fn: Callable[[], object], device: torch.device) -> float:
+    _sync(device)
+    t0 = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def _quantized_images(n: int, shape, q: int, device, generator) -> torch.Tensor:
+    k = torch.randint(0, q + 1, (n, *shape), generator=generator, device="cpu")
+    return (k.float() / q).to(device)
+
+
+def _chunk_sizes(images: int, n: int, noise_batch: int) -> list[int]:
+    """The batch sizes of the forward passes count_predictions makes for ``images`` x ``n``."""
+    return [(i1 - i0) * (stop - start) for i0, i1, start, stop in _chunks(images, n, noise_batch)]
+
+
+# ---------------------------------------------------------------------------------------- the three ways
+def _forward_limit(model, sizes: list[int], buf: torch.Tensor) -> int:
+    """Plain forward passes in the given batch sizes (random inputs), argmax included."""
+    done = 0
+    with torch.inference_mode():
+        for b in sizes:
+            pred = model(buf[:b]).argmax(dim=1)
+            done += pred.numel()
+        _ = pred.sum().item()  # one sync at the end, as the certificate's .cpu() does
+    return done
+
+
+def _baseline_dssn(model, x: torch.Tensor, noise: DSSN, num_classes: int, noise_batch: int) -> torch.Tensor:
+    """The published code's way: per image, build all L noisy copies with the float formula, one-hot counts."""
+    L, q = noise.levels, noise.q
+    w = L / q
+    v = noise.v.to(x.device)
+    out = []
+    with torch.inference_mode():
+        for img in x:
+            flat = img.reshape(1, -1).repeat(L, 1)  # (L, d)
+            j = torch.arange(L, device=x.device).unsqueeze(1)
+            s = (torch.remainder(v.unsqueeze(0) + j, L).float() + 0.5) / q
+            c = w * torch.ceil((flat - s) / w) + s
+            noisy = (torch.clamp(c, max=1.0) + torch.clamp(c - w, min=0.0)) / 2
+            noisy = noisy.view(L, *img.shape)
+            counts = torch.zeros(num_classes, dtype=torch.long, device=x.device)
+            for start in range(0, L, noise_batch):
+                pred = model(noisy[start : start + noise_batch]).argmax(dim=1)
+                counts += F.one_hot(pred, num_classes).sum(0)
+            out.append(counts)
+    return torch.stack(out).cpu()
+
+
+def _baseline_randomized(model, x, lam: float, num_classes: int, n0: int, n: int, noise_batch: int, generator):
+    """Cohen et al. / Yang et al.: per image, torch.rand noise per batch, one-hot counts (n0 then n)."""
+    out = []
+    with torch.inference_mode():
+        for img in x:
+            for total in (n0, n):
+                counts = torch.zeros(num_classes, dtype=torch.long, device=x.device)
+                remaining = total
+                while remaining > 0:
+                    b = min(noise_batch, remaining)
+                    remaining -= b
+                    batch = img.unsqueeze(0).repeat(b, 1, 1, 1)
+                    eps = (torch.rand(batch.shape, device=x.device, generator=generator) * 2 - 1) * lam
+                    pred = model(batch + eps).argmax(dim=1)
+                    counts += F.one_hot(pred, num_classes).sum(0)
+                out.append(counts)
+    return torch.stack(out).cpu()
+
+
+# ---------------------------------------------------------------------------------------- runners
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "cpu"
+
+
+def _median(xs: list[float]) -> float:
+    return float(statistics.median(xs))
+
+
+def _bench_certification(case: ModelCase, model, device, sz: dict, repeats: int, ctx, log) -> dict:
+    """Interleaved timings of cert / forward / baseline for DSSN and randomized on one model."""
+    gen_dev = torch.Generator(device=device).manual_seed(0)
+    gen_cpu = torch.Generator().manual_seed(0)
+    d = math.prod(case.shape)
+    dssn = DSSN(case.dssn_sigma, q=case.q, dim=d, seed=0)
+    uni = Uniform(case.rand_sigma)
+    nb, n0, n = sz["noise_batch"], sz["n0"], sz["n"]
+    x_d = _quantized_images(sz["images"], case.shape, case.q, device, gen_cpu)
+    x_r = _quantized_images(sz["rand_images"], case.shape, case.q, device, gen_cpu)
+    sizes = {
+        "dssn": _chunk_sizes(len(x_d), dssn.levels, nb),
+        "randomized": _chunk_sizes(len(x_r), n0, nb) + _chunk_sizes(len(x_r), n, nb),
+    }
+    passes = {m: sum(s) for m, s in sizes.items()}
+    buf = torch.rand(max(max(s) for s in sizes.values()), *case.shape, generator=gen_dev, device=device)
+    C = case.num_classes
+
+    def run(method: str, variant: str):
+        with ctx():
+            if variant == "forward":
+                return _forward_limit(model, sizes[method], buf)
+            if method == "dssn":
+                if variant == "cert":
+                    return certify_batch(model, x_d, dssn, C, noise_batch=nb).counts
+                return _baseline_dssn(model, x_d, dssn, C, nb)
+            if variant == "cert":
+                return certify_batch(model, x_r, uni, C, n0=n0, n=n, noise_batch=nb, generator=gen_dev).counts
+            return _baseline_randomized(model, x_r, uni.lam, C, n0, n, nb, gen_dev)
+
+    # warm-up (and, with --compile, compilation for every batch size)
+    for method in METHODS:
+        for variant in VARIANTS:
+            run(method, variant)
+    times: dict = {m: {v: [] for v in VARIANTS} for m in METHODS}
+    for r in range(repeats):
+        for method in METHODS:
+            order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # rotate the order between repeats
+            for variant in order:
+                times[method][variant].append(_timed(lambda m=method, v=variant: run(m, v), device))
+        log(f"  {case.name}: repeat {r + 1}/{repeats} done")
+    out = {}
+    for method in METHODS:
+        med = {v: _median(times[method][v]) for v in VARIANTS}
+        out[method] = {
+            "forward_passes": passes[method],
+            "batch_sizes": sorted(set(sizes[method])),
+            "seconds": {v: times[method][v] for v in VARIANTS},
+            "passes_per_second": {v: passes[method] / med[v] for v in VARIANTS},
+        }
+    out["dssn"]["levels"] = dssn.levels
+    out["dssn"]["images"] = len(x_d)
+    out["randomized"].update(images=len(x_r), n0=n0, n=n, noise="uniform", sigma=case.rand_sigma)
+    out["dssn"]["sigma"] = case.dssn_sigma
+    out["noise_batch"] = nb
+    return out
+
+
+def _bench_training(
+    case: ModelCase, builder, device, repeats: int, ctx, *, batch: int = 64, budget: float = 0.5, channels_last=False
+) -> dict:
+    """Noise sampling's share of a training step (forward + backward + SGD step), per method.
+
+    On a GPU the isolated ``sample`` time includes a synchronisation, so it is an upper bound.
+    """
+    torch.manual_seed(0)
+    model = builder().to(device).train()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    gen = torch.Generator().manual_seed(1)
+    x = _quantized_images(batch, case.shape, case.q, device, gen)
+    y = torch.randint(0, case.num_classes, (batch,), generator=gen).to(device)
+    d = math.prod(case.shape)
+    noises = {
+        "uniform": Uniform(case.rand_sigma),
+        "ssn": SSN(case.rand_sigma),
+        "dssn": DSSN(case.dssn_sigma, q=case.q, dim=d, seed=0),
+    }
+
+    def step(noise):
+        with ctx():
+            inp = x if noise is None else noise.sample(x)
+            loss = F.cross_entropy(model(inp), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    variants = {"none": None, **noises}
+    for v in variants.values():  # warm-up
+        step(v)
+    steps = {k: [] for k in variants}
+    samples = {k: [] for k in noises}
+    # a training step on a small model is short: repeat enough to get stable medians
+    t_one = _timed(lambda: step(None), device)
+    reps = max(repeats, min(200, int(budget / max(t_one, 1e-6))))
+    inner = max(1, min(100, int(2e-3 / max(t_one, 1e-9))))
+    for r in range(reps):
+        keys = list(variants)
+        keys = keys[r % len(keys) :] + keys[: r % len(keys)]
+        for k in keys:
+            steps[k].append(_timed(lambda v=variants[k]: step(v), device))
+        for k, noise in noises.items():
+            with ctx():
+                samples[k].append(_timed(lambda nz=noise: [nz.sample(x) for _ in range(inner)], device) / inner)
+    base = _median(steps["none"])
+    return {
+        "batch": batch,
+        "step_seconds": {k: _median(v) for k, v in steps.items()},
+        "sample_seconds": {k: _median(v) for k, v in samples.items()},
+        "overhead": {k: _median(samples[k]) / base for k in noises},
+        "overhead_direct": {k: _median(steps[k]) / base - 1.0 for k in noises},
+        "repeats": reps,
+    }
+
+
+def _prepare(case: ModelCase, device, args) -> tuple[Callable, torch.nn.Module]:
+    def builder():
+        kw = dict(case.model_kwargs)
+        return build_model(kw.pop("name"), **kw)
+
+    torch.manual_seed(0)
+    model = builder().to(device).eval()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model = torch.compile(model)
+    return builder, model
+
+
+def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but CUDA is not available")
+    if args.models:
+        unknown = [m for m in args.models if m not in CASES]
+        if unknown:
+            raise SystemExit(f"bench: unknown model(s) {unknown}; choose from {sorted(CASES)}")
+        names = list(args.models)
+    else:
+        names = [m for m, c in CASES.items() if not c.cuda_only or device.type == "cuda"]
+
+    def ctx():
+        if args.bf16:
+            return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    result: dict = {
+        k: {}
+        for k in (
+            "dssn_vs_forward",
+            "randomized_vs_forward",
+            "dssn_vs_baseline",
+            "randomized_vs_baseline",
+            "train_noise_overhead",
+        )
+    }
+    raw: dict = {}
+    for name in names:
+        case = CASES[name]
+        if args.quick:
+            sz = dict(case.quick_sizes)
+        else:
+            sz = dict(case.sizes.get(device.type) or case.sizes.get("cuda") or case.quick_sizes)
+        if args.noise_batch:
+            sz["noise_batch"] = args.noise_batch
+        if args.images:
+            sz["images"] = args.images
+        log(f"{name}: {sz}")
+        builder, model = _prepare(case, device, args)
+        cert = _bench_certification(case, model, device, sz, args.repeats, ctx, log)
+        train = _bench_training(
+            case,
+            builder,
+            device,
+            args.repeats,
+            ctx,
+            budget=0.05 if args.quick else 0.5,
+            channels_last=args.channels_last,
+        )
+        raw[name] = {"certification": cert, "training": train}
+        for method in METHODS:
+            pps = cert[method]["passes_per_second"]
+            result[f"{method}_vs_forward"][name] = pps["cert"] / pps["forward"]
+            result[f"{method}_vs_baseline"][name] = pps["cert"] / pps["baseline"]
+        result["train_noise_overhead"][name] = train["overhead"]
+    result["train_noise_overhead_max"] = max(
+        (v for per in result["train_noise_overhead"].values() for v in per.values()), default=float("nan")
+    )
+    result["raw"] = raw
+    result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+    result["device_type"] = device.type
+    result["torch"] = torch.__version__
+    result["threads"] = torch.get_num_threads()
+    result["options"] = {
+        "models": names,
+        "repeats": args.repeats,
+        "quick": args.quick,
+        "channels_last": args.channels_last,
+        "bf16": args.bf16,
+        "compile": args.compile,
+    }
+    return result
+
+
+def format_table(result: dict) -> str:
+    lines = [
+        f"device: {result['device']} ({result['device_type']}), torch {result['torch']}, "
+        f"{result['threads']} threads; forward passes per second, medians of {result['options']['repeats']} repeats",
+        "",
+        f"{'model':<11} {'method':<10} {'passes':>7} {'batch':>9} {'cert':>10} {'forward':>10} {'baseline':>10}"
+        f" {'cert/fwd':>9} {'cert/base':>9}",
+    ]
+    for name, raw in result["raw"].items():
+        cert = raw["certification"]
+        for method in METHODS:
+            c = cert[method]
+            pps = c["passes_per_second"]
+            bs = "/".join(str(b) for b in c["batch_sizes"])
+            label = f"dssn L={c['levels']}" if method == "dssn" else "uniform"
+            lines.append(
+                f"{name:<11} {label:<10} {c['forward_passes']:>7} {bs:>9} {pps['cert']:>10.0f} {pps['forward']:>10.0f}"
+                f" {pps['baseline']:>10.0f} {pps['cert'] / pps['forward']:>9.3f} {pps['cert'] / pps['baseline']:>9.2f}"
+            )
+    lines += ["", "training step (batch 64, forward + backward + SGD): extra time from noise sampling"]
+    lines.append(f"{'model':<11} {'step (no noise)':>16} {'uniform':>9} {'ssn':>9} {'dssn':>9}   (direct: u / s / d)")
+    for name, raw in result["raw"].items():
+        t = raw["training"]
+        o, od = t["overhead"], t["overhead_direct"]
+        lines.append(
+            f"{name:<11} {t['step_seconds']['none'] * 1e3:>13.2f} ms {o['uniform']:>9.2%} {o['ssn']:>9.2%}"
+            f" {o['dssn']:>9.2%}   ({od['uniform']:+.1%} / {od['ssn']:+.1%} / {od['dssn']:+.1%})"
+        )
+    return "\n".join(lines)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ssn_exp.bench",
+        description="Forward passes per second of the certification path vs plain forward passes and a "
+        "straightforward baseline, and the cost of training noise.",
+    )
+    default_device = "cuda" if torch.cuda.is_available() else "cpu"
+    p.add_argument(
+        "--models", nargs="+", metavar="NAME", help=f"models to run (default: all for the device; {sorted(CASES)})"
+    )
+    p.add_argument("--device", default=default_device, choices=["cpu", "cuda"], help=f"default: {default_device}")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats; medians are reported (default 5)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes, one repeat (smoke test)")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON")
+    p.add_argument("--noise-batch", type=int, help="override the per-model noise_batch")
+    p.add_argument("--images", type=int, help="override the number of images certified with DSSN")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's)")
+    p.add_argument("--channels-last", action="store_true", help="channels_last memory format (GPU)")
+    p.add_argument("--bf16", action="store_true", help="bfloat16 autocast (GPU)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the model (GPU)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parser().parse_args(argv)
+    if args.repeats < 1:
+        raise SystemExit("bench: --repeats must be >= 1")
+    if args.quick:
+        args.repeats = 1
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = run_bench(args, log=lambda s: print(s, file=sys.stderr, flush=True))
+    print(format_table(result))
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=2) + "\n")
+        print(f"\nwrote {path}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,141 @@
+"""Scale-out and faults: 2-process DDP (gloo, CPU) in single runs and --multirun, submitit_local
+sweeps, and resume after real subprocesses are killed."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import ROOT, certificate_columns, read_csv, read_metrics, run_cli
+
+pytestmark = pytest.mark.slow
+
+DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
+
+
+def _ok(p):
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+    return p
+
+
+def test_ddp_training_certification_and_certify_entry_match_single_process(tmp_path):
+    run = tmp_path / "ddp_run"
+    _ok(run_cli("ssn_exp", "debug=fast", *DDP, f"hydra.run.dir={run}", "certify.max_examples=30", "sigma=0.75"))
+    rows = read_csv(run / "certificates.csv")
+    assert [int(r["index"]) for r in rows] == list(range(30))  # every example exactly once, in order
+    assert not list(run.glob("certificates.rank*.csv"))
+    ckpt = run / "checkpoints" / "last.ckpt"
+    single = tmp_path / "single"
+    _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={single}", "certify.max_examples=30"))
+    assert certificate_columns(read_csv(single / "certificates.csv")) == certificate_columns(rows)
+    # python -m ssn_exp.certify with 2 processes, a skip, and a batch size that splits shards unevenly
+    sharded = tmp_path / "sharded"
+    extra = ["certify.skip=3", "certify.batch_size=4", "certify.max_examples=41"]
+    _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", *DDP, f"hydra.run.dir={sharded}", *extra))
+    single2 = tmp_path / "single2"
+    _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={single2}", *extra))
+    a, b = read_csv(sharded / "certificates.csv"), read_csv(single2 / "certificates.csv")
+    assert [int(r["index"]) for r in a] == list(range(0, 123, 3))
+    assert certificate_columns(a) == certificate_columns(b)
+    ma, mb = read_metrics(sharded), read_metrics(single2)
+    assert {k: v for k, v in ma.items() if k != "seconds_per_example"} == {
+        k: v for k, v in mb.items() if k != "seconds_per_example"
+    }
+
+
+def test_ddp_inside_multirun(tmp_path):
+    out = tmp_path / "mr"
+    _ok(run_cli("ssn_exp", "--multirun", "debug=fast", *DDP, "sigma=0.5,1.0", f"hydra.sweep.dir={out}", timeout=600))
+    done = sorted(d for d in out.iterdir() if (d / "metrics.json").is_file())
+    assert [read_metrics(d)["sigma"] for d in done] == [0.5, 1.0]
+
+
+def test_submitit_local_launcher_runs_the_smoke_sweep(tmp_path):
+    out = tmp_path / "sw"
+    _ok(run_cli("ssn_exp.sweep", "smoke", "debug=fast", "method=dssn", "--launcher", "local", "--out", str(out)))
+    done = [d for d in out.iterdir() if (d / "metrics.json").is_file()]
+    assert sorted(read_metrics(d)["sigma"] for d in done) == [0.25, 0.5, 1.0]
+    assert (out / ".submitit").is_dir()
+    assert (out / "report" / "best_over_sigma.csv").is_file()
+
+
+def _popen(module, *overrides):
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env["WANDB_MODE"] = "offline"
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *overrides],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+
+
+def _kill_when(proc, ready, timeout=120):
+    t0 = time.monotonic()
+    while not ready():
+        assert proc.poll() is None, "the run ended before it could be killed"
+        assert time.monotonic() - t0 < timeout
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def test_killed_training_resumes_from_its_last_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    args = ["training.epochs=20", "data.batch_size=16", "certify.max_examples=10", f"hydra.run.dir={run}"]
+    args += ["trainer.enable_progress_bar=false", "certify.progress=false"]
+    last = run / "checkpoints" / "last.ckpt"
+
+    def some_epochs_done():
+        try:
+            return last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= 2
+        except Exception:  # being written
+            return False
+
+    proc = _popen("ssn_exp", *args)
+    _kill_when(proc, some_epochs_done)
+    killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
+    assert killed_at < 19 and not (run / "metrics.json").exists()
+    p = _ok(run_cli("ssn_exp", *args))
+    assert "resuming from" in p.stdout + p.stderr
+    final = torch.load(last, map_location="cpu", weights_only=True)
+    assert final["epoch"] == 19 and final["global_step"] == 20 * 90  # exactly the uninterrupted schedule
+    assert read_metrics(run)["n_examples"] == 10
+    # the metrics log shows training continued after the kill rather than starting over
+    epochs = [int(float(r["epoch"])) for r in read_csv(run / "csv" / "metrics.csv") if r.get("epoch")]
+    assert min(epochs) >= killed_at - 1 and max(epochs) == 19
+
+
+def test_killed_certification_skips_finished_examples_and_ends_equal(tmp_path):
+    trained = tmp_path / "trained"
+    _ok(run_cli("ssn_exp", "debug=fast", "sigma=3.5", "certify.enabled=false", f"hydra.run.dir={trained}"))
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    slow = ["certify.noise_batch=1", "certify.batch_size=1", "certify.max_examples=120", "certify.progress=false"]
+    ref = tmp_path / "ref"
+    _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={ref}", *slow))
+    out = tmp_path / "out"
+    csv_path = out / "certificates.csv"
+
+    def some_rows():
+        return csv_path.is_file() and csv_path.read_text().count("\n") > 15
+
+    proc = _popen("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={out}", *slow)
+    _kill_when(proc, some_rows)
+    partial = csv_path.read_text().count("\n") - 1
+    assert 15 <= partial < 120 and not (out / "metrics.json").exists()
+    p = _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={out}", *slow))
+    final = read_csv(csv_path)
+    assert certificate_columns(final) == certificate_columns(read_csv(ref / "certificates.csv"))
+    a, b = read_metrics(out), read_metrics(ref)
+    assert {k: v for k, v in a.items() if k != "seconds_per_example"} == {
+        k: v for k, v in b.items() if k != "seconds_per_example"
+    }
+    assert p.returncode == 0
