@@ -48,6 +48,9 @@ sweep-paper-imagenet: $(STAMP)  ## ImageNet: 3 methods x sigma 0.5/2.0/3.5 x sta
 sweep-dssn-seeds: $(STAMP)  ## CIFAR-10 DSSN, 15 sigma x seeds 0/1/2 (appendix Table 3)
 	$(PY) -m ssn_exp.sweep dssn_seeds $(ARGS)
 
+sweep-denoisers: $(STAMP)  ## CIFAR-10: denoiser variants x 3 methods x sigma 0.5/2.0/3.5 (appendix D)
+	$(PY) -m ssn_exp.sweep denoisers $(ARGS)
+
 report: $(STAMP)  ## report over the published arrays (ARGS="outputs/sweeps/smoke ..." adds runs)
 	$(PY) -m ssn_exp.report ../shared/reference/levine2021 $(ARGS)
 

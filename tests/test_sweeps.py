@@ -11,7 +11,7 @@ from helpers import read_metrics, read_wandb_offline, run_cli
 from ssn_exp.cli import CONF_DIR
 from ssn_exp.sweep import available, jobs, load_sweep
 
-EXPECTED = {"smoke": 9, "paper_cifar10": 90, "paper_imagenet": 18, "dssn_seeds": 45}
+EXPECTED = {"smoke": 9, "paper_cifar10": 90, "paper_imagenet": 18, "dssn_seeds": 45, "denoisers": 27}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))

@@ -145,6 +145,90 @@ def _finish_wandb():
             wandb.finish()
 
 
+# ----------------------------------------------------------------------------- denoisers
+
+
+def _prepare_denoiser(cfg: DictConfig, module, dm, hparams: dict) -> None:
+    """Load (training and caching them first if needed) the stages of a denoiser variant into F o D."""
+    from ssn_exp.stages import ensure_stage, load_stage
+
+    d = cfg.denoiser
+    root = Path(d.stage_root)
+    tkw = _trainer_kwargs(cfg)
+    base = {k: hparams[k] for k in ("arch", "arch_options", "num_classes", "shape", "mean", "std", "q")}
+    optim = {k: hparams[k] for k in ("lr", "momentum", "nesterov", "weight_decay")}
+    seed = int(cfg.seed)
+    clean_ckpt = None
+    if d.name in ("stability", "mse"):
+        clean_ckpt = d.classifier_ckpt or ensure_stage(
+            root,
+            "clean",
+            f"{dm.name}-{hparams['arch']}-seed{seed}",
+            {**base, **optim},
+            dm,
+            d.classifier_epochs,
+            tkw,
+            seed=seed,
+        )
+    kind = "denoiser_stability" if d.name == "stability" else "denoiser_mse"
+    den_ckpt = d.denoiser_ckpt
+    if not den_ckpt:
+        init = None
+        if kind == "denoiser_stability":
+            clean = load_stage(clean_ckpt).classifier.state_dict()
+            init = {**{f"classifier.{k}": v for k, v in clean.items()}, "_source": str(clean_ckpt)}
+        noise = {"method": hparams["method"], "sigma": hparams["sigma"], "noise_seed": hparams["noise_seed"]}
+        den_ckpt = ensure_stage(
+            root,
+            kind,
+            f"{dm.name}-{noise['method']}-sigma{noise['sigma']:g}-seed{noise['noise_seed']}",
+            {**base, **noise, "dncnn": hparams["dncnn"], "denoiser_lr": float(d.lr)},
+            dm,
+            d.epochs,
+            tkw,
+            init=init,
+            seed=seed,
+        )
+    den = load_stage(den_ckpt)
+    if (
+        den.hparams.kind == "clean"
+        or den.hparams.method != hparams["method"]
+        or float(den.hparams.sigma) != hparams["sigma"]
+    ):
+        raise ConfigError(
+            f"denoiser checkpoint {den_ckpt} is not a denoiser for {hparams['method']} sigma={hparams['sigma']}"
+        )
+    module.model.denoiser.load_state_dict(den.denoiser.state_dict())
+    if clean_ckpt is not None:
+        clean = load_stage(clean_ckpt)
+        if clean.hparams.kind != "clean":
+            raise ConfigError(f"{clean_ckpt} is not a clean-classifier stage checkpoint")
+        module.model.classifier.load_state_dict(clean.classifier.state_dict())
+    log.info("denoiser %s: D from %s%s", d.name, den_ckpt, f", F from {clean_ckpt}" if clean_ckpt else "")
+
+
+def _certify_module(cfg: DictConfig, module, dm, out_dir: Path, settings: dict, meta: dict, logger) -> dict:
+    """Certify a trained module as a Lightning predict loop (sharded over DDP ranks) and summarize."""
+    import pytorch_lightning as pl
+
+    from ssn_exp.certification import CertifyTask, finish_certification, log_metrics
+
+    dataset = dm.certify_set()
+    task = CertifyTask(module.model, module.smoothing, dataset, out_dir, dm.num_classes, settings)
+    trainer_kw = _trainer_kwargs(cfg)
+    for key in ("check_val_every_n_epoch", "limit_train_batches", "limit_val_batches", "log_every_n_steps"):
+        trainer_kw.pop(key, None)
+    # each rank loads its own shard (no DistributedSampler: it would pad and re-split the shard)
+    trainer = pl.Trainer(logger=False, default_root_dir=str(out_dir), use_distributed_sampler=False, **trainer_kw)
+    trainer.predict(task, return_predictions=False)
+    metrics = finish_certification(
+        out_dir, module.smoothing, trainer.world_size, len(dataset), settings, meta, list(cfg.certify.radii)
+    )
+    if logger:
+        log_metrics(logger, metrics, out_dir)
+    return metrics
+
+
 # ----------------------------------------------------------------------------- train
 
 
@@ -186,8 +270,10 @@ def run_train(cfg: DictConfig) -> dict | None:
         nesterov=bool(cfg.optim.nesterov),
         weight_decay=float(cfg.optim.weight_decay),
         denoiser=cfg.denoiser.name,
+        dncnn=OmegaConf.to_container(cfg.denoiser.dncnn, resolve=True) if cfg.denoiser.name != "none" else None,
     )
     module = SmoothedTraining(**hparams)
+    variant = cfg.denoiser.name
 
     ckpt_dir = out_dir / "checkpoints"
     last = ckpt_dir / "last.ckpt"
@@ -206,10 +292,29 @@ def run_train(cfg: DictConfig) -> dict | None:
         load_checkpoint(last, expect=module.identity())  # validates the file before Lightning restores it
         ckpt_path = str(last)
         log.info("resuming from %s", last)
+    if variant != "none" and ckpt_path is None:
+        _prepare_denoiser(cfg, module, dm, hparams)
 
     job = _job_name(cfg)
     logger = _logger(cfg, out_dir, job)
     meta = {**module.identity(), "n_classes": dm.num_classes}
+    if variant in ("stability", "mse"):  # F and D come from their stages: nothing more to train
+        if ckpt_path is None:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            tmp = ckpt_dir / ".last.ckpt.tmp"
+            torch.save(
+                {"hyper_parameters": hparams, "state_dict": module.state_dict(), "epoch": 0, "global_step": 0}, tmp
+            )
+            os.replace(tmp, last)
+        else:
+            module = load_checkpoint(last, expect=module.identity())
+        metrics = None
+        if cfg.certify.enabled:
+            metrics = _certify_module(cfg, module, dm, out_dir, settings, meta, logger)
+            print(format_table(metrics))
+            print(f"results: {out_dir}")
+        _finish_wandb()
+        return metrics
     certify_cb = CertifyCallback(
         out_dir, dm, settings, list(cfg.certify.radii), meta, progress=bool(cfg.certify.progress)
     )
@@ -255,9 +360,7 @@ def train_main(cfg: DictConfig):
 
 
 def run_certify(cfg: DictConfig) -> dict:
-    import pytorch_lightning as pl
-
-    from ssn_exp.certification import CertifyTask, finish_certification, format_table, log_metrics
+    from ssn_exp.certification import format_table
     from ssn_exp.lit import load_checkpoint
 
     if cfg.get("ckpt") in (None, "", "???"):
@@ -285,23 +388,10 @@ def run_certify(cfg: DictConfig) -> dict:
             OmegaConf.update(data_cfg, key[5:], OmegaConf.select(cfg, key), force_add=True)
     dm = _datamodule(data_cfg)
     settings = _certify_settings(cfg, n=None if "certify.n" in given else int(data_cfg.certify_n))
-    job = _job_name(cfg)
-    logger = _logger(cfg, out_dir, job)
+    logger = _logger(cfg, out_dir, _job_name(cfg))
     meta = {**ident, "n_classes": dm.num_classes, "checkpoint": str(cfg.ckpt)}
-    dataset = dm.certify_set()
-    task = CertifyTask(module.model, module.smoothing, dataset, out_dir, dm.num_classes, settings)
-    trainer_kw = _trainer_kwargs(cfg)
-    for key in ("check_val_every_n_epoch", "limit_train_batches", "limit_val_batches", "log_every_n_steps"):
-        trainer_kw.pop(key, None)
-    # each rank loads its own shard (no DistributedSampler: it would pad and re-split the shard)
-    trainer = pl.Trainer(logger=False, default_root_dir=str(out_dir), use_distributed_sampler=False, **trainer_kw)
     try:
-        trainer.predict(task, return_predictions=False)
-        metrics = finish_certification(
-            out_dir, module.smoothing, trainer.world_size, len(dataset), settings, meta, list(cfg.certify.radii)
-        )
-        if logger:
-            log_metrics(logger, metrics, out_dir)
+        metrics = _certify_module(cfg, module, dm, out_dir, settings, meta, logger)
     finally:
         _finish_wandb()
     print(format_table(metrics))

@@ -12,12 +12,13 @@ import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
-from ssn_exp.models import build_model
+from ssn_exp.models import Denoised, DnCNN, build_model
 from ssn_exp.smoothing import Smoothing, make_smoothing
 
 __all__ = ["SmoothedTraining", "load_checkpoint", "CheckpointMismatch", "TRAININGS"]
 
 TRAININGS = ("standard", "stability")
+DENOISERS = ("none", "stability", "mse", "mse_retrain")
 
 
 class CheckpointMismatch(ValueError):
@@ -53,15 +54,20 @@ class SmoothedTraining(pl.LightningModule):
         nesterov: bool = True,
         weight_decay: float = 1e-4,
         denoiser: str = "none",
+        dncnn: dict | None = None,
     ):
         super().__init__()
         if training not in TRAININGS:
             raise ValueError(f"unknown training {training!r}; choose one of {list(TRAININGS)}")
         self.save_hyperparameters()
+        if denoiser not in DENOISERS:
+            raise ValueError(f"unknown denoiser {denoiser!r}; choose one of {list(DENOISERS)}")
         c, h, w = shape
         self.model = build_model(
             arch, num_classes=num_classes, in_channels=c, image_size=h, mean=mean, std=std, **(arch_options or {})
         )
+        if denoiser != "none":  # F o D (appendix D): the smoothed classifier sees the denoised sample
+            self.model = Denoised(DnCNN(in_channels=c, **(dncnn or {})), self.model)
         self.smoothing: Smoothing = make_smoothing(method, sigma, q=q, dim=c * h * w, seed=noise_seed)
 
     # -- training ------------------------------------------------------------------------

@@ -121,3 +121,67 @@ def plot_all_curves(records: Iterable[RunRecord], out_dir, points: int = 201) ->
         title = f"{pretty(dataset)}, {training} training, denoiser: {denoiser}"
         paths.append(plot_curves(recs, Path(out_dir) / curve_filename(dataset, training, denoiser), title, points))
     return paths
+
+
+DENOISER_ORDER = ("stability", "mse", "mse_retrain")
+
+
+def plot_denoisers(records: Sequence[RunRecord], path, title: str | None = None, points: int = 201) -> Path | None:
+    """The paper's Figure 9: a row per denoiser variant, a panel per sigma, a line per method."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    records, _ = dedupe_records([r for r in records if r.denoiser != "none"])
+    if not records:
+        return None
+    variants = [v for v in DENOISER_ORDER if any(r.denoiser == v for r in records)]
+    variants += sorted({r.denoiser for r in records} - set(variants))
+    sigmas = sorted({round(float(r.sigma), 6) for r in records})
+    fig = Figure(figsize=(3.2 * len(sigmas), 2.6 * len(variants) + 0.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(variants), len(sigmas), squeeze=False, sharey=True)
+    handles = {}
+    for i, variant in enumerate(variants):
+        for j, sigma in enumerate(sigmas):
+            ax = axes[i][j]
+            recs = [r for r in records if r.denoiser == variant and round(float(r.sigma), 6) == sigma]
+            recs.sort(key=lambda r: (_rank("method", r.method), r.origin != "ours", r.origin, r.seed))
+            seen = set()
+            grid = radius_grid(max((max_certified_radius(r) for r in recs), default=0.0), points)
+            for r in recs:
+                if (r.origin, r.method) in seen:
+                    continue
+                seen.add((r.origin, r.method))
+                published = r.origin != "ours"
+                label = f"{pretty(r.method)} ({'published' if published else 'ours'})"
+                (h,) = ax.plot(grid, curve(r, grid), color=_color(r.method), linestyle="--" if published else "-")
+                handles.setdefault(label, h)
+            ax.set_title(f"{variant}, σ = {sigma_label(sigma)}", fontsize=9)
+            ax.set_ylim(0, 100)
+            ax.grid(alpha=0.3)
+            if j == 0:
+                ax.set_ylabel("certified accuracy (%)")
+            if i == len(variants) - 1:
+                ax.set_xlabel("ℓ1 radius")
+    if title:
+        fig.suptitle(title)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(6, len(handles)))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_all_denoisers(records: Iterable[RunRecord], out_dir) -> list[Path]:
+    by_data: dict[tuple, list[RunRecord]] = {}
+    for r in records:
+        if r.denoiser != "none":
+            by_data.setdefault((r.dataset, r.training), []).append(r)
+    paths = []
+    for (dataset, training), recs in sorted(by_data.items()):
+        title = f"{pretty(dataset)}, {training} training: denoiser variants (appendix D, Figure 9)"
+        p = plot_denoisers(recs, Path(out_dir) / f"denoisers_{dataset}_{training}.png", title)
+        if p is not None:
+            paths.append(p)
+    return paths

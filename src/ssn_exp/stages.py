@@ -1,0 +1,170 @@
+"""Denoiser stages (appendix D; Salman et al. 2020), trained once and reused.
+
+- ``clean``: a classifier F trained on clean images (one per data set x architecture x seed);
+- ``denoiser_mse``: DnCNN D trained with ||D(x_tilde) - x||^2 (one per method x sigma);
+- ``denoiser_stability``: D trained with CE(F(D(x_tilde)), argmax F(x)), F frozen (one per method x sigma x F).
+
+A stage lives in ``<stage_root>/<kind>/<readable name>-<hash of its settings>/`` with its
+``settings.json``; a finished stage has ``done.json`` and is reused by every run that needs the
+same settings. A killed stage resumes from its ``last.ckpt``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from torch.nn import functional as F
+
+from ssn_exp.models import DnCNN, build_model
+from ssn_exp.smoothing import make_smoothing
+
+log = logging.getLogger("ssn_exp")
+
+__all__ = ["StageModule", "stage_dir", "ensure_stage", "load_stage"]
+
+KINDS = ("clean", "denoiser_mse", "denoiser_stability")
+
+
+class StageModule(pl.LightningModule):
+    """One training stage; the hyper-parameters rebuild it from its checkpoint."""
+
+    def __init__(
+        self,
+        *,
+        kind: str,
+        arch: str,
+        arch_options: dict,
+        num_classes: int,
+        shape: list[int],
+        mean: list[float],
+        std: list[float],
+        q: int,
+        method: str = "none",
+        sigma: float = 0.0,
+        noise_seed: int = 0,
+        dncnn: dict | None = None,
+        lr: float = 0.1,
+        momentum: float = 0.9,
+        nesterov: bool = True,
+        weight_decay: float = 1e-4,
+        denoiser_lr: float = 1e-3,
+    ):
+        super().__init__()
+        if kind not in KINDS:
+            raise ValueError(f"unknown stage {kind!r}")
+        self.save_hyperparameters()
+        c, h, _ = shape
+        if kind in ("clean", "denoiser_stability"):
+            self.classifier = build_model(
+                arch, num_classes=num_classes, in_channels=c, image_size=h, mean=mean, std=std, **arch_options
+            )
+        if kind != "clean":
+            self.denoiser = DnCNN(in_channels=c, **(dncnn or {}))
+            self.smoothing = make_smoothing(method, sigma, q=q, dim=c * h * shape[2], seed=noise_seed)
+        if kind == "denoiser_stability":
+            self.classifier.requires_grad_(False)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        kind = self.hparams.kind
+        if kind == "clean":
+            logits = self.classifier(x)
+            loss = F.cross_entropy(logits, y)
+            self.log("stage/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
+        elif kind == "denoiser_mse":
+            loss = F.mse_loss(self.denoiser(self.smoothing.sample(x)), x)
+        else:
+            self.classifier.eval()
+            with torch.no_grad():
+                target = self.classifier(x).argmax(1)
+            loss = F.cross_entropy(self.classifier(self.denoiser(self.smoothing.sample(x))), target)
+        self.log("stage/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True)
+        return loss
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        epochs = max(1, int(self.trainer.max_epochs or 1))
+        if hp.kind == "clean":
+            opt = torch.optim.SGD(
+                self.parameters(), lr=hp.lr, momentum=hp.momentum, nesterov=hp.nesterov, weight_decay=hp.weight_decay
+            )
+        else:  # Salman et al.: Adam, lr 1e-3
+            opt = torch.optim.Adam(self.denoiser.parameters(), lr=hp.denoiser_lr)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=epochs)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+def stage_dir(root: Path, kind: str, name: str, settings: dict) -> Path:
+    digest = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    return Path(root) / kind / f"{name}-{digest}"
+
+
+def load_stage(path: Path) -> StageModule:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    module = StageModule(**ckpt["hyper_parameters"])
+    module.load_state_dict(ckpt["state_dict"])
+    return module
+
+
+def ensure_stage(
+    root: Path,
+    kind: str,
+    name: str,
+    hparams: dict,
+    datamodule,
+    epochs: int,
+    trainer_kwargs: dict,
+    init: dict | None = None,
+    seed: int = 0,
+) -> Path:
+    """The checkpoint of a finished stage with these settings, training (or resuming) it if needed.
+
+    ``init``: state-dict entries loaded into a fresh module before training (e.g. the frozen F).
+    """
+    settings = {**hparams, "epochs": int(epochs), "seed": int(seed), "init": sorted(init or {})}
+    if init:
+        settings["init_from"] = init.get("_source", "")
+    out = stage_dir(root, kind, name, settings)
+    ckpt = out / "last.ckpt"
+    if (out / "done.json").is_file() and ckpt.is_file():
+        log.info("reusing stage %s (%s)", kind, out)
+        return ckpt
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    log.info("training stage %s for %d epochs into %s", kind, epochs, out)
+    pl.seed_everything(seed, workers=True, verbose=False)
+    module = StageModule(kind=kind, **hparams)
+    if init:
+        missing = module.load_state_dict({k: v for k, v in init.items() if k != "_source"}, strict=False)
+        if missing.unexpected_keys:
+            raise ValueError(f"stage {kind}: unexpected weights {missing.unexpected_keys[:3]}")
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    kw = {k: v for k, v in trainer_kwargs.items() if k not in ("check_val_every_n_epoch", "limit_val_batches")}
+    trainer = pl.Trainer(
+        max_epochs=int(epochs),
+        default_root_dir=str(out),
+        logger=False,
+        limit_val_batches=0,
+        callbacks=[
+            ModelCheckpoint(
+                dirpath=out,
+                filename="epoch{epoch:03d}",
+                auto_insert_metric_name=False,
+                save_last="link",
+                save_top_k=1,
+                every_n_epochs=1,
+                save_on_train_epoch_end=True,
+            )
+        ],
+        **kw,
+    )
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+    if trainer.global_rank == 0:
+        (out / "done.json").write_text(json.dumps({"epochs": int(epochs)}) + "\n")
+    return ckpt
