@@ -235,10 +235,9 @@ def _certify_module(cfg: DictConfig, module, dm, out_dir: Path, settings: dict, 
 def run_train(cfg: DictConfig) -> dict | None:
     import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.callbacks import ModelCheckpoint
 
     from ssn_exp.certification import CertifyCallback, format_table
-    from ssn_exp.lit import SmoothedTraining, TrainingETA, load_checkpoint
+    from ssn_exp.lit import SmoothedTraining, TrainingETA, epoch_checkpoint, load_checkpoint
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     if cfg.print_config:
@@ -318,16 +317,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     certify_cb = CertifyCallback(
         out_dir, dm, settings, list(cfg.certify.radii), meta, progress=bool(cfg.certify.progress)
     )
-    checkpoint = ModelCheckpoint(
-        dirpath=ckpt_dir,
-        filename="epoch{epoch:03d}",
-        auto_insert_metric_name=False,
-        save_last="link",
-        save_top_k=1,
-        every_n_epochs=1,
-        save_on_train_epoch_end=True,
-    )
-    callbacks = [checkpoint, TrainingETA()]
+    callbacks = [epoch_checkpoint(ckpt_dir), TrainingETA()]
     if cfg.certify.enabled:
         callbacks.append(certify_cb)
     trainer = pl.Trainer(

@@ -182,3 +182,18 @@ class TrainingETA(pl.Callback):
             fmt(elapsed),
             fmt(eta),
         )
+
+
+def epoch_checkpoint(dirpath) -> pl.Callback:
+    """Saves every epoch (``epochNNN.ckpt``, the newest only) with ``last.ckpt`` linking to it: what resume reads."""
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    return ModelCheckpoint(
+        dirpath=dirpath,
+        filename="epoch{epoch:03d}",
+        auto_insert_metric_name=False,
+        save_last="link",
+        save_top_k=1,
+        every_n_epochs=1,
+        save_on_train_epoch_end=True,
+    )

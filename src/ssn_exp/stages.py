@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from torch.nn import functional as F
 
+from ssn_exp.lit import epoch_checkpoint
 from ssn_exp.models import DnCNN, build_model
 from ssn_exp.smoothing import make_smoothing
 
@@ -143,25 +144,13 @@ def ensure_stage(
         missing = module.load_state_dict({k: v for k, v in init.items() if k != "_source"}, strict=False)
         if missing.unexpected_keys:
             raise ValueError(f"stage {kind}: unexpected weights {missing.unexpected_keys[:3]}")
-    from pytorch_lightning.callbacks import ModelCheckpoint
-
     kw = {k: v for k, v in trainer_kwargs.items() if k not in ("check_val_every_n_epoch", "limit_val_batches")}
     trainer = pl.Trainer(
         max_epochs=int(epochs),
         default_root_dir=str(out),
         logger=False,
         limit_val_batches=0,
-        callbacks=[
-            ModelCheckpoint(
-                dirpath=out,
-                filename="epoch{epoch:03d}",
-                auto_insert_metric_name=False,
-                save_last="link",
-                save_top_k=1,
-                every_n_epochs=1,
-                save_on_train_epoch_end=True,
-            )
-        ],
+        callbacks=[epoch_checkpoint(out)],
         **kw,
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
