@@ -66,3 +66,40 @@ def test_variants_train_once_reuse_stages_and_certify(tmp_path):
     assert p.returncode == 0, p.stderr
     assert (rep / "denoisers_digits_standard.png").stat().st_size > 5000
     assert "mse_retrain" in (rep / "denoisers.md").read_text()
+
+
+def test_parallel_jobs_share_one_stage_training(tmp_path):
+    """Two jobs started together that need the same clean classifier: one trains it, the other waits and reuses."""
+    import os
+    import subprocess
+    import sys
+
+    from helpers import ROOT
+
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "ssn_exp",
+                "debug=fast",
+                "denoiser=mse",
+                f"sigma={s}",
+                *SMALL,
+                f"denoiser.stage_root={tmp_path / 'stages'}",
+                f"hydra.run.dir={tmp_path / str(s)}",
+            ],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for s in (0.5, 1.0)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), logs
+    text = "\n".join(logs)
+    assert text.count("training stage clean") == 1 and text.count("reusing stage clean") == 1
+    assert len(list((tmp_path / "stages" / "clean").iterdir())) == 1

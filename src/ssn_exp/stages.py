@@ -11,6 +11,7 @@ same settings. A killed stage resumes from its ``last.ckpt``.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
@@ -131,6 +132,13 @@ def ensure_stage(
     if init:
         settings["init_from"] = init.get("_source", "")
     out = stage_dir(root, kind, name, settings)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".lock", "w") as lock:  # parallel jobs needing the same stage: one trains, the others wait
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _train_stage(out, kind, hparams, datamodule, epochs, trainer_kwargs, init, seed, settings)
+
+
+def _train_stage(out, kind, hparams, datamodule, epochs, trainer_kwargs, init, seed, settings) -> Path:
     ckpt = out / "last.ckpt"
     if (out / "done.json").is_file() and ckpt.is_file():
         log.info("reusing stage %s (%s)", kind, out)
