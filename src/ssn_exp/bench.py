@@ -40,6 +40,7 @@ import torch
 from torch.nn import functional as F
 
 from ssn_exp.certify.core import _chunks, certify_batch
+from ssn_exp.data import CIFAR10Data, DigitsData, ImageNetData
 from ssn_exp.models import build_model
 from ssn_exp.smoothing import DSSN, SSN, Uniform
 
@@ -66,7 +67,15 @@ class ModelCase:
 CASES: dict[str, ModelCase] = {
     "digits_cnn": ModelCase(
         "digits_cnn",
-        dict(name="digits_cnn", num_classes=10, in_channels=1, image_size=8, mean=[0.3], std=[0.37], width=16),
+        dict(
+            name="digits_cnn",
+            num_classes=10,
+            in_channels=1,
+            image_size=8,
+            mean=DigitsData.mean,
+            std=DigitsData.std,
+            width=16,
+        ),
         (1, 8, 8),
         q=16,
         # L = 27 offsets: 37 images per chunk of noise_batch 1024 (999 inputs)
@@ -83,8 +92,8 @@ CASES: dict[str, ModelCase] = {
             num_classes=10,
             in_channels=3,
             image_size=32,
-            mean=[0.49, 0.48, 0.45],
-            std=[0.25, 0.24, 0.26],
+            mean=CIFAR10Data.mean,
+            std=CIFAR10Data.std,
         ),
         (3, 32, 32),
         q=255,
@@ -102,8 +111,8 @@ CASES: dict[str, ModelCase] = {
             num_classes=1000,
             in_channels=3,
             image_size=224,
-            mean=[0.485, 0.456, 0.406],
-            std=[0.229, 0.224, 0.225],
+            mean=ImageNetData.mean,
+            std=ImageNetData.std,
         ),
         (3, 224, 224),
         q=255,
