@@ -51,10 +51,10 @@ sweep-dssn-seeds: $(STAMP)  ## CIFAR-10 DSSN, 15 sigma x seeds 0/1/2 (appendix T
 sweep-denoisers: $(STAMP)  ## CIFAR-10: denoiser variants x 3 methods x sigma 0.5/2.0/3.5 (appendix D)
 	$(PY) -m ssn_exp.sweep denoisers $(ARGS)
 
-report: $(STAMP)  ## report over the published arrays (ARGS="outputs/sweeps/smoke ..." adds runs)
-	$(PY) -m ssn_exp.report ../shared/reference/levine2021 $(ARGS)
+report: $(STAMP)  ## report over the published arrays shipped with ssn_exp (ARGS="outputs/sweeps/smoke ..." adds runs)
+	$(PY) -m ssn_exp.report --published levine2021 $(ARGS)
 
 clean:  ## remove caches and run outputs (keeps .venv)
-	rm -rf .pytest_cache .ruff_cache src/*.egg-info multirun
+	rm -rf .pytest_cache .ruff_cache .hypothesis src/*.egg-info multirun build
 	find outputs -mindepth 1 ! -name .gitkeep -exec rm -rf {} +
 	find . -name __pycache__ -prune -exec rm -rf {} +

@@ -1,4 +1,5 @@
-"""Shared fixtures: the read-only ../shared folder (CI has it beside the clone)."""
+"""Shared fixtures. Everything the tests read lives in the repository: the published arrays ship with the
+package (``ssn_exp/published/levine2021``), the other outside references are in ``tests/data``."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("SSN_EXP_SHARED", ROOT.parent / "shared"))
+DATA = ROOT / "tests" / "data"
 
 # Keep the tests fast and quiet on a 2-core CPU, and never online.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
@@ -18,12 +19,27 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 
 @pytest.fixture(scope="session")
-def shared() -> Path:
-    if not (SHARED / "SPEC.md").is_file():
-        pytest.fail(f"the shared folder is missing: expected it at {SHARED} (set SSN_EXP_SHARED)")
-    return SHARED
+def reference_dir() -> Path:
+    """The authors' published certificate arrays, as the package ships them."""
+    from ssn_exp.report.records import published_dir
+
+    return published_dir("levine2021")
 
 
 @pytest.fixture(scope="session")
-def reference_dir(shared) -> Path:
-    return shared / "reference" / "levine2021"
+def verify_arrays():
+    """The published fields kept only to verify our code (dssn predicted/radius_l1, uniform/ssn prob_lb/counts_n0)."""
+    import numpy as np
+
+    with np.load(DATA / "levine2021_verify.npz") as z:
+        return {k: z[k] for k in z.files}
+
+
+@pytest.fixture(scope="session")
+def golden_path() -> Path:
+    return DATA / "golden" / "dssn_levine2021.npz"
+
+
+@pytest.fixture(scope="session")
+def levine_checkpoint() -> Path:
+    return DATA / "levine2021_checkpoint"

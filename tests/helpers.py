@@ -43,16 +43,19 @@ def read_metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 
 
-def write_tiny_cifar10(root: Path, n_train: int = 40, n_test: int = 12, seed: int = 0) -> Path:
-    """A cifar-10-batches-py folder in the standard pickle format, with random images."""
+def write_tiny_cifar10(
+    root: Path, n_train: int = 40, n_test: int = 12, seed: int = 0, test_images=None, test_labels=None
+) -> Path:
+    """A cifar-10-batches-py folder in the standard pickle format, with random images (or the given test images,
+    uint8 (n, 3, 32, 32), and labels)."""
     folder = Path(root) / "cifar-10-batches-py"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
 
-    def batch(n):
+    def batch(n, data=None, labels=None):
         return {
-            "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8),
-            "labels": rng.integers(0, 10, size=n).tolist(),
+            "data": rng.integers(0, 256, size=(n, 3072), dtype=np.uint8) if data is None else data,
+            "labels": rng.integers(0, 10, size=n).tolist() if labels is None else [int(v) for v in labels],
             "batch_label": "tiny",
             "filenames": [f"{i}.png" for i in range(n)],
         }
@@ -61,7 +64,11 @@ def write_tiny_cifar10(root: Path, n_train: int = 40, n_test: int = 12, seed: in
         with open(folder / f"data_batch_{i}", "wb") as fh:
             pickle.dump(batch(n_train // 5), fh)
     with open(folder / "test_batch", "wb") as fh:
-        pickle.dump(batch(n_test), fh)
+        if test_images is not None:
+            data = np.asarray(test_images, dtype=np.uint8).reshape(len(test_images), 3072)
+            pickle.dump(batch(len(data), data, test_labels), fh)
+        else:
+            pickle.dump(batch(n_test), fh)
     with open(folder / "batches.meta", "wb") as fh:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_cases_per_batch": n_train // 5}, fh)
     return folder
@@ -114,7 +121,10 @@ def read_wandb_offline(run_dir: Path) -> dict:
                 out["summary"][item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
         elif which == "run":
             out["config"] |= {c.key for c in rec.run.config.update}
-            out["name"], out["group"] = rec.run.display_name, rec.run.run_group
+            out["name"] = rec.run.display_name or out["name"]
+            out["group"] = rec.run.run_group or out["group"]
+        elif which == "config":  # wandb.config.update(...), e.g. the resolved Hydra config
+            out["config"] |= {c.key for c in rec.config.update}
         elif which == "history":
             out["history"] += 1
     return out

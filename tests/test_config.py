@@ -1,14 +1,17 @@
-"""Every config group option composes and resolves; the configs build real components."""
+"""Every config group option composes, resolves and builds its component from ``_target_``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
+from hydra.core.hydra_config import HydraConfig
+from hydra.utils import instantiate
+from omegaconf import OmegaConf, read_write
 
-from ssn_exp.cli import CONF_DIR
+from ssn_exp.cli.config import CONF_DIR
 
 GROUPS = ["data", "model", "method", "training", "denoiser", "trainer", "logger", "certify", "experiment", "debug"]
 
@@ -19,15 +22,21 @@ def options(group):
 
 def _compose(overrides, name="config"):
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return compose(config_name=name, overrides=overrides, return_hydra_config=True)
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    with read_write(cfg.hydra):
+        cfg.hydra.runtime.output_dir = "outputs/test-config"
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves as inside a run
+    return cfg
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
 def test_every_option_composes_and_resolves(group, option):
     cfg = _compose([f"{group}={option}"])
-    OmegaConf.resolve(cfg)  # no dangling interpolation
-    if group in ("data", "model", "method", "training", "denoiser", "logger"):
+    OmegaConf.to_container(cfg, resolve=True)  # no dangling interpolation (hydra's own node included)
+    if group in ("training", "denoiser"):
         assert cfg[group].name == option
+    if group in ("data", "model", "method", "trainer", "logger"):
+        assert "_target_" in cfg[group], f"{group}/{option}.yaml must name what it builds"
     assert cfg.sigma > 0 and cfg.seed == 0
 
 
@@ -36,16 +45,26 @@ def test_every_group_has_options():
         assert options(g), g
 
 
+def test_the_package_ships_its_configs_and_the_checkout_links_them():
+    assert Path(CONF_DIR).is_dir() and (Path(CONF_DIR) / "config.yaml").is_file()
+    assert Path(CONF_DIR).resolve() == (Path(__file__).resolve().parents[1] / "src" / "ssn_exp" / "conf")
+    top = Path(__file__).resolve().parents[1]
+    assert (top / "conf").resolve() == Path(CONF_DIR).resolve()  # conf/ and sweeps/ at the top are links
+    assert (top / "sweeps").resolve() == (Path(CONF_DIR) / "sweep").resolve()
+
+
 def test_defaults_are_the_quick_digits_dssn_run():
     cfg = _compose([])
-    assert (cfg.data.name, cfg.model.name, cfg.method.name, cfg.training.name) == (
+    ch = cfg.hydra.runtime.choices
+    assert (ch.data, ch.model, ch.method, ch.training, ch.trainer, ch.logger) == (
         "digits",
         "digits_cnn",
         "dssn",
         "standard",
+        "cpu",
+        "csv",
     )
-    assert cfg.trainer.accelerator == "cpu" and cfg.logger.name == "csv"
-    assert cfg.method.seed == 0 and cfg.certify.n == 10000
+    assert cfg.method.seed == 0 and cfg.certify.n == 10000 and cfg.method.arithmetic == "exact"
 
 
 def test_method_seed_follows_the_run_seed():
@@ -55,39 +74,92 @@ def test_method_seed_follows_the_run_seed():
 
 def test_paper_experiments_set_table2():
     c = _compose(["experiment=paper_cifar10"])
-    assert (c.data.name, c.model.name, c.training.epochs, c.data.batch_size, c.certify.n) == (
+    assert (c.data.name, c.model._target_, c.training.epochs, c.data.batch_size, c.certify.n) == (
         "cifar10",
-        "wrn40_2",
+        "ssn_exp.models.WideResNet",
         120,
         64,
         100000,
     )
-    assert (c.optim.lr, c.optim.momentum, c.optim.nesterov, c.optim.weight_decay) == (0.1, 0.9, True, 1e-4)
+    assert (c.model.depth, c.model.widen, c.trainer.max_epochs) == (40, 2, 120)
+    o = c.optimizer
+    assert (o._target_, o.lr, o.momentum, o.nesterov, o.weight_decay) == ("torch.optim.SGD", 0.1, 0.9, True, 1e-4)
+    assert c.scheduler._target_.endswith("CosineAnnealingLR") and c.scheduler.T_max == 120
     i = _compose(["experiment=paper_imagenet"])
-    assert (i.data.name, i.model.name, i.training.epochs, i.data.test_every) == ("imagenet", "resnet50", 30, 100)
+    assert (i.data.name, i.model._target_, i.training.epochs, i.data.test_every) == (
+        "imagenet",
+        "torchvision.models.resnet50",
+        30,
+        100,
+    )
 
 
-def test_run_dir_names_the_run():
+def test_run_dir_names_the_run_and_joins_the_tag():
     c = _compose(["method=ssn", "sigma=1.25", "seed=1", "training=stability"])
     assert c.hydra.run.dir.endswith("digits/ssn-stability-none/sigma1.25-seed1")
+    assert _compose(["tag=NAME"]).hydra.run.dir.endswith("sigma0.5-seed0-NAME")
 
 
 def test_certify_config_needs_a_checkpoint():
     c = _compose(["ckpt=/x/y/checkpoints/last.ckpt"], name="certify_ckpt")
-    assert c.ckpt.endswith("last.ckpt") and "certify" in c.hydra.run.dir
+    assert c.ckpt.endswith("last.ckpt") and "certify" in c.hydra.run.dir and c.ckpt_format == "auto"
 
 
-def test_configs_build_the_components(tmp_path):
-    from ssn_exp.cli import _datamodule
-    from ssn_exp.models import build_model
+@pytest.mark.parametrize("data", options("data"))
+def test_data_configs_build_data_modules_with_their_facts(data):
+    from ssn_exp.lightning.data import ImageData
 
-    cfg = _compose([])
-    dm = _datamodule(cfg.data)
-    assert (dm.name, dm.q, dm.num_classes, dm.shape) == ("digits", 16, 10, (1, 8, 8))
-    for name in options("model"):
-        m = _compose([f"model={name}"]).model
-        opts = OmegaConf.to_container(m.options)
-        net = build_model(m.name, num_classes=10, in_channels=3, image_size=32, mean=[0.5] * 3, std=[0.2] * 3, **opts)
-        assert sum(p.numel() for p in net.parameters()) > 1000
-    with pytest.raises(ValueError, match="unknown model 'vgg'"):
-        build_model("vgg", num_classes=10, in_channels=3, image_size=32, mean=[0.5] * 3, std=[0.2] * 3)
+    cfg = _compose([f"data={data}"])
+    dm = instantiate(cfg.data)
+    assert isinstance(dm, ImageData)
+    assert (dm.name, dm.q, dm.num_classes, list(dm.shape)) == (
+        data,
+        cfg.data.q,
+        cfg.data.num_classes,
+        list(cfg.data.shape),
+    )
+    assert len(dm.mean) == len(dm.std) == dm.shape[0]
+
+
+def test_a_data_config_cannot_misstate_the_facts_of_a_built_in_data_set():
+    cfg = _compose(["data.q=255"])
+    with pytest.raises(Exception, match=r"data.q=255 does not match DigitsData \(q is 16\)"):
+        instantiate(cfg.data)
+
+
+@pytest.mark.parametrize("model,data", [("digits_cnn", "digits"), ("wrn40_2", "cifar10"), ("resnet50", "imagenet")])
+def test_model_configs_build_networks_for_their_data(model, data):
+    extra = ["data.image_size=64", "data.resize=64"] if data == "imagenet" else []
+    cfg = _compose([f"model={model}", f"data={data}", *extra])
+    net = instantiate(cfg.model).eval()
+    with torch.no_grad():
+        out = net(torch.rand(2, *cfg.data.shape))
+    assert out.shape == (2, cfg.data.num_classes)
+
+
+@pytest.mark.parametrize("method", options("method"))
+def test_method_configs_build_the_noise(method):
+    from ssn_exp.smoothing import Smoothing
+
+    cfg = _compose([f"method={method}", "sigma=0.75"])
+    noise = instantiate(cfg.method)
+    assert isinstance(noise, Smoothing) and noise.name == method and noise.sigma == 0.75
+    if method == "dssn":
+        assert (noise.q, noise.dim, noise.seed, noise.arithmetic) == (16, 64, 0, "exact")
+        assert instantiate(_compose(["method.arithmetic=levine2021"]).method).arithmetic == "levine2021"
+
+
+def test_trainer_logger_and_denoiser_configs_build():
+    import pytorch_lightning as pl
+
+    from ssn_exp.lightning.tracking import RunCSVLogger
+    from ssn_exp.models import DnCNN
+
+    cfg = _compose(["denoiser=mse", "logger=csv"])
+    trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert isinstance(trainer, pl.Trainer) and trainer.max_epochs == cfg.training.epochs
+    assert isinstance(instantiate(cfg.logger), RunCSVLogger)
+    assert instantiate(_compose(["logger=none"]).logger) is False
+    assert isinstance(instantiate(cfg.denoiser.net), DnCNN)
+    opt = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]

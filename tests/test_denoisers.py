@@ -8,7 +8,7 @@ from helpers import certificate_columns, read_csv, read_metrics, run_cli
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["denoiser.dncnn.depth=3", "denoiser.dncnn.width=8"]
+SMALL = ["denoiser.net.depth=3", "denoiser.net.width=8"]
 
 
 def test_variants_train_once_reuse_stages_and_certify(tmp_path):

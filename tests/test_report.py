@@ -23,7 +23,7 @@ from ssn_exp.report import (
     seed_table,
     write_csv,
 )
-from ssn_exp.results import load_paths
+from ssn_exp.report.records import load_paths
 
 TABLE3_SEED0 = {
     "accuracy": "72.25 63.07 56.21 51.33 46.76 42.66 38.26 33.64",

@@ -10,7 +10,23 @@ import pytest
 import torch
 from scipy import stats
 
-from ssn_exp.smoothing import DSSN, SSN, OffGridError, Uniform, make_smoothing
+from ssn_exp.smoothing import (
+    DSSN,
+    MAX_LEVELS,
+    SSN,
+    InputDomainError,
+    OffGridError,
+    Uniform,
+    exact_table,
+    levine2021_table,
+)
+
+
+def make_smoothing(method, sigma, *, q=None, dim=None, seed=0):
+    return {"uniform": lambda: Uniform(sigma), "ssn": lambda: SSN(sigma), "dssn": lambda: DSSN(sigma, q, dim, seed)}[
+        method
+    ]()
+
 
 # ----------------------------------------------------------------------------- golden vectors
 
@@ -20,12 +36,13 @@ def _golden_configs(path):
     return z, sorted({k.split("/")[0] for k in z.files})
 
 
-def test_golden_dssn_matches_authors_code(shared):
-    z, configs = _golden_configs(shared / "golden" / "dssn_levine2021.npz")
+@pytest.mark.parametrize("arithmetic", ["exact", "levine2021"])
+def test_golden_dssn_matches_authors_code(golden_path, arithmetic):
+    z, configs = _golden_configs(golden_path)
     assert len(configs) >= 8
     for cfg in configs:
         dim, seed, sigma = re.fullmatch(r"d(\d+)_seed(\d+)_sigma([\d.]+)", cfg).groups()
-        m = DSSN(float(sigma), q=255, dim=int(dim), seed=int(seed))
+        m = DSSN(float(sigma), q=255, dim=int(dim), seed=int(seed), arithmetic=arithmetic)
         assert m.levels == int(z[f"{cfg}/levels"]), cfg
         assert m.v.dtype == torch.int64 and m.v.shape == (int(dim),)
         np.testing.assert_array_equal(m.v.numpy(), z[f"{cfg}/template"], err_msg=cfg)
@@ -34,10 +51,40 @@ def test_golden_dssn_matches_authors_code(shared):
         every = m.offsets(x, 0, m.levels)
         assert every.shape == (2, m.levels, int(dim))
         got = every[:, torch.from_numpy(z[f"{cfg}/sample_index"].astype(np.int64))]
-        np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6, err_msg=cfg)
+        if arithmetic == "levine2021":  # the authors' float32 operations: their values bit for bit
+            np.testing.assert_array_equal(got.numpy(), want, err_msg=cfg)
+        else:  # exactly rounded: within one float32 rounding of theirs
+            np.testing.assert_allclose(got.numpy(), want, rtol=0, atol=1e-6, err_msg=cfg)
         # a sub-range gives the same values as the full enumeration
         j0 = int(z[f"{cfg}/sample_index"][0])
         torch.testing.assert_close(m.offsets(x, j0, j0 + 3), every[:, j0 : j0 + 3], rtol=0, atol=0)
+
+
+def test_exact_arithmetic_is_exactly_rounded_and_levine2021_differs_by_at_most_an_ulp():
+    from fractions import Fraction
+
+    for sigma, q in ((0.15, 255), (0.5, 255), (1.25, 16)):
+        m = DSSN(sigma, q=q, dim=4)
+        L = m.levels
+        exact, theirs = exact_table(q, L), levine2021_table(q, L, m.lam)
+        for k in range(0, q + 1, max(1, q // 7)):
+            for mm in range(0, L, max(1, L // 9)):
+                # the definition, in rationals: x = k/q, s = (m + 1/2)/q, 2 lam_eff = L/q
+                x, s, w = Fraction(k, q), Fraction(2 * mm + 1, 2 * q), Fraction(L, q)
+                n = -((-(x - s)) // w)  # ceil((x - s) / w)
+                c = w * n + s
+                want = (min(c, 1) + max(c - w, 0)) / 2
+                assert exact[k, mm] == float(want)  # rounded once to float64
+                f = np.float32(exact[k, mm])  # and rounding that to float32 is the nearest float32 to the rational
+                lo, hi = np.nextafter(f, np.float32(-1)), np.nextafter(f, np.float32(2))
+                err = abs(Fraction(float(f)) - want)
+                assert err <= abs(Fraction(float(lo)) - want) and err <= abs(Fraction(float(hi)) - want)
+        diff = np.abs(exact.astype(np.float32) - theirs)
+        assert diff.max() <= 6e-8  # at most one float32 ulp apart
+        if q == 255:  # k/255 is not a dyadic rational: their double rounding shows in some values
+            assert 0 < (diff > 0).mean() < 0.6
+        else:  # on the k/16 grid every value is exact in both
+            assert (diff == 0).all()
 
 
 def test_levels_match_every_published_dssn_run(reference_dir):
@@ -177,8 +224,8 @@ def test_bad_sigma_is_rejected_clearly(bad):
 
 
 def test_other_nonsense_is_rejected():
-    with pytest.raises(ValueError, match="unknown smoothing method 'gauss'"):
-        make_smoothing("gauss", 0.5)
+    with pytest.raises(ValueError, match="unknown DSSN arithmetic 'fast'"):
+        DSSN(0.5, q=16, dim=4, arithmetic="fast")
     with pytest.raises(ValueError, match="q must be"):
         DSSN(0.5, q=0, dim=4)
     with pytest.raises(ValueError, match="dim must be"):
@@ -187,8 +234,8 @@ def test_other_nonsense_is_rejected():
         DSSN(0.5, q=16, dim=4, seed=-1)
     with pytest.raises(ValueError, match="too small"):
         DSSN(0.001, q=16, dim=4)
-    with pytest.raises(ValueError, match="dssn needs"):
-        make_smoothing("dssn", 0.5)
+    with pytest.raises(TypeError):
+        DSSN(0.5)  # q and dim are required
     m = DSSN(0.5, q=16, dim=4)
     with pytest.raises(ValueError, match="dim=4"):
         m.offsets(torch.zeros(2, 5))
@@ -205,6 +252,45 @@ def test_dssn_rejects_inputs_off_the_grid(value):
         m.offsets(x, 0, 1)
     with pytest.raises(OffGridError):
         m.sample(x)
+
+
+@pytest.mark.parametrize("sigma,q", [(1e9, 16), (300.0, 255), (2e5, 4)])
+def test_absurd_sigma_is_refused_before_allocating_the_table(sigma, q):
+    with pytest.raises(ValueError, match=r"split offsets.*choose a smaller sigma"):
+        DSSN(sigma, q=q, dim=64)
+
+
+def test_the_largest_allowed_dssn_is_built():
+    m = DSSN(MAX_LEVELS / (2 * np.sqrt(3) * 4) * 0.999, q=4, dim=3)
+    assert 0.99 * MAX_LEVELS < m.levels <= MAX_LEVELS
+
+
+@pytest.mark.parametrize("cls", [Uniform, SSN])
+@pytest.mark.parametrize("value", [float("nan"), 5.0, -0.5, float("inf"), 1.0 + 1e-6])
+def test_randomized_methods_reject_inputs_outside_the_unit_box(cls, value):
+    m = cls(0.5)
+    x = torch.full((3, 1, 2, 2), 0.25)
+    x[2, 0, 1, 0] = value
+    with pytest.raises(InputDomainError, match=r"example 2, coordinate 2"):
+        m.sample(x)
+    with pytest.raises(InputDomainError):
+        m.noisy(x, 0, 4)
+    assert m.sample(torch.tensor([[0.0, 1.0]])).shape == (1, 2)  # the closed interval is fine
+
+
+@pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
+def test_noise_keeps_float64_inputs_in_float64(method):
+    m = make_smoothing(method, 0.5, q=16, dim=4)
+    x = torch.randint(0, 17, (3, 4), dtype=torch.float64) / 16
+    assert m.sample(x).dtype == torch.float64
+    out = m.noisy(x, 0, 5)
+    assert out.dtype == torch.float64
+    if method == "dssn":  # the float64 values of the exact table, not float32 ones widened
+        table = torch.from_numpy(exact_table(16, m.levels))
+        k = (x * 16).round().long()  # (3, 4)
+        for j in range(5):
+            assert torch.equal(out[:, j], table[k, (m.v + j) % m.levels])
+        torch.testing.assert_close(out.float(), m.noisy(x.float(), 0, 5), rtol=0, atol=0)
 
 
 def test_dssn_accepts_8bit_images_as_torchvision_makes_them():

@@ -8,8 +8,8 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from helpers import read_metrics, read_wandb_offline, run_cli
-from ssn_exp.cli import CONF_DIR
-from ssn_exp.sweep import available, jobs, load_sweep
+from ssn_exp.cli.config import CONF_DIR
+from ssn_exp.cli.sweep import available, jobs, load_sweep
 
 EXPECTED = {"smoke": 9, "paper_cifar10": 90, "paper_imagenet": 18, "dssn_seeds": 45, "denoisers": 27}
 
@@ -22,10 +22,22 @@ def test_named_sweeps_expand_and_every_job_composes(name):
     assert len({tuple(j) for j in all_jobs}) == len(all_jobs)
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         for job in all_jobs:
-            cfg = compose(config_name="config", overrides=job)
-            assert cfg.sigma > 0
+            cfg = compose(config_name="config", overrides=[f"sweep={name}", *job])
+            assert cfg.sigma > 0 and cfg.sweep_info.name == name
     if name == "dssn_seeds":
         assert {c.split("=")[1] for j in all_jobs for c in j if c.startswith("seed=")} == {"0", "1", "2"}
+
+
+def test_command_line_overrides_replace_swept_lists():
+    assert len(jobs(load_sweep("smoke", ["method=dssn"]), ["method=dssn"])) == 3
+    assert len(jobs(load_sweep("smoke"), ["sigma=0.1,0.2", "debug=fast"])) == 6
+    assert {j[1] for j in jobs(load_sweep("smoke"), ["sigma=0.1,0.2"])} == {"sigma=0.1", "sigma=0.2"}
+
+
+def test_paper_sweeps_select_the_paper_experiment():
+    cfg = load_sweep("paper_cifar10")
+    assert cfg.data.name == "cifar10" and cfg.training.epochs == 120 and cfg.model._target_.endswith("WideResNet")
+    assert cfg.hydra.sweep.dir == "outputs/sweeps/paper_cifar10"
 
 
 def test_dry_run_prints_the_command(tmp_path):
@@ -61,7 +73,12 @@ def test_smoke_sweep_multirun_with_wandb_and_report(tmp_path):
     rep = out / "report"
     with open(rep / "best_over_sigma.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert {r["method"] for r in rows} == {"uniform", "ssn", "dssn"} and {r["dataset"] for r in rows} == {"digits"}
+    methods = {"uniform", "uniform (box)", "ssn", "ssn (box)", "dssn"}
+    assert {r["method"] for r in rows} == methods and {r["dataset"] for r in rows} == {"digits"}
+    best = {(r["method"], r["radius"]): float(r["certified_accuracy"]) for r in rows}
+    for method in ("uniform", "ssn"):  # the box rows certify at least as much from the same samples
+        assert all(best[(f"{method} (box)", r)] >= best[(method, r)] for m, r in best if m == method)
+    assert "| ours | digits | ssn (box) | standard | none |" in (rep / "best_over_sigma.md").read_text()
     assert (rep / "curves_digits_standard_none.png").stat().st_size > 5000
     assert "\\begin{tabular" in (rep / "best_over_sigma.tex").read_text()
     assert (rep / "missing.txt").read_text().strip() == "none"

@@ -1,6 +1,6 @@
-"""python -m ssn_exp [overrides]: train + certify (see --help)."""
+"""``python -m ssn_exp [overrides]``: train + certify (see ``python -m ssn_exp --help``)."""
 
-from ssn_exp.cli import train_main
+from ssn_exp.cli.train import main
 
 if __name__ == "__main__":
-    train_main()
+    main()

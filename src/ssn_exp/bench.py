@@ -40,8 +40,7 @@ import torch
 from torch.nn import functional as F
 
 from ssn_exp.certify.core import _chunks, certify_batch
-from ssn_exp.data import CIFAR10Data, DigitsData, ImageNetData
-from ssn_exp.models import build_model
+from ssn_exp.models import DigitsCNN, WideResNet, normalized
 from ssn_exp.smoothing import DSSN, SSN, Uniform
 
 __all__ = ["ModelCase", "CASES", "run_bench", "main"]
@@ -52,7 +51,8 @@ class ModelCase:
     """One benchmarked model: its input shape, q, and the sizes used per device."""
 
     name: str
-    model_kwargs: dict
+    net: Callable[[], torch.nn.Module]  # the network (before normalisation)
+    data: str  # conf/data/<data>.yaml: the normalisation constants
     shape: tuple[int, int, int]
     q: int
     num_classes: int = 10
@@ -64,18 +64,27 @@ class ModelCase:
     cuda_only: bool = False
 
 
+def _resnet50() -> torch.nn.Module:
+    from torchvision.models import resnet50
+
+    return resnet50(weights=None, num_classes=1000)
+
+
+def _normalisation(data: str) -> tuple[list[float], list[float]]:
+    """mean and std of a data set, read from its config (one source of truth)."""
+    from omegaconf import OmegaConf
+
+    from ssn_exp.cli.config import CONF_DIR
+
+    cfg = OmegaConf.load(Path(CONF_DIR) / "data" / f"{data}.yaml")
+    return list(cfg.mean), list(cfg.std)
+
+
 CASES: dict[str, ModelCase] = {
     "digits_cnn": ModelCase(
         "digits_cnn",
-        dict(
-            name="digits_cnn",
-            num_classes=10,
-            in_channels=1,
-            image_size=8,
-            mean=DigitsData.mean,
-            std=DigitsData.std,
-            width=16,
-        ),
+        lambda: DigitsCNN(num_classes=10, in_channels=1, width=16, image_size=8),
+        "digits",
         (1, 8, 8),
         q=16,
         # L = 27 offsets: 37 images per chunk of noise_batch 1024 (999 inputs)
@@ -87,14 +96,8 @@ CASES: dict[str, ModelCase] = {
     ),
     "wrn40_2": ModelCase(
         "wrn40_2",
-        dict(
-            name="wrn40_2",
-            num_classes=10,
-            in_channels=3,
-            image_size=32,
-            mean=CIFAR10Data.mean,
-            std=CIFAR10Data.std,
-        ),
+        lambda: WideResNet(40, 2, num_classes=10, in_channels=3),
+        "cifar10",
         (3, 32, 32),
         q=255,
         # L = 441 offsets. On a CPU small batches are faster per image (cache), so 3 chunks of 147.
@@ -106,14 +109,8 @@ CASES: dict[str, ModelCase] = {
     ),
     "resnet50": ModelCase(
         "resnet50",
-        dict(
-            name="resnet50",
-            num_classes=1000,
-            in_channels=3,
-            image_size=224,
-            mean=ImageNetData.mean,
-            std=ImageNetData.std,
-        ),
+        _resnet50,
+        "imagenet",
         (3, 224, 224),
         q=255,
         num_classes=1000,
@@ -337,8 +334,7 @@ def _bench_training(
 
 def _prepare(case: ModelCase, device, args) -> tuple[Callable, torch.nn.Module]:
     def builder():
-        kw = dict(case.model_kwargs)
-        return build_model(kw.pop("name"), **kw)
+        return normalized(case.net(), *_normalisation(case.data))
 
     torch.manual_seed(0)
     model = builder().to(device).eval()

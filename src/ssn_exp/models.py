@@ -1,7 +1,8 @@
-"""Model zoo (plain torch). Every classifier starts with its data set's normalisation layer:
-noise is added to the raw [0, 1] image, so normalisation must come after it (SPEC section 1).
+"""Networks (layer 1: plain torch). Configs build them by ``_target_`` (``conf/model/*.yaml``).
 
-Build by name through :func:`build_model`; unknown names fail loudly.
+Every classifier is run behind its data set's normalisation (:func:`normalized`): noise is added to
+the raw [0, 1] image, so normalisation must come after it. :func:`load_levine2021` loads the authors'
+released CIFAR-10 checkpoints (Levine & Feizi 2021) as such a classifier.
 """
 
 from __future__ import annotations
@@ -12,19 +13,44 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-__all__ = ["Normalize", "DigitsCNN", "WideResNet", "DnCNN", "MODELS", "build_model", "Denoised"]
+__all__ = [
+    "Normalize",
+    "normalized",
+    "DigitsCNN",
+    "WideResNet",
+    "DnCNN",
+    "Denoised",
+    "CheckpointError",
+    "read_checkpoint",
+    "load_levine2021",
+]
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used (unreadable, not a checkpoint, unsafe, wrong weights)."""
 
 
 class Normalize(nn.Module):
     """(x - mean) / std per channel; the first layer of every classifier."""
 
-    def __init__(self, mean: Sequence[float], std: Sequence[float]):
+    def __init__(self, mean: Sequence[float] | torch.Tensor, std: Sequence[float] | torch.Tensor):
         super().__init__()
-        self.register_buffer("mean", torch.tensor(list(mean), dtype=torch.float32).view(1, -1, 1, 1))
-        self.register_buffer("std", torch.tensor(list(std), dtype=torch.float32).view(1, -1, 1, 1))
+        mean = torch.as_tensor(mean if isinstance(mean, torch.Tensor) else list(mean), dtype=torch.float32)
+        std = torch.as_tensor(std if isinstance(std, torch.Tensor) else list(std), dtype=torch.float32)
+        if mean.numel() != std.numel():
+            raise ValueError(f"mean and std need one value per channel each, got {mean.numel()} and {std.numel()}")
+        if not bool(torch.isfinite(std).all() and (std > 0).all()):
+            raise ValueError(f"std must be positive, got {std.view(-1).tolist()}")
+        self.register_buffer("mean", mean.reshape(1, -1, 1, 1).clone())
+        self.register_buffer("std", std.reshape(1, -1, 1, 1).clone())
 
     def forward(self, x):
         return (x - self.mean) / self.std
+
+
+def normalized(net: nn.Module, mean: Sequence[float], std: Sequence[float]) -> nn.Sequential:
+    """``Normalize(mean, std)`` followed by ``net``: a classifier of raw [0, 1] images."""
+    return nn.Sequential(Normalize(mean, std), net)
 
 
 class DigitsCNN(nn.Module):
@@ -95,7 +121,7 @@ class WideResNet(nn.Module):
     def forward(self, x):
         x = self.blocks(self.conv(x))
         x = F.relu(self.bn(x))
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        x = F.avg_pool2d(x, x.shape[-2:]).flatten(1)  # the global mean as the authors compute it (8x8 on CIFAR)
         return self.fc(x)
 
 
@@ -126,39 +152,93 @@ class Denoised(nn.Module):
         return self.classifier(self.denoiser(x))
 
 
-def _digits_cnn(num_classes, in_channels, image_size, width=32):
-    return DigitsCNN(num_classes=num_classes, in_channels=in_channels, width=width, image_size=image_size)
+def read_checkpoint(path, map_location="cpu") -> dict:
+    """``torch.load(path, weights_only=True)`` with one-line errors for every way a file can be unusable."""
+    import pickle
+    import zipfile
+    from pathlib import Path
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        import re
+
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
+        if found:
+            raise CheckpointError(
+                f"{path} holds a pickled Python object ({found.group(1)}), which ssn_exp refuses to load "
+                "(weights_only=True: it could run code); a checkpoint must hold tensors and plain containers only"
+            ) from None
+        raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint") from None
+    except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, AttributeError) as exc:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: truncated or not a torch checkpoint ({_first_line(str(exc))})"
+        ) from None
 
 
-def _wrn40_2(num_classes, in_channels, image_size, drop=0.0):
-    return WideResNet(40, 2, num_classes=num_classes, in_channels=in_channels, drop=drop)
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text).rstrip(".")
 
 
-def _resnet50(num_classes, in_channels, image_size):
-    from torchvision.models import resnet50
-
-    if in_channels != 3:
-        raise ValueError("resnet50 expects 3-channel images")
-    return resnet50(weights=None, num_classes=num_classes)
+_LEVINE2021_DATASETS = {"cifar10": dict(num_classes=10, in_channels=3)}
 
 
-#: name -> builder(num_classes, in_channels, image_size, **options)
-MODELS = {"digits_cnn": _digits_cnn, "wrn40_2": _wrn40_2, "resnet50": _resnet50}
+def _levine2021_key(key: str) -> str | None:
+    """Their ``model.module.*`` names -> ours (``norm.*`` is handled separately); None if unknown."""
+    if not key.startswith("model.module."):
+        return None
+    key = key[len("model.module.") :]
+    if key.startswith("conv1."):
+        return "conv." + key[len("conv1.") :]
+    if key.startswith("bn1."):
+        return "bn." + key[len("bn1.") :]
+    if key.startswith("fc."):
+        return key
+    parts = key.split(".")  # block{b}.layer.{i}.{bn1,conv1,bn2,conv2,convShortcut}.{param}
+    if len(parts) >= 5 and parts[0].startswith("block") and parts[1] == "layer":
+        b, i = int(parts[0][5:]), int(parts[2])
+        name = "shortcut" if parts[3] == "convShortcut" else parts[3]
+        return ".".join([f"blocks.{(b - 1) * 6 + i}", name, *parts[4:]])
+    return None
 
 
-def build_model(
-    name: str,
-    *,
-    num_classes: int,
-    in_channels: int,
-    image_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    **options,
-) -> nn.Sequential:
-    """Normalize(mean, std) followed by the named architecture."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of {sorted(MODELS)}")
-    if len(mean) != in_channels or len(std) != in_channels:
-        raise ValueError(f"mean/std need {in_channels} values (one per channel)")
-    return nn.Sequential(Normalize(mean, std), MODELS[name](num_classes, in_channels, image_size, **options))
+def load_levine2021(path, dataset: str = "cifar10", map_location="cpu") -> nn.Module:
+    """The authors' released WideResNet-40-2 checkpoint (``model_ckpt.torch``) as an eval-mode classifier.
+
+    The file is a plain state dict of their DataParallel wrapper: ``norm.module.mu`` / ``norm.module.log_sig``
+    (their first layer, ``(x - mu) / exp(log_sig)`` on raw [0, 1] images) and ``model.module.*`` (the network).
+    The returned module maps raw [0, 1] images (N, 3, 32, 32) to the same logits as their model (same float32
+    operations). Loaded with ``weights_only=True``: a file holding pickled objects is refused.
+    """
+    if dataset not in _LEVINE2021_DATASETS:
+        raise ValueError(
+            f"the authors released CIFAR-10 WideResNet-40-2 checkpoints only; dataset={dataset!r} is not supported"
+        )
+    state = read_checkpoint(path, map_location=map_location)
+    if not isinstance(state, dict) or "norm.module.mu" not in state or "norm.module.log_sig" not in state:
+        raise CheckpointError(
+            f"{path} is not a checkpoint in the authors' format (a state dict with norm.module.mu, "
+            "norm.module.log_sig and model.module.*)"
+        )
+    net = WideResNet(40, 2, **_LEVINE2021_DATASETS[dataset])
+    mapped, unknown = {}, []
+    for key, value in state.items():
+        if key.startswith("norm.module."):
+            continue
+        ours = _levine2021_key(key)
+        if ours is None:
+            unknown.append(key)
+        else:
+            mapped[ours] = value
+    if unknown:
+        raise CheckpointError(f"{path}: unexpected weights for a WideResNet-40-2 ({', '.join(unknown[:3])} ...)")
+    try:
+        net.load_state_dict(mapped, strict=True)
+    except RuntimeError as exc:
+        detail = str(exc).splitlines()[-1].strip()
+        raise CheckpointError(f"{path}: the weights do not fit a WideResNet-40-2: {detail}") from None
+    norm = Normalize(state["norm.module.mu"].float(), torch.exp(state["norm.module.log_sig"].float()))
+    return nn.Sequential(norm, net).eval()

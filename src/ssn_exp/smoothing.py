@@ -20,15 +20,38 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-__all__ = ["Smoothing", "Uniform", "SSN", "DSSN", "METHODS", "make_smoothing", "OffGridError"]
+__all__ = [
+    "Smoothing",
+    "Uniform",
+    "SSN",
+    "DSSN",
+    "InputDomainError",
+    "OffGridError",
+    "check_unit_box",
+    "exact_table",
+    "levine2021_table",
+    "MAX_LEVELS",
+    "ARITHMETICS",
+]
 
 
-class OffGridError(ValueError):
+class InputDomainError(ValueError):
+    """An input outside the domain a certificate holds for (images in [0, 1]; DSSN: the k/q grid)."""
+
+
+class OffGridError(InputDomainError):
     """An input that DSSN cannot certify: not on the k/q quantization grid."""
 
 
 #: DSSN accepts x when |x q - k| <= _GRID_TOL for an integer k in [0, q].
 _GRID_TOL = 1e-3
+#: The most split offsets DSSN enumerates: every certificate costs L forward passes per image.
+MAX_LEVELS = 1_000_000
+#: The most entries of DSSN's lookup table ((q + 1) x 2L values; 2**27 float32 = 512 MiB).
+_MAX_TABLE = 2**27
+#: How DSSN's noisy values are computed: ``exact`` rounds the exact value once (default);
+#: ``levine2021`` repeats the float32 operations of the authors' code, so their values are matched bit for bit.
+ARITHMETICS = ("exact", "levine2021")
 
 
 def _check_sigma(sigma) -> float:
@@ -48,6 +71,25 @@ def _check_int(name: str, value, minimum: int) -> int:
     return int(value)
 
 
+def check_unit_box(x: torch.Tensor) -> None:
+    """Raise :class:`InputDomainError` unless every value of x is finite and in [0, 1] (one host sync)."""
+    if not x.is_floating_point():
+        raise InputDomainError(f"inputs must be floating-point images in [0, 1], got dtype {x.dtype}")
+    if x.numel() == 0:
+        return
+    lo, hi = torch.aminmax(x.detach())
+    lo, hi = float(lo), float(hi)
+    if lo >= 0.0 and hi <= 1.0:  # NaN fails both comparisons
+        return
+    flat = x.detach().reshape(x.shape[0], -1) if x.dim() > 0 else x.detach().reshape(1, 1)
+    bad = ~((flat >= 0) & (flat <= 1))
+    row, col = (int(v) for v in torch.nonzero(bad)[0])
+    raise InputDomainError(
+        f"input out of the image domain [0, 1]: example {row}, coordinate {col} has value {float(flat[row, col])!r} "
+        "(noise is added to raw images in [0, 1]; normalise inside the model, not in the data)"
+    )
+
+
 def _rand(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
     dtype = x.dtype if x.is_floating_point() else torch.float32
     return torch.rand(x.shape, generator=generator, device=x.device, dtype=dtype)
@@ -59,12 +101,20 @@ class Smoothing:
     name: ClassVar[str]
     #: True for DSSN (exact certificate), False for the sampled methods.
     deterministic: ClassVar[bool] = False
+    #: True where the box-constrained certificate (:mod:`ssn_exp.certify.box`) holds: independent per-pixel
+    #: noise whose shifted copies overlap in prod_i (1 - |delta_i| / 2 lam) of their mass (uniform, SSN).
+    box_certificate: ClassVar[bool] = False
 
     def __init__(self, sigma: float):
         self.sigma = _check_sigma(sigma)
         self.lam = math.sqrt(3.0) * self.sigma
 
     def sample(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One noisy copy of every example of x (a batch of images in [0, 1]), fresh noise per example."""
+        check_unit_box(x)
+        return self._draw(x, generator)
+
+    def _draw(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
 
     def noisy(self, x: torch.Tensor, start: int, stop: int, generator: torch.Generator | None = None):
@@ -73,9 +123,9 @@ class Smoothing:
         For the sampled methods every copy is a fresh draw; DSSN overrides this with
         its deterministic offsets (flattened to ``dim``).
         """
+        check_unit_box(x)
         b, n = x.shape[0], stop - start
-        rep = x.unsqueeze(1).expand(b, n, *x.shape[1:])
-        return self.sample(rep, generator)
+        return self._draw(x.unsqueeze(1).expand(b, n, *x.shape[1:]), generator)
 
     def describe(self) -> dict:
         return {"method": self.name, "sigma": self.sigma, "lambda": self.lam}
@@ -88,8 +138,9 @@ class Uniform(Smoothing):
     """x + eps, eps ~ U(-lam, lam)^d i.i.d., no clamping."""
 
     name = "uniform"
+    box_certificate = True
 
-    def sample(self, x, generator=None):
+    def _draw(self, x, generator):
         # x + (2 r - 1) lam, computed in place in the fresh noise tensor (the same floats)
         return _rand(x, generator).mul_(2.0).sub_(1.0).mul_(self.lam).add_(x)
 
@@ -98,8 +149,9 @@ class SSN(Smoothing):
     """Independent splitting noise: s ~ U(0, 2 lam)^d (appendix Theorem 2, eq. 42-43)."""
 
     name = "ssn"
+    box_certificate = True
 
-    def sample(self, x, generator=None):
+    def _draw(self, x, generator):
         s = _rand(x, generator).mul_(2.0 * self.lam)
         if self.lam >= 0.5:  # split(x, s), in place in the fresh tensors (the same floats)
             return (x > s).to(s.dtype).add_(s.clamp_(max=1.0)).mul_(0.5)
@@ -126,56 +178,73 @@ class DSSN(Smoothing):
     Offset j splits coordinate i at s_i = ((v_i + j) mod L + 0.5) / q.
 
     Noisy values are computed from integers (the quantized input k and the split index m)
-    through an exact lookup table, so they are bit-identical on every device and batch size.
+    through a lookup table, so they are bit-identical on every device and batch size.
+    ``arithmetic="exact"`` fills the table with the exact values rounded once to the input's dtype;
+    ``arithmetic="levine2021"`` with the float32 values the authors' code computes (see
+    :func:`levine2021_table`), to reproduce their certificates bit for bit.
     """
 
     name = "dssn"
     deterministic = True
 
-    def __init__(self, sigma: float, q: int, dim: int, seed: int = 0):
+    def __init__(self, sigma: float, q: int, dim: int, seed: int = 0, arithmetic: str = "exact"):
         super().__init__(sigma)
         self.q = _check_int("q", q, 1)
         self.dim = _check_int("dim", dim, 1)
         self.seed = _check_int("seed", seed, 0)
         if self.seed >= 2**32:
             raise ValueError(f"seed must be < 2**32 (numpy RandomState), got {seed!r}")
-        self.levels = int(math.floor(2.0 * self.lam * self.q))
-        if self.levels < 1:
+        if arithmetic not in ARITHMETICS:
+            raise ValueError(f"unknown DSSN arithmetic {arithmetic!r}; choose one of {list(ARITHMETICS)}")
+        self.arithmetic = arithmetic
+        levels = math.floor(2.0 * self.lam * self.q)
+        if levels < 1:
             raise ValueError(
                 f"sigma={self.sigma:g} is too small for q={self.q}: 2*sqrt(3)*sigma*q < 1 gives no split offsets"
             )
+        if levels > MAX_LEVELS or (self.q + 1) * 2 * levels > _MAX_TABLE:
+            raise ValueError(
+                f"sigma={self.sigma:g} needs L = {levels:,} split offsets for q={self.q}; DSSN enumerates at most "
+                f"{min(MAX_LEVELS, _MAX_TABLE // (2 * (self.q + 1))):,} here (each certificate costs L forward passes "
+                "per image): choose a smaller sigma"
+            )
+        self.levels = int(levels)
         v = np.random.RandomState(self.seed).randint(self.levels, size=self.dim)
         self.v = torch.from_numpy(v.astype(np.int64))
-        # table[k, m] = x_tilde for input k/q split at (m + 0.5)/q, exact in float64 then rounded once.
-        k = np.arange(self.q + 1, dtype=np.int64)[:, None]
-        m = np.arange(self.levels, dtype=np.int64)[None, :]
-        L, q = self.levels, self.q
-        n = np.floor_divide(k - m - 1, L) + 1  # = ceil((x - s) / (L/q)) exactly
-        c2 = 2 * n * L + 2 * m + 1  # 2q * c, an odd integer
-        t = np.minimum(c2, 2 * q) + np.maximum(c2 - 2 * L, 0)  # 4q * x_tilde
-        table = (t / (4.0 * q)).astype(np.float32)
-        self._table = torch.from_numpy(table.reshape(-1))
+        if arithmetic == "exact":
+            values = exact_table(self.q, self.levels)  # float64, exact
+        else:
+            values = levine2021_table(self.q, self.levels, self.lam).astype(np.float64)  # their float32 values
         # The hot paths index a table doubled along m, row k holding table[k, (m mod L)] for m in [0, 2L):
         # the index of (k, (v_i + j) mod L) is then k * 2L + v_i + j, with no remainder to take.
-        self._table2 = torch.from_numpy(np.concatenate([table, table], axis=1).reshape(-1))
-        self._index_dtype = torch.int32 if self._table2.numel() + self.levels < 2**31 else torch.int64
+        self._values2 = np.concatenate([values, values], axis=1).reshape(-1)
+        self._tables2: dict = {}
+        #: table[k * L + m] = x_tilde for input k/q split at (m + 0.5)/q, as float32 (for inspection and tests).
+        self._table = torch.from_numpy(values.astype(np.float32).reshape(-1))
+        self._index_dtype = torch.int32 if self._values2.size + self.levels < 2**31 else torch.int64
         # quantize() checks |x q - round(x q)| <= 1e-3 in float64. In float32, x q carries an error of at
         # most q 2^-24 (1 + 1e-3); a float32 check with this much less tolerance therefore only accepts
         # inputs the float64 check accepts, with the same k. Anything it flags goes to the float64 check.
         # The fast path also computes table indices k * 2L + v + j in float32, exact below 2^24.
-        fast = self.q <= 4096 and self._table2.numel() + self.levels < 2**24
+        fast = self.q <= 4096 and self._values2.size + self.levels < 2**24
         self._fast_tol = _GRID_TOL - 2.0**-23 * self.q if fast else None
         self._cache: dict = {}
 
     # -- helpers -------------------------------------------------------------------------
-    def _on(self, device: torch.device):
-        """(v as the index dtype, v as float32, doubled table) on ``device``, cached."""
-        key = str(device)
+    def _table2(self, dtype: torch.dtype) -> torch.Tensor:
+        """The doubled table in ``dtype`` (float64 values rounded once: exact, see :func:`exact_table`)."""
+        if dtype not in self._tables2:
+            self._tables2[dtype] = torch.from_numpy(self._values2).to(dtype)
+        return self._tables2[dtype]
+
+    def _on(self, device: torch.device, dtype: torch.dtype = torch.float32):
+        """(v as the index dtype, v as float32, doubled table in ``dtype``) on ``device``, cached."""
+        key = (str(device), dtype)
         if key not in self._cache:
             self._cache[key] = (
                 self.v.to(device=device, dtype=self._index_dtype),
                 self.v.to(device=device, dtype=torch.float32),
-                self._table2.to(device),
+                self._table2(dtype).to(device),
             )
         return self._cache[key]
 
@@ -236,9 +305,11 @@ class DSSN(Smoothing):
             idx.add_(j)
         return idx
 
-    def _offsets_from_base(self, base: torch.Tensor, start: int, stop: int) -> torch.Tensor:
-        """x_tilde for offsets j in [start, stop) given :meth:`_base`: shape (batch, stop - start, dim)."""
-        _, _, table2 = self._on(base.device)
+    def _offsets_from_base(
+        self, base: torch.Tensor, start: int, stop: int, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """x_tilde (in ``dtype``) for offsets j in [start, stop) given :meth:`_base`: (batch, stop - start, dim)."""
+        _, _, table2 = self._on(base.device, dtype)
         j = torch.arange(start, stop, device=base.device, dtype=base.dtype)
         idx = base.unsqueeze(1) + j.view(1, -1, 1)  # (batch, n, dim), all < (q + 1) * 2L
         return table2.index_select(0, idx.view(-1)).view(idx.shape)
@@ -255,37 +326,69 @@ class DSSN(Smoothing):
         self._flat(x)  # shape checks first
         j = torch.randint(0, self.levels, (x.shape[0], 1), generator=generator, device=x.device)
         idx = self._base(x, j)  # k * 2L + v + j: the entry for m = (v + j) mod L
-        _, _, table2 = self._on(x.device)
-        return table2.index_select(0, idx.view(-1)).view(x.shape).to(x.dtype)
+        _, _, table2 = self._on(x.device, x.dtype)
+        return table2.index_select(0, idx.view(-1)).view(x.shape)
 
     def offsets(self, x: torch.Tensor, start: int = 0, stop: int | None = None) -> torch.Tensor:
         """x_tilde for offsets j in [start, stop): shape (batch, stop - start, dim)."""
         stop = self.levels if stop is None else stop
         if not (0 <= start <= stop <= self.levels):
             raise ValueError(f"offset range [{start}, {stop}) outside [0, {self.levels})")
-        return self._offsets_from_base(self._base(x), start, stop)
+        return self._offsets_from_base(self._base(x), start, stop, x.dtype)
 
     def noisy(self, x, start, stop, generator=None):
         return self.offsets(x, start, stop)
 
     def describe(self) -> dict:
-        return {**super().describe(), "q": self.q, "levels": self.levels, "seed": self.seed}
+        return {
+            **super().describe(),
+            "q": self.q,
+            "levels": self.levels,
+            "seed": self.seed,
+            "arithmetic": self.arithmetic,
+        }
 
     def __repr__(self) -> str:  # pragma: no cover - cosmetic
-        return f"DSSN(sigma={self.sigma:g}, q={self.q}, dim={self.dim}, seed={self.seed}, levels={self.levels})"
+        return (
+            f"DSSN(sigma={self.sigma:g}, q={self.q}, dim={self.dim}, seed={self.seed}, levels={self.levels}, "
+            f"arithmetic={self.arithmetic!r})"
+        )
 
 
-METHODS = {"uniform": Uniform, "ssn": SSN, "dssn": DSSN}
+def exact_table(q: int, levels: int) -> np.ndarray:
+    """x_tilde[k, m] (float64, shape (q + 1, L)) for the input k/q split at (m + 0.5)/q, with 2 lam = L/q.
+
+    Computed from integers: with n = ceil((x - s) / (L/q)) = floor((k - m - 1) / L) + 1, c = (2nL + 2m + 1)/(2q)
+    and x_tilde = (min(c, 1) + max(c - L/q, 0)) / 2 = t / (4q) for an integer t; the float64 quotient is that
+    rational rounded once. Rounding it again to float32 still gives the float32 nearest to t / (4q): a rational
+    with denominator 4q lies either exactly on a float32 rounding boundary (then float64 holds it exactly) or at
+    least 2^-24 / (4q) (relative) away from one, far more than float64's 2^-53 error.
+    """
+    k = np.arange(q + 1, dtype=np.int64)[:, None]
+    m = np.arange(levels, dtype=np.int64)[None, :]
+    n = np.floor_divide(k - m - 1, levels) + 1
+    c2 = 2 * n * levels + 2 * m + 1  # 2q * c, an odd integer
+    t = np.minimum(c2, 2 * q) + np.maximum(c2 - 2 * levels, 0)  # 4q * x_tilde
+    return t / (4.0 * q)
 
 
-def make_smoothing(
-    method: str, sigma: float, *, q: int | None = None, dim: int | None = None, seed: int = 0
-) -> Smoothing:
-    """Build a method by name; unknown names fail loudly."""
-    if method not in METHODS:
-        raise ValueError(f"unknown smoothing method {method!r}; choose one of {sorted(METHODS)}")
-    if method == "dssn":
-        if q is None or dim is None:
-            raise ValueError("dssn needs the quantization q and the input dimension dim")
-        return DSSN(sigma, q=q, dim=dim, seed=seed)
-    return METHODS[method](sigma)
+def levine2021_table(q: int, levels: int, lam: float) -> np.ndarray:
+    """x_tilde[k, m] (float32, shape (q + 1, L)) exactly as the authors' code computes it (Levine & Feizi 2021).
+
+    Their ``SplitMethodDerandomized`` takes x = uint8 / 255 in float32 (torchvision ``ToTensor``), the split
+    s = (m + 0.5) / 255.0 in float32 and, for lam >= 0.5, ``(float(x > s) + clamp(s, max=1)) / 2``; for
+    lam < 0.5 ``ceil(255 (x - s) / L) * L / 255 + s``, clamped and averaged. Every operation below is the same
+    float32 torch operation on the same operands (with q in place of their hard-coded 255), so the values are
+    theirs bit for bit; the two roundings make about 1 value in 25 differ from :func:`exact_table` by one ulp.
+    """
+    x = torch.arange(q + 1, dtype=torch.float32).div(q).view(-1, 1)  # ToTensor: uint8 -> float32, / 255
+    s = (torch.arange(levels, dtype=torch.int64).view(1, -1) + 0.5) / float(q)
+    if lam >= 0.5:
+        gt = (x > s).float()
+        out = (gt + torch.clamp(s, max=1)) / 2
+    else:
+        ceil_dist = torch.ceil(float(q) * (x - s) / levels) * levels / float(q) + s
+        upper = torch.clamp(ceil_dist, max=1)
+        lower = torch.clamp(ceil_dist - levels / float(q), min=0)
+        out = (upper + lower) / 2
+    return out.numpy()

@@ -6,6 +6,7 @@ callable ``f(N, C, H, W) -> logits`` and noise is made on the input's device.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -13,18 +14,34 @@ import numpy as np
 import torch
 from scipy.stats import beta
 
-from ssn_exp.smoothing import DSSN, Smoothing
+from ssn_exp.certify.box import box_radius
+from ssn_exp.smoothing import DSSN, Smoothing, check_unit_box
 
 __all__ = [
+    "NonFiniteLogitsError",
+    "top_class",
     "exact_certificate",
     "clopper_pearson_lower",
     "randomized_radius",
     "count_predictions",
+    "input_dtype",
     "certify_batch",
     "Certificates",
     "SmoothedClassifier",
     "authors_radius_float32",
 ]
+
+
+class NonFiniteLogitsError(ValueError):
+    """The base classifier returned NaN or infinite logits: no certificate can be computed from them."""
+
+
+def top_class(counts) -> np.ndarray:
+    """The most frequent class of each row of ``counts`` (n, classes); ties go to the lowest class index."""
+    c = np.asarray(counts)
+    if c.ndim != 2 or c.shape[1] < 1:
+        raise ValueError(f"counts must have shape (n, classes), got {c.shape}")
+    return np.argmax(c, axis=1)  # numpy returns the first maximum
 
 
 def exact_certificate(counts) -> tuple[np.ndarray, np.ndarray]:
@@ -41,7 +58,7 @@ def exact_certificate(counts) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError(f"counts must be integers, got dtype {c.dtype}")
     c = c.astype(np.int64)
     rows = np.arange(c.shape[0])
-    a = np.argmax(c, axis=1)  # first maximum: ties go to the lowest index
+    a = top_class(c)
     others = c.copy()
     others[rows, a] = -1
     b = np.argmax(others, axis=1)
@@ -78,6 +95,15 @@ def _chunks(batch: int, n: int, noise_batch: int) -> Iterator[tuple[int, int, in
             yield i0, min(i0 + per, batch), 0, n
 
 
+def input_dtype(model, x: torch.Tensor) -> torch.dtype:
+    """The dtype noisy inputs are handed to ``model`` in: its floating parameters' dtype (an ``nn.Module``), else x's."""
+    if isinstance(model, torch.nn.Module):
+        for t in itertools.chain(model.parameters(), model.buffers()):
+            if t.is_floating_point():
+                return t.dtype
+    return x.dtype if x.is_floating_point() else torch.float32
+
+
 def count_predictions(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -92,11 +118,16 @@ def count_predictions(
 
     For DSSN, n must be ``smoothing.levels`` (all offsets, enumerated in chunks so that at most
     ``noise_batch`` noisy inputs exist at once). Argmax ties go to the lowest class index.
+    Raises :class:`NonFiniteLogitsError` (naming the examples) if the model returns NaN or infinite logits.
     """
     if noise_batch < 1:
         raise ValueError(f"noise_batch must be >= 1, got {noise_batch}")
     batch, shape = x.shape[0], x.shape[1:]
     counts = torch.zeros(batch, num_classes, dtype=torch.int64, device=x.device)
+    if batch == 0 or n == 0:
+        return counts
+    dtype = input_dtype(model, x)
+    finite = torch.ones(batch, dtype=torch.bool, device=x.device)
     with torch.inference_mode():
         if isinstance(smoothing, DSSN):
             if not 0 <= n <= smoothing.levels:
@@ -104,16 +135,22 @@ def count_predictions(
             base = smoothing._base(x)  # the grid check and the integer work, once for the whole batch
 
             def noisy(i0, i1, start, stop):
-                return smoothing._offsets_from_base(base[i0:i1], start, stop)
+                return smoothing._offsets_from_base(base[i0:i1], start, stop, dtype)
         else:
+            check_unit_box(x)
 
             def noisy(i0, i1, start, stop):
-                return smoothing.noisy(x[i0:i1], start, stop, generator)
+                return smoothing.noisy(x[i0:i1], start, stop, generator).to(dtype)
 
         for i0, i1, start, stop in _chunks(batch, n, noise_batch):
+            rows = (i1 - i0) * (stop - start)
             logits = model(noisy(i0, i1, start, stop).reshape(-1, *shape))
-            if logits.shape[-1] != num_classes:
-                raise ValueError(f"the model gives {logits.shape[-1]} logits, expected num_classes={num_classes}")
+            if logits.dim() != 2 or logits.shape != (rows, num_classes):
+                raise ValueError(
+                    f"the model gives logits of shape {tuple(logits.shape)} for {rows} inputs; "
+                    f"expected ({rows}, num_classes={num_classes})"
+                )
+            finite[i0:i1] &= torch.isfinite(logits).all(dim=1).view(i1 - i0, stop - start).all(dim=1)
             pred = logits.argmax(dim=1)
             if i1 - i0 == 1:
                 counts[i0] += torch.bincount(pred, minlength=num_classes)
@@ -123,6 +160,12 @@ def count_predictions(
                 counts[i0:i1] += torch.bincount(key, minlength=(i1 - i0) * num_classes).view(i1 - i0, num_classes)
             if progress is not None:
                 progress(pred.numel())
+    if not bool(finite.all()):
+        bad = torch.nonzero(~finite).view(-1).tolist()
+        raise NonFiniteLogitsError(
+            f"the model returned NaN or infinite logits for {len(bad)} of {batch} examples (batch positions "
+            f"{bad[:10]}{' ...' if len(bad) > 10 else ''}): no certificate is computed from them"
+        )
     return counts
 
 
@@ -139,6 +182,7 @@ class Certificates:
     q: int | None = None
     p_lower: np.ndarray | None = None  # randomized: Clopper-Pearson lower bound
     counts_n0: np.ndarray | None = None  # randomized: prediction-sample counts
+    radius_box: np.ndarray | None = None  # uniform/ssn: the box-constrained radius (>= radius)
 
 
 def certify_batch(
@@ -157,9 +201,13 @@ def certify_batch(
     """Certify a batch x (batch, C, H, W) in [0, 1] with the smoothed version of ``model``.
 
     DSSN: all L offsets, exact (n0, n, alpha and generator are unused).
-    Uniform / SSN: class A from n0 samples, then n fresh samples and the Clopper-Pearson bound.
-    The model should be in eval mode; this runs under ``torch.inference_mode``.
+    Uniform / SSN: class A from n0 samples, then n fresh samples and the Clopper-Pearson bound; also the
+    box-constrained radius (:func:`ssn_exp.certify.box.box_radius`).
+    The model should be in eval mode; this runs under ``torch.inference_mode``. Noisy inputs are handed
+    to an ``nn.Module`` in the dtype of its parameters (e.g. float64 models get float64 inputs).
     """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     kw = dict(num_classes=num_classes, noise_batch=noise_batch, generator=generator, progress=progress)
     if isinstance(smoothing, DSSN):
         counts = count_predictions(model, x, smoothing, smoothing.levels, **kw).cpu().numpy()
@@ -175,10 +223,14 @@ def certify_batch(
         )
     if n0 < 1 or n < 1:
         raise ValueError(f"n0 and n must be >= 1, got n0={n0}, n={n}")
+    if not 0 < alpha < 1:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    check_unit_box(x)
     counts0 = count_predictions(model, x, smoothing, n0, **kw).cpu().numpy()
-    pred = np.argmax(counts0, axis=1)
+    pred = top_class(counts0)
     counts = count_predictions(model, x, smoothing, n, **kw).cpu().numpy()
     p_lower = clopper_pearson_lower(counts[np.arange(len(pred)), pred], n, alpha)
+    radius_box = box_radius(x, p_lower, smoothing.lam) if smoothing.box_certificate else None
     return Certificates(
         method=smoothing.name,
         prediction=pred,
@@ -187,6 +239,7 @@ def certify_batch(
         forward_passes=n0 + n,
         p_lower=p_lower,
         counts_n0=counts0,
+        radius_box=radius_box,
     )
 
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from ssn_exp.certify.metrics import PAPER_RADII
 from ssn_exp.report.missing import find_missing
+from ssn_exp.report.records import PUBLISHED, load_paths, published_dir, sigma_label
 from ssn_exp.report.tables import (
     acr_rows,
     build_best_tables,
@@ -21,7 +22,6 @@ from ssn_exp.report.tables import (
     write_acr_csv,
     write_csv,
 )
-from ssn_exp.results import load_paths, sigma_label
 
 __all__ = ["main", "build_parser"]
 
@@ -32,12 +32,15 @@ Report over certification results (SPEC.md section 4). Reads result files only; 
 
 Each PATH is one of:
   - a run directory (metrics.json + certificates.csv, written by `python -m ssn_exp`);
-  - a Hydra multirun directory (numbered job dirs 0/, 1/, ... each with .hydra/ and, once
-    finished, metrics.json) or any folder above run directories;
-  - a folder of published arrays (index.csv + npz, e.g. shared/reference/levine2021).
+  - a Hydra multirun or sweep directory (job dirs each with .hydra/ and, once finished,
+    metrics.json) or any folder above run directories;
+  - a folder of published arrays (index.csv + npz).
+--published NAME adds the published results shipped with ssn_exp: levine2021, the authors'
+per-image certificates of Levine & Feizi (ICML 2021), 135 runs on CIFAR-10 and ImageNet.
 Runs are told apart by origin: "ours" for run directories, the folder name (e.g. levine2021)
 for published arrays. All numbers are recomputed from the per-example certificates; DSSN radii
-are compared exactly as integers k/q.
+are compared exactly as integers k/q. Runs of uniform noise and SSN also give the rows
+"uniform (box)" and "ssn (box)": the box-constrained certificate of the same samples.
 """
 
 EPILOG = """\
@@ -66,8 +69,8 @@ Exit status: 0 when at least one result was read (even if runs are missing: the 
 so in its "Missing runs" section and on stderr); 2 when no PATH holds any result.
 
 Examples:
-  python -m ssn_exp.report ../shared/reference/levine2021
-  python -m ssn_exp.report multirun/2024-05-01/12-00-00 ../shared/reference/levine2021 --out outputs/cmp
+  python -m ssn_exp.report --published levine2021
+  python -m ssn_exp.report outputs/sweeps/smoke --published levine2021 --out outputs/cmp
   python -m ssn_exp.report outputs/run1 --radii 0.25 0.5 1.0 --no-plots --csv table.csv
 """
 
@@ -76,7 +79,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("paths", nargs="+", metavar="PATH", help="run dir, multirun dir or published-array folder")
+    parser.add_argument("paths", nargs="*", metavar="PATH", help="run dir, multirun dir or published-array folder")
+    parser.add_argument(
+        "--published",
+        action="append",
+        default=[],
+        choices=PUBLISHED,
+        metavar="NAME",
+        help=f"add published results shipped with ssn_exp ({', '.join(PUBLISHED)})",
+    )
     parser.add_argument(
         "--out", default="outputs/report", metavar="DIR", help="output folder (created; default: %(default)s)"
     )
@@ -133,6 +144,9 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if any(r < 0 for r in args.radii):
         return _error("--radii must be non-negative")
+    if not args.paths and not args.published:
+        return _error("give a PATH (run, multirun or sweep directory) and/or --published levine2021")
+    args.paths = [*args.paths, *(str(published_dir(name)) for name in args.published)]
 
     records, problems = load_paths(args.paths)
     missing = find_missing(args.paths)

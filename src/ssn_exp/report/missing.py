@@ -13,9 +13,11 @@ __all__ = ["MissingRun", "find_missing", "read_overrides"]
 class MissingRun:
     path: Path
     overrides: tuple[str, ...]
+    error: str = ""  # the job's one-line error (error.txt) if it failed
 
     def __str__(self) -> str:
-        return f"{self.path}: {' '.join(self.overrides) if self.overrides else '(no overrides recorded)'}"
+        text = f"{self.path}: {' '.join(self.overrides) if self.overrides else '(no overrides recorded)'}"
+        return f"{text} -- failed: {self.error}" if self.error else text
 
 
 def read_overrides(job_dir) -> tuple[str, ...]:
@@ -48,7 +50,10 @@ def find_missing(paths: Iterable) -> list[MissingRun]:
         for hydra in sorted(p.rglob(".hydra")):
             job = hydra.parent
             if hydra.is_dir() and not (job / "metrics.json").is_file():
-                found.setdefault(job.resolve(), MissingRun(job, read_overrides(job)))
+                error = ""
+                if (job / "error.txt").is_file():
+                    error = " ".join((job / "error.txt").read_text().split())
+                found.setdefault(job.resolve(), MissingRun(job, read_overrides(job), error))
     return sorted(found.values(), key=lambda m: _natural(m.path))
 
 

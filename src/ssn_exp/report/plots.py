@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ssn_exp.report.records import BOX_SUFFIX, RunRecord, sigma_label
 from ssn_exp.report.tables import _rank, dedupe_records, pretty, select_seed, sort_key
-from ssn_exp.results import RunRecord, sigma_label
 
 __all__ = ["METHOD_COLORS", "curve", "radius_grid", "plot_curves", "plot_all_curves", "curve_filename"]
 
@@ -21,6 +21,7 @@ _EXTRA_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "
 
 
 def _color(method: str) -> str:
+    method = method.removesuffix(BOX_SUFFIX)
     if method in METHOD_COLORS:
         return METHOD_COLORS[method]
     return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
@@ -44,12 +45,19 @@ def curve(rec: RunRecord, grid: Sequence[float]) -> np.ndarray:
     return 100.0 * np.array([acc[float(r)] for r in grid])
 
 
+def _linestyle(method: str, published: bool) -> str:
+    """Ours solid, published dashed, box-constrained certificates dash-dotted."""
+    if method.endswith(BOX_SUFFIX):
+        return "-."
+    return "--" if published else "-"
+
+
 def curve_filename(dataset: str, training: str, denoiser: str) -> str:
     return f"curves_{dataset}_{training}_{denoiser}.png"
 
 
 def plot_curves(records: Sequence[RunRecord], path, title: str | None = None, points: int = 201) -> Path:
-    """One PNG: a panel per sigma, a line per (method, origin); published runs dashed.
+    """One PNG: a panel per sigma, a line per (method, origin); published runs dashed, box certificates dash-dotted.
 
     ``records`` should share dataset, training and denoiser; for each (origin, method, sigma) the
     smallest seed is drawn.
@@ -85,7 +93,7 @@ def plot_curves(records: Sequence[RunRecord], path, title: str | None = None, po
                 grid,
                 curve(rec, grid),
                 color=_color(method),
-                linestyle="--" if published else "-",
+                linestyle=_linestyle(method, published),
                 linewidth=1.4,
                 label=label,
             )
@@ -154,7 +162,7 @@ def plot_denoisers(records: Sequence[RunRecord], path, title: str | None = None,
                 seen.add((r.origin, r.method))
                 published = r.origin != "ours"
                 label = f"{pretty(r.method)} ({'published' if published else 'ours'})"
-                (h,) = ax.plot(grid, curve(r, grid), color=_color(r.method), linestyle="--" if published else "-")
+                (h,) = ax.plot(grid, curve(r, grid), color=_color(r.method), linestyle=_linestyle(r.method, published))
                 handles.setdefault(label, h)
             ax.set_title(f"{variant}, σ = {sigma_label(sigma)}", fontsize=9)
             ax.set_ylim(0, 100)

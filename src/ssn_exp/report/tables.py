@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssn_exp.certify.metrics import PAPER_RADII, BestRow, best_over_sigma
-from ssn_exp.results import RunRecord, sigma_label
+from ssn_exp.report.records import RunRecord, sigma_label
 
 __all__ = [
     "BEST_CSV_COLUMNS",
@@ -64,13 +64,15 @@ ACR_CSV_COLUMNS = (
 # Display order (unknown names sort after the known ones, alphabetically).
 _ORDER = {
     "dataset": ("cifar10", "imagenet"),
-    "method": ("uniform", "ssn", "dssn"),
+    "method": ("uniform", "uniform (box)", "ssn", "ssn (box)", "dssn"),
     "training": ("standard", "stability"),
     "denoiser": ("none", "stability", "mse", "mse_retrain"),
 }
 _PRETTY = {
     "uniform": "Uniform",
+    "uniform (box)": "Uniform (box)",
     "ssn": "SSN",
+    "ssn (box)": "SSN (box)",
     "dssn": "DSSN",
     "cifar10": "CIFAR-10",
     "imagenet": "ImageNet",

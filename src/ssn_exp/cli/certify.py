@@ -1,0 +1,225 @@
+"""``python -m ssn_exp.certify ckpt=PATH [overrides]``: certify a checkpoint without training (layer 3).
+
+Two checkpoint formats (``ckpt_format``, recognised by default):
+
+- ``ssn_exp``: written by ``python -m ssn_exp``; the model, noise and data set are rebuilt from the configs
+  stored inside. Naming method / sigma / seed / data / training on the command line asks the checkpoint to
+  match them, and a mismatch is refused.
+- ``levine2021``: the authors' released CIFAR-10 WideResNet-40-2 checkpoints (a plain state dict,
+  :func:`ssn_exp.models.load_levine2021`). They hold weights only: method and sigma come from the command
+  line or from the authors' folder name ``cifar_{uniform,split,split_derandomized}_{sigma}[_stabilized]``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from ssn_exp.cli.config import CONF_DIR, ConfigError, build, certify_settings, check_seed, check_sigma, container
+from ssn_exp.cli.errors import RunLock, guard, run_entry
+
+log = logging.getLogger("ssn_exp")
+
+__all__ = ["main", "run_certify", "levine2021_folder", "FORMATS"]
+
+FORMATS = ("auto", "ssn_exp", "levine2021")
+#: The authors' folder names: cifar_{uniform,split,split_derandomized}_{sigma}[_stabilized]
+_LEVINE_FOLDER = re.compile(r"cifar_(uniform|split|split_derandomized)_([0-9]*\.?[0-9]+)(_stabilized)?")
+_LEVINE_METHODS = {"uniform": "uniform", "split": "ssn", "split_derandomized": "dssn"}
+
+
+def levine2021_folder(path) -> dict | None:
+    """method, sigma and training read from the authors' folder name, or None if it does not follow it."""
+    m = _LEVINE_FOLDER.fullmatch(Path(path).parent.name)
+    if m is None:
+        return None
+    return {
+        "method": _LEVINE_METHODS[m.group(1)],
+        "sigma": float(m.group(2)),
+        "training": "stability" if m.group(3) else "standard",
+    }
+
+
+def _explicit_overrides() -> dict[str, str]:
+    """The key=value overrides given on the command line (or by the sweeper) for this job."""
+    out = {}
+    for item in HydraConfig.get().overrides.task:
+        key, _, value = item.lstrip("+~").partition("=")
+        out[key] = value
+    return out
+
+
+def _detect(path: Path, requested: str) -> str:
+    from ssn_exp.lightning.module import CheckpointError, read_checkpoint
+
+    if requested not in FORMATS:
+        raise ConfigError(f"ckpt_format must be one of {list(FORMATS)}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    ckpt = read_checkpoint(path)
+    if isinstance(ckpt, dict) and "hyper_parameters" in ckpt and "state_dict" in ckpt:
+        return "ssn_exp"
+    if isinstance(ckpt, dict) and "norm.module.mu" in ckpt:
+        return "levine2021"
+    raise CheckpointError(
+        f"{path} is neither an ssn_exp checkpoint nor one of the authors' released checkpoints (levine2021)"
+    )
+
+
+def _method_class_name(cfg: DictConfig) -> str:
+    from hydra.utils import get_class
+
+    try:
+        return get_class(cfg.method._target_).name
+    except Exception:  # noqa: BLE001 - reported as the option name
+        return HydraConfig.get().runtime.choices.get("method", "?")
+
+
+def _data_module(data_cfg: DictConfig, where: str):
+    from hydra.errors import InstantiationException
+    from hydra.utils import instantiate
+
+    from ssn_exp.lightning.module import instantiation_message
+
+    try:
+        return instantiate(data_cfg)
+    except InstantiationException as exc:
+        raise ConfigError(f"cannot build the data set from {where}: {instantiation_message(exc)}") from None
+
+
+def _from_ssn_exp(cfg: DictConfig, path: Path, given: dict):
+    from ssn_exp.lightning.module import load_checkpoint
+
+    expect = {}
+    if "method" in given:
+        expect["method"] = _method_class_name(cfg)
+    if "sigma" in given:
+        expect["sigma"] = check_sigma(cfg.sigma)
+    if "method.seed" in given or "seed" in given:
+        expect["seed"] = check_seed(cfg.method.get("seed", cfg.seed))
+    if "data" in given:
+        expect["dataset"], expect["q"] = cfg.data.name, cfg.data.q
+    if "training" in given:
+        expect["training"] = cfg.training.name
+    module = load_checkpoint(path, expect=expect)
+    ident = module.identity()
+    # The checkpoint's data set (or the one named on the command line), with data.* overrides on top.
+    data_cfg = (
+        OmegaConf.create(dict(module.hparams.data)) if "data" not in given else OmegaConf.create(container(cfg.data))
+    )
+    for key in given:
+        if key.startswith("data."):
+            OmegaConf.update(data_cfg, key[5:], OmegaConf.select(cfg, key), force_add=True)
+    dm = _data_module(data_cfg, f"the data config stored in {path}")
+    for key in ("q", "num_classes", "shape"):
+        if getattr(dm, key) != (tuple(module.hparams.data[key]) if key == "shape" else module.hparams.data[key]):
+            raise ConfigError(
+                f"the data set {dm.name} has {key}={getattr(dm, key)}, the checkpoint's model expects "
+                f"{module.hparams.data[key]}"
+            )
+    meta = {**ident, "n_classes": dm.num_classes, "checkpoint": str(path), "ckpt_format": "ssn_exp"}
+    return module.model, module.smoothing, dm, meta
+
+
+def _from_levine2021(cfg: DictConfig, path: Path, given: dict):
+    from ssn_exp.models import load_levine2021
+    from ssn_exp.smoothing import Smoothing
+
+    if cfg.data.name != "cifar10":
+        raise ConfigError(
+            f"the authors' checkpoints are CIFAR-10 WideResNet-40-2 models: certify them with data=cifar10 "
+            f"(and data.root=DIR), not data={cfg.data.name}"
+        )
+    folder = levine2021_folder(path)
+    method = HydraConfig.get().runtime.choices.get("method") if "method" in given else None
+    sigma = check_sigma(cfg.sigma) if "sigma" in given else None
+    if folder is not None:
+        if method is not None and method != folder["method"]:
+            raise ConfigError(f"{path} is a {folder['method']} model (its folder says so), not method={method}")
+        if sigma is not None and abs(sigma - folder["sigma"]) > 1e-9:
+            raise ConfigError(
+                f"{path} was trained at sigma={folder['sigma']:g} (its folder says so), not sigma={sigma:g}"
+            )
+        method, sigma = folder["method"], folder["sigma"]
+    if method is None or sigma is None:
+        raise ConfigError(
+            f"give method= and sigma= for {path}: its folder name does not follow the authors' pattern "
+            "cifar_{uniform,split,split_derandomized}_{sigma}[_stabilized]"
+        )
+    with open_dict(cfg):
+        cfg.sigma = sigma
+        if HydraConfig.get().runtime.choices.get("method") != method:
+            cfg.method = OmegaConf.load(Path(CONF_DIR) / "method" / f"{method}.yaml")
+    smoothing = build(cfg.method, "method")
+    if not isinstance(smoothing, Smoothing):
+        raise ConfigError(f"the method config builds {type(smoothing).__name__}, not a smoothing noise")
+    try:
+        model = load_levine2021(path, "cifar10")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    dm = build(cfg.data, "data")
+    training = folder["training"] if folder else cfg.training.name
+    meta = {
+        "method": smoothing.name,
+        "sigma": smoothing.sigma,
+        "q": dm.q,
+        "seed": int(getattr(smoothing, "seed", cfg.seed)),
+        "dataset": dm.name,
+        "training": training,
+        "denoiser": "none",
+        "model": "levine2021 WideResNet-40-2",
+        "n_classes": dm.num_classes,
+        "checkpoint": str(path),
+        "ckpt_format": "levine2021",
+    }
+    return model, smoothing, dm, meta
+
+
+def run_certify(cfg: DictConfig) -> dict:
+    from ssn_exp.cli.train import certify_module, finish_wandb
+    from ssn_exp.lightning.run_files import format_table
+
+    if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt in (None, ""):
+        raise ConfigError("give the checkpoint to certify: python -m ssn_exp.certify ckpt=PATH")
+    path = Path(str(cfg.ckpt))
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    given = _explicit_overrides()
+    check_seed(cfg.seed)
+    fmt = _detect(path, str(cfg.ckpt_format))
+    certify_settings(cfg)  # every certify.* value checked before anything is loaded
+    with RunLock(out_dir):
+        if fmt == "levine2021":
+            model, smoothing, dm, meta = _from_levine2021(cfg, path, given)
+        else:
+            model, smoothing, dm, meta = _from_ssn_exp(cfg, path, given)
+        settings = certify_settings(cfg, n=None if "certify.n" in given else dm.certify_n)
+        logger = build(cfg.logger, "logger")
+        if logger:
+            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "checkpoint_identity": meta})
+        try:
+            metrics = certify_module(cfg, model, smoothing, dm, out_dir, settings, meta, logger)
+        finally:
+            finish_wandb()
+    print(format_table(metrics))
+    print(f"results: {out_dir}")
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=CONF_DIR, config_name="certify_ckpt")
+def _app(cfg: DictConfig):
+    metrics = guard(run_certify, cfg)
+    return metrics.get("acr")
+
+
+def main() -> None:
+    """``python -m ssn_exp.certify`` / ``ssn-exp-certify``."""
+    run_entry(_app)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,151 @@
+"""``python -m ssn_exp.sweep NAME [overrides...]``: run a named sweep, then its report.
+
+A named sweep is a Hydra config ``conf/sweep/NAME.yaml``: its settings for every job and, in
+``hydra.sweeper.params``, the swept values (one job per combination). The sweep runs as
+``python -m ssn_exp --multirun sweep=NAME ...`` into ``outputs/sweeps/NAME/`` with a job directory per
+combination, named by its overrides: jobs never overwrite each other, and running the same sweep again
+resumes every unfinished job (finished ones are quick no-ops). A command-line override of a swept key
+replaces its list. Afterwards the report (tables, curves, missing runs) is written to ``<sweep dir>/report/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from ssn_exp.cli.config import CONF_DIR
+
+__all__ = ["available", "load_sweep", "jobs", "sweep_command", "main"]
+
+SWEEP_DIR = Path(CONF_DIR) / "sweep"
+LAUNCHERS = {"basic": None, "local": "submitit_local", "slurm": "slurm"}
+
+
+def available() -> list[str]:
+    return sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
+
+
+def load_sweep(name: str, overrides: list[str] = ()):
+    """The composed config of the sweep (its ``hydra.sweeper.params`` included), with ``overrides`` applied."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    if name not in available():
+        raise SystemExit(f"error: unknown sweep {name!r}; choose one of {', '.join(available())}")
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return compose(config_name="config", overrides=[f"sweep={name}", *overrides], return_hydra_config=True)
+
+
+def jobs(cfg, overrides: list[str] = ()) -> list[list[str]]:
+    """The swept overrides of every job: the sweep's params, a command-line sweep of a key replacing its list."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    params = {str(k): str(v) for k, v in (cfg.hydra.sweeper.params or {}).items()}
+    for item in overrides:  # command-line sweeps, and fixed values of swept keys, replace the sweep's lists
+        ov = parser.parse_override(item)
+        if ov.is_sweep_override() or ov.get_key_element() in params:
+            params[ov.get_key_element()] = item.split("=", 1)[1]
+    lists = []
+    for key, value in params.items():
+        ov = parser.parse_override(f"{key}={value}")
+        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
+        lists.append([f"{key}={v}" for v in values])
+    return [list(combo) for combo in itertools.product(*lists)]
+
+
+def sweep_command(name: str, overrides: list[str], out_dir: Path, launcher: str | None) -> list[str]:
+    cmd = [sys.executable, "-m", "ssn_exp", "--multirun", f"sweep={name}", *overrides, f"hydra.sweep.dir={out_dir}"]
+    if launcher:
+        cmd.append(f"hydra/launcher={launcher}")
+    return cmd
+
+
+def _count_done(out_dir: Path) -> int:
+    return sum(1 for p in out_dir.rglob("metrics.json") if (p.parent / ".hydra").is_dir())
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ssn_exp.sweep",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="sweeps: "
+        + ", ".join(available())
+        + "\nexamples:\n  python -m ssn_exp.sweep smoke\n  python -m ssn_exp.sweep paper_cifar10 --launcher slurm "
+        "hydra.launcher.partition=gpu\n  python -m ssn_exp.sweep smoke debug=fast --dry-run",
+    )
+    parser.add_argument("name", help="a sweep in conf/sweep/ (" + ", ".join(available()) + ")")
+    parser.add_argument("overrides", nargs="*", help="extra Hydra overrides for every job (replace swept params)")
+    parser.add_argument("--out", type=Path, help="sweep directory (default: outputs/sweeps/NAME)")
+    parser.add_argument(
+        "--launcher",
+        choices=sorted(LAUNCHERS),
+        default="basic",
+        help="basic: jobs one after the other here; local: submitit processes here; slurm: one Slurm job per point",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="print the jobs and the command, run nothing")
+    parser.add_argument("--no-report", action="store_true", help="skip the report after the sweep")
+    args = parser.parse_args(argv)
+
+    try:
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        parser_ = OverridesParser.create()
+        fixed = [
+            o for o in args.overrides if not o.startswith("hydra") and not parser_.parse_override(o).is_sweep_override()
+        ]
+        cfg = load_sweep(args.name, fixed)
+        all_jobs = jobs(cfg, [o for o in args.overrides if not o.startswith("hydra")])
+    except Exception as exc:  # noqa: BLE001 - a bad override or option: one line
+        from ssn_exp.cli.errors import one_line
+
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
+    out_dir = (args.out or Path("outputs") / "sweeps" / args.name).absolute()
+    cmd = sweep_command(args.name, args.overrides, out_dir, LAUNCHERS[args.launcher])
+    print(f"sweep {args.name}: {cfg.sweep_info.description}\n{len(all_jobs)} jobs into {out_dir}")
+    print("command: " + shlex.join(cmd), flush=True)
+    if args.dry_run:
+        for i, job in enumerate(all_jobs):
+            print(f"  [{i}] {' '.join(job)}")
+        return 0
+    resume = f"run the same command again to resume: the finished jobs in {out_dir} are kept"
+    try:
+        rc = subprocess.call(cmd)
+    except KeyboardInterrupt:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the jobs stop; no second traceback
+        print(f"error: interrupted after {_count_done(out_dir)} of {len(all_jobs)} jobs; {resume}", file=sys.stderr)
+        return 130
+    done = _count_done(out_dir)
+    if rc == 130 or rc == -signal.SIGINT:
+        print(f"error: interrupted after {done} of {len(all_jobs)} jobs; {resume}", file=sys.stderr)
+        return 130
+    if rc != 0:
+        if done == 0:
+            print(
+                f"error: all {len(all_jobs)} jobs of sweep {args.name} failed; each job directory's error.txt "
+                "or log says why",
+                file=sys.stderr,
+            )
+        else:
+            print(
+                f"error: {len(all_jobs) - done} of {len(all_jobs)} jobs of sweep {args.name} failed (exit {rc}); "
+                f"the report lists the missing runs; {resume}",
+                file=sys.stderr,
+            )
+    if not args.no_report and done:
+        from ssn_exp.report.cli import main as report_main
+
+        report_main([str(out_dir), "--out", str(out_dir / "report")])
+    return rc
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

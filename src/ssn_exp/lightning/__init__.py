@@ -1,0 +1,1 @@
+"""Layer 2: Lightning modules, data modules and callbacks (training objectives; certification as a callback)."""

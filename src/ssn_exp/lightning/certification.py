@@ -1,0 +1,386 @@
+"""Certification of a data set into a run directory (layer 2): the callback that runs it after ``fit``
+and the Lightning predict task that runs it for a checkpoint. Both call the library (``ssn_exp.certify``).
+
+Files: see :mod:`ssn_exp.lightning.run_files`. Under DDP every rank certifies its own shard
+(``indices[rank::world]``, no padding) into ``certificates.rank{r}.csv``; rank 0 merges them by index.
+Resuming skips the examples already certified, after checking every row read back.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+
+from ssn_exp.certify import certify_batch
+from ssn_exp.lightning.data import dataset_labels, mix_seed
+from ssn_exp.lightning.run_files import (
+    ResultsFileError,
+    columns_for,
+    format_counts,
+    merge_shards,
+    model_fingerprint,
+    read_certificates,
+    summarize,
+    write_json_atomic,
+    write_rows_atomic,
+)
+from ssn_exp.smoothing import Smoothing
+
+__all__ = [
+    "certify_indices",
+    "shard_indices",
+    "ShardCertifier",
+    "certify_dataset",
+    "CertifyCallback",
+    "CertifyTask",
+    "run_certification",
+    "finish_certification",
+    "log_metrics",
+]
+
+
+def certify_indices(dataset_len: int, skip: int = 1, max_examples: int | None = None) -> list[int]:
+    """The test examples certified: every ``skip``-th, at most ``max_examples``."""
+    indices = list(range(0, dataset_len, max(1, int(skip))))
+    return indices if max_examples is None else indices[: int(max_examples)]
+
+
+def shard_indices(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
+    """Rank ``rank``'s share of ``indices``: ``indices[rank::world_size]`` (every index exactly once overall)."""
+    return list(indices)[rank::world_size]
+
+
+class ShardCertifier:
+    """Certifies one rank's shard of the test examples into its CSV, resumably.
+
+    Examples already present in the shard's CSV (or in a merged ``certificates.csv`` from an earlier
+    attempt) are checked against the data set and skipped. Randomized methods seed their noise per
+    example from (seed, index), so results depend neither on batching nor on sharding.
+    ``certify_settings.json`` records what the certificates depend on (the noise, n0/n/alpha/seed for
+    the randomized methods, and a fingerprint of the weights): other settings are refused.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        smoothing: Smoothing,
+        dataset,
+        out_dir: str | Path,
+        *,
+        num_classes: int,
+        skip: int = 1,
+        max_examples: int | None = None,
+        n0: int = 64,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        noise_batch: int = 1024,
+        batch_size: int = 1,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        autocast: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ):
+        self.model, self.smoothing, self.dataset = model, smoothing, dataset
+        self.out_dir = Path(out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.num_classes = num_classes
+        self.kw = dict(n0=n0, n=n, alpha=alpha, noise_batch=noise_batch)
+        self.batch_size = max(1, int(batch_size))
+        self.seed = int(seed)
+        self.rank, self.world_size = rank, world_size
+        dtypes = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+        if autocast not in dtypes:
+            raise ValueError(f"certify.autocast must be null, bf16 or fp16, got {autocast!r}")
+        self.autocast_dtype = dtypes[autocast]
+        self.channels_last = bool(channels_last)
+        self.columns = columns_for(smoothing)
+        self._check_settings(self._settings(n0, n, alpha, seed))
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.forward = torch.compile(model) if compile else model
+        self.path = self.out_dir / ("certificates.csv" if world_size == 1 else f"certificates.rank{rank}.csv")
+        selected = certify_indices(len(dataset), skip, max_examples)
+        self.shard = shard_indices(selected, rank, world_size)
+        check = dict(
+            smoothing=smoothing,
+            labels=lambda idx: dataset_labels(dataset, idx),
+            num_classes=num_classes,
+            n=None if smoothing.deterministic else n,
+        )
+        done = read_certificates(self.path, allowed=self.shard, **check)
+        if world_size > 1:
+            merged = read_certificates(self.out_dir / "certificates.csv", allowed=selected, **check)
+            done.update({i: merged[i] for i in self.shard if i in merged})
+        # rewrite the shard file cleanly (drops a torn line, keeps every finished row)
+        write_rows_atomic(self.path, self.columns, [done[i] for i in sorted(done)])
+        self.done = set(done)
+        self.todo = [i for i in self.shard if i not in self.done]
+
+    def _settings(self, n0, n, alpha, seed) -> dict:
+        settings = dict(self.smoothing.describe())
+        if not self.smoothing.deterministic:  # DSSN certificates do not depend on n0, n, alpha or seed
+            settings.update(n0=n0, n=n, alpha=alpha, seed=seed)
+        settings["weights"] = model_fingerprint(self.model)
+        return settings
+
+    def _check_settings(self, settings: dict) -> None:
+        path = self.out_dir / "certify_settings.json"
+        if path.is_file() and any(self.out_dir.glob("certificates*.csv")):
+            try:
+                old = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ResultsFileError(f"{path} is unreadable ({exc}); certify into another directory") from None
+            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+            if diff:
+                raise ResultsFileError(
+                    f"{self.out_dir} holds certificates made with other settings ({'; '.join(diff)}); "
+                    "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
+                )
+        if self.rank == 0:
+            write_json_atomic(path, settings)
+
+    def chunks(self) -> list[list[int]]:
+        return [self.todo[i : i + self.batch_size] for i in range(0, len(self.todo), self.batch_size)]
+
+    def run_chunk(self, chunk: list[int], device: torch.device) -> None:
+        """Certify the examples of ``chunk`` and append (and flush) their rows."""
+        xs, ys = zip(*(self.dataset[i] for i in chunk), strict=True)
+        x = torch.stack([torch.as_tensor(v) for v in xs]).to(device)
+        if self.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        t0 = time.perf_counter()
+        try:
+            if self.smoothing.deterministic:
+                cert = self._certify(x, None)
+            else:  # one generator per example: reproducible whatever the batching or sharding
+                parts = []
+                for j, idx in enumerate(chunk):
+                    g = torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xCE27, idx))
+                    parts.append(self._certify(x[j : j + 1], g))
+                cert = _concat(parts)
+        except ValueError as exc:  # name the data set's examples, not positions in the batch
+            raise type(exc)(f"{exc} [certifying test examples {chunk[0]}..{chunk[-1]}]") from None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        seconds = (time.perf_counter() - t0) / len(chunk)
+        rows = []
+        for j, idx in enumerate(chunk):
+            label, pred = int(ys[j]), int(cert.prediction[j])
+            row = {
+                "index": idx,
+                "label": label,
+                "prediction": pred,
+                "correct": int(pred == label),
+                "radius": repr(float(cert.radius[j])),
+                "seconds": f"{seconds:.6f}",
+                "counts": format_counts(cert.counts[j]),
+            }
+            if self.smoothing.deterministic:
+                row["k"] = int(cert.k[j])
+            else:
+                row["p_lower"] = repr(float(cert.p_lower[j]))
+                if cert.radius_box is not None:
+                    row["radius_box"] = repr(float(cert.radius_box[j]))
+            rows.append(row)
+        with open(self.path, "a", newline="") as fh:
+            csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore").writerows(rows)
+        self.done.update(chunk)
+
+    def _certify(self, x, generator):
+        kw = dict(generator=generator, **self.kw)
+        if self.autocast_dtype is None:
+            return certify_batch(self.forward, x, self.smoothing, self.num_classes, **kw)
+        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
+            return certify_batch(self.forward, x, self.smoothing, self.num_classes, **kw)
+
+    def run(self, device, progress: bool = True) -> Path:
+        device = torch.device(device)
+        self.model.eval().to(device)
+        bar = _progress_bar(
+            len(self.shard), len(self.shard) - len(self.todo), self.smoothing, enabled=progress and self.rank == 0
+        )
+        try:
+            for chunk in self.chunks():
+                self.run_chunk(chunk, device)
+                bar(len(chunk))
+        finally:
+            bar(0, close=True)
+        return self.path
+
+
+def certify_dataset(model, smoothing, dataset, out_dir, *, device="cpu", progress=True, **kwargs) -> Path:
+    """Certify every ``skip``-th test example (this rank's shard) into ``out_dir``; returns the CSV path."""
+    return ShardCertifier(model, smoothing, dataset, out_dir, **kwargs).run(device, progress)
+
+
+def _concat(parts):
+    first = parts[0]
+    for field in ("prediction", "radius", "counts", "p_lower", "counts_n0", "radius_box"):
+        if getattr(first, field) is not None:
+            setattr(first, field, np.concatenate([getattr(p, field) for p in parts]))
+    return first
+
+
+def _progress_bar(total: int, initial: int, smoothing: Smoothing, enabled: bool) -> Callable:
+    if not enabled:
+        return lambda k, close=False: None
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=total, initial=initial, desc=f"certify {smoothing.name} sigma={smoothing.sigma:g}", unit="img")
+
+    def update(k: int, close: bool = False):
+        if close:
+            bar.close()
+        elif k:
+            bar.update(k)
+
+    return update
+
+
+class CertifyCallback(pl.Callback):
+    """After ``fit``: certify the test split (every ``skip``-th example) into ``out_dir``.
+
+    Sharded over DDP ranks; rank 0 merges, writes metrics.json and the curve, and logs the metrics.
+    """
+
+    def __init__(self, out_dir, datamodule, settings: dict, radii: Sequence[float], meta: dict, progress: bool = True):
+        self.out_dir = Path(out_dir)
+        self.datamodule = datamodule
+        self.settings = settings
+        self.radii = list(radii)
+        self.meta = meta
+        self.progress = progress
+        self.metrics: dict | None = None
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        self.metrics = run_certification(
+            pl_module.model,
+            pl_module.smoothing,
+            self.datamodule,
+            self.out_dir,
+            settings=self.settings,
+            radii=self.radii,
+            meta=self.meta,
+            device=pl_module.device,
+            rank=trainer.global_rank,
+            world_size=trainer.world_size,
+            barrier=trainer.strategy.barrier,
+            progress=self.progress,
+        )
+        if trainer.global_rank == 0 and self.metrics is not None:
+            for logger in trainer.loggers:
+                log_metrics(logger, self.metrics, self.out_dir)
+
+
+def run_certification(
+    model,
+    smoothing,
+    datamodule,
+    out_dir,
+    *,
+    settings,
+    radii,
+    meta,
+    device,
+    rank=0,
+    world_size=1,
+    barrier=None,
+    progress=True,
+) -> dict | None:
+    """Certify this rank's shard, then (rank 0) merge and summarize. Returns metrics on rank 0."""
+    dataset = datamodule.certify_set()
+    certify_dataset(
+        model,
+        smoothing,
+        dataset,
+        out_dir,
+        num_classes=datamodule.num_classes,
+        device=device,
+        rank=rank,
+        world_size=world_size,
+        progress=progress,
+        **settings,
+    )
+    if world_size > 1 and barrier is not None:
+        barrier("certified")
+    if rank != 0:
+        return None
+    return finish_certification(out_dir, smoothing, world_size, len(dataset), settings, meta, radii)
+
+
+def finish_certification(out_dir, smoothing, world_size, dataset_len, settings, meta, radii) -> dict:
+    """Merge the shards (if any) and write metrics.json and the curve for the selected examples."""
+    if world_size > 1:
+        merge_shards(out_dir, world_size, smoothing)
+    selected = certify_indices(dataset_len, settings.get("skip", 1), settings.get("max_examples"))
+    meta = {**meta, "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]}
+    return summarize(out_dir, smoothing, meta, radii, indices=set(selected))
+
+
+def _identity(batch):
+    return batch
+
+
+class CertifyTask(pl.LightningModule):
+    """Certification as a Lightning predict loop (``trainer.predict(task)``).
+
+    Every DDP rank builds the loader of its own shard of not-yet-certified examples (no padding,
+    no duplicates) and appends its rows to its own CSV; :func:`finish_certification` merges them
+    by example index afterwards.
+    """
+
+    def __init__(self, model, smoothing, dataset, out_dir, num_classes: int, settings: dict):
+        super().__init__()
+        self.model = model
+        self.smoothing = smoothing
+        self.dataset = dataset
+        self.out_dir = str(out_dir)
+        self.num_classes = num_classes
+        self.settings = settings
+        self.certifier: ShardCertifier | None = None
+
+    def predict_dataloader(self):
+        from torch.utils.data import DataLoader
+
+        self.certifier = ShardCertifier(
+            self.model,
+            self.smoothing,
+            self.dataset,
+            self.out_dir,
+            num_classes=self.num_classes,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+            **{k: v for k, v in self.settings.items() if k != "progress"},
+        )
+        return DataLoader(self.certifier.chunks(), batch_size=None, collate_fn=_identity)
+
+    def on_predict_start(self) -> None:
+        self.model.eval()
+
+    def predict_step(self, chunk, batch_idx):
+        self.certifier.run_chunk(list(chunk), self.device)
+
+
+def log_metrics(logger, metrics: dict, out_dir: Path | None = None) -> None:
+    """Flatten metrics.json into the logger (certify/acc@r, certify/acr, ...); wandb gets plots and tables too."""
+    flat = {f"certify/acc@{r}": v for r, v in metrics["certified_accuracy"].items()}
+    flat.update({f"certify/acc_box@{r}": v for r, v in metrics.get("certified_accuracy_box", {}).items()})
+    for key in ("clean_accuracy", "acr", "acr_box", "seconds_per_example", "forward_passes_per_example"):
+        if key in metrics:
+            flat[f"certify/{key}"] = float(metrics[key])
+    logger.log_metrics(flat)
+    if out_dir is not None:
+        from ssn_exp.lightning.tracking import log_certification
+
+        log_certification(logger, out_dir, metrics)
+    if hasattr(logger, "save"):
+        logger.save()
