@@ -57,6 +57,7 @@ def write_run(
     training: str = "standard",
     denoiser: str = "none",
     overrides: list[str] | None = None,
+    box_radii: list[float] | None = None,
 ) -> Path:
     """A run dir by hand: the first len(correct_radii) examples are correct with these radii, the rest wrong.
 
@@ -67,15 +68,16 @@ def write_run(
         (run_dir / ".hydra").mkdir(exist_ok=True)
         (run_dir / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
     dssn = method == "dssn"
-    extra = "k" if dssn else "p_lower"
-    lines = [f"index,label,prediction,correct,radius,seconds,{extra}"]
+    extra = "k" if dssn else "p_lower" + (",radius_box" if box_radii is not None else "")
+    lines = [f"index,label,prediction,correct,radius,seconds,{extra},counts"]
     for i in range(n):
         label = i % 10
         ok = i < len(correct_radii)
         pred = label if ok else (label + 1) % 10
         r = correct_radii[i] if ok else (3 if dssn else 0.1)
         rho = r / Q if dssn else r
-        lines.append(f"{i},{label},{pred},{int(ok)},{rho!r},0.01,{r if dssn else 0.9}")
+        box = "" if box_radii is None else f",{(box_radii[i] if ok else 0.1)!r}"
+        lines.append(f"{i},{label},{pred},{int(ok)},{rho!r},0.01,{r if dssn else 0.9}{box},{pred}:5")
     (run_dir / "certificates.csv").write_text("\n".join(lines) + "\n")
     meta = {
         "method": method,
@@ -123,11 +125,11 @@ def multirun(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def reference_report(reference_dir, tmp_path_factory):
+def reference_report(tmp_path_factory):
     """The report over all 135 published runs (with plots), run once."""
     out = tmp_path_factory.mktemp("ref_report")
     csv_path = out / "extra" / "table.csv"
-    rc, stdout, stderr = run_main([reference_dir, "--out", out, "--csv", csv_path])
+    rc, stdout, stderr = run_main(["--published", "levine2021", "--out", out, "--csv", csv_path])
     assert rc == 0, stderr
     return out, csv_path, stdout
 
@@ -254,6 +256,36 @@ def test_reference_and_our_runs_together(reference_dir, multirun, tmp_path):
     assert not list(out.glob("*.png"))
     # run dirs given directly: no missing jobs
     assert (out / "missing.txt").read_text().strip() == "none"
+
+
+def test_box_certificates_get_their_own_rows_and_curves(tmp_path):
+    """A uniform run with radius_box: the report adds "uniform (box)" beside "uniform", from the same examples."""
+    run = write_run(tmp_path / "u", "uniform", 1.0, [1.2] * 6 + [0.6] * 4, 20, box_radii=[1.7] * 6 + [0.6] * 4)
+    out = tmp_path / "rep"
+    rc, stdout, _ = run_main([run, "--out", out, "--radii", "0.5", "1.0", "1.5"])
+    assert rc == 0
+    _, rows = read_csv(out / "best_over_sigma.csv")
+    acc = {(r["method"], r["radius"]): r["certified_accuracy"] for r in rows}
+    assert acc == {
+        ("uniform", "0.5"): "50.00",
+        ("uniform", "1.0"): "30.00",
+        ("uniform", "1.5"): "0.00",
+        ("uniform (box)", "0.5"): "50.00",
+        ("uniform (box)", "1.0"): "30.00",
+        ("uniform (box)", "1.5"): "30.00",
+    }
+    assert [r["method"] for r in rows][:3] == ["uniform"] * 3  # the box row right after its method
+    assert "| ours | cifar10 | uniform (box) | standard | none |" in stdout
+    assert "Uniform (box)" in (out / "best_over_sigma.tex").read_text()
+    _, acr = read_csv(out / "acr.csv")
+    assert {r["method"]: r["acr"] for r in acr} == {"uniform": "0.4800", "uniform (box)": "0.6300"}
+    assert (out / "curves_cifar10_standard_none.png").stat().st_size > 1000
+
+
+def test_nothing_to_report_on_is_a_one_line_error(capsys):
+    assert main([]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--published levine2021" in err[0]
 
 
 def test_no_results_is_a_one_line_error(tmp_path, capsys):
