@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from ssn_exp.certify import (
+    NonFiniteLogitsError,
     average_certified_radius,
     best_over_sigma,
+    box_radius,
     certified_accuracy,
     certify_batch,
     clopper_pearson_lower,
@@ -19,7 +21,7 @@ from ssn_exp.certify import (
     exact_certificate,
     randomized_radius,
 )
-from ssn_exp.smoothing import DSSN, SSN, Uniform
+from ssn_exp.smoothing import DSSN, SSN, InputDomainError, Uniform
 
 
 def test_exact_certificate_formula_and_ties():
@@ -237,3 +239,181 @@ def test_best_over_sigma_picks_max_and_breaks_ties_to_smaller_sigma():
         (0.5, 0.7, 0.5, 0.9),
         (1.0, 0.3, 0.5, 0.9),
     ]
+
+
+# ----------------------------------------------------------------------------- hardening and mutation-killing tests
+
+
+def test_exact_certificate_tie_term_and_floor_change_k():
+    counts = np.array(
+        [
+            [2, 4, 0],  # A=1, B=0 < A: floor((4-2-1)/2) = 0; without the [B < A] term it would be 1
+            [0, 6, 2],  # A=1, B=2 > A: floor((6-2-0)/2) = 2; with the term it would be 1
+            [0, 7, 2],  # A=1, B=2: (7-2)/2 = 2.5 -> 2 (floor, not 3)
+            [5, 8, 0],  # A=1, B=0 < A: (8-5-1)/2 = 1
+            [3, 0, 3],  # tie A=0, B=2: floor(0/2) = 0, prediction the lower class
+            [1, 1, 1],  # three-way tie: A=0, B=1
+        ]
+    )
+    pred, k = exact_certificate(counts)
+    assert pred.tolist() == [1, 1, 1, 1, 0, 0]
+    assert k.tolist() == [0, 2, 2, 1, 0, 0]
+
+
+def _positions_model(classes):
+    """A 'model' whose argmax for input row r is classes[r % len(classes)] (independent of the input)."""
+    table = torch.tensor(classes)
+
+    def f(z):
+        out = torch.zeros(z.shape[0], 5)
+        out[torch.arange(z.shape[0]), table[torch.arange(z.shape[0]) % len(table)]] = 1.0
+        return out
+
+    return f
+
+
+@pytest.mark.parametrize("method", [Uniform, SSN])
+def test_randomized_prediction_ties_go_to_the_lowest_class(method):
+    # n0 = 64 samples in one chunk: positions alternate classes 3 and 1, a 32/32 tie -> class 1
+    cert = certify_batch(_positions_model([3, 1]), _digits_like(1), method(0.5), 5, n0=64, n=100, noise_batch=1000)
+    assert cert.counts_n0.tolist() == [[0, 32, 0, 32, 0]]
+    assert cert.prediction.tolist() == [1]
+
+
+def test_estimation_samples_are_fresh_draws_not_the_selection_samples():
+    seen = []
+
+    def recorder(z):
+        seen.append(z.clone())
+        return torch.zeros(z.shape[0], 3)
+
+    g = torch.Generator().manual_seed(0)
+    certify_batch(recorder, _digits_like(1), Uniform(0.5), 3, n0=16, n=16, noise_batch=1000, generator=g)
+    sel, est = seen[0].view(16, -1), seen[1].view(16, -1)
+    assert not (sel.unsqueeze(0) == est.unsqueeze(1)).all(-1).any(), "an estimation sample replays a selection one"
+    assert len({tuple(r.tolist()) for r in est}) == 16
+
+
+def test_certified_accuracy_counts_float_radii_equal_to_r():
+    correct = np.ones(5, dtype=bool)
+    radius = np.array([0.5, 0.25, 0.7500000001, 1.0, 0.49999999])
+    acc = certified_accuracy(correct, radius, radii=[0.25, 0.5, 1.0])
+    assert acc == {0.25: 1.0, 0.5: 0.6, 1.0: 0.2}  # ">" instead of ">=" would give 0.8, 0.4, 0.0
+
+
+def test_best_over_sigma_reports_the_clean_accuracy_of_the_run_it_picks():
+    runs = [
+        {"sigma": 0.25, "clean_accuracy": 0.95, "certified_accuracy": {1.0: 0.10}},
+        {"sigma": 1.0, "clean_accuracy": 0.60, "certified_accuracy": {1.0: 0.40}},
+        {"sigma": 2.0, "clean_accuracy": 0.50, "certified_accuracy": {1.0: 0.40}},
+    ]
+    (row,) = best_over_sigma(runs, radii=[1.0])
+    assert (row.certified_accuracy, row.sigma, row.clean_accuracy) == (0.40, 1.0, 0.60)
+
+
+@pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
+def test_nan_logits_are_refused_naming_the_examples(method):
+    noise = {"uniform": Uniform(0.5), "ssn": SSN(0.5), "dssn": DSSN(0.5, q=16, dim=64)}[method]
+
+    def nan_for_second(z):
+        out = torch.zeros(z.shape[0], 3)
+        bad = z.reshape(z.shape[0], -1)[:, 0] > 0.9  # images whose first pixel is 1 (the second example)
+        out[bad] = float("nan")
+        return out
+
+    x = torch.zeros(3, 1, 8, 8)
+    x[1, 0, 0, 0] = 1.0
+    with pytest.raises(NonFiniteLogitsError, match=r"1 of 3 examples \(batch positions \[1\]\)"):
+        certify_batch(nan_for_second, x, noise, 3, n0=8, n=16, noise_batch=7)
+    with pytest.raises(NonFiniteLogitsError):
+        certify_batch(lambda z: torch.full((z.shape[0], 3), float("inf")), x, noise, 3, n0=8, n=16)
+
+
+@pytest.mark.parametrize("method", [Uniform, SSN])
+def test_randomized_certification_rejects_inputs_outside_the_image_domain(method):
+    for bad in (float("nan"), 5.0, -0.5):
+        x = _digits_like(2)
+        x[1, 0, 3, 3] = bad
+        with pytest.raises(InputDomainError, match="example 1"):
+            certify_batch(TinyNet().eval(), x, method(0.5), 10, n0=8, n=16)
+
+
+def test_empty_batches_give_empty_certificates():
+    model = TinyNet().eval()
+    for noise in (DSSN(0.5, q=16, dim=64), Uniform(0.5), SSN(0.5)):
+        cert = certify_batch(model, torch.zeros(0, 1, 8, 8), noise, 10, n0=8, n=16)
+        assert cert.prediction.shape == (0,) and cert.radius.shape == (0,) and cert.counts.shape == (0, 10)
+
+
+def test_float64_models_are_certified_with_float64_inputs():
+    model = TinyNet().double().eval()
+    x = _digits_like(3)
+    m = DSSN(0.5, q=16, dim=64)
+    cert = certify_batch(model, x, m, 10)
+    with torch.no_grad():
+        want = torch.stack(
+            [
+                torch.bincount(model(m.offsets(x[i : i + 1].double())[0].view(-1, 1, 8, 8)).argmax(1), minlength=10)
+                for i in range(3)
+            ]
+        )
+    np.testing.assert_array_equal(cert.counts, want.numpy())
+    g = torch.Generator().manual_seed(0)
+    r = certify_batch(model, x, Uniform(0.5), 10, n0=8, n=32, generator=g)
+    assert r.counts.sum() == 3 * 32
+
+
+@pytest.mark.parametrize("method", [Uniform, SSN])
+def test_box_radius_is_reported_for_uniform_and_ssn(method):
+    g = torch.Generator().manual_seed(0)
+    x = _digits_like(3)
+    cert = certify_batch(lambda z: torch.zeros(z.shape[0], 2), x, method(1.0), 2, n0=8, n=2000, generator=g)
+    assert np.all(cert.radius_box >= cert.radius) and np.all(cert.radius > 1.0)
+    np.testing.assert_array_equal(cert.radius_box, box_radius(x, cert.p_lower, method(1.0).lam))
+    assert np.all(cert.radius_box > cert.radius)  # a constant classifier at sigma = 1: the box helps
+    assert certify_batch(lambda z: torch.zeros(z.shape[0], 2), x, DSSN(1.0, 16, 64), 2).radius_box is None
+
+
+# ----------------------------------------------------------------------------- properties (hypothesis)
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 50), min_size=2, max_size=6), min_size=1, max_size=8).filter(
+    lambda rows: len({len(r) for r in rows}) == 1))  # fmt: skip
+def test_exact_certificate_properties(rows):
+    counts = np.array(rows)
+    pred, k = exact_certificate(counts)
+    for c, a, kk in zip(counts, pred, k, strict=True):
+        assert c[a] == c.max() and a == int(np.flatnonzero(c == c.max())[0])  # first maximum
+        others = np.delete(c, a)
+        b_val = others.max()
+        b = int(np.flatnonzero((c == b_val) & (np.arange(len(c)) != a))[0])
+        assert kk == (c[a] - b_val - int(b < a)) // 2 and kk >= 0
+        # a certificate of kk survives kk moved votes: A still wins (ties to the lower index) against every class
+        for rival in range(len(c)):
+            if rival == a:
+                continue
+            moved = c.copy()
+            moved[a] -= kk
+            moved[rival] += kk
+            assert int(np.argmax(moved)) == a
+        # and kk + 1 moved votes can change the prediction (the certificate is tight) when the votes exist
+        if c[a] >= kk + 1:
+            moved = c.copy()
+            moved[a] -= kk + 1
+            moved[b] += kk + 1
+            assert int(np.argmax(moved)) != a
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(1, 2000), st.data())
+def test_clopper_pearson_lower_properties(n, data):
+    n_a = data.draw(st.integers(0, n))
+    lb = float(clopper_pearson_lower(n_a, n, 0.001))
+    assert 0.0 <= lb <= n_a / n
+    if n_a < n:
+        assert float(clopper_pearson_lower(n_a + 1, n, 0.001)) >= lb  # monotone in n_A
+    assert float(clopper_pearson_lower(n_a, n, 0.01)) >= lb  # a larger alpha gives a tighter (higher) bound

@@ -20,6 +20,7 @@ __all__ = [
     "check_sigma",
     "check_seed",
     "check_positive_int",
+    "check_tag",
     "certify_settings",
     "container",
 ]
@@ -39,11 +40,16 @@ def _path_tag(path) -> str:
     return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(parts)).strip("_-") or "ckpt"
 
 
-def _tag_suffix(tag) -> str:
-    """``${tag_suffix:${tag}}``: '' for no tag, else '-TAG' (the run directory's last part: sigma0.5-seed0-TAG)."""
+def check_tag(tag) -> str:
     tag = "" if tag is None else str(tag)
     if tag and not re.fullmatch(r"[A-Za-z0-9_.=+-]+", tag):
-        raise ValueError(f"tag={tag!r} may only contain letters, digits and _ . = + -")
+        raise ConfigError(f"tag={tag!r} may only contain letters, digits and _ . = + -")
+    return tag
+
+
+def _tag_suffix(tag) -> str:
+    """``${tag_suffix:${tag}}``: '' for no tag, else '-TAG' (the run directory's last part: sigma0.5-seed0-TAG)."""
+    tag = check_tag(tag)
     return f"-{tag}" if tag else ""
 
 

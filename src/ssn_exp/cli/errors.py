@@ -116,6 +116,20 @@ def _on_sigint(signum, frame):
     raise KeyboardInterrupt
 
 
+def _quiet_known_warnings() -> None:
+    """Silence library warnings that say nothing to a user of ssn_exp (and bury its one-line errors)."""
+    import warnings
+
+    for message in (
+        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning vs torch internals
+        r".*smaller than the logging interval.*",  # short debug runs; ssn_exp logs one row per epoch itself
+        r".*does not have many workers which may be a bottleneck.*",  # digits are in memory
+        r".*`self\.log\(\)` but the `self\.trainer` reference is not registered.*",
+    ):
+        warnings.filterwarnings("ignore", message=message)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # spawned DDP ranks
+
+
 def run_entry(main: Callable[[], object]) -> None:
     """Run a ``@hydra.main`` function with one-line errors (see the module docstring)."""
     full = os.environ.get("SSN_EXP_TRACEBACK") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
@@ -124,15 +138,19 @@ def run_entry(main: Callable[[], object]) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; we print one line below
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
+    _quiet_known_warnings()
     resume = "run the same command again to resume: finished epochs, certificates and sweep jobs are kept"
+    quiet = os.environ.get("SSN_EXP_IN_SWEEP") == "1"  # python -m ssn_exp.sweep says it once for the sweep
     try:
         main()
     except KeyboardInterrupt:
-        print(f"error: interrupted; {resume}", file=sys.stderr)
+        if not quiet:
+            print(f"error: interrupted; {resume}", file=sys.stderr)
         sys.exit(130)
     except SystemExit:
         if _Interrupted.flag:  # Lightning turns Ctrl-C during fit into exit(1)
-            print(f"error: interrupted; {resume}", file=sys.stderr)
+            if not quiet:
+                print(f"error: interrupted; {resume}", file=sys.stderr)
             sys.exit(130)
         raise
     except Exception as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import shlex
 import signal
 import subprocess
@@ -118,7 +119,7 @@ def main(argv=None) -> int:
         return 0
     resume = f"run the same command again to resume: the finished jobs in {out_dir} are kept"
     try:
-        rc = subprocess.call(cmd)
+        rc = subprocess.call(cmd, env={**os.environ, "SSN_EXP_IN_SWEEP": "1"})
     except KeyboardInterrupt:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the jobs stop; no second traceback
         print(f"error: interrupted after {_count_done(out_dir)} of {len(all_jobs)} jobs; {resume}", file=sys.stderr)

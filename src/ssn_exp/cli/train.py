@@ -24,6 +24,7 @@ from ssn_exp.cli.config import (
     check_positive_int,
     check_seed,
     check_sigma,
+    check_tag,
     config_source,
     container,
 )
@@ -241,6 +242,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     check_sigma(cfg.sigma)
     seed = check_seed(cfg.seed)
+    check_tag(cfg.tag)
     check_positive_int(cfg.training.epochs, "training.epochs")
     if "max_epochs" in cfg.trainer:
         check_positive_int(cfg.trainer.max_epochs, "trainer.max_epochs")

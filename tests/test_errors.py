@@ -1,0 +1,207 @@
+"""Bad input gets one line starting with ``error:`` and a non-zero exit, before any work where it can be
+checked up front; faults lose nothing; failed runs leave no directory that looks like a run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from helpers import ROOT, read_metrics, run_cli
+
+FAST = ["debug=fast", "trainer.enable_progress_bar=false"]
+
+
+def one_error_line(p) -> str:
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "overrides,words",
+    [
+        (["sigma=1e9"], ["sigma=1e+09 needs L =", "choose a smaller sigma"]),
+        (["sigma=abc"], ["sigma must be a positive finite number, got 'abc'"]),
+        (["seed=-1"], ["seed must be an integer in [0, 2**32), got -1"]),
+        (["certify.n0=-5"], ["certify.n0 must be an integer >= 1, got -5"]),
+        (["certify.alpha=1.5"], ["certify.alpha must lie in (0, 1)"]),
+        (["trainer.max_epochs=0"], ["trainer.max_epochs must be an integer >= 1, got 0"]),
+        (["+trainer.max_epochs=0"], ["Could not append to config", "trainer.max_epochs"]),
+        (["tag=a/b"], ["tag='a/b' may only contain"]),
+        (["data.q=255"], ["data.q=255 does not match DigitsData"]),
+        (["model=nope"], ["Could not find 'model/nope'", "digits_cnn, resnet50, wrn40_2"]),
+    ],
+)
+def test_bad_settings_are_one_line_and_leave_no_run_directory(tmp_path, overrides, words):
+    run = tmp_path / "runs" / "run"
+    line = one_error_line(run_cli("ssn_exp", *FAST, *overrides, f"hydra.run.dir={run}"))
+    for word in words:
+        assert word in line, line
+    assert not run.exists()
+
+
+def test_a_refused_setting_does_not_block_the_corrected_command(tmp_path):
+    run = tmp_path / "run"
+    assert "certify.n must be an integer >= 1, got 0" in one_error_line(
+        run_cli("ssn_exp", *FAST, "method=uniform", "certify.n=0", f"hydra.run.dir={run}")
+    )
+    p = run_cli("ssn_exp", *FAST, "method=uniform", "certify.n=64", f"hydra.run.dir={run}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert read_metrics(run)["n"] == 64
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    run = tmp_path_factory.mktemp("trained") / "run"
+    p = run_cli("ssn_exp", *FAST, "certify.enabled=false", f"hydra.run.dir={run}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_bad_checkpoints_are_one_line(trained, tmp_path):
+    good = torch.load(trained, weights_only=True)
+    files = {}
+    files["truncated"] = trained.read_bytes()[:5000]
+    files["random"] = os.urandom(3000)
+    files["text"] = b"this is not a checkpoint\n"
+    (tmp_path / "ckpt").mkdir()
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "ckpt" / "plain.pt")
+    files["plain"] = (tmp_path / "ckpt" / "plain.pt").read_bytes()
+    import argparse
+
+    torch.save({**good, "extra": argparse.Namespace(x=1)}, tmp_path / "ckpt" / "pickled.pt")
+    files["pickled"] = (tmp_path / "ckpt" / "pickled.pt").read_bytes()
+    unknown = {**good, "hyper_parameters": {**good["hyper_parameters"], "model": {"_target_": "nope.Net"}}}
+    torch.save(unknown, tmp_path / "ckpt" / "unknown.pt")
+    files["unknown"] = (tmp_path / "ckpt" / "unknown.pt").read_bytes()
+    sd = dict(good["state_dict"])
+    key = next(k for k in sd if k.endswith("weight") and sd[k].dim() == 2)
+    sd[key] = torch.zeros(3, 3)
+    torch.save({**good, "state_dict": sd}, tmp_path / "ckpt" / "shapes.pt")
+    files["shapes"] = (tmp_path / "ckpt" / "shapes.pt").read_bytes()
+    expected = {
+        "truncated": "cannot read checkpoint",
+        "random": "cannot read checkpoint",
+        "text": "cannot read checkpoint",
+        "plain": "neither an ssn_exp checkpoint nor",
+        "pickled": "holds a pickled Python object (argparse.Namespace), which ssn_exp refuses to load",
+        "unknown": "cannot rebuild the model of",
+        "shapes": f"do not fit its model: size mismatch for {key}",
+    }
+    for name, data in files.items():
+        path = tmp_path / f"{name}.ckpt"
+        path.write_bytes(data)
+        out = tmp_path / "out" / name
+        line = one_error_line(run_cli("ssn_exp.certify", f"ckpt={path}", f"hydra.run.dir={out}"))
+        assert expected[name] in line, (name, line)
+        assert not out.exists()
+    line = one_error_line(run_cli("ssn_exp.certify", f"hydra.run.dir={tmp_path / 'none'}"))
+    assert "give the checkpoint to certify: python -m ssn_exp.certify ckpt=PATH" in line
+
+
+def test_an_unwritable_output_directory_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    line = one_error_line(run_cli("ssn_exp", *FAST, f"hydra.run.dir={blocker / 'run'}"))
+    assert str(blocker) in line and "Not a directory" in line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_a_read_only_output_directory_is_one_line(tmp_path):
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        line = one_error_line(run_cli("ssn_exp", *FAST, f"hydra.run.dir={ro / 'run'}"))
+        assert "Permission denied" in line
+    finally:
+        ro.chmod(0o700)
+
+
+@pytest.mark.slow
+def test_a_nan_producing_model_gets_no_certificate(tmp_path):
+    conf = tmp_path / "conf" / "model"
+    conf.mkdir(parents=True)
+    # finite on the blank start-up check (normalised 0.5 > 0.5), NaN where a normalised pixel is <= 0.5
+    (conf / "nan_net.yaml").write_text(
+        "_target_: torch.nn.Sequential\n_args_:\n  - _target_: torch.nn.Flatten\n"
+        "  - _target_: torch.nn.Threshold\n    threshold: 0.5\n    value: .nan\n"
+        "  - _target_: torch.nn.Linear\n    in_features: 64\n    out_features: 10\n"
+    )
+    run = tmp_path / "run"
+    p = run_cli(
+        "ssn_exp", *FAST, "model=nan_net", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={run}"
+    )
+    line = one_error_line(p)
+    assert "NaN or infinite logits" in line and "certifying test examples 0..7" in line
+    assert not (run / "metrics.json").exists()
+    assert (run / "certificates.csv").read_text().count("\n") == 1  # the header only: nothing certified
+
+
+@pytest.mark.slow
+def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path):
+    run = tmp_path / "run"
+    args = [sys.executable, "-m", "ssn_exp", "training.epochs=3", "certify.max_examples=4", f"hydra.run.dir={run}"]
+    first = subprocess.Popen(args + ["trainer.enable_progress_bar=false"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)  # fmt: skip
+    t0 = time.monotonic()
+    while not (run / ".ssn_exp.lock").is_file() or not (run / ".ssn_exp.lock").read_text().strip():
+        assert first.poll() is None and time.monotonic() - t0 < 60
+        time.sleep(0.05)
+    line = one_error_line(run_cli("ssn_exp", "training.epochs=3", "certify.max_examples=4", f"hydra.run.dir={run}"))
+    assert f"another ssn_exp process (pid {first.pid}) is running in {run}" in line
+    assert first.wait(timeout=300) == 0, first.stderr.read()[-2000:]
+    assert read_metrics(run)["n_examples"] == 4
+
+
+@pytest.mark.slow
+def test_a_failing_ddp_rank_is_one_line_naming_the_rank(tmp_path):
+    conf = tmp_path / "conf" / "model"
+    conf.mkdir(parents=True)
+    (conf / "bomb.yaml").write_text("_target_: rank_bomb.FailOnRank\nrank: 1\n")
+    p = run_cli(
+        "ssn_exp", *FAST, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model=bomb",
+        f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={tmp_path / 'run'}",
+        env={"PYTHONPATH": str(ROOT / "tests" / "plugins")},
+    )  # fmt: skip
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert p.stderr.strip().splitlines()[-1] == "error: DDP rank 1 failed: RuntimeError: boom on rank 1"
+
+
+def test_a_sweep_whose_every_job_failed_says_so(tmp_path):
+    p = run_cli("ssn_exp.sweep", "smoke", *FAST, "method=dssn", "sigma=-1", "--out", str(tmp_path / "sw"))
+    assert p.returncode != 0
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: all 1 jobs of sweep smoke failed"), p.stderr[-2000:]
+    (job,) = [d for d in (tmp_path / "sw").iterdir() if (d / ".hydra").is_dir()]
+    assert "sigma must be a positive finite number" in (job / "error.txt").read_text()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_a_sweep_is_one_line_and_the_same_command_resumes(tmp_path):
+    out = tmp_path / "sw"
+    args = [sys.executable, "-m", "ssn_exp.sweep", "smoke", *FAST, "method=dssn", "--out", str(out), "--no-report"]
+    env = {**os.environ, "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)  # fmt: skip
+    t0 = time.monotonic()
+    while not list(out.glob("*/metrics.json")):
+        assert proc.poll() is None and time.monotonic() - t0 < 120
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole foreground process group
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 130 and "Traceback" not in err, err[-3000:]
+    lines = [ln for ln in err.strip().splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "interrupted after" in lines[0] and "run the same command again to resume" in lines[0]
+    done = len(list(out.glob("*/metrics.json")))
+    assert 1 <= done < 3
+    p = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert len(list(out.glob("*/metrics.json"))) == 3

@@ -1,0 +1,253 @@
+"""Layer 2 without subprocesses: the stability loss, sharded and resumed certification, the checks on result
+files read back, and the crash-safe CSV log."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+from torch.utils.data import TensorDataset
+
+from helpers import read_csv
+from ssn_exp.lightning.certification import ShardCertifier, certify_indices, shard_indices
+from ssn_exp.lightning.module import SmoothedTraining, stability_loss
+from ssn_exp.lightning.run_files import ResultsFileError, merge_shards, read_certificates
+from ssn_exp.lightning.tracking import RunCSVLogger
+from ssn_exp.smoothing import DSSN, SSN
+
+
+def _data(n=23, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 17, (n, 1, 8, 8), generator=g).float() / 16
+    y = torch.randint(0, 10, (n,), generator=g)
+    return TensorDataset(x, y)
+
+
+def _model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()
+
+
+def _certifier(out, noise, ds=None, model=None, **kw):
+    kw = {"num_classes": 10, "n0": 8, "n": 64, "noise_batch": 50, "batch_size": 4, **kw}
+    return ShardCertifier(model or _model(), noise, ds or _data(), out, **kw)
+
+
+def _rows(path):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_csv(path)]
+
+
+# ----------------------------------------------------------------------------- stability training
+
+
+def test_stability_loss_is_ce_plus_weight_times_kl_of_the_first_sample_against_the_second():
+    g = torch.Generator().manual_seed(0)
+    logits, logits2 = torch.randn(5, 4, generator=g), torch.randn(5, 4, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 0])
+    p, q = logits.softmax(1), logits2.softmax(1)
+    kl = (p * (p.log() - q.log())).sum(1).mean()  # KL(softmax f(x1) || softmax f(x2)), batch mean
+    ce = -logits.log_softmax(1)[torch.arange(5), y].mean()
+    loss, got_kl = stability_loss(logits, logits2, y, 6.0)
+    torch.testing.assert_close(got_kl, kl)
+    torch.testing.assert_close(loss, ce + 6.0 * kl)
+    reverse = (q * (q.log() - p.log())).sum(1).mean()
+    assert abs(float(got_kl - reverse)) > 1e-3  # the direction matters for these logits
+
+
+def test_a_stability_training_step_uses_the_configured_weight_six():
+    from hydra import compose, initialize_config_dir
+
+    from ssn_exp.cli.config import CONF_DIR, container
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["training=stability", "method=ssn"])
+    assert cfg.training.stability_weight == 6.0
+    module = SmoothedTraining(
+        model=container(cfg.model),
+        method=container(cfg.method),
+        data=container(cfg.data),
+        training="stability",
+        stability_weight=float(cfg.training.stability_weight),
+        seed=3,
+    )
+    x, y = _data(6)[:]
+    loss = module.training_step((x, y), 0)
+    # the same step by hand: the noise of step 0 (the module's own generator), then CE + 6 KL
+    noisy = module.smoothing.sample(torch.cat([x, x]), module._generator(1, 0))
+    logits, logits2 = module(noisy).chunk(2)
+    p, q = F.softmax(logits, 1), F.softmax(logits2, 1)
+    want = F.cross_entropy(logits, y) + 6.0 * (p * (p.log() - q.log())).sum(1).mean()
+    torch.testing.assert_close(loss, want)
+
+
+# ----------------------------------------------------------------------------- sharding and resume
+
+
+@pytest.mark.parametrize("noise", [DSSN(0.5, q=16, dim=64), SSN(0.5)], ids=["dssn", "ssn"])
+def test_sharded_certification_merges_to_the_single_process_result(tmp_path, noise):
+    single = tmp_path / "single"
+    _certifier(single, noise, skip=2, max_examples=11).run("cpu", progress=False)
+    sharded = tmp_path / "sharded"
+    for rank in range(3):
+        _certifier(sharded, noise, skip=2, max_examples=11, rank=rank, world_size=3).run("cpu", progress=False)
+    merge_shards(sharded, 3, noise)
+    assert not list(sharded.glob("certificates.rank*.csv"))
+    rows = _rows(sharded / "certificates.csv")
+    assert [int(r["index"]) for r in rows] == list(range(0, 22, 2))
+    assert rows == _rows(single / "certificates.csv")
+
+
+def test_merging_refuses_a_missing_shard(tmp_path):
+    noise = DSSN(0.5, q=16, dim=64)
+    for rank in (0, 1):
+        _certifier(tmp_path, noise, rank=rank, world_size=3).run("cpu", progress=False)
+    with pytest.raises(ResultsFileError, match="certificates.rank2.csv is missing"):
+        merge_shards(tmp_path, 3, noise)
+
+
+def test_shards_split_the_selection_without_padding():
+    sel = certify_indices(50, skip=3, max_examples=10)
+    assert sel == list(range(0, 30, 3))
+    parts = [shard_indices(sel, r, 4) for r in range(4)]
+    assert sorted(i for p in parts for i in p) == sel and [len(p) for p in parts] == [3, 3, 2, 2]
+
+
+def test_resume_certifies_exactly_the_missing_examples(tmp_path):
+    noise = SSN(0.5)
+    full = tmp_path / "full"
+    _certifier(full, noise).run("cpu", progress=False)
+    part = tmp_path / "part"
+    part.mkdir()
+    lines = (full / "certificates.csv").read_text().splitlines(keepends=True)
+    (part / "certificates.csv").write_text("".join(lines[:8]) + lines[8][:17])  # 7 rows and a torn 8th
+    (part / "certify_settings.json").write_text((full / "certify_settings.json").read_text())
+    c = _certifier(part, noise)
+    assert c.todo == list(range(7, 23))
+    c.run("cpu", progress=False)
+    assert _rows(part / "certificates.csv") == _rows(full / "certificates.csv")
+
+
+def _tamper(tmp_path, noise, edit):
+    out = tmp_path / "run"
+    _certifier(out, noise).run("cpu", progress=False)
+    path = out / "certificates.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text("".join(edit(lines)))
+    return out
+
+
+def _bump(line, column, header):
+    value = line.rstrip("\n").split(",")[header.index(column)]
+    return _change(line, column, str(int(value) + 1), header)
+
+
+def _change(line, column, value, header):
+    cells = line.rstrip("\n").split(",")
+    cells[header.index(column)] = value
+    return ",".join(cells) + "\n"
+
+
+@pytest.mark.parametrize(
+    "noise,edit,message",
+    [
+        (DSSN(0.5, q=16, dim=64), lambda ls: ls + [ls[3]], "a second row for example 2"),
+        (
+            DSSN(0.5, q=16, dim=64),
+            lambda ls: ls + [_change(ls[1], "index", "99", ls[0].strip().split(","))],
+            "example 99 is not one this certification selects",
+        ),
+        (
+            SSN(0.5),
+            lambda ls: (
+                [ls[0], _change(ls[1], "label", str((int(ls[1].split(",")[1]) + 1) % 10), ls[0].strip().split(","))]
+                + ls[2:]
+            ),
+            "the data set's label",
+        ),
+        (DSSN(0.5, q=16, dim=64), lambda ls: ls[:3] + ["garbage,row\n"] + ls[3:], "line 4: malformed"),
+        (
+            DSSN(0.5, q=16, dim=64),
+            lambda ls: [ls[0], _bump(ls[1], "k", ls[0].strip().split(","))] + ls[2:],
+            "do not follow from the counts",
+        ),
+        (
+            SSN(0.5),
+            lambda ls: [ls[0], _change(ls[1], "p_lower", "0.999", ls[0].strip().split(","))] + ls[2:],
+            "p_lower and radius disagree",
+        ),
+        (
+            SSN(0.5),
+            lambda ls: (
+                [ls[0], _change(ls[1], "correct", "1" if ",0," in ls[1][:20] else "0", ls[0].strip().split(","))]
+                + ls[2:]
+            ),
+            "disagree",
+        ),
+    ],
+)
+def test_rows_read_back_on_resume_are_checked(tmp_path, noise, edit, message):
+    out = _tamper(tmp_path, noise, edit)
+    with pytest.raises(ResultsFileError, match=message) as info:
+        _certifier(out, noise)
+    assert str(out / "certificates.csv") in str(info.value) and "\n" not in str(info.value)
+
+
+def test_certificates_of_other_weights_or_settings_are_not_mixed(tmp_path):
+    noise = SSN(0.5)
+    _certifier(tmp_path, noise).run("cpu", progress=False)
+    other = _model()
+    with torch.no_grad():
+        other[1].bias.add_(1.0)
+    with pytest.raises(ResultsFileError, match="other settings.*weights"):
+        _certifier(tmp_path, noise, model=other)
+    with pytest.raises(ResultsFileError, match="other settings.*n: 64 -> 128"):
+        _certifier(tmp_path, noise, n=128)
+    settings = json.loads((tmp_path / "certify_settings.json").read_text())
+    assert settings["n"] == 64 and settings["method"] == "ssn" and len(settings["weights"]) == 16
+
+
+def test_unchecked_reading_still_tolerates_a_torn_last_line(tmp_path):
+    (tmp_path / "c.csv").write_text("index,label\n0,1\n1,")
+    assert list(read_certificates(tmp_path / "c.csv")) == [0]
+
+
+# ----------------------------------------------------------------------------- the CSV training log
+
+
+def test_csv_log_keeps_rows_on_restart_and_drops_the_epochs_being_redone(tmp_path):
+    log = RunCSVLogger(tmp_path, name="csv")
+    for epoch in range(4):
+        log.log_metrics({"train/loss": 1.0 / (epoch + 1), "epoch": epoch}, step=10 * (epoch + 1))
+    log.log_metrics({"val/acc": 0.5, "epoch": 3}, step=40)  # a new column: the file is rewritten, rows kept
+    path = tmp_path / "csv" / "metrics.csv"
+    path.write_text(path.read_text() + "4,0.2,5")  # a torn row of a killed epoch
+    again = RunCSVLogger(tmp_path, name="csv")  # the resumed process
+    again.truncate_from_epoch(3)
+    rows = read_csv(path)
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    again.log_metrics({"train/loss": 0.25, "epoch": 3}, step=40)
+    rows = read_csv(path)
+    assert [r["epoch"] for r in rows] == ["0", "1", "2", "3"] and set(rows[0]) >= {"val/acc", "train/loss", "step"}
+    assert float(rows[1]["train/loss"]) == 0.5
+
+
+def test_noise_of_a_training_step_depends_only_on_seed_step_and_rank():
+    from hydra import compose, initialize_config_dir
+
+    from ssn_exp.cli.config import CONF_DIR, container
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=["method=uniform"])
+    kw = dict(model=container(cfg.model), method=container(cfg.method), data=container(cfg.data))
+    a, b = SmoothedTraining(**kw, seed=1), SmoothedTraining(**kw, seed=1)
+    x = torch.full((4, 1, 8, 8), 0.5)
+    torch.manual_seed(123)  # the global RNG does not matter
+    na = a.smoothing.sample(x, a._generator(1, 7))
+    torch.manual_seed(456)
+    nb = b.smoothing.sample(x, b._generator(1, 7))
+    assert torch.equal(na, nb)
+    assert not torch.equal(na, a.smoothing.sample(x, a._generator(1, 8)))
+    c = SmoothedTraining(**kw, seed=2)
+    assert not torch.equal(na, c.smoothing.sample(x, c._generator(1, 7)))
