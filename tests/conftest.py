@@ -43,3 +43,12 @@ def golden_path() -> Path:
 @pytest.fixture(scope="session")
 def levine_checkpoint() -> Path:
     return DATA / "levine2021_checkpoint"
+
+
+# Property-based tests: 150 examples each; under mutation testing (a copy of the project in mutants/) 20, so that
+# the thousand-odd mutants finish in reasonable time.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ssn_exp", max_examples=150, deadline=None)
+settings.register_profile("mutation", max_examples=20, deadline=None)
+settings.load_profile("mutation" if ROOT.name == "mutants" else "ssn_exp")

@@ -29,6 +29,16 @@ def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int 
     )
 
 
+def run_cli_many(calls, workers: int = 3) -> list:
+    """Several ``run_cli(module, *overrides)`` calls, ``calls`` = [(module, [overrides...]), ...], run concurrently
+    (each is an independent process; most of their time is interpreter start-up). Results in the same order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        futures = [pool.submit(run_cli, module, *args) for module, args in calls]
+        return [f.result() for f in futures]
+
+
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))

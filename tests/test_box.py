@@ -222,7 +222,7 @@ def example(draw, max_d: int = 8):
     return x, draw(unit), draw(lams)
 
 
-PROPS = settings(max_examples=150, deadline=None)
+PROPS = settings(deadline=None)  # max_examples: the profile in conftest.py
 
 
 @PROPS

@@ -380,7 +380,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.lists(st.lists(st.integers(0, 50), min_size=2, max_size=6), min_size=1, max_size=8).filter(
     lambda rows: len({len(r) for r in rows}) == 1))  # fmt: skip
 def test_exact_certificate_properties(rows):
@@ -408,7 +408,7 @@ def test_exact_certificate_properties(rows):
             assert int(np.argmax(moved)) != a
 
 
-@settings(max_examples=200, deadline=None)
+@settings(deadline=None)
 @given(st.integers(1, 2000), st.data())
 def test_clopper_pearson_lower_properties(n, data):
     n_a = data.draw(st.integers(0, n))

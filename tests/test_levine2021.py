@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import read_csv, read_metrics, run_cli, write_tiny_cifar10
+from helpers import read_csv, read_metrics, run_cli, run_cli_many, write_tiny_cifar10
 from ssn_exp.certify import count_predictions, exact_certificate
 from ssn_exp.cli.certify import levine2021_folder
 from ssn_exp.models import CheckpointError, load_levine2021
@@ -129,16 +129,16 @@ def test_cli_refuses_what_does_not_fit_a_released_checkpoint(levine_checkpoint, 
     plain = tmp_path / "plain"
     plain.mkdir()
     shutil.copy(levine_checkpoint / "model_ckpt.torch", plain / "model_ckpt.torch")
-    data = ["data=cifar10", f"data.root={cifar_root}", f"hydra.run.dir={tmp_path / 'x'}"]
+    data = ["data=cifar10", f"data.root={cifar_root}"]
     cases = [
         ([f"ckpt={folder / 'model_ckpt.torch'}", *data, "sigma=0.25"], "trained at sigma=0.5 (its folder says so)"),
         ([f"ckpt={folder / 'model_ckpt.torch'}", *data, "method=uniform"], "is a dssn model (its folder says so)"),
         ([f"ckpt={plain / 'model_ckpt.torch'}", *data], "give method= and sigma="),
-        ([f"ckpt={plain / 'model_ckpt.torch'}", f"hydra.run.dir={tmp_path / 'y'}"], "certify them with data=cifar10"),
+        ([f"ckpt={plain / 'model_ckpt.torch'}"], "certify them with data=cifar10"),
         ([f"ckpt={plain / 'model_ckpt.torch'}", *data, "ckpt_format=ssn_exp"], "is not an ssn_exp checkpoint"),
     ]
-    for args, text in cases:
-        p = run_cli("ssn_exp.certify", *args)
+    cases = [([*args, f"hydra.run.dir={tmp_path / 'x' / str(i)}"], text) for i, (args, text) in enumerate(cases)]
+    for (_, text), p in zip(cases, run_cli_many([("ssn_exp.certify", args) for args, _ in cases]), strict=True):
         lines = p.stderr.strip().splitlines()
         assert p.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], p.stderr
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()  # failed runs leave no run directory
+    assert not list((tmp_path / "x").glob("*/*"))  # failed runs leave no run directory

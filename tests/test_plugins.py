@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import certificate_columns, read_csv, read_metrics, run_cli
+from helpers import certificate_columns, read_csv, read_metrics, run_cli, run_cli_many
 
 USER_MLP = """\
 _target_: torch.nn.Sequential
@@ -52,26 +52,29 @@ def _one_error_line(p) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize(
-    "yaml,words",
-    [
-        ("_target_: nope.Nothing\n", ["cannot build model from", "bad.yaml", "Error locating target 'nope.Nothing'"]),
-        (
-            "_target_: torch.nn.Linear\nin_features: 64\nout_features: 10\nfoo: 1\n",
-            ["cannot build model from", "bad.yaml", "unexpected keyword argument 'foo'"],
-        ),
-        (USER_MLP.format(in_features=64, out_features=7), ["bad.yaml", "returns (2, 7)", "num_classes=10"]),
-        (USER_MLP.format(in_features=63, out_features=10), ["bad.yaml", "does not accept digits images", "[1, 8, 8]"]),
-        ("in_features: 64\n", ["bad.yaml has no _target_"]),
-    ],
-)
-def test_a_wrong_user_model_is_one_line_naming_its_file(tmp_path, yaml, words):
-    search = _conf(tmp_path, {"model/bad.yaml": yaml})
-    p = run_cli("ssn_exp", "model=bad", search, "debug=fast", f"hydra.run.dir={tmp_path / 'run'}")
-    line = _one_error_line(p)
-    for word in words:
-        assert word in line, line
-    assert not (tmp_path / "run").exists()
+WRONG_MODELS = [
+    ("_target_: nope.Nothing\n", ["cannot build model from", "bad0.yaml", "Error locating target 'nope.Nothing'"]),
+    (
+        "_target_: torch.nn.Linear\nin_features: 64\nout_features: 10\nfoo: 1\n",
+        ["cannot build model from", "bad1.yaml", "unexpected keyword argument 'foo'"],
+    ),
+    (USER_MLP.format(in_features=64, out_features=7), ["bad2.yaml", "returns (2, 7)", "num_classes=10"]),
+    (USER_MLP.format(in_features=63, out_features=10), ["bad3.yaml", "does not accept digits images", "[1, 8, 8]"]),
+    ("in_features: 64\n", ["bad4.yaml has no _target_"]),
+]
+
+
+def test_a_wrong_user_model_is_one_line_naming_its_file(tmp_path):
+    search = _conf(tmp_path, {f"model/bad{i}.yaml": yaml for i, (yaml, _) in enumerate(WRONG_MODELS)})
+    calls = [
+        ("ssn_exp", [f"model=bad{i}", search, "debug=fast", f"hydra.run.dir={tmp_path / str(i) / 'run'}"])
+        for i in range(len(WRONG_MODELS))
+    ]
+    for i, ((_, words), p) in enumerate(zip(WRONG_MODELS, run_cli_many(calls), strict=True)):
+        line = _one_error_line(p)
+        for word in words:
+            assert word in line, line
+        assert not (tmp_path / str(i) / "run").exists()
 
 
 def test_a_built_in_model_on_the_wrong_data_is_refused_before_training(tmp_path):

@@ -6,7 +6,15 @@ import json
 
 import pytest
 
-from helpers import certificate_columns, read_csv, read_metrics, run_cli, write_tiny_cifar10, write_tiny_imagefolder
+from helpers import (
+    certificate_columns,
+    read_csv,
+    read_metrics,
+    run_cli,
+    run_cli_many,
+    write_tiny_cifar10,
+    write_tiny_imagefolder,
+)
 
 METRIC_KEYS = {
     "method",
@@ -89,13 +97,18 @@ def test_recertifying_a_checkpoint_reproduces_dssn_certificates_exactly(tmp_path
 def test_a_checkpoint_from_another_method_or_sigma_is_refused(tmp_path):
     run_dir, _ = _train(tmp_path, "method=dssn", "sigma=0.5", "certify.enabled=false")
     ckpt = run_dir / "checkpoints" / "last.ckpt"
-    for bad, word in (("sigma=1.0", "sigma"), ("method=uniform", "method"), ("seed=3", "seed")):
-        p = run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'x'}", bad)
+    cases = (("sigma=1.0", "sigma"), ("method=uniform", "method"), ("seed=3", "seed"), ("data=cifar10", "dataset"))
+    calls = [
+        ("ssn_exp.certify", [f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'x' / str(i)}", bad])
+        for i, (bad, _) in enumerate(cases)
+    ]
+    calls.append(("ssn_exp.certify", [f"ckpt={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'x' / 'nope'}"]))
+    results = run_cli_many(calls)
+    for (_, word), p in zip(cases, results, strict=False):
         assert p.returncode == 2, p.stderr[-2000:]
         err = p.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: checkpoint") and word in err[0], p.stderr
-    p = run_cli("ssn_exp.certify", f"ckpt={tmp_path / 'nope.ckpt'}", f"hydra.run.dir={tmp_path / 'x'}")
-    assert p.returncode == 2 and "checkpoint not found" in p.stderr
+    assert results[-1].returncode == 2 and "checkpoint not found" in results[-1].stderr
 
 
 def test_bad_input_gets_one_clear_line(tmp_path):

@@ -6,6 +6,7 @@ import csv
 
 import pytest
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 
 from helpers import read_metrics, read_wandb_offline, run_cli
 from ssn_exp.cli.config import CONF_DIR
@@ -20,10 +21,18 @@ def test_named_sweeps_expand_and_every_job_composes(name):
     all_jobs = jobs(load_sweep(name))
     assert len(all_jobs) == EXPECTED[name]
     assert len({tuple(j) for j in all_jobs}) == len(all_jobs)
+    # compose enough jobs that every swept value occurs in one (all 90/45/27 would take a while)
+    seen, sample = set(), []
+    for job in all_jobs:
+        if set(job) - seen:
+            sample.append(job)
+            seen |= set(job)
+    assert seen == {item for job in all_jobs for item in job}
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        for job in all_jobs:
+        for job in sample:
             cfg = compose(config_name="config", overrides=[f"sweep={name}", *job])
             assert cfg.sigma > 0 and cfg.sweep_info.name == name
+            OmegaConf.to_container(cfg.method, resolve=True)  # the noise of every swept sigma resolves
     if name == "dssn_seeds":
         assert {c.split("=")[1] for j in all_jobs for c in j if c.startswith("seed=")} == {"0", "1", "2"}
 

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ssn_exp.exceptions import UserError
+
 __all__ = [
     "Normalize",
     "normalized",
@@ -26,7 +28,7 @@ __all__ = [
 ]
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint file that cannot be used (unreadable, not a checkpoint, unsafe, wrong weights)."""
 
 

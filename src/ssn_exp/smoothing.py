@@ -20,6 +20,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ssn_exp.exceptions import UserError
+
 __all__ = [
     "Smoothing",
     "Uniform",
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-class InputDomainError(ValueError):
+class InputDomainError(UserError, ValueError):
     """An input outside the domain a certificate holds for (images in [0, 1]; DSSN: the k/q grid)."""
 
 

@@ -15,6 +15,7 @@ import torch
 from scipy.stats import beta
 
 from ssn_exp.certify.box import box_radius
+from ssn_exp.exceptions import UserError
 from ssn_exp.smoothing import DSSN, Smoothing, check_unit_box
 
 __all__ = [
@@ -32,7 +33,7 @@ __all__ = [
 ]
 
 
-class NonFiniteLogitsError(ValueError):
+class NonFiniteLogitsError(UserError, ValueError):
     """The base classifier returned NaN or infinite logits: no certificate can be computed from them."""
 
 

@@ -84,7 +84,7 @@ def _data_module(data_cfg: DictConfig, where: str):
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
 
-    from ssn_exp.lightning.module import instantiation_message
+    from ssn_exp.exceptions import instantiation_message
 
     try:
         return instantiate(data_cfg)

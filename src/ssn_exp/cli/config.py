@@ -11,6 +11,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from ssn_exp.exceptions import UserError, instantiation_message
+
 __all__ = [
     "CONF_DIR",
     "ConfigError",
@@ -29,7 +31,7 @@ __all__ = [
 CONF_DIR = str(resources.files("ssn_exp") / "conf")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A configuration value that makes no sense (reported in one line)."""
 
 
@@ -94,8 +96,6 @@ def build(node: DictConfig, group: str, **kwargs):
     """``hydra.utils.instantiate(node)``; a failure becomes a :class:`ConfigError` naming the config file."""
     from hydra.errors import InstantiationException
     from hydra.utils import instantiate
-
-    from ssn_exp.lightning.module import instantiation_message
 
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"{config_source(group)} has no _target_: it must name the class or function that builds it")

@@ -19,6 +19,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ssn_exp.exceptions import UserError
+
 __all__ = ["user_error_types", "one_line", "run_entry", "guard", "RunLock", "RunLockedError"]
 
 log = logging.getLogger("ssn_exp")
@@ -29,41 +31,24 @@ _HYDRA_ONLY = {".hydra", "ssn_exp.log", ".ssn_exp.lock", "certify_ckpt.log"}
 _OS_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
-class RunLockedError(RuntimeError):
+class RunLockedError(UserError, RuntimeError):
     """Another process is running in the same run directory."""
 
 
 def user_error_types() -> tuple[type[BaseException], ...]:
+    """The exception types that are the user's mistake (cheap: nothing heavy is imported)."""
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    from ssn_exp.certify.core import NonFiniteLogitsError
-    from ssn_exp.cli.config import ConfigError
-    from ssn_exp.lightning.data import DataMissingError
-    from ssn_exp.lightning.module import CheckpointError
-    from ssn_exp.lightning.run_files import ResultsFileError
-    from ssn_exp.smoothing import InputDomainError
-
-    return (
-        ConfigError,
-        DataMissingError,
-        CheckpointError,
-        ResultsFileError,
-        InputDomainError,
-        NonFiniteLogitsError,
-        RunLockedError,
-        FileNotFoundError,
-        HydraException,
-        OmegaConfBaseException,
-    )
+    return (UserError, FileNotFoundError, HydraException, OmegaConfBaseException)
 
 
 def _rank_failure(exc: BaseException) -> str | None:
     """A one-line description of a DDP rank that failed or died (torch.multiprocessing), else None."""
-    try:
-        from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
-    except ImportError:  # pragma: no cover
+    if "torch.multiprocessing" not in sys.modules:  # no DDP ran in this process
         return None
+    from torch.multiprocessing.spawn import ProcessExitedException, ProcessRaisedException
+
     if isinstance(exc, ProcessExitedException):
         how = f"signal {exc.signal_name}" if exc.signal_name else f"exit status {exc.exit_code}"
         return f"DDP rank {exc.error_index} died ({how}); the other ranks were stopped"

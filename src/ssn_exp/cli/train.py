@@ -231,6 +231,15 @@ def certify_module(cfg: DictConfig, model, smoothing, dm, out_dir: Path, setting
 
 
 def run_train(cfg: DictConfig) -> dict | None:
+    out_dir = Path(HydraConfig.get().runtime.output_dir)
+    check_sigma(cfg.sigma)  # the cheap checks come before the heavy imports
+    seed = check_seed(cfg.seed)
+    check_tag(cfg.tag)
+    check_positive_int(cfg.training.epochs, "training.epochs")
+    if "max_epochs" in cfg.trainer:
+        check_positive_int(cfg.trainer.max_epochs, "trainer.max_epochs")
+    settings = certify_settings(cfg)
+
     import pytorch_lightning as pl
     import torch
 
@@ -239,14 +248,6 @@ def run_train(cfg: DictConfig) -> dict | None:
     from ssn_exp.lightning.module import SmoothedTraining, load_checkpoint
     from ssn_exp.lightning.run_files import format_table
 
-    out_dir = Path(HydraConfig.get().runtime.output_dir)
-    check_sigma(cfg.sigma)
-    seed = check_seed(cfg.seed)
-    check_tag(cfg.tag)
-    check_positive_int(cfg.training.epochs, "training.epochs")
-    if "max_epochs" in cfg.trainer:
-        check_positive_int(cfg.trainer.max_epochs, "trainer.max_epochs")
-    settings = certify_settings(cfg)
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
     with RunLock(out_dir):

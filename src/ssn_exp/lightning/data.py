@@ -23,8 +23,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
+from ssn_exp.exceptions import UserError
+
 __all__ = [
     "DataMissingError",
+    "DataError",
     "ImageData",
     "DigitsData",
     "CIFAR10Data",
@@ -36,8 +39,12 @@ __all__ = [
 ]
 
 
-class DataMissingError(FileNotFoundError):
+class DataMissingError(UserError, FileNotFoundError):
     """The data set is not where the config says; the message says where to put it."""
+
+
+class DataError(UserError, ValueError):
+    """A data file that cannot be used (unsafe, damaged or of the wrong shape); the message names it."""
 
 
 def mix_seed(*parts: int) -> int:
@@ -259,9 +266,14 @@ class CIFAR10Data(ImageData):
         self._check()
         self.prepare_data()
         train_tf = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if self.augment else []
-        self.test_set = CIFAR10Batches(self.root, train=False, transform=T.ToTensor())
-        if stage in (None, "fit"):
-            self.train_set = CIFAR10Batches(self.root, train=True, transform=T.Compose([*train_tf, T.ToTensor()]))
+        try:
+            self.test_set = CIFAR10Batches(self.root, train=False, transform=T.ToTensor())
+            if stage in (None, "fit"):
+                self.train_set = CIFAR10Batches(self.root, train=True, transform=T.Compose([*train_tf, T.ToTensor()]))
+        except FileNotFoundError as exc:
+            raise DataMissingError(f"{exc}; {self.folder} must hold all the CIFAR-10 python batches") from None
+        except ValueError as exc:  # an unsafe pickle or a damaged batch: nothing was run
+            raise DataError(str(exc)) from None
 
 
 class ImageFolderData(ImageData):

@@ -21,6 +21,7 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.nn import functional as F
 
+from ssn_exp.exceptions import instantiation_message
 from ssn_exp.lightning.data import mix_seed
 from ssn_exp.models import CheckpointError, Denoised, _first_line, normalized, read_checkpoint
 from ssn_exp.smoothing import Smoothing
@@ -199,13 +200,3 @@ def load_checkpoint(path: str | Path, expect: dict | None = None) -> SmoothedTra
         detail = next((ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()), _first_line(str(exc)))
         raise CheckpointError(f"the weights in {path} do not fit its model: {detail}") from None
     return module.eval()
-
-
-def instantiation_message(exc: Exception) -> str:
-    """One line from a Hydra ``InstantiationException``: the underlying error, without Hydra's advice."""
-    cause = exc.__cause__
-    if cause is not None and not isinstance(cause, ImportError):
-        text = f"{type(cause).__name__}: {_first_line(str(cause))}" if isinstance(cause, TypeError) else str(cause)
-        return _first_line(text)
-    text = _first_line(str(exc))
-    return text.split(", set env var HYDRA_FULL_ERROR")[0].split(" (set env var HYDRA_FULL_ERROR")[0]

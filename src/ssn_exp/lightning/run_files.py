@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from ssn_exp.certify import average_certified_radius, certified_accuracy, exact_certificate
+from ssn_exp.exceptions import UserError
 from ssn_exp.smoothing import Smoothing
 
 __all__ = [
@@ -47,7 +48,7 @@ __all__ = [
 BASE_COLUMNS = ["index", "label", "prediction", "correct", "radius", "seconds"]
 
 
-class ResultsFileError(ValueError):
+class ResultsFileError(UserError, ValueError):
     """A result file that does not belong to this certification or is damaged (one-line message)."""
 
 

@@ -103,7 +103,7 @@ class RunRecord:
 
 
 def load_reference(folder: str | Path, q: int = 255) -> list[RunRecord]:
-    """Read a folder of published arrays (``index.csv`` + npz files, the shared/reference format).
+    """Read a folder of published arrays (``index.csv`` + one npz per run, labels per run or in ``labels.npz``).
 
     DSSN runs get exact integer radii from their counts; randomized runs keep the stored float radii.
     """
