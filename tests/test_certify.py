@@ -1,4 +1,4 @@
-"""SPEC section 3: certificates, their soundness by exhaustive enumeration, batching and metrics."""
+"""Certificates (docs/method.md sections 4-7): soundness by exhaustive enumeration, batching, metrics, properties."""
 
 from __future__ import annotations
 

@@ -105,6 +105,18 @@ def test_certify_config_needs_a_checkpoint():
     assert c.ckpt.endswith("last.ckpt") and "certify" in c.hydra.run.dir and c.ckpt_format == "auto"
 
 
+def test_certify_directories_of_two_checkpoints_never_coincide():
+    def run_dir(*overrides):
+        return _compose(list(overrides), name="certify_ckpt").hydra.run.dir
+
+    a = run_dir("ckpt=outputs/runs/digits/dssn-standard-none/sigma0.5-seed0/checkpoints/last.ckpt")
+    b = run_dir("ckpt=outputs/runs/cifar10/dssn-standard-none/sigma0.5-seed0/checkpoints/last.ckpt")
+    c = run_dir("ckpt=outputs/debug/digits/dssn-standard-none/sigma0.5-seed0/checkpoints/last.ckpt")
+    assert len({a, b, c}) == 3 and "dssn-standard-none-sigma0.5-seed0-last" in a
+    assert a == run_dir("ckpt=outputs/runs/digits/dssn-standard-none/sigma0.5-seed0/checkpoints/last.ckpt")
+    assert run_dir("ckpt=x/last.ckpt", "tag=n100k").endswith("-n100k")
+
+
 @pytest.mark.parametrize("data", options("data"))
 def test_data_configs_build_data_modules_with_their_facts(data):
     from ssn_exp.lightning.data import ImageData

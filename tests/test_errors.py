@@ -139,6 +139,29 @@ def test_a_malicious_pickle_in_a_data_folder_does_not_run(tmp_path):
     assert not marker.exists()
 
 
+def test_an_image_folder_with_other_classes_than_configured_is_one_line(tmp_path):
+    from helpers import write_tiny_imagefolder
+
+    write_tiny_imagefolder(tmp_path / "train")
+    write_tiny_imagefolder(tmp_path / "val", seed=1)
+    line = one_error_line(
+        run_cli(
+            "ssn_exp",
+            *FAST,
+            "data=imagenet",
+            f"data.train_root={tmp_path / 'train'}",
+            "data.num_classes=5",
+            f"data.val_root={tmp_path / 'val'}",
+            "data.image_size=16",
+            "data.resize=18",
+            "data.num_workers=0",
+            "model=digits_cnn",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        )  # fmt: skip
+    )
+    assert "has 3 class folders but data.num_classes=5" in line
+
+
 def test_an_unwritable_output_directory_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

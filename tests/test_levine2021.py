@@ -39,17 +39,18 @@ def test_loader_gives_the_authors_logits(model, fixture):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arithmetic", ["exact", "levine2021"])
-def test_dssn_counts_equal_the_authors_counts(model, fixture, arithmetic):
-    """sigma = 0.25: lambda < 1/2, the general split formula, where the two arithmetics differ most."""
+@pytest.mark.parametrize("sigma,arithmetic", [("0.25", "levine2021"), ("0.5", "exact")])
+def test_dssn_counts_equal_the_authors_counts(model, fixture, sigma, arithmetic):
+    """All six images. sigma = 0.25: lambda < 1/2, the general split formula, where the arithmetics differ most;
+    sigma = 0.5 the other branch. (The command-line test below runs the other two combinations.)"""
     x = torch.from_numpy(fixture["x_uint8"]).float() / 255
-    noise = DSSN(0.25, q=255, dim=3072, seed=0, arithmetic=arithmetic)
-    assert noise.levels == int(fixture["levels_0.25"])
+    noise = DSSN(float(sigma), q=255, dim=3072, seed=0, arithmetic=arithmetic)
+    assert noise.levels == int(fixture[f"levels_{sigma}"])
     counts = count_predictions(model, x, noise, noise.levels, 10, noise_batch=512).numpy()
-    np.testing.assert_array_equal(counts, fixture["counts_0.25"])
+    np.testing.assert_array_equal(counts, fixture[f"counts_{sigma}"])
     pred, k = exact_certificate(counts)
-    np.testing.assert_array_equal(pred, fixture["pred_0.25"])
-    np.testing.assert_array_equal((torch.from_numpy(k) / 255.0).numpy(), fixture["radius_0.25"])  # float32(k/255)
+    np.testing.assert_array_equal(pred, fixture[f"pred_{sigma}"])
+    np.testing.assert_array_equal((torch.from_numpy(k) / 255.0).numpy(), fixture[f"radius_{sigma}"])  # float32(k/255)
 
 
 def test_folder_names_of_the_release_are_read():
@@ -93,8 +94,11 @@ def cifar_root(fixture, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_cli_certifies_a_released_checkpoint_with_the_authors_counts(levine_checkpoint, fixture, cifar_root, tmp_path):
-    folder = tmp_path / "checkpoints" / "cifar_split_derandomized_0.5"
+@pytest.mark.parametrize("sigma,arithmetic,images", [("0.25", "exact", 6), ("0.5", "levine2021", 3)])
+def test_cli_certifies_a_released_checkpoint_with_the_authors_counts(
+    levine_checkpoint, fixture, cifar_root, tmp_path, sigma, arithmetic, images
+):
+    folder = tmp_path / "checkpoints" / f"cifar_split_derandomized_{sigma}"
     folder.mkdir(parents=True)
     ckpt = folder / "model_ckpt.torch"
     shutil.copy(levine_checkpoint / "model_ckpt.torch", ckpt)
@@ -102,23 +106,23 @@ def test_cli_certifies_a_released_checkpoint_with_the_authors_counts(levine_chec
     p = run_cli(
         "ssn_exp.certify", f"ckpt={ckpt}", "data=cifar10", f"data.root={cifar_root}", "data.num_workers=0",
         f"hydra.run.dir={out}", "certify.progress=false", "certify.noise_batch=512", "trainer.enable_progress_bar=false",
+        f"certify.max_examples={images}", f"method.arithmetic={arithmetic}",
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     rows = read_csv(out / "certificates.csv")
-    assert [int(r["index"]) for r in rows] == list(range(6))
-    for r, counts, pred, radius in zip(
-        rows, fixture["counts_0.5"], fixture["pred_0.5"], fixture["radius_0.5"], strict=True
-    ):
+    assert [int(r["index"]) for r in rows] == list(range(images))
+    want = [fixture[f"{key}_{sigma}"][:images] for key in ("counts", "pred", "radius")]
+    for r, counts, pred, radius in zip(rows, *want, strict=True):
         got = np.zeros(10, dtype=np.int64)
         for item in r["counts"].split():
             c, v = item.split(":")
             got[int(c)] = int(v)
         np.testing.assert_array_equal(got, counts)
-        assert int(r["prediction"]) == pred and int(r["correct"]) == 1
+        assert int(r["prediction"]) == pred and int(r["correct"]) == (pred == fixture["pred_0.5"][int(r["index"])])
         assert np.float32(int(r["k"]) / 255) == radius
     m = read_metrics(out)
-    assert (m["method"], m["sigma"], m["dataset"], m["ckpt_format"], m["levels"], m["training"]) == (
-        "dssn", 0.5, "cifar10", "levine2021", 441, "standard",
+    assert (m["method"], m["sigma"], m["dataset"], m["ckpt_format"], m["levels"], m["training"], m["arithmetic"]) == (
+        "dssn", float(sigma), "cifar10", "levine2021", int(fixture[f"levels_{sigma}"]), "standard", arithmetic,
     )  # fmt: skip
 
 

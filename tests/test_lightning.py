@@ -75,7 +75,7 @@ def test_a_stability_training_step_uses_the_configured_weight_six():
     x, y = _data(6)[:]
     loss = module.training_step((x, y), 0)
     # the same step by hand: the noise of step 0 (the module's own generator), then CE + 6 KL
-    noisy = module.smoothing.sample(torch.cat([x, x]), module._generator(1, 0))
+    noisy = module.smoothing.sample(torch.cat([x, x]), module._generator(1, 0, 0))  # stream 1, epoch 0, batch 0
     logits, logits2 = module(noisy).chunk(2)
     p, q = F.softmax(logits, 1), F.softmax(logits2, 1)
     want = F.cross_entropy(logits, y) + 6.0 * (p * (p.log() - q.log())).sum(1).mean()
@@ -97,6 +97,38 @@ def test_sharded_certification_merges_to_the_single_process_result(tmp_path, noi
     rows = _rows(sharded / "certificates.csv")
     assert [int(r["index"]) for r in rows] == list(range(0, 22, 2))
     assert rows == _rows(single / "certificates.csv")
+
+
+def test_a_resume_with_another_number_of_ranks_keeps_every_row(tmp_path):
+    noise = DSSN(0.5, q=16, dim=64)
+    single = tmp_path / "single"
+    _certifier(single, noise).run("cpu", progress=False)
+    out = tmp_path / "out"
+    for rank in range(3):  # three ranks certify half of their shards, then the job dies
+        c = _certifier(out, noise, rank=rank, world_size=3)
+        for chunk in c.chunks()[:1]:
+            c.run_chunk(chunk, torch.device("cpu"))
+    before = sum(len(read_certificates(p)) for p in out.glob("certificates.rank*.csv"))
+    assert 0 < before < 23
+    todo = []
+    for rank in range(2):  # resumed with two ranks
+        c = _certifier(out, noise, rank=rank, world_size=2)
+        todo += c.todo
+        c.run("cpu", progress=False)
+    assert len(todo) == 23 - before  # nothing certified twice, nothing lost
+    merge_shards(out, 2, noise)
+    assert not list(out.glob("certificates.rank*.csv"))
+    assert _rows(out / "certificates.csv") == _rows(single / "certificates.csv")
+
+
+def test_a_stale_metrics_file_goes_when_certificates_are_added(tmp_path):
+    noise = DSSN(0.5, q=16, dim=64)
+    _certifier(tmp_path, noise, max_examples=5).run("cpu", progress=False)
+    (tmp_path / "metrics.json").write_text("{}")
+    _certifier(tmp_path, noise, max_examples=5)  # complete: kept
+    assert (tmp_path / "metrics.json").is_file()
+    _certifier(tmp_path, noise, max_examples=9)  # more examples to certify: the old summary is no longer true
+    assert not (tmp_path / "metrics.json").exists()
 
 
 def test_merging_refuses_a_missing_shard(tmp_path):
@@ -177,6 +209,22 @@ def _change(line, column, value, header):
             lambda ls: [ls[0], _change(ls[1], "p_lower", "0.999", ls[0].strip().split(","))] + ls[2:],
             "p_lower and radius disagree",
         ),
+        (  # p_lower and radius changed together, consistently: the counts still give them away
+            SSN(0.5),
+            lambda ls: (
+                [
+                    ls[0],
+                    _change(
+                        _change(ls[1], "p_lower", "0.75", ls[0].strip().split(",")),
+                        "radius",
+                        repr(2 * SSN(0.5).lam * 0.25),
+                        ls[0].strip().split(","),
+                    ),
+                ]
+                + ls[2:]
+            ),
+            "p_lower does not follow from the counts",
+        ),
         (
             SSN(0.5),
             lambda ls: (
@@ -204,8 +252,15 @@ def test_certificates_of_other_weights_or_settings_are_not_mixed(tmp_path):
         _certifier(tmp_path, noise, model=other)
     with pytest.raises(ResultsFileError, match="other settings.*n: 64 -> 128"):
         _certifier(tmp_path, noise, n=128)
+    with pytest.raises(ResultsFileError, match="other settings.*autocast: None -> 'bf16'"):
+        _certifier(tmp_path, noise, autocast="bf16")
+    with pytest.raises(ResultsFileError, match="other settings.*precision: None -> 'bf16-mixed'"):
+        _certifier(tmp_path, noise, precision="bf16-mixed")
     settings = json.loads((tmp_path / "certify_settings.json").read_text())
     assert settings["n"] == 64 and settings["method"] == "ssn" and len(settings["weights"]) == 16
+    (tmp_path / "certify_settings.json").unlink()
+    with pytest.raises(ResultsFileError, match="no certify_settings.json"):
+        _certifier(tmp_path, noise)
 
 
 def test_unchecked_reading_still_tolerates_a_torn_last_line(tmp_path):
@@ -244,10 +299,11 @@ def test_noise_of_a_training_step_depends_only_on_seed_step_and_rank():
     a, b = SmoothedTraining(**kw, seed=1), SmoothedTraining(**kw, seed=1)
     x = torch.full((4, 1, 8, 8), 0.5)
     torch.manual_seed(123)  # the global RNG does not matter
-    na = a.smoothing.sample(x, a._generator(1, 7))
+    na = a.smoothing.sample(x, a._generator(1, 3, 7))  # epoch 3, batch 7
     torch.manual_seed(456)
-    nb = b.smoothing.sample(x, b._generator(1, 7))
+    nb = b.smoothing.sample(x, b._generator(1, 3, 7))
     assert torch.equal(na, nb)
-    assert not torch.equal(na, a.smoothing.sample(x, a._generator(1, 8)))
+    assert not torch.equal(na, a.smoothing.sample(x, a._generator(1, 3, 8)))
+    assert not torch.equal(na, a.smoothing.sample(x, a._generator(1, 4, 7)))
     c = SmoothedTraining(**kw, seed=2)
-    assert not torch.equal(na, c.smoothing.sample(x, c._generator(1, 7)))
+    assert not torch.equal(na, c.smoothing.sample(x, c._generator(1, 3, 7)))

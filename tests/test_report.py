@@ -1,4 +1,4 @@
-"""The report (SPEC.md section 4): tables, curves and missing runs over published arrays and our run dirs."""
+"""The report (docs/method.md section 7): tables, curves and missing runs over published arrays and our run dirs."""
 
 from __future__ import annotations
 

@@ -43,10 +43,24 @@ def _train(tmp_path, *overrides):
     return run_dir, p
 
 
-@pytest.mark.parametrize("training", ["standard", "stability"])
-@pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
-def test_each_method_and_training_runs_end_to_end(tmp_path, method, training):
-    run_dir, p = _train(tmp_path, f"method={method}", f"training={training}", "sigma=0.5")
+MATRIX = [(method, training) for training in ("standard", "stability") for method in ("uniform", "ssn", "dssn")]
+
+
+def test_each_method_and_training_runs_end_to_end(tmp_path):
+    """All six method x training runs (as concurrent processes), each checked in full."""
+    calls = [
+        (
+            "ssn_exp",
+            ["debug=fast", f"hydra.run.dir={tmp_path / f'{m}-{t}'}", f"method={m}", f"training={t}", "sigma=0.5"],
+        )
+        for m, t in MATRIX
+    ]
+    for (method, training), p in zip(MATRIX, run_cli_many(calls), strict=True):
+        assert p.returncode == 0, p.stderr[-3000:]
+        _check_run(tmp_path / f"{method}-{training}", p, method, training)
+
+
+def _check_run(run_dir, p, method, training):
     m = read_metrics(run_dir)
     assert METRIC_KEYS <= set(m)
     assert (m["method"], m["training"], m["dataset"], m["q"], m["n_examples"]) == (method, training, "digits", 16, 8)
@@ -112,18 +126,57 @@ def test_a_checkpoint_from_another_method_or_sigma_is_refused(tmp_path):
 
 
 def test_bad_input_gets_one_clear_line(tmp_path):
-    p = run_cli("ssn_exp", "sigma=-1", f"hydra.run.dir={tmp_path}")
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+    runs = [tmp_path / str(i) / "run" for i in range(3)]
+    p1, p2, p3 = run_cli_many(
+        [
+            ("ssn_exp", ["sigma=-1", f"hydra.run.dir={runs[0]}"]),
+            ("ssn_exp", ["method=gauss", f"hydra.run.dir={runs[1]}"]),
+            ("ssn_exp", ["data=cifar10", f"data.root={tmp_path / 'nodata'}", f"hydra.run.dir={runs[2]}"]),
+        ]
+    )
+    assert p1.returncode == 2 and p1.stderr.strip().splitlines() == [
         "error: sigma must be a positive finite number, got -1"
     ]
-    p = run_cli("ssn_exp", "method=gauss", f"hydra.run.dir={tmp_path}")
-    assert p.returncode == 2 and p.stderr.strip().splitlines() == [
+    assert p2.returncode == 2 and p2.stderr.strip().splitlines() == [
         "error: In 'config': Could not find 'method/gauss' (available options in 'method': dssn, ssn, uniform)"
     ]
-    p = run_cli("ssn_exp", "data=cifar10", f"data.root={tmp_path / 'nodata'}", f"hydra.run.dir={tmp_path}")
-    assert p.returncode == 2
-    (line,) = p.stderr.strip().splitlines()
+    assert p3.returncode == 2
+    (line,) = p3.stderr.strip().splitlines()
     assert "CIFAR-10 not found" in line and str(tmp_path / "nodata") in line and "data.download=true" in line
+    assert not any(run.exists() for run in runs)  # failed starts leave no directory that looks like a run
+
+
+def test_a_run_stopped_early_is_not_certified_until_it_is_finished(tmp_path):
+    run = tmp_path / "run"
+    args = [
+        "training.epochs=500",
+        "certify.max_examples=4",
+        f"hydra.run.dir={run}",
+        "trainer.enable_progress_bar=false",
+    ]
+    p = run_cli("ssn_exp", *args, "+trainer.max_time=00:00:00:03")
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "certification skipped" in p.stdout + p.stderr
+    assert not (run / "metrics.json").exists() and not (run / "certificates.csv").exists()
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_recertifying_a_randomized_run_uses_its_seed_and_refuses_other_noise_settings(tmp_path):
+    run_dir, _ = _train(tmp_path, "method=uniform", "seed=1", "certify.max_examples=5")
+    ckpt = run_dir / "checkpoints" / "last.ckpt"
+    out = tmp_path / "recert"
+    p, bad = run_cli_many(
+        [
+            ("ssn_exp.certify", [f"ckpt={ckpt}", f"hydra.run.dir={out}", "certify.max_examples=5", "certify.n=256"]),
+            ("ssn_exp.certify", [f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'bad'}", "method.arithmetic=levine2021"]),
+        ]
+    )
+    assert p.returncode == 0, p.stderr[-2000:]
+    # the same certification noise as the run's own (seed 1 from the checkpoint, not the default 0)
+    assert certificate_columns(read_csv(out / "certificates.csv")) == certificate_columns(
+        read_csv(run_dir / "certificates.csv")
+    )
+    assert bad.returncode == 2 and "method.arithmetic: the noise of an ssn_exp checkpoint" in bad.stderr
 
 
 def test_resume_after_finish_is_a_noop_with_equal_results(tmp_path):

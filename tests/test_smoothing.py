@@ -1,4 +1,4 @@
-"""SPEC sections 1-2: the three noise methods, DSSN's golden vectors, statistics and input checks."""
+"""The three noise methods (docs/method.md sections 1-3), DSSN's golden vectors, statistics and input checks."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from ssn_exp.smoothing import (
 )
 
 
-def make_smoothing(method, sigma, *, q=None, dim=None, seed=0):
+def noise_of(method, sigma, *, q=None, dim=None, seed=0):
     return {"uniform": lambda: Uniform(sigma), "ssn": lambda: SSN(sigma), "dssn": lambda: DSSN(sigma, q, dim, seed)}[
         method
     ]()
@@ -103,7 +103,7 @@ def test_levels_match_every_published_dssn_run(reference_dir):
 @pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
 def test_sample_keeps_shape_device_and_is_fresh_per_example(method, shape):
     torch.manual_seed(0)
-    m = make_smoothing(method, 0.5, q=16, dim=64, seed=0)
+    m = noise_of(method, 0.5, q=16, dim=64, seed=0)
     x = torch.randint(0, 17, shape).float() / 16
     x = x[:1].expand(shape).contiguous()  # the same image five times
     out = m.sample(x)
@@ -280,7 +280,7 @@ def test_randomized_methods_reject_inputs_outside_the_unit_box(cls, value):
 
 @pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
 def test_noise_keeps_float64_inputs_in_float64(method):
-    m = make_smoothing(method, 0.5, q=16, dim=4)
+    m = noise_of(method, 0.5, q=16, dim=4)
     x = torch.randint(0, 17, (3, 4), dtype=torch.float64) / 16
     assert m.sample(x).dtype == torch.float64
     out = m.noisy(x, 0, 5)

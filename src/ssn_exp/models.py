@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ssn_exp.exceptions import UserError
+from ssn_exp.exceptions import UserError, _first_line
 
 __all__ = [
     "Normalize",
@@ -178,10 +178,6 @@ def read_checkpoint(path, map_location="cpu") -> dict:
         raise CheckpointError(
             f"cannot read checkpoint {path}: truncated or not a torch checkpoint ({_first_line(str(exc))})"
         ) from None
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), text).rstrip(".")
 
 
 _LEVINE2021_DATASETS = {"cifar10": dict(num_classes=10, in_channels=3)}

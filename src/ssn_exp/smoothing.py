@@ -1,4 +1,4 @@
-"""Smoothing noise for l1 certification (SPEC.md sections 1-2).
+"""Smoothing noise for l1 certification (docs/method.md sections 1-3).
 
 Plain torch + numpy: no Lightning, no Hydra, no I/O. Every method works on any
 device (noise is made where the input lives) and on NCHW or flat inputs.

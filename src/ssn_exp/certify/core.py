@@ -1,4 +1,4 @@
-"""Certificates (SPEC.md section 3): exact DSSN certificates and randomized Clopper-Pearson ones.
+"""Certificates (docs/method.md sections 4-6): exact DSSN certificates and randomized Clopper-Pearson ones.
 
 Plain torch + numpy + scipy, model-agnostic and device-agnostic: the base classifier is any
 callable ``f(N, C, H, W) -> logits`` and noise is made on the input's device.
@@ -34,7 +34,14 @@ __all__ = [
 
 
 class NonFiniteLogitsError(UserError, ValueError):
-    """The base classifier returned NaN or infinite logits: no certificate can be computed from them."""
+    """The base classifier returned NaN or infinite logits: no certificate can be computed from them.
+
+    ``positions``: the examples concerned, as positions in the batch given to :func:`count_predictions`.
+    """
+
+    def __init__(self, message: str, positions: list[int] | None = None):
+        super().__init__(message)
+        self.positions = list(positions or [])
 
 
 def top_class(counts) -> np.ndarray:
@@ -46,7 +53,7 @@ def top_class(counts) -> np.ndarray:
 
 
 def exact_certificate(counts) -> tuple[np.ndarray, np.ndarray]:
-    """DSSN certificate from per-class offset counts (SPEC section 3, "Exact").
+    """DSSN certificate from per-class offset counts (docs/method.md section 4).
 
     ``counts``: integer array (n, classes). Returns integer arrays ``(prediction, k)`` with
     A = argmax c, B = runner-up among the others (ties -> lowest index in both) and
@@ -165,7 +172,8 @@ def count_predictions(
         bad = torch.nonzero(~finite).view(-1).tolist()
         raise NonFiniteLogitsError(
             f"the model returned NaN or infinite logits for {len(bad)} of {batch} examples (batch positions "
-            f"{bad[:10]}{' ...' if len(bad) > 10 else ''}): no certificate is computed from them"
+            f"{bad[:10]}{' ...' if len(bad) > 10 else ''}): no certificate is computed from them",
+            positions=bad,
         )
     return counts
 

@@ -1,4 +1,4 @@
-"""Metrics over certificates (SPEC.md section 4): certified accuracy, ACR, best-over-sigma table.
+"""Metrics over certificates (docs/method.md section 7): certified accuracy, ACR, best-over-sigma table.
 
 DSSN radii are kept as integers k with their q (rho = k/q) so that "rho >= r" is decided exactly.
 """

@@ -106,6 +106,12 @@ def _from_ssn_exp(cfg: DictConfig, path: Path, given: dict):
         expect["dataset"], expect["q"] = cfg.data.name, cfg.data.q
     if "training" in given:
         expect["training"] = cfg.training.name
+    ignored = sorted(k for k in given if k.startswith("method.") and k != "method.seed")
+    if ignored:
+        raise ConfigError(
+            f"{', '.join(ignored)}: the noise of an ssn_exp checkpoint is the one it was trained with (stored in it); "
+            "only method=, sigma= and seed= may be given, to check that it matches"
+        )
     module = load_checkpoint(path, expect=expect)
     ident = module.identity()
     # The checkpoint's data set (or the one named on the command line), with data.* overrides on top.
@@ -116,6 +122,7 @@ def _from_ssn_exp(cfg: DictConfig, path: Path, given: dict):
         if key.startswith("data."):
             OmegaConf.update(data_cfg, key[5:], OmegaConf.select(cfg, key), force_add=True)
     dm = _data_module(data_cfg, f"the data config stored in {path}")
+    dm.check("test")
     for key in ("q", "num_classes", "shape"):
         if getattr(dm, key) != (tuple(module.hparams.data[key]) if key == "shape" else module.hparams.data[key]):
             raise ConfigError(
@@ -123,6 +130,7 @@ def _from_ssn_exp(cfg: DictConfig, path: Path, given: dict):
                 f"{module.hparams.data[key]}"
             )
     meta = {**ident, "n_classes": dm.num_classes, "checkpoint": str(path), "ckpt_format": "ssn_exp"}
+    meta["run_seed"] = int(module.hparams.seed)  # seeds the randomized certification noise, as in the run itself
     return module.model, module.smoothing, dm, meta
 
 
@@ -163,6 +171,7 @@ def _from_levine2021(cfg: DictConfig, path: Path, given: dict):
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     dm = build(cfg.data, "data")
+    dm.check("test")
     training = folder["training"] if folder else cfg.training.name
     meta = {
         "method": smoothing.name,
@@ -198,6 +207,9 @@ def run_certify(cfg: DictConfig) -> dict:
         else:
             model, smoothing, dm, meta = _from_ssn_exp(cfg, path, given)
         settings = certify_settings(cfg, n=None if "certify.n" in given else dm.certify_n)
+        run_seed = meta.pop("run_seed", None)
+        if run_seed is not None and "seed" not in given:  # the same certification noise as the run's own
+            settings["seed"] = run_seed
         logger = build(cfg.logger, "logger")
         if logger:
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "checkpoint_identity": meta})

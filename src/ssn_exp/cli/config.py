@@ -36,10 +36,15 @@ class ConfigError(UserError, ValueError):
 
 
 def _path_tag(path) -> str:
-    """A directory-name-safe tag for a checkpoint path (resolver ``${path_tag:...}``)."""
+    """A directory name for a checkpoint path (resolver ``${path_tag:...}``): its last parts, readable, and a short
+    hash of the absolute path, so that two checkpoints never share a folder and the same one always finds its own."""
+    import hashlib
+
     p = Path(str(path))
     parts = [x for x in p.with_suffix("").parts[-4:] if x not in ("/", "checkpoints")]
-    return re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(parts)).strip("_-") or "ckpt"
+    name = re.sub(r"[^A-Za-z0-9_.=-]+", "_", "-".join(parts)).strip("_-") or "ckpt"
+    digest = hashlib.sha1(str(p.expanduser().absolute()).encode()).hexdigest()[:8]
+    return f"{name}-{digest}"
 
 
 def check_tag(tag) -> str:
@@ -145,6 +150,7 @@ def certify_settings(cfg: DictConfig, n: int | None = None) -> dict:
         "autocast": c.get("autocast"),
         "channels_last": bool(c.get("channels_last", False)),
         "compile": bool(c.get("compile", False)),
+        "precision": None if cfg.trainer.get("precision") is None else str(cfg.trainer.precision),
     }
     alpha = c.alpha
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:

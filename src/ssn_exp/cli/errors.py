@@ -27,7 +27,7 @@ log = logging.getLogger("ssn_exp")
 
 #: What Hydra leaves in a run directory before the task starts (and the lock): a directory holding only
 #: these after a failed start is removed, so that failed runs do not look like runs.
-_HYDRA_ONLY = {".hydra", "ssn_exp.log", ".ssn_exp.lock", "certify_ckpt.log"}
+_HYDRA_ONLY = {".hydra", "ssn_exp.log", ".ssn_exp.lock"}
 _OS_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
@@ -184,15 +184,31 @@ def guard(task: Callable, cfg) -> object:
 
 
 def _remove_if_empty_run(out: Path) -> None:
-    if out.is_dir() and {p.name for p in out.iterdir()} <= _HYDRA_ONLY:
-        shutil.rmtree(out, ignore_errors=True)
-        parent = out.parent
-        for _ in range(3):  # the empty <data>/<method>-... folders Hydra made above it
-            try:
-                parent.rmdir()
-            except OSError:
-                break
-            parent = parent.parent
+    """Remove what Hydra wrote for a run that failed before it started, then the directory if that left it empty.
+
+    Nothing else is ever removed: not a directory holding anything more, not the working directory, and not
+    a directory whose lock another process holds (a second process failing a check must not touch the first's).
+    """
+    if not out.is_dir() or out.resolve() == Path.cwd().resolve():
+        return
+    names = {p.name for p in out.iterdir()}
+    if not names <= _HYDRA_ONLY:
+        return
+    try:
+        with RunLock(out):
+            pass
+    except (RunLockedError, OSError):
+        return
+    shutil.rmtree(out / ".hydra", ignore_errors=True)
+    for name in _HYDRA_ONLY - {".hydra"}:
+        (out / name).unlink(missing_ok=True)
+    parent = out
+    for _ in range(4):  # the run directory and the empty <data>/<method>-... folders Hydra made above it
+        try:
+            parent.rmdir()
+        except OSError:
+            break
+        parent = parent.parent
 
 
 class RunLock:

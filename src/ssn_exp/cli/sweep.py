@@ -118,10 +118,12 @@ def main(argv=None) -> int:
             print(f"  [{i}] {' '.join(job)}")
         return 0
     resume = f"run the same command again to resume: the finished jobs in {out_dir} are kept"
+    proc = subprocess.Popen(cmd, env={**os.environ, "SSN_EXP_IN_SWEEP": "1"})
     try:
-        rc = subprocess.call(cmd, env={**os.environ, "SSN_EXP_IN_SWEEP": "1"})
-    except KeyboardInterrupt:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # let the jobs stop; no second traceback
+        rc = proc.wait()
+    except KeyboardInterrupt:  # the jobs got the same Ctrl-C: let them stop cleanly, then say how to resume
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        proc.wait()
         print(f"error: interrupted after {_count_done(out_dir)} of {len(all_jobs)} jobs; {resume}", file=sys.stderr)
         return 130
     done = _count_done(out_dir)
@@ -141,10 +143,8 @@ def main(argv=None) -> int:
                 f"the report lists the missing runs; {resume}",
                 file=sys.stderr,
             )
-    if not args.no_report and done:
-        from ssn_exp.report.cli import main as report_main
-
-        report_main([str(out_dir), "--out", str(out_dir / "report")])
+    if not args.no_report and done:  # the report (layer 4) reads the result files, in its own process
+        subprocess.call([sys.executable, "-m", "ssn_exp.report", str(out_dir), "--out", str(out_dir / "report")])
     return rc
 
 

@@ -86,6 +86,7 @@ def build_parts(cfg: DictConfig):
         raise ConfigError(
             f"{config_source('data')} builds {type(dm).__name__}, not an ssn_exp.lightning.data.ImageData"
         )
+    dm.check("fit")  # missing data fails here, before anything is written
     smoothing = build(cfg.method, "method")
     if not isinstance(smoothing, Smoothing):
         raise ConfigError(f"{config_source('method')} builds {type(smoothing).__name__}, not a smoothing noise")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,7 +19,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ssn_exp.certify import certify_batch
+from ssn_exp.certify import NonFiniteLogitsError, certify_batch
 from ssn_exp.lightning.data import dataset_labels, mix_seed
 from ssn_exp.lightning.run_files import (
     ResultsFileError,
@@ -32,6 +33,8 @@ from ssn_exp.lightning.run_files import (
     write_rows_atomic,
 )
 from ssn_exp.smoothing import Smoothing
+
+log = logging.getLogger("ssn_exp")
 
 __all__ = [
     "certify_indices",
@@ -88,6 +91,7 @@ class ShardCertifier:
         autocast: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        precision: str | None = None,
     ):
         self.model, self.smoothing, self.dataset = model, smoothing, dataset
         self.out_dir = Path(out_dir)
@@ -103,7 +107,16 @@ class ShardCertifier:
         self.autocast_dtype = dtypes[autocast]
         self.channels_last = bool(channels_last)
         self.columns = columns_for(smoothing)
-        self._check_settings(self._settings(n0, n, alpha, seed))
+        self._check_settings(
+            {
+                **self._settings(n0, n, alpha, seed),
+                # how the base classifier is run changes its logits, hence the certificates
+                "autocast": autocast if autocast not in (None, "none") else None,
+                "precision": None if precision is None else str(precision),
+                "channels_last": self.channels_last,
+                "compile": bool(compile),
+            }
+        )
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(model) if compile else model
@@ -115,13 +128,25 @@ class ShardCertifier:
             labels=lambda idx: dataset_labels(dataset, idx),
             num_classes=num_classes,
             n=None if smoothing.deterministic else n,
+            alpha=alpha,
         )
-        done = read_certificates(self.path, allowed=self.shard, **check)
-        if world_size > 1:
+        if world_size == 1:
+            done = read_certificates(self.path, allowed=self.shard, **check)
+            keep = done
+            complete = set(selected) <= set(done)
+        else:  # this rank's rows from the merged file and from every shard file (the world size may have changed)
             merged = read_certificates(self.out_dir / "certificates.csv", allowed=selected, **check)
-            done.update({i: merged[i] for i in self.shard if i in merged})
+            complete = set(selected) <= set(merged)
+            found = dict(merged)
+            for path in sorted(self.out_dir.glob("certificates.rank*.csv")):
+                found.update(read_certificates(path, allowed=selected, **check))
+            done = {i: found[i] for i in self.shard if i in found}
+            # this rank's file keeps the rows it had (another rank may take them over) and gains the ones it found
+            keep = {**read_certificates(self.path, allowed=selected, **check), **done}
+        if not complete and rank == 0:  # results are being added: a metrics.json of fewer examples is stale
+            (self.out_dir / "metrics.json").unlink(missing_ok=True)
         # rewrite the shard file cleanly (drops a torn line, keeps every finished row)
-        write_rows_atomic(self.path, self.columns, [done[i] for i in sorted(done)])
+        write_rows_atomic(self.path, self.columns, [keep[i] for i in sorted(keep)])
         self.done = set(done)
         self.todo = [i for i in self.shard if i not in self.done]
 
@@ -134,6 +159,11 @@ class ShardCertifier:
 
     def _check_settings(self, settings: dict) -> None:
         path = self.out_dir / "certify_settings.json"
+        if not path.is_file() and any(self.out_dir.glob("certificates*.csv")):
+            raise ResultsFileError(
+                f"{self.out_dir} holds certificates but no certify_settings.json, so how they were made is unknown; "
+                "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
+            )
         if path.is_file() and any(self.out_dir.glob("certificates*.csv")):
             try:
                 old = json.loads(path.read_text())
@@ -159,16 +189,24 @@ class ShardCertifier:
             x = x.contiguous(memory_format=torch.channels_last)
         t0 = time.perf_counter()
         try:
+            parts = []
             if self.smoothing.deterministic:
                 cert = self._certify(x, None)
             else:  # one generator per example: reproducible whatever the batching or sharding
-                parts = []
                 for j, idx in enumerate(chunk):
                     g = torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xCE27, idx))
                     parts.append(self._certify(x[j : j + 1], g))
                 cert = _concat(parts)
-        except ValueError as exc:  # name the data set's examples, not positions in the batch
-            raise type(exc)(f"{exc} [certifying test examples {chunk[0]}..{chunk[-1]}]") from None
+        except NonFiniteLogitsError as exc:  # name the data set's examples, not positions in a batch
+            if self.smoothing.deterministic:
+                examples = [chunk[p] for p in exc.positions]
+            else:  # one example at a time: the one that failed is the next without a part
+                examples = [chunk[len(parts)]]
+            raise NonFiniteLogitsError(
+                f"the model returned NaN or infinite logits for test example(s) {examples[:10]}"
+                f"{' ...' if len(examples) > 10 else ''}: no certificate is computed from them",
+                positions=examples,
+            ) from None
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - t0) / len(chunk)
@@ -262,6 +300,16 @@ class CertifyCallback(pl.Callback):
         self.metrics: dict | None = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
+        if trainer.interrupted or trainer.current_epoch < (trainer.max_epochs or 0):
+            # stopped early (trainer.max_time, a callback): certifying would describe a model that is not the run's
+            if trainer.global_rank == 0:
+                log.warning(
+                    "training stopped at epoch %d of %d: certification skipped; run the same command again to "
+                    "finish training and certify",
+                    trainer.current_epoch,
+                    trainer.max_epochs,
+                )
+            return
         self.metrics = run_certification(
             pl_module.model,
             pl_module.smoothing,

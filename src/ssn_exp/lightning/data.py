@@ -197,6 +197,10 @@ class ImageData(pl.LightningDataModule):
             self.setup("test")
         return self.test_set
 
+    def check(self, stage: str = "fit") -> None:
+        """Raise :class:`DataMissingError` now if the data of ``stage`` ("fit" or "test") is not where the config says
+        (cheap: nothing is loaded), so that a run fails before it starts."""
+
 
 class DigitsData(ImageData):
     """scikit-learn ``load_digits`` (1797 images, 8x8, values 0..16 -> q = 16), stratified 80/20 split."""
@@ -242,6 +246,9 @@ class CIFAR10Data(ImageData):
     def folder(self) -> Path:
         return Path(self.root) / "cifar-10-batches-py"
 
+    def check(self, stage: str = "fit") -> None:
+        self._check()
+
     def prepare_data(self):
         if self.download and not self.folder.is_dir():
             from torchvision.datasets.utils import download_and_extract_archive
@@ -257,7 +264,8 @@ class CIFAR10Data(ImageData):
             )
 
     def setup(self, stage=None):
-        if self.test_set is not None:
+        need_train = stage in (None, "fit") and self.train_set is None
+        if self.test_set is not None and not need_train:
             return
         from torchvision import transforms as T
 
@@ -267,8 +275,9 @@ class CIFAR10Data(ImageData):
         self.prepare_data()
         train_tf = [T.RandomCrop(32, padding=4), T.RandomHorizontalFlip()] if self.augment else []
         try:
-            self.test_set = CIFAR10Batches(self.root, train=False, transform=T.ToTensor())
-            if stage in (None, "fit"):
+            if self.test_set is None:
+                self.test_set = CIFAR10Batches(self.root, train=False, transform=T.ToTensor())
+            if need_train:
                 self.train_set = CIFAR10Batches(self.root, train=True, transform=T.Compose([*train_tf, T.ToTensor()]))
         except FileNotFoundError as exc:
             raise DataMissingError(f"{exc}; {self.folder} must hold all the CIFAR-10 python batches") from None
@@ -300,6 +309,11 @@ class ImageFolderData(ImageData):
         self.test_every = int(test_every)
         self.image_size, self.resize = int(image_size), int(resize)
 
+    def check(self, stage: str = "fit") -> None:
+        self._check(self.val_root, "val")
+        if stage == "fit":
+            self._check(self.train_root, "train")
+
     def _check(self, root, what):
         if not Path(root).is_dir():
             raise DataMissingError(
@@ -308,19 +322,30 @@ class ImageFolderData(ImageData):
                 f"unpack it there (valprep.sh sorts the validation images), or set data.{what}_root=DIR"
             )
 
-    def setup(self, stage=None):
-        if self.test_set is not None:
-            return
-        from torchvision import transforms as T
+    def _folder(self, root, what, transform):
         from torchvision.datasets import ImageFolder
 
-        self._check(self.val_root, "val")
-        test_tf = T.Compose([T.Resize(self.resize), T.CenterCrop(self.image_size), T.ToTensor()])
-        val = ImageFolder(self.val_root, transform=test_tf)
-        if len(val.classes) != self.num_classes:
-            raise ValueError(f"{self.val_root} has {len(val.classes)} classes but data.num_classes={self.num_classes}")
-        self.test_set = Subset(val, list(range(0, len(val), self.test_every)))
-        if stage in (None, "fit"):
-            self._check(self.train_root, "train")
+        self._check(root, what)
+        try:
+            folder = ImageFolder(root, transform=transform)
+        except FileNotFoundError as exc:  # no class folders, or no images in them
+            raise DataMissingError(f"{self.name} {what} images at {Path(root).resolve()}: {exc}") from None
+        if len(folder.classes) != self.num_classes:
+            raise DataError(
+                f"{Path(root).resolve()} has {len(folder.classes)} class folders but data.num_classes={self.num_classes}"
+            )
+        return folder
+
+    def setup(self, stage=None):
+        need_train = stage in (None, "fit") and self.train_set is None
+        if self.test_set is not None and not need_train:
+            return
+        from torchvision import transforms as T
+
+        if self.test_set is None:
+            test_tf = T.Compose([T.Resize(self.resize), T.CenterCrop(self.image_size), T.ToTensor()])
+            val = self._folder(self.val_root, "val", test_tf)
+            self.test_set = Subset(val, list(range(0, len(val), self.test_every)))
+        if need_train:
             train_tf = T.Compose([T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), T.ToTensor()])
-            self.train_set = ImageFolder(self.train_root, transform=train_tf)
+            self.train_set = self._folder(self.train_root, "train", train_tf)

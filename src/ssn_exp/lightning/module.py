@@ -6,7 +6,7 @@ and facts, the training objective, the optimizer and scheduler configs, the deno
 See :func:`load_checkpoint` (``weights_only=True``).
 
 Reproducibility: the training noise, the global torch RNG (dropout) and the validation noise are
-seeded from (seed, step) or (seed, epoch, batch), and the data order and augmentation from
+seeded from (seed, rank, epoch, batch), and the data order and augmentation from
 (seed, epoch, example) (:mod:`ssn_exp.lightning.data`): a run resumed from an epoch checkpoint ends
 exactly where an uninterrupted run ends.
 """
@@ -21,9 +21,9 @@ from hydra.utils import instantiate
 from torch import nn
 from torch.nn import functional as F
 
-from ssn_exp.exceptions import instantiation_message
+from ssn_exp.exceptions import _first_line, instantiation_message
 from ssn_exp.lightning.data import mix_seed
-from ssn_exp.models import CheckpointError, Denoised, _first_line, normalized, read_checkpoint
+from ssn_exp.models import CheckpointError, Denoised, normalized, read_checkpoint
 from ssn_exp.smoothing import Smoothing
 
 __all__ = [
@@ -107,7 +107,7 @@ class SmoothedTraining(pl.LightningModule):
         return self._generators[key].manual_seed(mix_seed(self.hparams.seed, stream, self.global_rank, *parts))
 
     def on_train_batch_start(self, batch, batch_idx):
-        torch.manual_seed(mix_seed(self.hparams.seed, _STREAM_GLOBAL, self.global_rank, self.global_step))
+        torch.manual_seed(mix_seed(self.hparams.seed, _STREAM_GLOBAL, self.global_rank, self.current_epoch, batch_idx))
 
     # -- training ------------------------------------------------------------------------
     def forward(self, x):
@@ -115,7 +115,7 @@ class SmoothedTraining(pl.LightningModule):
 
     def training_step(self, batch, batch_idx):
         x, y = batch
-        g = self._generator(_STREAM_NOISE, self.global_step)
+        g = self._generator(_STREAM_NOISE, self.current_epoch, batch_idx)
         if self.hparams.training == "standard":
             logits = self(self.smoothing.sample(x, g))
             loss = F.cross_entropy(logits, y)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssn_exp.certify import average_certified_radius, certified_accuracy, exact_certificate
+from ssn_exp.certify import average_certified_radius, certified_accuracy, clopper_pearson_lower, exact_certificate
 from ssn_exp.exceptions import UserError
 from ssn_exp.smoothing import Smoothing
 
@@ -39,6 +39,7 @@ __all__ = [
     "read_certificates",
     "write_rows_atomic",
     "write_json_atomic",
+    "write_text_atomic",
     "merge_shards",
     "summarize",
     "format_table",
@@ -52,11 +53,16 @@ class ResultsFileError(UserError, ValueError):
     """A result file that does not belong to this certification or is damaged (one-line message)."""
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: never half a file."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
 def columns_for(smoothing: Smoothing) -> list[str]:
@@ -105,11 +111,12 @@ def read_certificates(
     labels: Callable[[Sequence[int]], Sequence[int]] | None = None,
     num_classes: int | None = None,
     n: int | None = None,
+    alpha: float | None = None,
 ) -> dict[int, dict]:
     """Rows of ``certificates.csv`` by example index; ``{}`` if the file does not exist.
 
-    With ``smoothing`` (and optionally ``allowed`` indices, a ``labels(indices)`` function, ``num_classes``
-    and the estimation sample count ``n``) every row is checked; the first bad one raises
+    With ``smoothing`` (and optionally ``allowed`` indices, a ``labels(indices)`` function, ``num_classes``,
+    the estimation sample count ``n`` and ``alpha``) every row is checked; the first bad one raises
     :class:`ResultsFileError` naming the file and the row. A torn last line (no final newline) is ignored.
     """
     path = Path(path)
@@ -133,7 +140,7 @@ def read_certificates(
                 continue
             continue
         try:
-            index = _check_row(row, smoothing, num_classes, n)
+            index = _check_row(row, smoothing, num_classes, n, alpha)
         except (TypeError, ValueError, KeyError) as exc:
             raise ResultsFileError(f"{path} line {line}: malformed certificate row ({exc})") from None
         if allowed is not None and index not in allowed:
@@ -155,7 +162,7 @@ def read_certificates(
     return rows
 
 
-def _check_row(row: dict, smoothing: Smoothing, num_classes: int | None, n: int | None) -> int:
+def _check_row(row: dict, smoothing: Smoothing, num_classes: int | None, n: int | None, alpha: float | None) -> int:
     if None in row or any(v is None for v in row.values()):
         raise ValueError("wrong number of fields")
     index, label, pred, correct = (int(row[c]) for c in ("index", "label", "prediction", "correct"))
@@ -179,6 +186,10 @@ def _check_row(row: dict, smoothing: Smoothing, num_classes: int | None, n: int 
             raise ValueError("p_lower and radius disagree")
         if n is not None and int(counts.sum()) != n:
             raise ValueError(f"counts sum to {int(counts.sum())}, not N = {n}")
+        if n is not None and alpha is not None:
+            want = float(clopper_pearson_lower(int(counts[pred]), n, alpha))
+            if abs(p - want) > 1e-12:
+                raise ValueError("p_lower does not follow from the counts of the prediction")
         if "radius_box" in row and not float(row["radius_box"]) >= radius - 1e-12:
             raise ValueError("radius_box is below radius")
     return index
@@ -206,11 +217,13 @@ def merge_shards(out_dir: Path, world_size: int, smoothing: Smoothing) -> Path:
         shard = out_dir / f"certificates.rank{r}.csv"
         if not shard.is_file():
             raise ResultsFileError(f"{shard} is missing: rank {r} did not finish its shard")
+    shards = sorted(out_dir.glob("certificates.rank*.csv"))  # also those of an earlier run with more ranks
+    for shard in shards:
         rows.update(read_certificates(shard))
     path = out_dir / "certificates.csv"
     write_rows_atomic(path, columns_for(smoothing), [rows[i] for i in sorted(rows)])
-    for r in range(world_size):
-        (out_dir / f"certificates.rank{r}.csv").unlink(missing_ok=True)
+    for shard in shards:
+        shard.unlink(missing_ok=True)
     return path
 
 

@@ -70,7 +70,8 @@ class StageModule(pl.LightningModule):
             loss = F.cross_entropy(logits, y)
             self.log("stage/acc", (logits.argmax(1) == y).float().mean(), on_step=False, on_epoch=True)
         else:
-            g = torch.Generator(device=self.device).manual_seed(mix_seed(self.hparams.seed, 7, self.global_step))
+            seed = mix_seed(self.hparams.seed, 7, self.global_rank, self.current_epoch, batch_idx)
+            g = torch.Generator(device=self.device).manual_seed(seed)
             noisy = self.smoothing.sample(x, g)
             if kind == "denoiser_mse":
                 loss = F.mse_loss(self.denoiser(noisy), x)

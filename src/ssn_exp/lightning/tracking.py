@@ -15,13 +15,9 @@ from typing import Any
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
+from ssn_exp.lightning.run_files import write_text_atomic as _atomic_write
+
 __all__ = ["RunCSVLogger", "no_logger", "wandb_mode", "wandb_logger", "log_certification"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 class RunCSVLogger(Logger):

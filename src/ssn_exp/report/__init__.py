@@ -1,6 +1,6 @@
-"""Reports over certification results (layer 4, SPEC.md section 4): read result files, write tables and plots.
+"""Reports over certification results (layer 4, docs/method.md section 7): read result files, write tables and plots.
 
-Only reads results (``ssn_exp.results``); never imports training code. Matplotlib is imported
+Only reads results (:mod:`ssn_exp.report.records`); never imports training code. Matplotlib is imported
 lazily by :func:`plot_curves` / :func:`plot_all_curves`. Command line: ``python -m ssn_exp.report``.
 """
 

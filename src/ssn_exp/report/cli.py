@@ -28,7 +28,7 @@ __all__ = ["main", "build_parser"]
 PROG = "python -m ssn_exp.report"
 
 DESCRIPTION = """\
-Report over certification results (SPEC.md section 4). Reads result files only; trains nothing.
+Report over certification results (docs/method.md section 7). Reads result files only; trains nothing.
 
 Each PATH is one of:
   - a run directory (metrics.json + certificates.csv, written by `python -m ssn_exp`);
@@ -60,8 +60,10 @@ Printed to stdout (Markdown) and written into --out:
   curves_<dataset>_<training>_<denoiser>.png
                                 certified accuracy (%) against l1 radius, one panel per sigma, one
                                 line per method (uniform blue, SSN orange, DSSN green); published
-                                runs dashed, ours solid (the paper's Figures 10-14).
-  missing.txt                   Hydra job dirs without metrics.json (with their overrides) and runs
+                                runs dashed, ours solid, box-constrained certificates dash-dotted
+                                (the paper's Figures 10-14).
+  missing.txt                   Hydra job dirs without metrics.json (with their overrides and, for a
+                                failed job, its error.txt line) and runs
                                 that could not be read or were ignored as duplicates.
   report.md                     everything printed to stdout.
 

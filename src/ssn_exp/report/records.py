@@ -154,6 +154,11 @@ def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
     is_exact = meta["method"] == "dssn"
     with open(run_dir / "certificates.csv", newline="") as fh:
         rows = sorted(csv.DictReader(fh), key=lambda r: int(r["index"]))
+    if len(rows) != int(meta["n_examples"]):
+        raise ValueError(
+            f"certificates.csv has {len(rows)} rows but metrics.json counts {meta['n_examples']} examples "
+            "(a certification being resumed, or an edited file)"
+        )
     has_box = bool(rows) and "radius_box" in rows[0]
     for row in rows:
         labels.append(int(row["label"]))

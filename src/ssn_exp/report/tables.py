@@ -1,6 +1,6 @@
-"""Report tables (SPEC.md section 4): best-over-sigma, ACR per run, seed robustness.
+"""Report tables (docs/method.md section 7): best-over-sigma, ACR per run, seed robustness.
 
-Everything here works on :class:`ssn_exp.results.RunRecord` lists and only reads results:
+Everything here works on :class:`ssn_exp.report.records.RunRecord` lists and only reads results:
 numbers are recomputed from the per-example certificates, never from a training run.
 Accuracies are kept as fractions in the data structures and written in percent (2 decimals).
 """
