@@ -225,10 +225,10 @@ def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_failing_ddp_rank_is_one_line_naming_the_rank(tmp_path):
+def test_a_dying_ddp_rank_is_one_line_naming_the_rank(tmp_path):
     conf = tmp_path / "conf" / "model"
     conf.mkdir(parents=True)
-    (conf / "bomb.yaml").write_text("_target_: rank_bomb.FailOnRank\nrank: 1\n")
+    (conf / "bomb.yaml").write_text("_target_: rank_bomb.FailOnRank\nrank: 1\nhow: die\n")
     p = run_cli(
         "ssn_exp", *FAST, "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "model=bomb",
         f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={tmp_path / 'run'}",
@@ -237,8 +237,20 @@ def test_a_failing_ddp_rank_is_one_line_naming_the_rank(tmp_path):
     # (the other rank, stopped with SIGTERM while gloo reports the dead peer, may print its teardown: a race
     # inside torch/Lightning; the answer to the user is the last line, and it is the only error line)
     assert p.returncode == 2, p.stderr[-3000:]
-    assert p.stderr.strip().splitlines()[-1] == "error: DDP rank 1 failed: RuntimeError: boom on rank 1"
+    assert p.stderr.strip().splitlines()[-1] == "error: DDP rank 1 died (signal SIGKILL); the other ranks were stopped"
     assert sum(line.startswith("error:") for line in p.stderr.splitlines()) == 1
+
+
+def test_a_rank_that_raises_is_named_in_one_line():
+    import torch.multiprocessing  # noqa: F401 - torch's own exception types, as a DDP launcher raises them
+    from torch.multiprocessing.spawn import ProcessRaisedException
+
+    from ssn_exp.cli.errors import is_user_error, one_line
+
+    msg = "\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n  ...\n"
+    exc = ProcessRaisedException(msg + "RuntimeError: boom on rank 1\n", error_index=1, error_pid=123)
+    assert is_user_error(exc)
+    assert one_line(exc) == "DDP rank 1 failed: RuntimeError: boom on rank 1"
 
 
 def test_a_sweep_whose_every_job_failed_says_so(tmp_path):
