@@ -11,9 +11,12 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
+#: Running inside mutmut's copy of the project (make mutation): it forks a worker per mutant from a process that
+#: has run torch, and forked children deadlock in a thread pool the parent had started; one thread avoids that.
+UNDER_MUTATION = ROOT.name == "mutants"
 
 # Keep the tests fast and quiet on a 2-core CPU, and never online.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1 if UNDER_MUTATION else min(2, os.cpu_count() or 1))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
@@ -51,4 +54,4 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ssn_exp", max_examples=150, deadline=None)
 settings.register_profile("mutation", max_examples=20, deadline=None)
-settings.load_profile("mutation" if ROOT.name == "mutants" else "ssn_exp")
+settings.load_profile("mutation" if UNDER_MUTATION else "ssn_exp")

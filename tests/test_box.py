@@ -331,6 +331,7 @@ def test_no_floating_point_warnings_with_non_positive_factors():
         (np.array([[0.1, 0.2]]), [0.9], float("nan"), "lam"),
         (np.array([[0.1, 0.2]]), [0.9], float("inf"), "lam"),
         (np.array([[0.1, 0.2]]), [0.9], "big", "lam"),
+        (np.array([[0.1, 0.2]]), [0.9], True, "lam"),
         (np.float64(0.5), [0.9], 0.5, "batch"),
     ],
 )

@@ -313,7 +313,9 @@ def test_best_over_sigma_reports_the_clean_accuracy_of_the_run_it_picks():
 
 @pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
 def test_nan_logits_are_refused_naming_the_examples(method):
-    noise = {"uniform": Uniform(0.5), "ssn": SSN(0.5), "dssn": DSSN(0.5, q=16, dim=64)}[method]
+    # sigma = 0.05 for the randomized methods: every noisy copy of the marked pixel stays above 0.9. (At sigma = 0.5 an
+    # SSN copy exceeds 0.9 with probability 0.12 only: for about 6% of global RNG states no copy did, and the test failed.)
+    noise = {"uniform": Uniform(0.05), "ssn": SSN(0.05), "dssn": DSSN(0.5, q=16, dim=64)}[method]
 
     def nan_for_second(z):
         out = torch.zeros(z.shape[0], 3)

@@ -253,7 +253,7 @@ class DSSN(Smoothing):
     def _flat(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() < 2:
             raise ValueError(f"DSSN expects a batch of inputs (batch, ...), got shape {tuple(x.shape)}")
-        flat = x.reshape(x.shape[0], -1)
+        flat = x.flatten(1)  # (batch, C*H*W), also for an empty batch
         if flat.shape[1] != self.dim:
             raise ValueError(f"DSSN was built for dim={self.dim} but the input has {flat.shape[1]} values per example")
         if not flat.is_floating_point():

@@ -110,8 +110,8 @@ def box_radius(x, p_lower, lam) -> np.ndarray:
     w = 2.0 * lam_f
     q = p - 0.5  # exact for p in [1/4, 1]
     standard = w * q  # 2 lam (p - 1/2), the same floats as randomized_radius
-    if d == 0:
-        return np.where(q > 0, 0.0, standard)
+    if d == 0:  # no pixel to move: everything is certified; never report less than the standard radius
+        return standard
 
     t = (1.0 - q)[:, None]  # 3/2 - p
     with np.errstate(all="ignore"):

@@ -25,7 +25,10 @@ PAPER_RADII: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
 
 def _as_fraction(r) -> Fraction:
-    return Fraction(str(r)) if isinstance(r, float) else Fraction(r)
+    """r as a fraction: a float by its shortest decimal (0.1 -> 1/10), an integer or fraction exactly."""
+    if isinstance(r, float | np.floating):
+        return Fraction(str(float(r)))
+    return Fraction(r)
 
 
 def certified_count(correct, radius, r, q: int | None = None) -> int:
