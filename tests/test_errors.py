@@ -196,7 +196,7 @@ def test_a_nan_producing_model_gets_no_certificate(tmp_path):
         "ssn_exp", *FAST, "model=nan_net", f"hydra.searchpath=[file://{tmp_path / 'conf'}]", f"hydra.run.dir={run}"
     )
     line = one_error_line(p)
-    assert "NaN or infinite logits" in line and "certifying test examples 0..7" in line
+    assert "NaN or infinite logits" in line and "test example(s) [0, 1, 2, 3, 4, 5, 6, 7]" in line
     assert not (run / "metrics.json").exists()
     assert (run / "certificates.csv").read_text().count("\n") == 1  # the header only: nothing certified
 

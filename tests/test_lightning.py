@@ -4,6 +4,7 @@ files read back, and the crash-safe CSV log."""
 from __future__ import annotations
 
 import json
+import threading
 
 import pytest
 import torch
@@ -97,6 +98,37 @@ def test_sharded_certification_merges_to_the_single_process_result(tmp_path, noi
     rows = _rows(sharded / "certificates.csv")
     assert [int(r["index"]) for r in rows] == list(range(0, 22, 2))
     assert rows == _rows(single / "certificates.csv")
+
+
+def test_concurrent_ranks_check_the_directory_before_any_rank_writes_to_it(tmp_path):
+    # rank 1 starts first; without the barrier it writes its shard file before rank 0 has written
+    # certify_settings.json, and rank 0 then refuses "certificates but no certify_settings.json" (seen in CI)
+    noise = DSSN(0.5, q=16, dim=64)
+    sync = threading.Barrier(2, timeout=60)
+    errors, order = [], []
+
+    def barrier(name):
+        order.append(name)
+        sync.wait()
+
+    def start(rank):
+        try:
+            _certifier(tmp_path, noise, rank=rank, world_size=2, barrier=barrier).run("cpu", progress=False)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+            sync.abort()
+
+    first = threading.Thread(target=start, args=(1,))
+    first.start()
+    first.join(timeout=1.0)  # rank 1 is waiting at the barrier (or, without one, has written its shard)
+    second = threading.Thread(target=start, args=(0,))
+    second.start()
+    for t in (first, second):
+        t.join(timeout=60)
+    assert not errors, errors
+    assert sorted(set(order)) == ["certify settings checked", "certify settings written"]
+    merge_shards(tmp_path, 2, noise)
+    assert [int(r["index"]) for r in _rows(tmp_path / "certificates.csv")] == list(range(23))
 
 
 def test_a_resume_with_another_number_of_ranks_keeps_every_row(tmp_path):

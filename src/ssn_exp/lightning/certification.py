@@ -92,6 +92,7 @@ class ShardCertifier:
         channels_last: bool = False,
         compile: bool = False,
         precision: str | None = None,
+        barrier: Callable[[str], None] | None = None,
     ):
         self.model, self.smoothing, self.dataset = model, smoothing, dataset
         self.out_dir = Path(out_dir)
@@ -115,7 +116,8 @@ class ShardCertifier:
                 "precision": None if precision is None else str(precision),
                 "channels_last": self.channels_last,
                 "compile": bool(compile),
-            }
+            },
+            barrier,
         )
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
@@ -157,7 +159,12 @@ class ShardCertifier:
         settings["weights"] = model_fingerprint(self.model)
         return settings
 
-    def _check_settings(self, settings: dict) -> None:
+    def _check_settings(self, settings: dict, barrier: Callable[[str], None] | None) -> None:
+        """Refuse a directory of certificates made otherwise, then (rank 0) record ``settings``.
+
+        Ranks that run concurrently pass ``barrier``: every rank checks before any rank writes a file
+        (a shard file written by a fast rank must not look like an unexplained certificate to a slow one).
+        """
         path = self.out_dir / "certify_settings.json"
         if not path.is_file() and any(self.out_dir.glob("certificates*.csv")):
             raise ResultsFileError(
@@ -175,8 +182,13 @@ class ShardCertifier:
                     f"{self.out_dir} holds certificates made with other settings ({'; '.join(diff)}); "
                     "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
                 )
+        concurrent = barrier is not None and self.world_size > 1
+        if concurrent:
+            barrier("certify settings checked")
         if self.rank == 0:
             write_json_atomic(path, settings)
+        if concurrent:  # no shard file exists without the settings that explain it, even if a rank is killed here
+            barrier("certify settings written")
 
     def chunks(self) -> list[list[int]]:
         return [self.todo[i : i + self.batch_size] for i in range(0, len(self.todo), self.batch_size)]
@@ -356,6 +368,7 @@ def run_certification(
         rank=rank,
         world_size=world_size,
         progress=progress,
+        barrier=barrier,
         **settings,
     )
     if world_size > 1 and barrier is not None:
@@ -407,6 +420,7 @@ class CertifyTask(pl.LightningModule):
             num_classes=self.num_classes,
             rank=self.global_rank,
             world_size=self.trainer.world_size,
+            barrier=self.trainer.strategy.barrier,
             **{k: v for k, v in self.settings.items() if k != "progress"},
         )
         return DataLoader(self.certifier.chunks(), batch_size=None, collate_fn=_identity)
