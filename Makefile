@@ -15,7 +15,9 @@ help:  ## list the targets
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	@echo "installing ssn_exp and its dependencies into $(VENV) (the first time: PyTorch's wheels, several GB; see README)"
+	$(PY) -m pip install --progress-bar off -e '.[dev]' | grep -E '^(Collecting|Successfully installed)' || true
+	$(PY) -c "import ssn_exp, torch"
 	touch $(STAMP)
 
 install: $(STAMP)  ## create .venv and install ssn_exp with its dependencies (editable)
@@ -42,7 +44,7 @@ mutation: $(STAMP)  ## mutation testing of the certificate code with mutmut (~5 
 bench: $(STAMP)  ## throughput of certification vs plain forward passes and a baseline (ARGS="--json FILE --models ...")
 	$(PY) -m ssn_exp.bench $(ARGS)
 
-sweep-smoke: $(STAMP)  ## digits, 3 methods x 3 sigma (a few minutes on a CPU), then the report
+sweep-smoke: $(STAMP)  ## digits, 3 methods x 3 sigma (85 s on a 2-core CPU), then the report
 	$(PY) -m ssn_exp.sweep smoke $(ARGS)
 
 sweep-paper-cifar10: $(STAMP)  ## CIFAR-10: 3 methods x 15 sigma x standard/stability (GPUs; ARGS="--launcher slurm")

@@ -3,7 +3,10 @@ package (``ssn_exp/published/levine2021``), the other outside references are in 
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,6 +22,12 @@ UNDER_MUTATION = ROOT.name == "mutants"
 torch.set_num_threads(1 if UNDER_MUTATION else min(2, os.cpu_count() or 1))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# wandb keeps staging files, caches and settings under the home folder: the tests' go to a folder removed at exit
+# (the entry points' subprocesses inherit these variables)
+_WANDB_HOME = tempfile.mkdtemp(prefix="ssn_exp-tests-wandb-")
+atexit.register(shutil.rmtree, _WANDB_HOME, ignore_errors=True)
+for _var, _sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_CONFIG_DIR", "config")):
+    os.environ.setdefault(_var, os.path.join(_WANDB_HOME, _sub))
 
 
 @pytest.fixture(scope="session")

@@ -10,46 +10,52 @@
 saved checkpoint; importing this package pulls in neither Hydra nor Lightning.
 """
 
-from ssn_exp.certify.box import box_radius
-from ssn_exp.certify.core import (
-    Certificates,
-    NonFiniteLogitsError,
-    SmoothedClassifier,
-    authors_radius_float32,
-    certify_batch,
-    clopper_pearson_lower,
-    count_predictions,
-    exact_certificate,
-    input_dtype,
-    randomized_radius,
-    top_class,
-)
-from ssn_exp.certify.metrics import (
-    PAPER_RADII,
-    BestRow,
-    average_certified_radius,
-    best_over_sigma,
-    certified_accuracy,
-    certified_count,
-)
+import importlib
 
-__all__ = [
-    "Certificates",
-    "NonFiniteLogitsError",
-    "SmoothedClassifier",
-    "authors_radius_float32",
-    "box_radius",
-    "certify_batch",
-    "clopper_pearson_lower",
-    "count_predictions",
-    "exact_certificate",
-    "input_dtype",
-    "randomized_radius",
-    "top_class",
-    "PAPER_RADII",
-    "BestRow",
-    "average_certified_radius",
-    "best_over_sigma",
-    "certified_accuracy",
-    "certified_count",
-]
+#: Where each public name lives; imported on first use, so that ``python -m ssn_exp.certify`` can check its
+#: arguments (a missing checkpoint, say) before torch and scipy are imported (PEP 562 module ``__getattr__``).
+_WHERE = {
+    "box_radius": "box",
+    **dict.fromkeys(
+        [
+            "Certificates",
+            "NonFiniteLogitsError",
+            "SmoothedClassifier",
+            "authors_radius_float32",
+            "certify_batch",
+            "clopper_pearson_lower",
+            "count_predictions",
+            "exact_certificate",
+            "input_dtype",
+            "randomized_radius",
+            "top_class",
+        ],
+        "core",
+    ),
+    **dict.fromkeys(
+        [
+            "PAPER_RADII",
+            "BestRow",
+            "average_certified_radius",
+            "best_over_sigma",
+            "certified_accuracy",
+            "certified_count",
+        ],
+        "metrics",
+    ),
+}
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted([*globals(), *_WHERE])
+
+
+__all__ = list(_WHERE)

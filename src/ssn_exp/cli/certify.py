@@ -190,12 +190,15 @@ def _from_levine2021(cfg: DictConfig, path: Path, given: dict):
 
 
 def run_certify(cfg: DictConfig) -> dict:
-    from ssn_exp.cli.train import certify_module, finish_wandb
-    from ssn_exp.lightning.run_files import format_table
-
     if OmegaConf.is_missing(cfg, "ckpt") or cfg.ckpt in (None, ""):
         raise ConfigError("give the checkpoint to certify: python -m ssn_exp.certify ckpt=PATH")
     path = Path(str(cfg.ckpt))
+    if not path.is_file():  # before torch is imported: a mistyped path is answered at once
+        what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"checkpoint {path} {what}: give ckpt=PATH to a .ckpt (or the authors' .pth) file")
+    from ssn_exp.cli.train import certify_module, finish_wandb
+    from ssn_exp.lightning.run_files import format_table
+
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     given = _explicit_overrides()
     check_seed(cfg.seed)

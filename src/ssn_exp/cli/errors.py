@@ -110,9 +110,18 @@ def _quiet_known_warnings() -> None:
         r".*smaller than the logging interval.*",  # short debug runs; ssn_exp logs one row per epoch itself
         r".*does not have many workers which may be a bottleneck.*",  # digits are in memory
         r".*`self\.log\(\)` but the `self\.trainer` reference is not registered.*",
+        # on every resume: ssn_exp itself decides whether a run directory may be continued (resume=, tag=)
+        r"Checkpoint directory .* exists and is not empty",
     ):
         warnings.filterwarnings("ignore", message=message)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning")  # spawned DDP ranks
+    # spawned DDP ranks start a fresh interpreter: the same filters through the environment (a message prefix there)
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore:Checkpoint directory")
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_drop_tips)
+
+
+def _drop_tips(record: logging.LogRecord) -> bool:
+    """Drop the advertisement Lightning logs for every Trainer ("Tip: ... litlogger ..."): not news to a user."""
+    return "litlogger" not in str(record.msg)
 
 
 def run_entry(main: Callable[[], object]) -> None:

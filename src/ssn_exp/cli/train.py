@@ -144,7 +144,10 @@ def _resume_point(cfg: DictConfig, out_dir: Path, hparams: dict, identity: dict)
 
 
 def _make_trainer(cfg: DictConfig):
+    from ssn_exp.lightning.progress import progress_callbacks
+
     def make(**kwargs):
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), *progress_callbacks(cfg.trainer)]
         return build(cfg.trainer, "trainer", **kwargs)
 
     return make
@@ -217,11 +220,19 @@ def _prepare_denoiser(cfg: DictConfig, module, dm, hparams: dict) -> None:
 def certify_module(cfg: DictConfig, model, smoothing, dm, out_dir: Path, settings: dict, meta: dict, logger) -> dict:
     """Certify ``model`` as a Lightning predict loop (sharded over DDP ranks) and summarize."""
     from ssn_exp.lightning.certification import CertifyTask, finish_certification, log_metrics
+    from ssn_exp.lightning.progress import progress_callbacks
 
     dataset = dm.certify_set()
     task = CertifyTask(model, smoothing, dataset, out_dir, dm.num_classes, settings)
     # each rank loads its own shard (no DistributedSampler: it would pad and re-split the shard)
-    trainer = build(cfg.trainer, "trainer", logger=False, default_root_dir=str(out_dir), use_distributed_sampler=False)
+    trainer = build(
+        cfg.trainer,
+        "trainer",
+        logger=False,
+        default_root_dir=str(out_dir),
+        use_distributed_sampler=False,
+        callbacks=progress_callbacks(cfg.trainer),
+    )
     trainer.predict(task, return_predictions=False)
     metrics = finish_certification(
         out_dir, smoothing, trainer.world_size, len(dataset), settings, meta, list(cfg.certify.radii)
@@ -247,6 +258,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     from ssn_exp.lightning.callbacks import EpochLog, TrainingETA, epoch_checkpoint
     from ssn_exp.lightning.certification import CertifyCallback
     from ssn_exp.lightning.module import SmoothedTraining, load_checkpoint
+    from ssn_exp.lightning.progress import progress_callbacks
     from ssn_exp.lightning.run_files import format_table
 
     if cfg.print_config:
@@ -283,7 +295,7 @@ def run_train(cfg: DictConfig) -> dict | None:
             certify_cb = CertifyCallback(
                 out_dir, dm, settings, list(cfg.certify.radii), meta, progress=bool(cfg.certify.progress)
             )
-            callbacks = [EpochLog(), epoch_checkpoint(ckpt_dir), TrainingETA()]
+            callbacks = [EpochLog(), epoch_checkpoint(ckpt_dir), TrainingETA(), *progress_callbacks(cfg.trainer)]
             if cfg.certify.enabled:
                 callbacks.append(certify_cb)
             trainer = build(cfg.trainer, "trainer", default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)

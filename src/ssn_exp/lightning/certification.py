@@ -281,19 +281,9 @@ def _concat(parts):
 
 
 def _progress_bar(total: int, initial: int, smoothing: Smoothing, enabled: bool) -> Callable:
-    if not enabled:
-        return lambda k, close=False: None
-    from tqdm.auto import tqdm
+    from ssn_exp.lightning.progress import progress_reporter
 
-    bar = tqdm(total=total, initial=initial, desc=f"certify {smoothing.name} sigma={smoothing.sigma:g}", unit="img")
-
-    def update(k: int, close: bool = False):
-        if close:
-            bar.close()
-        elif k:
-            bar.update(k)
-
-    return update
+    return progress_reporter(total, initial, f"certify {smoothing.name} sigma={smoothing.sigma:g}", "img", enabled)
 
 
 class CertifyCallback(pl.Callback):

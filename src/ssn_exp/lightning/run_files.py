@@ -267,6 +267,8 @@ def summarize(
         "seed": meta.get("seed"),
         "n_examples": len(order),
         "clean_accuracy": float(correct.mean()),
+        # examples whose certificate is negative: the smoothed classifier abstains there (randomized: p_lower < 1/2)
+        "abstain_rate": float(np.mean(radius < 0)),
         "certified_accuracy": {f"{r:g}": a for r, a in acc.items()},
         "acr": average_certified_radius(correct, radius, q=q),
         "seconds_per_example": seconds,
@@ -307,4 +309,10 @@ def format_table(metrics: dict) -> str:
         f"clean {100 * metrics['clean_accuracy']:.1f}%, {acr}, n={metrics['n_examples']}, "
         f"{metrics['seconds_per_example'] * 1000:.1f} ms/example"
     )
-    return "\n".join([title, head, sep, *lines])
+    notes = []
+    if metrics.get("abstain_rate", 0) > 0:
+        notes.append(
+            f"clean = the majority vote of the noisy copies; the smoothed classifier abstains on "
+            f"{100 * metrics['abstain_rate']:.1f}% of the examples (p_lower < 1/2), which no radius counts as certified"
+        )
+    return "\n".join([title, head, sep, *lines, *notes])
