@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 
 import pytest
-from helpers import run_cli
 
+from helpers import run_cli
 from ssn_exp.lightning import progress
 from ssn_exp.lightning.run_files import format_table
 

@@ -51,7 +51,9 @@ class _PlainLines:
         eta = (self.total - self.done) / rate if rate > 0 else float("nan")
         pct = 100.0 * self.done / self.total if self.total else 100.0
         eta_text = _fmt(eta) if eta == eta else "?"
-        return f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {_fmt(elapsed)} elapsed, ETA {eta_text}"
+        return (
+            f"{self.desc}: {self.done}/{self.total} {self.unit} ({pct:.0f}%), {_fmt(elapsed)} elapsed, ETA {eta_text}"
+        )
 
     def update(self, k: int, close: bool = False) -> None:
         if close:
