@@ -143,8 +143,24 @@ def test_thresholds_for_radii_invert_the_radius_exactly():
         assert radius(np.array([pi]))[0] >= r
         assert radius(np.array([np.nextafter(pi, 0.0)]))[0] < r
     np.testing.assert_allclose(p[:-1], 0.5 + np.array(radii[:-1]) / (2 * lam))
+    np.testing.assert_array_equal(thresholds_for_radii(radius, [-5.0, -lam]), [0.0, 0.0])  # reached at p = 0
     with pytest.raises(ValueError):
         thresholds_for_radii(lambda q: -q, [0.1])
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_each_family_spends_exactly_alpha_by_the_union_bound(bound, share):
+    """The validity proof's accounting (docs/method.md 13.2): a KT sequence counts once for all its looks,
+    every Clopper-Pearson look counts separately; together exactly alpha (and beta for the upper side)."""
+    for level in (0.001, 0.05):
+        test = SequentialTest([0.5], alpha=level, beta=level / 10, bound=bound, final_share=share)
+        for budget, (main, extra) in [(level, test.levels_lower), (level / 10, test.levels_upper)]:
+            spent = (main.max() if bound != "union" else main.sum()) + np.nansum(extra)
+            assert spent == pytest.approx(budget, rel=1e-12)
+            assert np.all(main > 0)
+            if bound == "kt":
+                assert np.all(main == budget) and np.all(np.isnan(extra))
 
 
 # -- integer thresholds ---------------------------------------------------------------------------------------
@@ -216,6 +232,11 @@ def test_exact_false_certificate_probability_is_at_most_alpha(alpha, bound):
             prob, err = false_certificate_probability(p, p_star, test)
             assert err < 1e-12
             assert prob + err <= alpha, (bound, alpha, p_star, p, prob)
+    # coverage of the final lower bound at any p (not only the thresholds): P(max_t L_t >= p) <= alpha
+    if bound == "union":
+        for p in np.linspace(0.02, 0.98, 9):
+            prob, err = false_certificate_probability(p, p, test)
+            assert prob + err <= alpha
     # also the single-radius test that stops on refutation (exact for that rule; smaller)
     refuting, err = false_certificate_probability(THRESHOLDS[1], THRESHOLDS[1], test, refute=True)
     assert refuting + err <= false_certificate_probability(THRESHOLDS[1], THRESHOLDS[1], test)[0] + 1e-15
@@ -276,6 +297,17 @@ def test_stopping_rules():
     # neither: every stream runs to the cap
     state = simulate(SequentialTest([], schedule=Schedule(cap=500)), p, rng)
     np.testing.assert_array_equal(state.trials, 500)
+
+
+def test_the_reported_lower_bound_is_the_running_max_over_the_checks():
+    test = SequentialTest([], alpha=0.05, schedule=Schedule(first=32, max_batch=64, cap=32 + 64 * 3))
+    state = test.start(1)
+    seen = []
+    for step, s in enumerate([32, 10, 64, 0]):  # a lucky start, then failures: L_t falls again
+        test.update(state, [0], [s])
+        seen.append(float(test.lower_at(state.successes[0], step)))
+    assert seen[0] > seen[-1] > 0 or seen[-1] == 0
+    assert state.lower[0] == max(seen) and state.done[0]
 
 
 def test_update_refuses_inconsistent_input():
@@ -382,12 +414,20 @@ def test_driver_does_not_depend_on_noise_batch_and_matches_per_image_runs(toy_se
         assert max(model.calls) <= nb
         for f in ("prediction", "p_lower", "p_upper", "successes", "samples", "counts_n0"):
             np.testing.assert_array_equal(getattr(out, f), getattr(ref, f))
-    # a direct run of each image alone, with the same per-image generator
+    # a direct run of each image alone: the same per-image draws, one forward per batch, the test by hand
     full = smoothing_noise(smoothing, x, seed=7)
+    toy = Toy()
     for i in range(x.shape[0]):
-        one = certify_sequential(Toy(), x[i : i + 1], lambda _, n, i=i: full(i, n), 3, test, n0=20, noise_batch=256)
-        assert one.prediction[0] == ref.prediction[i]
-        assert one.p_lower[0] == ref.p_lower[i] and one.samples[0] == ref.samples[i]
+        counts0 = np.bincount(toy(full(i, 20)).argmax(dim=1).numpy(), minlength=3)
+        np.testing.assert_array_equal(counts0, ref.counts_n0[i])
+        a = int(np.argmax(counts0))
+        state = test.start(1)
+        while not state.done[0]:
+            b = int(test.next_batch(state, [0])[0])
+            test.update(state, [0], [int((toy(full(i, b)).argmax(dim=1) == a).sum())])
+        assert ref.prediction[i] == a and ref.samples[i] == 20 + state.trials[0]
+        assert ref.successes[i] == state.successes[0]
+        assert ref.p_lower[i] == state.lower[0] and ref.p_upper[i] == state.upper[0]
     # selection used n0 = 20 samples per image; the rest ran to a check point of the schedule
     assert ref.counts_n0.sum(axis=1).tolist() == [20] * x.shape[0]
     assert np.all(np.isin(ref.samples - 20, test.checkpoints))

@@ -197,19 +197,16 @@ def thresholds_for_radii(radius_fn: Callable[[np.ndarray], np.ndarray], radii) -
     values = np.asarray(radius_fn(grid), dtype=np.float64)
     if values.shape != grid.shape or np.any(np.diff(values) < 0) or np.any(np.isnan(values)):
         raise ValueError("radius_fn must map an array of probabilities to a non-decreasing array of radii")
-    lo = np.zeros_like(r)
-    hi = np.ones_like(r)
-    reach = np.asarray(radius_fn(hi), dtype=np.float64) >= r
-    for _ in range(80):  # invariant: R(lo) < r <= R(hi) (or r <= R(0))
-        mid = 0.5 * (lo + hi)
-        ok = np.asarray(radius_fn(mid), dtype=np.float64) >= r
+    # bisect over the bit patterns of the floats in [0, 1] (ordered like the floats): the exact smallest float
+    lo = np.zeros(len(r), dtype=np.int64)  # invariant: the answer's bit pattern lies in [lo, hi]
+    hi = np.full(len(r), np.array(1.0).view(np.int64))
+    reach = np.asarray(radius_fn(np.ones(len(r))), dtype=np.float64) >= r
+    while np.any(lo < hi):
+        mid = lo + (hi - lo) // 2
+        ok = np.asarray(radius_fn(mid.view(np.float64)), dtype=np.float64) >= r
         hi = np.where(ok, mid, hi)
-        lo = np.where(ok, lo, mid)
-    # step hi down to the smallest float that still reaches r
-    p = hi.copy()
-    for i in range(len(p)):
-        while p[i] > 0 and radius_fn(np.array([np.nextafter(p[i], 0.0)]))[0] >= r[i]:
-            p[i] = np.nextafter(p[i], 0.0)
+        lo = np.where(ok, lo, mid + 1)
+    p = lo.view(np.float64)
     return np.where(reach, p, np.inf)
 
 
