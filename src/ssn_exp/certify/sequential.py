@@ -368,6 +368,8 @@ class SequentialTest:
         s = np.asarray(successes, dtype=np.int64).reshape(-1)
         if images.shape != s.shape or len(np.unique(images)) != len(images):
             raise ValueError("update needs one success count per distinct image")
+        if np.any(images < 0) or np.any(images >= len(state.done)):
+            raise ValueError(f"images must lie in [0, {len(state.done)})")
         batch = self.next_batch(state, images)
         if np.any(s < 0) or np.any(s > batch):
             raise ValueError("successes must lie in [0, batch size] of each image's next batch")
