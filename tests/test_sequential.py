@@ -412,7 +412,7 @@ def test_driver_does_not_depend_on_noise_batch_and_matches_per_image_runs(toy_se
     assert max(model.calls) <= 1024 and sum(model.calls) == int(ref.samples.sum())
     assert len(set(ref.samples.tolist())) > 1  # the images stop at different times
     assert np.all(ref.samples <= 20 + test.schedule.cap)
-    for nb in (29, 5000):
+    for nb in (97, 5000):
         out, model = run_driver(x, smoothing, test, noise_batch=nb)
         assert max(model.calls) <= nb
         for f in ("prediction", "p_lower", "p_upper", "successes", "samples", "counts_n0"):
