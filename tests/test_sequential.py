@@ -228,10 +228,14 @@ def test_exact_false_certificate_probability_is_at_most_alpha(alpha, bound):
     """On the threshold and just below it, with cap 100,000 and the default schedule: exact DP, no Monte Carlo."""
     test = SequentialTest(THRESHOLDS, alpha=alpha, bound=bound)
     for p_star in THRESHOLDS:
+        probs = []
         for p in (p_star, p_star - 1e-6, p_star - 1e-3):
             prob, err = false_certificate_probability(p, p_star, test)
             assert err < 1e-12
             assert prob + err <= alpha, (bound, alpha, p_star, p, prob)
+            probs.append(prob)
+        # non-decreasing in p (a coupling argument, docs 13.4): p = p* is the worst case of all p <= p*
+        assert probs[0] >= probs[1] >= probs[2] > 0
     # coverage of the final lower bound at any p (not only the thresholds): P(max_t L_t >= p) <= alpha
     if bound == "union":
         for p in np.linspace(0.02, 0.98, 9):
