@@ -33,11 +33,12 @@ PAYLOAD_TARGETS = ["os.system", "pathlib.Path.write_text", "numpy.load", "torch.
                    "ssn_exp.models.torch.hub.load", "subprocess.run", "evil_mod.Net"]  # fmt: skip
 SAFE_TARGETS = ["ssn_exp.models.DigitsCNN", "torch.optim.SGD", "ssn_exp.smoothing.Uniform", "ssn_exp.models.DnCNN"]
 
-# small numbers only: sizes in a config are not bounded here (a huge width would only cost memory)
+# sizes too: a width or an image size far larger than the weights is refused before it is allocated
 junk_leaf = st.one_of(
     st.none(),
     st.booleans(),
     st.integers(-3, 40),
+    st.integers(-(10**12), 10**12),
     st.floats(allow_nan=True, allow_infinity=True, width=32),
     st.text(max_size=8),
     st.sampled_from(["${oc.env:HOME}", "digits", "exact", "none", "mse", "standard", "stability"]),

@@ -301,6 +301,29 @@ def test_damaged_or_edited_checkpoints_are_one_line(tmp_path, weights, hp, words
     assert words in msg, msg
 
 
+def test_a_config_asking_for_a_larger_network_than_its_weights_is_refused_before_building_it(tmp_path, weights):
+    """Sizes come from the stored config: the networks are first built on the meta device and compared with the
+    weights in the file, so an edited width costs no memory (the real build would allocate 300 MB here)."""
+    ckpt = save_checkpoint(tmp_path / "wide.ckpt", _edited(model__width=2048), weights)
+    with pytest.raises(CheckpointError, match=r"size mismatch for model\.1\.features\.0\.weight: the file has "
+                       r"\[4, 1, 3, 3\], the model config builds \[2048, 1, 3, 3\]"):  # fmt: skip
+        load_checkpoint(ckpt)
+    hp = {**copy.deepcopy(HPARAMS), "denoiser": {"name": "mse", "net": {"_target_": "ssn_exp.models.DnCNN",
+                                                                         "in_channels": 1, "depth": 3, "width": 4}}}  # fmt: skip
+    torch.manual_seed(0)
+    sd = SmoothedTraining(**hp).state_dict()
+    hp["denoiser"]["net"]["width"] = 4096
+    with pytest.raises(CheckpointError, match=r"model\.denoiser\.net\.0\.weight.*the denoiser\.net config builds"):
+        load_checkpoint(save_checkpoint(tmp_path / "den.ckpt", hp, sd))
+
+
+def test_the_allow_list_module_imports_without_torch():
+    import subprocess
+
+    code = "import sys, ssn_exp.trust; assert 'torch' not in sys.modules and 'hydra' not in sys.modules"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
 def test_a_state_dict_that_is_not_tensors_is_refused(tmp_path, weights):
     for sd in ([1, 2], {"model.0.mean": 3}, {1: torch.zeros(1)}):
         with pytest.raises(CheckpointError, match="state_dict is not a dict of named tensors"):

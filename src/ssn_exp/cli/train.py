@@ -249,6 +249,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     check_sigma(cfg.sigma)  # the cheap checks come before the heavy imports
     seed = check_seed(cfg.seed)
     check_tag(cfg.tag)
+    run_trust(cfg)  # a bad trust_targets value is refused before anything starts
     check_positive_int(cfg.training.epochs, "training.epochs")
     if "max_epochs" in cfg.trainer:
         check_positive_int(cfg.trainer.max_epochs, "trainer.max_epochs")
@@ -300,7 +301,7 @@ def run_train(cfg: DictConfig) -> dict | None:
             if cfg.certify.enabled:
                 callbacks.append(certify_cb)
             trainer = build(cfg.trainer, "trainer", default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)
-            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # no pickles on resume either
         finally:
             finish_wandb()
         metrics = certify_cb.metrics

@@ -287,6 +287,7 @@ def load_checkpoint(path: str | Path, expect: dict | None = None, trust: Trust |
 
     ckpt = read_checkpoint(path)
     hp = checked_hparams(ckpt, path, trust)
+    _check_sizes(hp, ckpt["state_dict"], path)
     try:
         module = SmoothedTraining(**hp)
     except InstantiationException as exc:
@@ -312,6 +313,32 @@ def load_checkpoint(path: str | Path, expect: dict | None = None, trust: Trust |
         raise CheckpointError(f"the weights in {path} do not fit its model: {detail}") from None
     _check_normalization(module, path)
     return module.eval()
+
+
+def _check_sizes(hp: dict, state_dict: dict, path) -> None:
+    """Build the networks of the stored configs on the meta device (no memory) and compare their weights' shapes with
+    the file's: a config that asks for a network larger than the weights it comes with is refused before anything is
+    allocated (the file's size bounds what loading it costs)."""
+    den = hp["denoiser"]
+    parts = [("model", hp["model"], "model.1." if den["name"] == "none" else "model.classifier.1.")]
+    if den["name"] != "none":
+        parts.append(("denoiser.net", den["net"], "model.denoiser."))
+    for key, cfg, prefix in parts:
+        try:
+            with torch.device("meta"):
+                net = instantiate(cfg)
+        except Exception:  # noqa: BLE001 - built for real next, where its error is reported
+            continue
+        if not isinstance(net, nn.Module):
+            continue
+        for name, want in net.state_dict().items():
+            have = state_dict.get(prefix + name)
+            if have is None or tuple(have.shape) != tuple(want.shape):
+                found = "nothing" if have is None else list(have.shape)
+                raise CheckpointError(
+                    f"the weights in {path} do not fit its model: size mismatch for {prefix + name}: the file has "
+                    f"{found}, the {key} config builds {list(want.shape)}"
+                )
 
 
 def _check_normalization(module: SmoothedTraining, path) -> None:

@@ -182,7 +182,7 @@ def _train_stage(out, kind, hparams, datamodule, epochs, make_trainer, init, see
         check_val_every_n_epoch=1,
         callbacks=[epoch_checkpoint(out)],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None, weights_only=True)
     if trainer.global_rank == 0:
         (out / "done.json").write_text(json.dumps({"epochs": int(epochs)}) + "\n")
     return ckpt
