@@ -35,10 +35,12 @@ def test_a_user_model_trains_certifies_and_recertifies_from_its_checkpoint(tmp_p
     assert p.returncode == 0, p.stderr[-3000:]
     m = read_metrics(run)
     assert (m["model"], m["n_examples"]) == ("torch.nn.Sequential", 8)
-    # certify the checkpoint in a fresh process without the user's config folder: the model comes from the checkpoint
+    # certify the checkpoint in a fresh process without the user's config folder: the model comes from the checkpoint,
+    # built because the user trusts its module (a checkpoint is data: tests/test_trust.py)
     out = tmp_path / "recert"
+    ckpt = run / "checkpoints" / "last.ckpt"
     p = run_cli(
-        "ssn_exp.certify", f"ckpt={run / 'checkpoints' / 'last.ckpt'}", f"hydra.run.dir={out}", "certify.max_examples=8"
+        "ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={out}", "certify.max_examples=8", "trust_targets=[torch.nn]"
     )
     assert p.returncode == 0, p.stderr[-3000:]
     assert certificate_columns(read_csv(out / "certificates.csv")) == certificate_columns(

@@ -20,7 +20,16 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ssn_exp.cli.config import CONF_DIR, ConfigError, build, certify_settings, check_seed, check_sigma, container
+from ssn_exp.cli.config import (
+    CONF_DIR,
+    ConfigError,
+    build,
+    certify_settings,
+    check_seed,
+    check_sigma,
+    config_source,
+    container,
+)
 from ssn_exp.cli.errors import RunLock, guard, run_entry
 
 log = logging.getLogger("ssn_exp")
@@ -92,8 +101,42 @@ def _data_module(data_cfg: DictConfig, where: str):
         raise ConfigError(f"cannot build the data set from {where}: {instantiation_message(exc)}") from None
 
 
+def _check_data_fits(dm, module, path: Path) -> None:
+    """The data set to certify on must be the one the checkpoint's model and noise were built for: its facts against
+    the stored ones, the noise's grid and dimension, and the model's output on a blank image of its shape. These
+    come from the weights and the noise, not only from the stored data config, so an edited one is refused."""
+    import torch
+
+    stored, sm = module.hparams.data, module.smoothing
+    for key in ("q", "num_classes", "shape"):
+        if getattr(dm, key) != (tuple(stored[key]) if key == "shape" else stored[key]):
+            raise ConfigError(
+                f"the data set {dm.name} has {key}={getattr(dm, key)}, the checkpoint's model expects {stored[key]}"
+            )
+    for key, want in (("q", dm.q), ("dim", dm.dim)):
+        got = getattr(sm, key, want)
+        if got != want:
+            raise ConfigError(f"the noise of {path} was built for {key}={got}, the data set {dm.name} has {key}={want}")
+    with torch.no_grad():
+        try:
+            out = module.model.eval()(torch.full((1, *dm.shape), 0.5))
+        except Exception as exc:  # noqa: BLE001 - any failure of the stored network on this data set's images
+            raise ConfigError(
+                f"the model of {path} does not accept {dm.name} images of shape {list(dm.shape)}: "
+                f"{' '.join(str(exc).split()) or type(exc).__name__}"
+            ) from None
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, dm.num_classes):
+        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ConfigError(
+            f"the model of {path} returns {got} for one {dm.name} image, not (1, num_classes={dm.num_classes}) logits"
+        )
+
+
 def _from_ssn_exp(cfg: DictConfig, path: Path, given: dict):
+    from ssn_exp.cli.train import run_trust
+    from ssn_exp.lightning.data import ImageData
     from ssn_exp.lightning.module import load_checkpoint
+    from ssn_exp.trust import UntrustedTarget
 
     expect = {}
     if "method" in given:
@@ -112,7 +155,8 @@ def _from_ssn_exp(cfg: DictConfig, path: Path, given: dict):
             f"{', '.join(ignored)}: the noise of an ssn_exp checkpoint is the one it was trained with (stored in it); "
             "only method=, sigma= and seed= may be given, to check that it matches"
         )
-    module = load_checkpoint(path, expect=expect)
+    trust = run_trust(cfg)
+    module = load_checkpoint(path, expect=expect, trust=trust)
     ident = module.identity()
     # The checkpoint's data set (or the one named on the command line), with data.* overrides on top.
     data_cfg = (
@@ -121,14 +165,16 @@ def _from_ssn_exp(cfg: DictConfig, path: Path, given: dict):
     for key in given:
         if key.startswith("data."):
             OmegaConf.update(data_cfg, key[5:], OmegaConf.select(cfg, key), force_add=True)
-    dm = _data_module(data_cfg, f"the data config stored in {path}")
+    where = f"the data config stored in {path}" if "data" not in given else config_source("data")
+    try:  # checked again with the data.* overrides applied (nothing from the file is built unchecked)
+        trust.check(container(data_cfg), f"cannot build the data set from {where}", "data")
+    except UntrustedTarget as exc:
+        raise ConfigError(str(exc)) from None
+    dm = _data_module(data_cfg, where)
+    if not isinstance(dm, ImageData):
+        raise ConfigError(f"{where} builds {type(dm).__name__}, not an ssn_exp.lightning.data.ImageData")
     dm.check("test")
-    for key in ("q", "num_classes", "shape"):
-        if getattr(dm, key) != (tuple(module.hparams.data[key]) if key == "shape" else module.hparams.data[key]):
-            raise ConfigError(
-                f"the data set {dm.name} has {key}={getattr(dm, key)}, the checkpoint's model expects "
-                f"{module.hparams.data[key]}"
-            )
+    _check_data_fits(dm, module, path)
     meta = {**ident, "n_classes": dm.num_classes, "checkpoint": str(path), "ckpt_format": "ssn_exp"}
     meta["run_seed"] = int(module.hparams.seed)  # seeds the randomized certification noise, as in the run itself
     return module.model, module.smoothing, dm, meta

@@ -32,7 +32,7 @@ from ssn_exp.cli.errors import RunLock, guard, run_entry
 
 log = logging.getLogger("ssn_exp")
 
-__all__ = ["main", "run_train", "build_parts", "check_network", "certify_module", "finish_wandb"]
+__all__ = ["main", "run_train", "build_parts", "check_network", "certify_module", "finish_wandb", "run_trust"]
 
 #: Data settings that do not change results: a run may resume with other values.
 _DATA_NON_SEMANTIC = ("num_workers", "eval_batch_size", "root", "train_root", "val_root", "download")
@@ -125,22 +125,34 @@ def _semantic(hp: dict) -> dict:
 
 
 def _resume_point(cfg: DictConfig, out_dir: Path, hparams: dict, identity: dict) -> str | None:
-    from ssn_exp.lightning.module import load_checkpoint, read_checkpoint
+    from ssn_exp.lightning.module import checked_hparams, load_checkpoint, read_checkpoint
 
     last = out_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
         return None
     if not cfg.resume:
         raise ConfigError(f"{out_dir} already holds a run; pass resume=true to continue it, or tag=NAME for a new one")
-    stored = read_checkpoint(last).get("hyper_parameters", {})
+    trust = run_trust(cfg)
+    stored = checked_hparams(read_checkpoint(last), last, trust)  # a run folder is data: checked like any checkpoint
     diff = _differences(_semantic(stored), _semantic(hparams))
     if diff:
         raise ConfigError(
             f"{out_dir} holds a run with different settings ({', '.join(diff)}); use tag=NAME or run_root=DIR"
         )
-    load_checkpoint(last, expect=identity)  # validates the whole file before Lightning restores it
+    load_checkpoint(last, expect=identity, trust=trust)  # validates the whole file before Lightning restores it
     log.info("resuming from %s", last)
     return str(last)
+
+
+def run_trust(cfg: DictConfig):
+    """What configs read from files may build in this run: ssn_exp's own targets, those of this run's composed
+    config (the user's choice) and the modules in ``trust_targets`` (:class:`ssn_exp.trust.Trust`)."""
+    from ssn_exp.trust import Trust, UntrustedTarget
+
+    try:
+        return Trust.from_config(cfg)
+    except UntrustedTarget as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _make_trainer(cfg: DictConfig):
@@ -162,6 +174,7 @@ def _prepare_denoiser(cfg: DictConfig, module, dm, hparams: dict) -> None:
     base = {"model": hparams["model"], "data": _semantic({"data": hparams["data"]})["data"]}
     seed = hparams["seed"]
     make_trainer = _make_trainer(cfg)
+    trust = run_trust(cfg)
     model_name = str(hparams["model"].get("_target_", "model")).rsplit(".", 1)[-1]
     clean_ckpt = None
     if d.name in ("stability", "mse"):
@@ -181,7 +194,7 @@ def _prepare_denoiser(cfg: DictConfig, module, dm, hparams: dict) -> None:
     if not den_ckpt:
         init = None
         if kind == "denoiser_stability":
-            clean = load_stage(clean_ckpt).classifier.state_dict()
+            clean = load_stage(clean_ckpt, trust).classifier.state_dict()
             init = {**{f"classifier.{k}": v for k, v in clean.items()}, "_source": str(clean_ckpt)}
         den_ckpt = ensure_stage(
             root,
@@ -200,7 +213,7 @@ def _prepare_denoiser(cfg: DictConfig, module, dm, hparams: dict) -> None:
             seed=seed,
         )
     try:
-        den = load_stage(den_ckpt)
+        den = load_stage(den_ckpt, trust)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     if den.hparams.kind == "clean" or den.smoothing.name != sm.name or den.smoothing.sigma != sm.sigma:
@@ -208,7 +221,7 @@ def _prepare_denoiser(cfg: DictConfig, module, dm, hparams: dict) -> None:
     module.model.denoiser.load_state_dict(den.denoiser.state_dict())
     if clean_ckpt is not None:
         try:
-            clean = load_stage(clean_ckpt)
+            clean = load_stage(clean_ckpt, trust)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         if clean.hparams.kind != "clean":
@@ -247,6 +260,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     check_sigma(cfg.sigma)  # the cheap checks come before the heavy imports
     seed = check_seed(cfg.seed)
     check_tag(cfg.tag)
+    run_trust(cfg)  # a bad trust_targets value is refused before anything starts
     check_positive_int(cfg.training.epochs, "training.epochs")
     if "max_epochs" in cfg.trainer:
         check_positive_int(cfg.trainer.max_epochs, "trainer.max_epochs")
@@ -285,7 +299,7 @@ def run_train(cfg: DictConfig) -> dict | None:
                     torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict(), "epoch": 0}, tmp)
                     os.replace(tmp, last)
                 else:
-                    module = load_checkpoint(last, expect=module.identity())
+                    module = load_checkpoint(last, expect=module.identity(), trust=run_trust(cfg))
                 if not cfg.certify.enabled:
                     return None
                 metrics = certify_module(cfg, module.model, module.smoothing, dm, out_dir, settings, meta, logger)
@@ -299,7 +313,7 @@ def run_train(cfg: DictConfig) -> dict | None:
             if cfg.certify.enabled:
                 callbacks.append(certify_cb)
             trainer = build(cfg.trainer, "trainer", default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)
-            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
+            trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # no pickles on resume either
         finally:
             finish_wandb()
         metrics = certify_cb.metrics

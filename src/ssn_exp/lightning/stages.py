@@ -23,16 +23,19 @@ import torch
 from hydra.utils import instantiate
 from torch.nn import functional as F
 
+from ssn_exp.exceptions import _first_line, instantiation_message
 from ssn_exp.lightning.callbacks import epoch_checkpoint
 from ssn_exp.lightning.data import mix_seed
-from ssn_exp.lightning.module import build_classifier, read_checkpoint
+from ssn_exp.lightning.module import CheckpointError, build_classifier, read_checkpoint
 from ssn_exp.smoothing import Smoothing
+from ssn_exp.trust import Trust, UntrustedTarget
 
 log = logging.getLogger("ssn_exp")
 
 __all__ = ["StageModule", "stage_dir", "ensure_stage", "load_stage"]
 
 KINDS = ("clean", "denoiser_mse", "denoiser_stability")
+_STAGE_HPARAMS = ("kind", "model", "data", "method", "denoiser_net", "optimizer", "denoiser_lr", "seed")
 
 
 class StageModule(pl.LightningModule):
@@ -100,16 +103,34 @@ def stage_dir(root: Path, kind: str, name: str, settings: dict) -> Path:
     return Path(root) / kind / f"{name}-{digest}"
 
 
-def load_stage(path: Path) -> StageModule:
+def load_stage(path: Path, trust: Trust | None = None) -> StageModule:
+    """Rebuild a stage from its checkpoint; a stage root is shared between runs, so a stage checkpoint is data like
+    any other: its hyper-parameters are checked (structure, and every ``_target_`` against ``trust``, default
+    ssn_exp's own targets) before anything is built. Problems raise :class:`CheckpointError` (one line)."""
+    from hydra.errors import InstantiationException
+
     ckpt = read_checkpoint(path)
-    if (
-        not isinstance(ckpt, dict)
-        or "hyper_parameters" not in ckpt
-        or ckpt["hyper_parameters"].get("kind") not in KINDS
-    ):
-        raise ValueError(f"{path} is not a denoiser-stage checkpoint of ssn_exp")
-    module = StageModule(**ckpt["hyper_parameters"])
-    module.load_state_dict(ckpt["state_dict"])
+    hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
+    sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
+    if not isinstance(hp, dict) or hp.get("kind") not in KINDS or not isinstance(sd, dict):
+        raise CheckpointError(f"{path} is not a denoiser-stage checkpoint of ssn_exp")
+    unknown = sorted(str(k) for k in hp if k not in _STAGE_HPARAMS)
+    if unknown:
+        raise CheckpointError(f"{path} has stage hyper-parameters this ssn_exp does not know ({', '.join(unknown)})")
+    for key in ("model", "data") + (("method", "denoiser_net") if hp["kind"] != "clean" else ()):
+        if not isinstance(hp.get(key), dict):
+            raise CheckpointError(f"{path}: stage hyper-parameter {key} is {type(hp.get(key)).__name__}, not a config")
+    try:
+        (trust or Trust()).check(hp, f"cannot rebuild the stage of {path}", "hyper_parameters")
+    except UntrustedTarget as exc:
+        raise CheckpointError(str(exc)) from None
+    try:
+        module = StageModule(**hp)
+        module.load_state_dict(sd)
+    except InstantiationException as exc:
+        raise CheckpointError(f"cannot rebuild the stage of {path}: {instantiation_message(exc)}") from None
+    except (TypeError, ValueError, RuntimeError, KeyError, OverflowError) as exc:
+        raise CheckpointError(f"cannot rebuild the stage of {path}: {_first_line(str(exc))}") from None
     return module
 
 
@@ -161,7 +182,7 @@ def _train_stage(out, kind, hparams, datamodule, epochs, make_trainer, init, see
         check_val_every_n_epoch=1,
         callbacks=[epoch_checkpoint(out)],
     )
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None, weights_only=True)
     if trainer.global_rank == 0:
         (out / "done.json").write_text(json.dumps({"epochs": int(epochs)}) + "\n")
     return ckpt
