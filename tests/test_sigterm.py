@@ -1,5 +1,6 @@
 """SIGTERM (what Slurm and submitit send before a time limit or preemption): a non-zero exit with one line, and
-the same command resumes to exactly the result of a run that never stopped (issue 16 §3)."""
+the same command resumes to exactly the result of a run that never stopped (issue 16 §3). The finished run of the
+training test also checks that a refused restart leaves a finished run byte-identical (§2)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, certificate_columns, read_csv, read_metrics, run_cli
+from helpers import ROOT, certificate_columns, read_csv, read_metrics, run_cli, run_cli_many
+from test_run_dir import tree
 
 pytestmark = pytest.mark.slow
 
@@ -95,25 +97,37 @@ def test_sigterm_during_training_exits_non_zero_and_the_rerun_equals_an_uninterr
     )
     _same_metrics(read_metrics(run), read_metrics(ref))
     assert not (run / ".ssn_exp.lock").exists() and not (ref / ".ssn_exp.lock").exists()  # no stale pid (§7)
+    # A refused restart of the finished run (other settings; resume=false) leaves it byte-identical (§2)
+    before = tree(ref)
+    calls = [
+        ("ssn_exp", [*common, "optimizer.lr=0.05", f"hydra.run.dir={ref}"]),
+        ("ssn_exp", [*common, "resume=false", f"hydra.run.dir={ref}"]),
+    ]
+    texts = ["different settings (optimizer.lr)", "pass resume=true"]
+    for p, text in zip(run_cli_many(calls, workers=1), texts, strict=True):
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and text in lines[0], p.stderr[-3000:]
+        assert tree(ref) == before
 
 
 def test_sigterm_during_certification_exits_non_zero_and_the_rerun_equals_an_uninterrupted_one(tmp_path):
     trained = tmp_path / "trained"
     _ok(run_cli("ssn_exp", "debug=fast", "sigma=3.5", "certify.enabled=false", f"hydra.run.dir={trained}"))
     ckpt = trained / "checkpoints" / "last.ckpt"
-    slow = ["certify.noise_batch=1", "certify.batch_size=1", "certify.max_examples=60", "certify.progress=false"]
+    slow = ["certify.n=1000", "certify.noise_batch=10", "certify.batch_size=1", "certify.max_examples=40"]
+    slow += ["certify.progress=false"]
     ref, out = tmp_path / "ref", tmp_path / "out"
     reference = _start("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={ref}", *slow)
     csv_path = out / "certificates.csv"
 
     def some_rows():
-        return csv_path.is_file() and csv_path.read_text().count("\n") > 8
+        return csv_path.is_file() and csv_path.read_text().count("\n") > 5
 
     proc = _start("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={out}", *slow)
     err = _terminate_when(proc, some_rows)
     _one_sigterm_line(proc, err, "certification")
     partial = csv_path.read_text().count("\n") - 1
-    assert 8 <= partial < 60 and not (out / "metrics.json").exists()
+    assert 5 <= partial < 40 and not (out / "metrics.json").exists()
     _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={out}", *slow))
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
     assert certificate_columns(read_csv(csv_path)) == certificate_columns(read_csv(ref / "certificates.csv"))
