@@ -102,6 +102,7 @@ def test_another_process_s_log_and_lock_are_left_alone(tmp_path):
     rec = record(run)
     log_before = (run / "ssn_exp.log").read_bytes()
     hydra_start(run)  # a second start in the directory of a running process, refused by the lock
+    (run / "checkpoints").mkdir()  # meanwhile the running process goes on
     with RunLock(run):  # (held here: the record must find the lock taken)
         rec.undo()
         assert (run / ".hydra" / "config.yaml").read_text() == "the running process's config\n"

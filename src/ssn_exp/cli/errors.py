@@ -309,7 +309,8 @@ class _StartRecord:
         out = self.out
         if not out.is_dir():
             return
-        if _snapshot(out) != self.snapshot:
+        others_run_here = others_run_here or not self._lock_is_free()
+        if not others_run_here and _snapshot(out) != self.snapshot:
             return  # this start did more than start: what it made is a run's
         hydra_dir = out / ".hydra"
         if hydra_dir.is_dir() and not hydra_dir.is_symlink():
@@ -323,7 +324,7 @@ class _StartRecord:
             if ".hydra" not in self.existed:
                 with contextlib.suppress(OSError):
                     hydra_dir.rmdir()  # only if nothing else is in it
-        if others_run_here or not self._lock_is_free():
+        if others_run_here:
             return
         log_file = out / self.log_name
         if self.log_name not in self.existed:
@@ -368,14 +369,18 @@ class RunDirGuard:
     ``.hydra/``. It refuses, in one line, a run file that is a symbolic link (Hydra would write through it),
     and records the directory as it is, for :func:`guard` to undo a failed start.
 
-    Multirun jobs (``on_job_start``) are checked only after Hydra wrote their files: a link among them is
-    refused there, before the task writes anything itself.
+    Multirun jobs are not covered here (Hydra calls no callback before it writes a job's folder): their
+    lock and result files still refuse links (:class:`RunLock`, ``run_files``), and a failed job keeps its
+    folder with ``error.txt`` for the report.
     """
 
     def on_run_start(self, config, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
         _StartRecord.current = None
+        with contextlib.suppress(Exception):  # as run_job does first: ${hydra:...} may name the run directory
+            HydraConfig.instance().set_config(config)
         try:
             out = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir", throw_on_missing=True))))
             log_name = f"{OmegaConf.select(config, 'hydra.job.name') or 'ssn_exp'}.log"
@@ -384,16 +389,21 @@ class RunDirGuard:
         self._refuse_links(out, log_name)
         _StartRecord.current = _StartRecord(out, log_name)
 
-    def on_job_start(self, config, **kwargs) -> None:
-        from hydra.core.hydra_config import HydraConfig
-        from hydra.types import RunMode
+    # Hydra calls every hook of its Callback interface; the others have nothing to do.
+    def on_run_end(self, config, **kwargs) -> None:
+        pass
 
-        try:
-            hc = HydraConfig.get()
-        except ValueError:
-            return
-        if hc.mode == RunMode.MULTIRUN:
-            self._refuse_links(Path(hc.runtime.output_dir), f"{hc.job.name}.log")
+    def on_multirun_start(self, config, **kwargs) -> None:
+        pass
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        pass
+
+    def on_job_start(self, config, **kwargs) -> None:
+        pass
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        pass
 
     @staticmethod
     def _refuse_links(out: Path, log_name: str) -> None:
