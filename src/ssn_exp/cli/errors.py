@@ -114,7 +114,7 @@ def _on_sigint(signum, frame):
 
 
 def _phase(frame) -> str:
-    """ "certification" if the interrupted code is certifying, else what the entry point does."""
+    """What SIGTERM interrupted: certification if a frame of the stack is certifying, else the entry point's job."""
     while frame is not None:
         code = frame.f_code
         if code.co_filename.endswith(os.path.join("lightning", "certification.py")) or code.co_name in (
@@ -183,7 +183,8 @@ def run_entry(main: Callable[[], object], during: str = "training") -> None:
     except BaseException as exc:
         if _Interrupted.sigterm is not None and not (full and isinstance(exc, Exception)):
             # whatever the stopping raised on the way out (Lightning's exit(1), a killed rank): one line
-            print(_sigterm_line(), file=sys.stderr)
+            if not quiet:  # (python -m ssn_exp.sweep says it once for the sweep)
+                print(_sigterm_line(), file=sys.stderr)
             sys.exit(128 + signal.SIGTERM)
         if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and _Interrupted.flag):
             # (Lightning turns Ctrl-C during fit into exit(1))
