@@ -16,8 +16,6 @@ import torch
 from helpers import ROOT, certificate_columns, read_csv, read_metrics, run_cli, run_cli_many
 from test_run_dir import tree
 
-pytestmark = pytest.mark.slow
-
 
 def _ok(p):
     assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
@@ -66,6 +64,7 @@ def _same_metrics(a, b):
     assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
 
 
+@pytest.mark.slow
 def test_sigterm_during_training_exits_non_zero_and_the_rerun_equals_an_uninterrupted_run(tmp_path):
     common = ["debug=fast", "training.epochs=3", "trainer.limit_train_batches=12", "method=ssn"]
     ref, run = tmp_path / "ref", tmp_path / "run"
@@ -110,6 +109,7 @@ def test_sigterm_during_training_exits_non_zero_and_the_rerun_equals_an_uninterr
         assert tree(ref) == before
 
 
+@pytest.mark.slow
 def test_sigterm_during_certification_exits_non_zero_and_the_rerun_equals_an_uninterrupted_one(tmp_path):
     trained = tmp_path / "trained"
     _ok(run_cli("ssn_exp", "debug=fast", "sigma=3.5", "certify.enabled=false", f"hydra.run.dir={trained}"))
@@ -132,3 +132,17 @@ def test_sigterm_during_certification_exits_non_zero_and_the_rerun_equals_an_uni
     assert reference.wait(timeout=300) == 0, reference.stderr.read()[-3000:]
     assert certificate_columns(read_csv(csv_path)) == certificate_columns(read_csv(ref / "certificates.csv"))
     _same_metrics(read_metrics(out), read_metrics(ref))
+
+
+def test_the_sigterm_line_names_certification_when_certification_is_interrupted():
+    """Certification after training runs inside ``python -m ssn_exp``: the line must say what was stopped."""
+    from ssn_exp.cli.errors import _phase
+
+    def certify_module():  # a frame of the certification code on the stack
+        return _phase(sys._getframe())
+
+    def fit():
+        return _phase(sys._getframe())
+
+    assert certify_module() == "certification"
+    assert fit() == "training"
