@@ -30,9 +30,8 @@ __all__ = ["user_error_types", "one_line", "run_entry", "guard", "RunLock", "Run
 
 log = logging.getLogger("ssn_exp")
 
-#: What Hydra leaves in a run directory before the task starts (and the lock): a directory holding only
-#: these after a failed start is removed, so that failed runs do not look like runs.
-_HYDRA_ONLY = {".hydra", "ssn_exp.log", ".ssn_exp.lock"}
+#: What Hydra writes into a run directory before the task starts (besides the job log), and the lock.
+_HYDRA_ONLY = {".hydra", ".ssn_exp.lock"}
 _OS_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
@@ -257,15 +256,16 @@ def _write_new_file(path: Path, text: str) -> None:
 _HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
 
 
-def _snapshot(out: Path) -> dict[str, tuple]:
-    """Name -> (kind, size, mtime) of what ``out`` holds besides Hydra's files and the lock: what a run makes."""
+def _snapshot(out: Path, log_name: str) -> dict[str, tuple]:
+    """Name -> (kind, size, mtime) of what ``out`` holds besides Hydra's files, the log and the lock: what a run
+    makes."""
     snap = {}
     try:
         entries = list(os.scandir(out))
     except OSError:
         return snap
     for e in entries:
-        if e.name in _HYDRA_ONLY:
+        if e.name in _HYDRA_ONLY or e.name == log_name:
             continue
         try:
             st = e.stat(follow_symlinks=False)
@@ -296,7 +296,7 @@ class _StartRecord:
                 self.hydra_bytes[name] = f.read_bytes()
         log_file = self.out / log_name
         self.log_size = log_file.stat().st_size if log_file.is_file() and not log_file.is_symlink() else None
-        self.snapshot = _snapshot(self.out)
+        self.snapshot = _snapshot(self.out, log_name)
 
     def undo(self, others_run_here: bool = False) -> None:
         """After a failed or refused start: put the run directory back as it was before Hydra wrote into it.
@@ -311,7 +311,7 @@ class _StartRecord:
         if not out.is_dir():
             return
         others_run_here = others_run_here or not self._lock_is_free()
-        if not others_run_here and _snapshot(out) != self.snapshot:
+        if not others_run_here and _snapshot(out, self.log_name) != self.snapshot:
             return  # this start did more than start: what it made is a run's
         hydra_dir = out / ".hydra"
         if hydra_dir.is_dir() and not hydra_dir.is_symlink():
