@@ -7,11 +7,15 @@ is free, so an entry point can recognise these errors without importing torch.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "instantiation_message"]
+__all__ = ["UserError", "LinkedRunFileError", "instantiation_message"]
 
 
 class UserError(Exception):
     """Marks an error caused by what the user gave (reported in one line, never with a traceback)."""
+
+
+class LinkedRunFileError(UserError, OSError):
+    """A run file is a symbolic link: ssn_exp never writes through one (it could point anywhere)."""
 
 
 def _first_line(text: str) -> str:

@@ -279,7 +279,7 @@ def _app(cfg: DictConfig):
 
 def main() -> None:
     """``python -m ssn_exp.certify`` / ``ssn-exp-certify``."""
-    run_entry(_app)
+    run_entry(_app, during="certification")
 
 
 if __name__ == "__main__":

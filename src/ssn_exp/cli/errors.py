@@ -3,31 +3,35 @@
 :func:`run_entry` runs a ``@hydra.main`` function so that Hydra's own errors (an unknown config option,
 a bad override), the project's user errors (bad values, missing data, bad checkpoints or result files,
 inputs off the grid, non-finite logits) and a dying DDP rank end in one line ``error: ...`` and exit
-status 2, and Ctrl-C in one line saying how to resume (exit 130). Genuine bugs keep their traceback;
+status 2, Ctrl-C in one line saying how to resume (exit 130), and SIGTERM (what Slurm and submitit send
+before a time limit or preemption) in one line too (exit 143). Genuine bugs keep their traceback;
 ``HYDRA_FULL_ERROR=1`` (or ``SSN_EXP_TRACEBACK=1``) shows the traceback of everything.
+
+:class:`RunDirGuard` (a Hydra callback, ``hydra.callbacks`` in the configs) records the run directory before
+Hydra writes anything into it, so that a failed or refused start removes only what it created and puts back
+the ``.hydra/`` record of an earlier run byte for byte (:func:`guard`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
 import os
-import shutil
 import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ssn_exp.exceptions import UserError
+from ssn_exp.exceptions import LinkedRunFileError, UserError
 
-__all__ = ["user_error_types", "one_line", "run_entry", "guard", "RunLock", "RunLockedError"]
+__all__ = ["user_error_types", "one_line", "run_entry", "guard", "RunLock", "RunLockedError", "RunDirGuard"]
 
 log = logging.getLogger("ssn_exp")
 
-#: What Hydra leaves in a run directory before the task starts (and the lock): a directory holding only
-#: these after a failed start is removed, so that failed runs do not look like runs.
-_HYDRA_ONLY = {".hydra", "ssn_exp.log", ".ssn_exp.lock"}
+#: What Hydra writes into a run directory before the task starts (besides the job log), and the lock.
+_HYDRA_ONLY = {".hydra", ".ssn_exp.lock"}
 _OS_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
 
 
@@ -94,11 +98,51 @@ def _multirun() -> bool:
 
 class _Interrupted:
     flag = False
+    sigterm: str | None = None  # "training" / "certification": what SIGTERM stopped
+    during = "training"  # what this entry point does, when the stack does not say
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM: raised like Ctrl-C's KeyboardInterrupt, so Lightning stops as gracefully (and kills its DDP
+    processes); the finished epochs (``last.ckpt``) and certificates are kept, and the same command resumes."""
 
 
 def _on_sigint(signum, frame):
     _Interrupted.flag = True
     raise KeyboardInterrupt
+
+
+def _phase(frame) -> str:
+    """What SIGTERM interrupted: certification if a frame of the stack is certifying, else the entry point's job."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_filename.endswith(os.path.join("lightning", "certification.py")) or code.co_name in (
+            "certify_module",
+            "run_certify",
+        ):
+            return "certification"
+        frame = frame.f_back
+    return _Interrupted.during
+
+
+def _on_sigterm(signum, frame):
+    if _Interrupted.sigterm is not None:  # a second SIGTERM while stopping: let the first one finish
+        return
+    _Interrupted.sigterm = _phase(frame)
+    if "multiprocessing" in sys.modules:  # ddp_spawn ranks are this process's non-daemon children: stop them
+        import multiprocessing
+
+        for proc in multiprocessing.active_children():
+            if not proc.daemon and proc.pid is not None:  # (DataLoader workers are daemons and end with us)
+                try:
+                    os.kill(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+    raise Terminated
+
+
+def _sigterm_line() -> str:
+    return f"error: terminated by SIGTERM during {_Interrupted.sigterm}; rerun the same command to resume"
 
 
 def _quiet_known_warnings() -> None:
@@ -112,6 +156,7 @@ def _quiet_known_warnings() -> None:
         r".*`self\.log\(\)` but the `self\.trainer` reference is not registered.*",
         # on every resume: ssn_exp itself decides whether a run directory may be continued (resume=, tag=)
         r"Checkpoint directory .* exists and is not empty",
+        r".*predict returned None.*",  # certification writes its rows itself; the predict loop returns nothing
     ):
         warnings.filterwarnings("ignore", message=message)
     # spawned DDP ranks start a fresh interpreter: the same filters through the environment (a message prefix there)
@@ -124,31 +169,37 @@ def _drop_tips(record: logging.LogRecord) -> bool:
     return "litlogger" not in str(record.msg)
 
 
-def run_entry(main: Callable[[], object]) -> None:
-    """Run a ``@hydra.main`` function with one-line errors (see the module docstring)."""
+def run_entry(main: Callable[[], object], during: str = "training") -> None:
+    """Run a ``@hydra.main`` function with one-line errors (see the module docstring).
+
+    ``during`` names what the entry point does, for the SIGTERM line (certification is recognised anyway).
+    """
     full = os.environ.get("SSN_EXP_TRACEBACK") == "1" or os.environ.get("HYDRA_FULL_ERROR") == "1"
     if full:
         os.environ["SSN_EXP_TRACEBACK"] = "1"  # the user asked for tracebacks: jobs and DDP ranks show them too
     os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing; we print one line below
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _on_sigint)
+    _Interrupted.during = during
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # Lightning then chains to ours
+        signal.signal(signal.SIGTERM, _on_sigterm)
     _quiet_known_warnings()
     resume = "run the same command again to resume: finished epochs, certificates and sweep jobs are kept"
     quiet = os.environ.get("SSN_EXP_IN_SWEEP") == "1"  # python -m ssn_exp.sweep says it once for the sweep
     try:
         main()
-    except KeyboardInterrupt:
-        if not quiet:
-            print(f"error: interrupted; {resume}", file=sys.stderr)
-        sys.exit(130)
-    except SystemExit:
-        if _Interrupted.flag:  # Lightning turns Ctrl-C during fit into exit(1)
+    except BaseException as exc:
+        if _Interrupted.sigterm is not None and not (full and isinstance(exc, Exception)):
+            # whatever the stopping raised on the way out (Lightning's exit(1), a killed rank): one line
+            if not quiet:  # (python -m ssn_exp.sweep says it once for the sweep)
+                print(_sigterm_line(), file=sys.stderr)
+            sys.exit(128 + signal.SIGTERM)
+        if isinstance(exc, KeyboardInterrupt) or (isinstance(exc, SystemExit) and _Interrupted.flag):
+            # (Lightning turns Ctrl-C during fit into exit(1))
             if not quiet:
                 print(f"error: interrupted; {resume}", file=sys.stderr)
             sys.exit(130)
-        raise
-    except Exception as exc:
-        if full or not is_user_error(exc):
+        if not isinstance(exc, Exception) or full or not is_user_error(exc):
             raise
         msg = one_line(exc)
         if _multirun():
@@ -160,10 +211,11 @@ def run_entry(main: Callable[[], object]) -> None:
 def guard(task: Callable, cfg) -> object:
     """Run a Hydra task with one-line user errors.
 
-    A single run prints ``error: ...``, removes the directory Hydra made for it if nothing else is in it
-    (failed runs do not look like runs) and exits with status 2. In a multirun the job directory keeps
-    ``error.txt`` (the report lists the job as failed, with this line) and the error is re-raised, so Hydra
-    records the job as failed and runs the others.
+    A single run prints ``error: ...``, undoes what its start did to the run directory (:meth:`_StartRecord.undo`:
+    the files and folders this process created are removed, an earlier run's ``.hydra/`` record and log are put
+    back as they were) and exits with status 2. In a multirun the job directory keeps ``error.txt`` (the report
+    lists the job as failed, with this line) and the error is re-raised, so Hydra records the job as failed and
+    runs the others.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -171,7 +223,7 @@ def guard(task: Callable, cfg) -> object:
     try:
         return task(cfg)
     except Exception as exc:
-        if os.environ.get("SSN_EXP_TRACEBACK") == "1" or not is_user_error(exc):
+        if os.environ.get("SSN_EXP_TRACEBACK") == "1" or not is_user_error(exc) or _Interrupted.sigterm is not None:
             raise
         msg = one_line(exc)
         try:
@@ -182,74 +234,269 @@ def guard(task: Callable, cfg) -> object:
         if multirun:
             log.error("error: %s", msg)
             try:
-                (out / "error.txt").write_text(msg + "\n")
+                _write_new_file(out / "error.txt", msg + "\n")
             except OSError:
                 pass
             raise
-        if out is not None and not isinstance(exc, RunLockedError):  # a locked directory is another process's
-            _remove_if_empty_run(out)
+        record = _StartRecord.current
+        if record is not None and out is not None and record.out == out.absolute():
+            record.undo(others_run_here=isinstance(exc, RunLockedError))
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
 
 
-def _remove_if_empty_run(out: Path) -> None:
-    """Remove what Hydra wrote for a run that failed before it started, then the directory if that left it empty.
-
-    Nothing else is ever removed: not a directory holding anything more, not the working directory, and not
-    a directory whose lock another process holds (a second process failing a check must not touch the first's).
-    """
-    if not out.is_dir() or out.resolve() == Path.cwd().resolve():
-        return
-    names = {p.name for p in out.iterdir()}
-    if not names <= _HYDRA_ONLY:
-        return
+def _write_new_file(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` without following a symbolic link there (a link is replaced, not written through)."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     try:
-        with RunLock(out):
-            pass
-    except (RunLockedError, OSError):
-        return
-    shutil.rmtree(out / ".hydra", ignore_errors=True)
-    for name in _HYDRA_ONLY - {".hydra"}:
-        (out / name).unlink(missing_ok=True)
-    parent = out
-    for _ in range(4):  # the run directory and the empty <data>/<method>-... folders Hydra made above it
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text.encode() if isinstance(text, str) else text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+#: The files Hydra writes into .hydra/ before the task starts.
+_HYDRA_FILES = ("config.yaml", "hydra.yaml", "overrides.yaml")
+
+
+def _snapshot(out: Path, log_name: str) -> dict[str, tuple]:
+    """Name -> (kind, size, mtime) of what ``out`` holds besides Hydra's files, the log and the lock: what a run
+    makes."""
+    snap = {}
+    try:
+        entries = list(os.scandir(out))
+    except OSError:
+        return snap
+    for e in entries:
+        if e.name in _HYDRA_ONLY or e.name == log_name:
+            continue
         try:
-            parent.rmdir()
+            st = e.stat(follow_symlinks=False)
         except OSError:
-            break
-        parent = parent.parent
+            continue
+        snap[e.name] = (st.st_mode, st.st_size, st.st_mtime_ns)
+    return snap
+
+
+class _StartRecord:
+    """The state of a run directory before Hydra wrote into it (taken by :class:`RunDirGuard`)."""
+
+    current: _StartRecord | None = None
+
+    def __init__(self, out: Path, log_name: str):
+        self.out = Path(os.path.abspath(out))
+        self.log_name = log_name
+        self.created_dirs: list[Path] = []  # the run directory and its parents that do not exist yet, deepest first
+        p = self.out
+        while not os.path.lexists(p) and p.parent != p:
+            self.created_dirs.append(p)
+            p = p.parent
+        self.existed = {n for n in (".hydra", log_name, ".ssn_exp.lock") if os.path.lexists(self.out / n)}
+        self.hydra_bytes: dict[str, bytes] = {}
+        for name in _HYDRA_FILES:
+            f = self.out / ".hydra" / name
+            if f.is_file() and not f.is_symlink():
+                self.hydra_bytes[name] = f.read_bytes()
+        log_file = self.out / log_name
+        self.log_size = log_file.stat().st_size if log_file.is_file() and not log_file.is_symlink() else None
+        self.snapshot = _snapshot(self.out, log_name)
+
+    def undo(self, others_run_here: bool = False) -> None:
+        """After a failed or refused start: put the run directory back as it was before Hydra wrote into it.
+
+        Only a start that made nothing besides Hydra's files and the lock is undone (a run that trained or
+        certified keeps its directory and log). ``.hydra/*.yaml`` of an earlier run get their bytes back, the
+        files and folders this process created are removed, and a log that existed is cut back to its length.
+        If another process holds the directory's lock, only the ``.hydra/`` record is put back (the log and
+        the lock are that process's).
+        """
+        out = self.out
+        if not out.is_dir():
+            return
+        others_run_here = others_run_here or not self._lock_is_free()
+        if not others_run_here and _snapshot(out, self.log_name) != self.snapshot:
+            return  # this start did more than start: what it made is a run's
+        hydra_dir = out / ".hydra"
+        if hydra_dir.is_dir() and not hydra_dir.is_symlink():
+            for name in _HYDRA_FILES:
+                f = hydra_dir / name
+                if name in self.hydra_bytes:
+                    if f.is_symlink() or not f.is_file() or f.read_bytes() != self.hydra_bytes[name]:
+                        _write_new_file(f, self.hydra_bytes[name])
+                elif f.is_file() and not f.is_symlink():
+                    f.unlink()
+            if ".hydra" not in self.existed:
+                with contextlib.suppress(OSError):
+                    hydra_dir.rmdir()  # only if nothing else is in it
+        if others_run_here:
+            return
+        log_file = out / self.log_name
+        if self.log_name not in self.existed:
+            _close_file_handlers(log_file)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(log_file)
+        elif self.log_size is not None and log_file.is_file() and not log_file.is_symlink():
+            _close_file_handlers(log_file)
+            if log_file.stat().st_size > self.log_size:
+                with open(log_file, "r+b") as fh:
+                    fh.truncate(self.log_size)
+        if ".ssn_exp.lock" not in self.existed:
+            lock = out / ".ssn_exp.lock"
+            if lock.is_file() and not lock.is_symlink():
+                lock.unlink()
+        for d in self.created_dirs:  # only folders this process created, and only while they are empty
+            try:
+                d.rmdir()
+            except OSError:
+                break
+
+    def _lock_is_free(self) -> bool:
+        try:
+            with RunLock(self.out):
+                return True
+        except (RunLockedError, OSError):
+            return False
+
+
+def _close_file_handlers(path: Path) -> None:
+    """Close the logging handlers writing to ``path`` (Hydra's job log) before it is removed or cut back."""
+    target = os.path.abspath(path)
+    for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]:
+        for h in list(getattr(logger, "handlers", [])):
+            if isinstance(h, logging.FileHandler) and os.path.abspath(h.baseFilename) == target:
+                logger.removeHandler(h)
+                h.close()
+
+
+class RunDirGuard:
+    """Hydra callback (``hydra.callbacks.run_dir``): runs before Hydra creates the run directory, its log and
+    ``.hydra/``. It refuses, in one line, a run file that is a symbolic link (Hydra would write through it),
+    and records the directory as it is, for :func:`guard` to undo a failed start.
+
+    Multirun jobs are not covered here (Hydra calls no callback before it writes a job's folder): their
+    lock and result files still refuse links (:class:`RunLock`, ``run_files``), and a failed job keeps its
+    folder with ``error.txt`` for the report.
+    """
+
+    def on_run_start(self, config, **kwargs) -> None:
+        from hydra.core.hydra_config import HydraConfig
+        from omegaconf import OmegaConf
+
+        _StartRecord.current = None
+        with contextlib.suppress(Exception):  # as run_job does first: ${hydra:...} may name the run directory
+            HydraConfig.instance().set_config(config)
+        try:
+            out = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir", throw_on_missing=True))))
+            log_name = f"{OmegaConf.select(config, 'hydra.job.name') or 'ssn_exp'}.log"
+        except Exception:  # noqa: BLE001 - a bad run directory: Hydra reports it in run_job, before writing anything
+            return
+        self._refuse_links(out, log_name)
+        _StartRecord.current = _StartRecord(out, log_name)
+
+    # Hydra calls every hook of its Callback interface; the others have nothing to do.
+    def on_run_end(self, config, **kwargs) -> None:
+        pass
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        pass
+
+    def on_multirun_end(self, config, **kwargs) -> None:
+        pass
+
+    def on_job_start(self, config, **kwargs) -> None:
+        pass
+
+    def on_job_end(self, config, job_return, **kwargs) -> None:
+        pass
+
+    @staticmethod
+    def _refuse_links(out: Path, log_name: str) -> None:
+        names = [log_name, ".ssn_exp.lock", ".hydra", *(os.path.join(".hydra", n) for n in _HYDRA_FILES)]
+        for name in names:
+            if os.path.islink(out / name):
+                # Hydra's callbacks turn exceptions into warnings: leave here, in one line, before anything is written
+                print(
+                    f"error: {out / name} is a symbolic link; ssn_exp does not write run files through links: "
+                    "remove it, or give the run another directory (tag=NAME or hydra.run.dir=DIR)",
+                    file=sys.stderr,
+                )
+                sys.exit(2)
 
 
 class RunLock:
-    """An exclusive lock on a run directory (``.ssn_exp.lock``, flock): a second process is refused at once."""
+    """An exclusive lock on a run directory (``.ssn_exp.lock``, flock): a second process is refused at once.
+
+    The file holds the holder's pid while it runs. It is never followed if it is a symbolic link (refused), and
+    it is removed when the holder ends (emptied instead if it was there before), so a finished run keeps no
+    stale pid.
+    """
 
     def __init__(self, out_dir: Path):
         self.path = Path(out_dir) / ".ssn_exp.lock"
-        self._fh = None
+        self._fd: int | None = None
+        self._created = False
+
+    def _open(self) -> tuple[int, bool]:
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            return os.open(self.path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(self.path, flags), False
+        except OSError as exc:
+            if os.path.islink(self.path):
+                raise LinkedRunFileError(
+                    f"{self.path} is a symbolic link; ssn_exp does not write run files through links: remove it, "
+                    "or give the run another directory (tag=NAME or hydra.run.dir=DIR)"
+                ) from None
+            if exc.errno == errno.ENOENT:  # removed by a holder that just ended
+                return self._open()
+            raise
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(self.path, "a+")
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fh.seek(0)
-            pid = fh.read().strip() or "?"
-            fh.close()
-            raise RunLockedError(
-                f"another ssn_exp process (pid {pid}) is running in {self.path.parent}; wait for it to finish, "
-                "or give this run its own directory (tag=NAME)"
-            ) from None
-        fh.seek(0)
-        fh.truncate()
-        fh.write(str(os.getpid()))
-        fh.flush()
-        self._fh = fh
+        for _ in range(100):
+            fd, created = self._open()
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise RunLockedError(
+                    f"another ssn_exp process (pid {pid}) is running in {self.path.parent}; wait for it to finish, "
+                    "or give this run its own directory (tag=NAME)"
+                ) from None
+            try:  # the holder we waited for may have removed the file: lock the one at the path
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path, follow_symlinks=False))
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        else:
+            raise RunLockedError(f"cannot lock {self.path}: it keeps being replaced")
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        self._fd, self._created = fd, created
         return self
 
     def __exit__(self, *exc):
-        if self._fh is not None:
-            fcntl.flock(self._fh, fcntl.LOCK_UN)
-            self._fh.close()
-            self._fh = None
+        if self._fd is not None:
+            try:
+                if self._created:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self.path)  # while still held: a process waiting on it retries (see __enter__)
+                else:
+                    os.ftruncate(self._fd, 0)
+            finally:
+                fcntl.flock(self._fd, fcntl.LOCK_UN)
+                os.close(self._fd)
+                self._fd = None
         return False

@@ -27,6 +27,10 @@ SWEEP_DIR = Path(CONF_DIR) / "sweep"
 LAUNCHERS = {"basic": None, "local": "submitit_local", "slurm": "slurm"}
 
 
+class _SweepTerminated(Exception):
+    """SIGTERM reached python -m ssn_exp.sweep (forwarded to the jobs)."""
+
+
 def available() -> list[str]:
     return sorted(p.stem for p in SWEEP_DIR.glob("*.yaml"))
 
@@ -119,8 +123,23 @@ def main(argv=None) -> int:
         return 0
     resume = f"run the same command again to resume: the finished jobs in {out_dir} are kept"
     proc = subprocess.Popen(cmd, env={**os.environ, "SSN_EXP_IN_SWEEP": "1"})
+
+    def forward_sigterm(signum, frame):  # Slurm/submitit stop the sweep: stop the jobs too, then say so
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        proc.send_signal(signal.SIGTERM)
+        raise _SweepTerminated
+
+    if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGTERM, forward_sigterm)
     try:
         rc = proc.wait()
+    except _SweepTerminated:
+        proc.wait()
+        print(
+            f"error: terminated by SIGTERM after {_count_done(out_dir)} of {len(all_jobs)} jobs; {resume}",
+            file=sys.stderr,
+        )
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:  # the jobs got the same Ctrl-C: let them stop cleanly, then say how to resume
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         proc.wait()

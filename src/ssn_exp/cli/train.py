@@ -273,7 +273,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     from ssn_exp.lightning.certification import CertifyCallback
     from ssn_exp.lightning.module import SmoothedTraining, load_checkpoint
     from ssn_exp.lightning.progress import progress_callbacks
-    from ssn_exp.lightning.run_files import format_table
+    from ssn_exp.lightning.run_files import format_table, refuse_link
 
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -296,6 +296,8 @@ def run_train(cfg: DictConfig) -> dict | None:
                 if ckpt_path is None:
                     ckpt_dir.mkdir(parents=True, exist_ok=True)
                     tmp = ckpt_dir / ".last.ckpt.tmp"
+                    tmp.unlink(missing_ok=True)  # a leftover (or a planted link) is replaced, never written through
+                    refuse_link(last)
                     torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict(), "epoch": 0}, tmp)
                     os.replace(tmp, last)
                 else:

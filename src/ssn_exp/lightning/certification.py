@@ -8,7 +8,6 @@ Resuming skips the examples already certified, after checking every row read bac
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import time
@@ -23,6 +22,7 @@ from ssn_exp.certify import NonFiniteLogitsError, certify_batch
 from ssn_exp.lightning.data import dataset_labels, mix_seed
 from ssn_exp.lightning.run_files import (
     ResultsFileError,
+    append_rows,
     columns_for,
     format_counts,
     merge_shards,
@@ -241,8 +241,7 @@ class ShardCertifier:
                 if cert.radius_box is not None:
                     row["radius_box"] = repr(float(cert.radius_box[j]))
             rows.append(row)
-        with open(self.path, "a", newline="") as fh:
-            csv.DictWriter(fh, fieldnames=self.columns, extrasaction="ignore").writerows(rows)
+        append_rows(self.path, self.columns, rows)  # never through a symbolic link
         self.done.update(chunk)
 
     def _certify(self, x, generator):

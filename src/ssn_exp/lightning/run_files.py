@@ -27,11 +27,14 @@ import numpy as np
 import torch
 
 from ssn_exp.certify import average_certified_radius, certified_accuracy, clopper_pearson_lower, exact_certificate
-from ssn_exp.exceptions import UserError
+from ssn_exp.exceptions import LinkedRunFileError, UserError
 from ssn_exp.smoothing import Smoothing
 
 __all__ = [
     "ResultsFileError",
+    "LinkedRunFileError",
+    "refuse_link",
+    "append_rows",
     "BASE_COLUMNS",
     "columns_for",
     "format_counts",
@@ -53,12 +56,62 @@ class ResultsFileError(UserError, ValueError):
     """A result file that does not belong to this certification or is damaged (one-line message)."""
 
 
+def refuse_link(path: Path) -> None:
+    """Raise :class:`LinkedRunFileError` if ``path`` is a symbolic link (dangling or not)."""
+    if os.path.islink(path):
+        raise LinkedRunFileError(
+            f"{path} is a symbolic link; ssn_exp does not write run files through links: remove it, or give the "
+            "run another directory (tag=NAME or hydra.run.dir=DIR)"
+        )
+
+
+def _open_new(tmp: Path):
+    """A fresh temporary file opened for writing without following links (a stale one of this name goes first)."""
+    try:
+        os.unlink(tmp)  # removes a link itself, never its target
+    except FileNotFoundError:
+        pass
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    return os.fdopen(fd, "w", newline="")
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
+        refuse_link(path)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: never half a file."""
+    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: never half a file.
+
+    Neither the temporary file nor ``path`` is followed if it is a symbolic link: a link at ``path`` is refused
+    (:class:`LinkedRunFileError`), so a file outside the run directory is never written.
+    """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        with _open_new(tmp) as fh:
+            fh.write(text)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace(tmp, path)
+
+
+def append_rows(path: Path, columns: list[str], rows: Sequence[dict]) -> None:
+    """Append (and flush) CSV ``rows`` to ``path``, creating it if needed; a symbolic link is refused."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    except OSError as exc:
+        if os.path.islink(path):
+            refuse_link(path)
+        raise exc
+    with os.fdopen(fd, "a", newline="") as fh:
+        csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore").writerows(rows)
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -196,13 +249,18 @@ def _check_row(row: dict, smoothing: Smoothing, num_classes: int | None, n: int 
 
 
 def write_rows_atomic(path: Path, columns: list[str], rows: Sequence[dict]) -> None:
+    """Write a whole CSV atomically (as :func:`write_text_atomic`: no half file, no writing through a link)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-        w.writeheader()
-        w.writerows(rows)
-    os.replace(tmp, path)
+    try:
+        with _open_new(tmp) as fh:
+            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
+            w.writeheader()
+            w.writerows(rows)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace(tmp, path)
 
 
 def merge_shards(out_dir: Path, world_size: int, smoothing: Smoothing) -> Path:
