@@ -13,6 +13,7 @@ saved checkpoint; importing this package pulls in neither Hydra nor Lightning.
 from ssn_exp.certify.box import box_radius
 from ssn_exp.certify.core import (
     Certificates,
+    ModelOutputError,
     NonFiniteLogitsError,
     SmoothedClassifier,
     authors_radius_float32,
@@ -35,6 +36,7 @@ from ssn_exp.certify.metrics import (
 
 __all__ = [
     "Certificates",
+    "ModelOutputError",
     "NonFiniteLogitsError",
     "SmoothedClassifier",
     "authors_radius_float32",

@@ -106,9 +106,17 @@ def check_network(net, dm, group: str, denoiser: bool = False) -> None:
             )
         g = torch.Generator().manual_seed(0)
         x = torch.rand(shape, generator=g)
+        x_before = x.clone()
         together, alone = run(x), torch.cat([run(x[:1]), run(x[1:])])
+        if changed or not torch.equal(x, x_before):
+            raise ConfigError(
+                f"{where} modifies its input in place; it must leave the input tensor as it is "
+                "(work on a copy: x = x.clone(), or no in-place operation on x)"
+            )
+        # NaN where the model gives NaN must agree too; certification refuses non-finite logits per example anyway
+        scale = float(torch.nan_to_num(together.double(), nan=0.0, posinf=0.0, neginf=0.0).abs().max())
         if together.shape != alone.shape or not torch.allclose(
-            together.double(), alone.double(), rtol=1e-3, atol=1e-4 * (1.0 + float(together.abs().max()))
+            together.double(), alone.double(), rtol=1e-3, atol=1e-4 * (1.0 + scale), equal_nan=True
         ):
             raise ConfigError(
                 f"{where} gives an example a different output alone than in a batch (or random outputs); "
