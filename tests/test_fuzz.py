@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import tempfile
 from pathlib import Path
 
@@ -67,7 +68,8 @@ scalars = st.one_of(
     st.sampled_from(["", "none", "bf16", "fp16", "true", "abc", "???", "${nope}", "${data.q}", "1e9", "0.5"]),
     st.text(max_size=8),
 )
-values = st.recursive(
+finite_or_not = st.lists(st.floats(allow_nan=True, allow_infinity=True) | st.integers(-3, 3), min_size=1, max_size=3)
+values = finite_or_not | st.recursive(
     scalars,
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=3), inner, max_size=2),
     max_leaves=5,
@@ -97,7 +99,31 @@ def _set(cfg, key: str, value):
     return True
 
 
-@FUZZ
+ALL_KEYS = [f"certify.{k}" for k in CERTIFY_KEYS] + OTHER_KEYS
+
+
+@settings(FUZZ, max_examples=settings.default.max_examples)  # fast: the project's default number of examples
+@given(key=st.sampled_from(ALL_KEYS), value=values)
+def test_each_config_value_alone_is_accepted_or_refused_in_one_line(composed, key, value):
+    """One value changed at a time (several at once can hide each other: the first bad one is reported)."""
+    test_certify_settings_accept_or_refuse_in_one_line.hypothesis.inner_test(composed, [(key, value)], None)
+
+
+@settings(FUZZ, max_examples=settings.default.max_examples)
+@given(
+    radii=st.lists(
+        st.floats(allow_nan=True, allow_infinity=True)
+        | st.integers(-(2**70), 2**70)
+        | st.booleans()
+        | st.text(max_size=2),
+        max_size=4,
+    )
+)
+def test_any_list_of_radii_is_accepted_or_refused_in_one_line(composed, radii):
+    test_certify_settings_accept_or_refuse_in_one_line.hypothesis.inner_test(composed, [("certify.radii", radii)], None)
+
+
+@settings(FUZZ, max_examples=settings.default.max_examples)
 @given(
     changes=st.lists(
         st.tuples(st.sampled_from([f"certify.{k}" for k in CERTIFY_KEYS] + OTHER_KEYS), values), min_size=1, max_size=3
@@ -116,6 +142,8 @@ def test_certify_settings_accept_or_refuse_in_one_line(composed, changes, n):
         assert settings_["autocast"] in (None, "none", "bf16", "fp16")
         assert type(settings_["channels_last"]) is bool and type(settings_["compile"]) is bool
         assert settings_["noise_batch"] < 2**31 and settings_["n"] <= 2**53
+        radii = list(cfg.certify.radii)  # the run reads the radii from the config itself
+        assert radii and all(type(r) in (int, float) and math.isfinite(r) and r >= 0 for r in radii)
 
 
 @FUZZ
@@ -221,15 +249,20 @@ metrics_files = st.one_of(
         st.sampled_from(["dssn", "uniform", "ssn"]),
         st.dictionaries(
             st.sampled_from(["dataset", "method", "training", "denoiser", "sigma", "q", "n_examples", "seed", "acr"]),
-            json_values,
+            json_values | st.sampled_from([2, 0.5, 16, "dssn", "x", -1, 0, True]),
             max_size=2,
         ),
     ),
     file_bytes,
 )
-REPORT_HEADERS = st.sampled_from(
-    [UNIFORM_HEADER, DSSN_HEADER, "index,label,prediction,k", "index,label,prediction,radius"]
-)
+#: Two valid rows per header (metrics.json says n_examples=2): the report then gets as far as the run's record.
+VALID_BODY = {
+    UNIFORM_HEADER: "0,1,1,1,0.25,0.01,0.9,0.3,1:4\n1,2,3,0,0.1,0.01,0.6,0.2,3:4\n",
+    DSSN_HEADER: "0,1,1,1,0.25,0.01,4,1:16\n1,2,3,0,0.0,0.01,0,3:16\n",
+    "index,label,prediction,k": "0,1,1,4\n1,2,3,0\n",
+    "index,label,prediction,radius": "0,1,1,0.5\n1,2,3,-0.5\n",
+}
+REPORT_HEADERS = st.sampled_from(list(VALID_BODY))
 yaml_files = st.one_of(
     st.lists(st.sampled_from(["method=dssn", "sigma=0.5", "seed=0", "x", "- y", ": z", "'q"]), max_size=4).map(
         lambda items: "".join(f"- {i}\n" for i in items).encode()
@@ -262,7 +295,7 @@ multirun_files = st.one_of(
 @given(
     metrics=metrics_files,
     header=REPORT_HEADERS,
-    body=csv_text,
+    body=st.one_of(st.none(), csv_text),
     overrides=yaml_files,
     error=st.binary(max_size=20),
     record=st.one_of(st.none(), sweep_records),
@@ -285,7 +318,7 @@ def test_the_report_over_any_run_folder_reports_or_refuses_in_one_line(
             (d / ".hydra" / "config.yaml").write_text("model:\n  _target_: os.system\n  _args_: ['exit 1']\n")
             if with_metrics:
                 (d / "metrics.json").write_bytes(metrics)
-                (d / "certificates.csv").write_text(header + "\n" + body)
+                (d / "certificates.csv").write_text(header + "\n" + (VALID_BODY[header] if body is None else body))
             else:
                 (d / "error.txt").write_bytes(error)
         if record is not None:
@@ -298,6 +331,33 @@ def test_the_report_over_any_run_folder_reports_or_refuses_in_one_line(
         lines = err.getvalue().strip().splitlines()
         assert rc in (1, 2)  # job 1 never has results: the sweep is partial, or nothing could be read
         assert len(lines) == 1 and lines[0].startswith("error: "), lines
+
+
+@FUZZ
+@given(metrics=metrics_files, header=REPORT_HEADERS, body=st.one_of(st.none(), csv_text))
+def test_a_run_record_is_read_with_the_types_the_tables_need_or_refused(metrics, header, body):
+    """The report's reader of one run: a record whose every field has the type the tables use, or a ValueError
+    (which the report lists as an unreadable run)."""
+    import numpy as np
+
+    from ssn_exp.report.records import load_run_dir
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp)
+        (run / "metrics.json").write_bytes(metrics)
+        (run / "certificates.csv").write_text(header + "\n" + (VALID_BODY[header] if body is None else body))
+        try:
+            records = load_run_dir(run)
+        except (OSError, ValueError) as exc:
+            assert "\n" not in str(exc)
+            return
+    for rec in records:
+        assert all(type(v) is str and v for v in (rec.dataset, rec.method, rec.training, rec.denoiser))
+        assert type(rec.sigma) is float and math.isfinite(rec.sigma) and rec.sigma > 0
+        assert type(rec.seed) is int and (rec.q is None or (type(rec.q) is int and rec.q >= 1))
+        assert rec.labels.dtype == np.int64 and rec.prediction.dtype == np.int64
+        assert len(rec.labels) == len(rec.prediction) == len(rec.radius)
+        assert np.isfinite(np.asarray(rec.radius, dtype=np.float64)).all()
 
 
 # -- data roots -------------------------------------------------------------------------------------------------------
