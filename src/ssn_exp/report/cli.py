@@ -312,7 +312,11 @@ def _main(argv=None) -> int:
     parts += [f"- `{p}`" for p in curves] if curves else ["_skipped (--no-plots)_" if args.no_plots else "_none_"]
     parts += ["", "## Missing runs", ""]
     if missing_lines:
-        parts.append(f"**{len(missing)} job(s) without metrics.json, {len(problems)} unreadable or ignored run(s):**")
+        absent = sum(m.absent for m in missing)
+        parts.append(
+            f"**{len(missing) - absent} job(s) without metrics.json, {absent} job(s) of the sweep without a job "
+            f"directory, {len(problems)} unreadable or ignored run(s):**"
+        )
         parts.append("")
         parts += [f"- {line}" for line in missing_lines]
     else:
