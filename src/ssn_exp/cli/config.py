@@ -137,7 +137,8 @@ def check_positive_int(value, key: str, minimum: int = 1, maximum: int | None = 
         or int(value) < minimum
         or (maximum is not None and int(value) > maximum)
     ):
-        bound = f"in [{minimum}, {maximum}]" if maximum is not None else f">= {minimum}"
+        too_large = isinstance(value, numbers.Integral) and maximum is not None and int(value) > maximum
+        bound = f"in [{minimum}, {maximum}]" if too_large else f">= {minimum}"
         raise ConfigError(f"{key} must be an integer {bound}, got {value!r}")
     return int(value)
 
