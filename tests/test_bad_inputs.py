@@ -367,5 +367,15 @@ def test_the_reports_own_argument_errors_are_one_error_line(capsys):
         assert info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), (argv, err)
 
 
+def test_the_sweeps_argument_errors_are_one_error_line(capsys):
+    from ssn_exp.cli.sweep import main
+
+    for argv in (["smoke", "--launcher", "nope"], [], ["smoke", "--nope"]):
+        with pytest.raises(SystemExit) as info:
+            main(argv)
+        err = capsys.readouterr().err.strip().splitlines()
+        assert info.value.code == 2 and len(err) == 1 and err[0].startswith("error: "), (argv, err)
+
+
 def test_user_errors_stay_one_line_through_one_line():
     assert one_line(ConfigError("a\nb")) == "a b"

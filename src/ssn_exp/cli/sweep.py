@@ -113,8 +113,16 @@ def _count_done(out_dir: Path) -> int:
     return sum(1 for p in out_dir.rglob("metrics.json") if (p.parent / ".hydra").is_dir())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors (``error: ...``, exit status 2) instead of usage + message."""
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m ssn_exp.sweep",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
