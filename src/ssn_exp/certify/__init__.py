@@ -19,6 +19,7 @@ _WHERE = {
     **dict.fromkeys(
         [
             "Certificates",
+            "ModelOutputError",
             "NonFiniteLogitsError",
             "SmoothedClassifier",
             "authors_radius_float32",

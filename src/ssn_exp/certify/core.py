@@ -19,6 +19,7 @@ from ssn_exp.exceptions import UserError
 from ssn_exp.smoothing import DSSN, Smoothing, check_unit_box
 
 __all__ = [
+    "ModelOutputError",
     "NonFiniteLogitsError",
     "top_class",
     "exact_certificate",
@@ -31,6 +32,10 @@ __all__ = [
     "SmoothedClassifier",
     "authors_radius_float32",
 ]
+
+
+class ModelOutputError(UserError, ValueError):
+    """The base classifier's output is not (inputs, num_classes) logits (a user's model, reported in one line)."""
 
 
 class NonFiniteLogitsError(UserError, ValueError):
@@ -153,11 +158,14 @@ def count_predictions(
         for i0, i1, start, stop in _chunks(batch, n, noise_batch):
             rows = (i1 - i0) * (stop - start)
             logits = model(noisy(i0, i1, start, stop).reshape(-1, *shape))
-            if logits.dim() != 2 or logits.shape != (rows, num_classes):
-                raise ValueError(
-                    f"the model gives logits of shape {tuple(logits.shape)} for {rows} inputs; "
+            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape != (rows, num_classes):
+                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                raise ModelOutputError(
+                    f"the model gives logits of shape {got} for {rows} inputs; "
                     f"expected ({rows}, num_classes={num_classes})"
                 )
+            if logits.dtype == torch.bool or logits.is_complex():
+                raise ModelOutputError(f"the model gives {logits.dtype} logits; they must be real numbers")
             finite[i0:i1] &= torch.isfinite(logits).all(dim=1).view(i1 - i0, stop - start).all(dim=1)
             pred = logits.argmax(dim=1)
             if i1 - i0 == 1:

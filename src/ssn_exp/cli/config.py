@@ -9,7 +9,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from ssn_exp.exceptions import UserError, instantiation_message
 
@@ -22,6 +22,7 @@ __all__ = [
     "check_sigma",
     "check_seed",
     "check_positive_int",
+    "check_bool",
     "check_tag",
     "certify_settings",
     "container",
@@ -129,36 +130,113 @@ def check_seed(value, key: str = "seed") -> int:
     return int(value)
 
 
-def check_positive_int(value, key: str, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
-        raise ConfigError(f"{key} must be an integer >= {minimum}, got {value!r}")
+def check_positive_int(value, key: str, minimum: int = 1, maximum: int | None = None) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or int(value) < minimum
+        or (maximum is not None and int(value) > maximum)
+    ):
+        too_large = isinstance(value, numbers.Integral) and maximum is not None and int(value) > maximum
+        bound = f"in [{minimum}, {maximum}]" if too_large else f">= {minimum}"
+        raise ConfigError(f"{key} must be an integer {bound}, got {value!r}")
     return int(value)
 
 
-def certify_settings(cfg: DictConfig, n: int | None = None) -> dict:
-    """The certification settings, every value checked (before any training or certification starts)."""
-    c = cfg.certify
-    n_value = c.n if n is None else n
+def check_bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+#: Upper bounds of the certification counts: sample counts stay exact in float64 (the Clopper-Pearson bound),
+#: batch sizes and indices within what torch indexes with int32/int64 arithmetic.
+MAX_SAMPLES = 2**53
+MAX_BATCH = 2**31 - 1
+
+
+def _value(node, key: str, prefix: str):
+    """``node[key]``; a missing key, a missing value (???) or a broken interpolation becomes a one-line ConfigError."""
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        return node[key]
+    except OmegaConfBaseException as exc:
+        text = " ".join(str(exc).split("\n")[0].split()) or type(exc).__name__
+        raise ConfigError(f"{prefix}{key}: {text}") from None
+
+
+def _shape(value) -> tuple[int, ...] | None:
+    """A (C, H, W) shape of positive integers, or None (the data module reports a bad shape itself)."""
+    try:
+        shape = tuple(value)
+    except TypeError:
+        return None
+    if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):
+        return None
+    return tuple(int(s) for s in shape)
+
+
+def certify_settings(cfg: DictConfig, n: int | None = None, shape=None) -> dict:
+    """The certification settings, every value checked (before any training or certification starts).
+
+    ``shape``: the inputs' (C, H, W) (default ``data.shape``): a ``certify.noise_batch`` whose noisy batch cannot
+    fit in this host's physical memory is refused now rather than after training (the certification checks the
+    memory free on its device again before it starts).
+    """
+    from ssn_exp.lightning.memory import check_noise_batch, host_memory
+
+    c = _value(cfg, "certify", "")
+    if not isinstance(c, DictConfig):
+        raise ConfigError(f"certify must be a config group (certify=default), got {c!r}")
+
+    def get(key, default=None):
+        return _value(c, key, "certify.") if key in c else default
+
+    n_value = get("n") if n is None else n
     settings = {
-        "skip": check_positive_int(c.skip, "certify.skip"),
-        "max_examples": None if c.max_examples is None else check_positive_int(c.max_examples, "certify.max_examples"),
-        "n0": check_positive_int(c.n0, "certify.n0"),
-        "n": check_positive_int(n_value, "certify.n"),
-        "noise_batch": check_positive_int(c.noise_batch, "certify.noise_batch"),
-        "batch_size": check_positive_int(c.batch_size, "certify.batch_size"),
-        "seed": check_seed(cfg.seed),
-        "autocast": c.get("autocast"),
-        "channels_last": bool(c.get("channels_last", False)),
-        "compile": bool(c.get("compile", False)),
-        "precision": None if cfg.trainer.get("precision") is None else str(cfg.trainer.precision),
+        "skip": check_positive_int(get("skip"), "certify.skip"),
+        "max_examples": None
+        if get("max_examples") is None
+        else check_positive_int(get("max_examples"), "certify.max_examples"),
+        "n0": check_positive_int(get("n0"), "certify.n0", maximum=MAX_SAMPLES),
+        "n": check_positive_int(n_value, "certify.n", maximum=MAX_SAMPLES),
+        "noise_batch": check_positive_int(get("noise_batch"), "certify.noise_batch", maximum=MAX_BATCH),
+        "batch_size": check_positive_int(get("batch_size"), "certify.batch_size", maximum=MAX_BATCH),
+        "seed": check_seed(_value(cfg, "seed", "")),
+        "autocast": get("autocast"),
+        "channels_last": check_bool(get("channels_last", False), "certify.channels_last"),
+        "compile": check_bool(get("compile", False), "certify.compile"),
     }
-    alpha = c.alpha
+    for key in ("enabled", "progress"):
+        if key in c:
+            check_bool(get(key), f"certify.{key}")
+    trainer = _value(cfg, "trainer", "") if "trainer" in cfg else None
+    precision = (
+        _value(trainer, "precision", "trainer.") if isinstance(trainer, DictConfig) and "precision" in trainer else None
+    )
+    if precision is not None and (isinstance(precision, bool) or not isinstance(precision, str | int)):
+        raise ConfigError(f"trainer.precision must be a string such as 32-true or bf16-mixed, got {precision!r}")
+    settings["precision"] = None if precision is None else str(precision)
+    alpha = get("alpha")
     if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
         raise ConfigError(f"certify.alpha must lie in (0, 1), got {alpha!r}")
     settings["alpha"] = float(alpha)
-    if settings["autocast"] not in (None, "none", "bf16", "fp16"):
-        raise ConfigError(f"certify.autocast must be null, bf16 or fp16, got {settings['autocast']!r}")
-    radii = list(c.radii)
-    if not radii or any(isinstance(r, bool) or not isinstance(r, numbers.Real) or r < 0 for r in radii):
-        raise ConfigError(f"certify.radii must be a list of non-negative numbers, got {radii}")
+    autocast = settings["autocast"]
+    if not (autocast is None or (isinstance(autocast, str) and autocast in ("none", "bf16", "fp16"))):
+        raise ConfigError(f"certify.autocast must be null, bf16 or fp16, got {autocast!r}")
+    radii = get("radii")
+    if isinstance(radii, ListConfig | list | tuple):
+        radii = list(radii)
+    if (
+        not isinstance(radii, list)
+        or not radii
+        or any(isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r < 0 for r in radii)
+    ):
+        raise ConfigError(f"certify.radii must be a list of non-negative finite numbers, got {radii}")
+    if shape is None and "data" in cfg and isinstance(cfg.data, DictConfig) and "shape" in cfg.data:
+        shape = _value(cfg.data, "shape", "data.")
+    shape = _shape(shape)
+    if shape is not None:
+        check_noise_batch(settings["noise_batch"], shape, host_memory(available=False), "this host's memory")
     return settings

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import shlex
 import signal
@@ -20,8 +21,9 @@ import sys
 from pathlib import Path
 
 from ssn_exp.cli.config import CONF_DIR
+from ssn_exp.exceptions import UserError
 
-__all__ = ["available", "load_sweep", "jobs", "sweep_command", "main"]
+__all__ = ["available", "load_sweep", "jobs", "jobs_from_params", "record_jobs", "sweep_command", "main"]
 
 SWEEP_DIR = Path(CONF_DIR) / "sweep"
 LAUNCHERS = {"basic": None, "local": "submitit_local", "slurm": "slurm"}
@@ -49,10 +51,16 @@ def load_sweep(name: str, overrides: list[str] = ()):
 
 def jobs(cfg, overrides: list[str] = ()) -> list[list[str]]:
     """The swept overrides of every job: the sweep's params, a command-line sweep of a key replacing its list."""
+    return jobs_from_params({str(k): str(v) for k, v in (cfg.hydra.sweeper.params or {}).items()}, overrides)
+
+
+def jobs_from_params(params: dict[str, str], overrides: list[str] = ()) -> list[list[str]]:
+    """:func:`jobs` from the sweeper's params (key -> value string) and the overrides (Hydra's multirun.yaml holds
+    both: the report reads a sweep's job list from it)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
-    params = {str(k): str(v) for k, v in (cfg.hydra.sweeper.params or {}).items()}
+    params = dict(params)
     for item in overrides:  # command-line sweeps, and fixed values of swept keys, replace the sweep's lists
         ov = parser.parse_override(item)
         if ov.is_sweep_override() or ov.get_key_element() in params:
@@ -72,12 +80,53 @@ def sweep_command(name: str, overrides: list[str], out_dir: Path, launcher: str 
     return cmd
 
 
+def record_jobs(out_dir: Path, name: str, all_jobs: list[list[str]]) -> Path:
+    """Record the sweep's job list in ``out_dir/sweep_jobs.json`` (atomically, never through a symlink), so that the
+    report names every job without results, even one whose directory was deleted. A sweep run again into the same
+    directory adds its jobs to those recorded before (a narrower rerun does not forget the others)."""
+    from ssn_exp.report.missing import SWEEP_RECORD, read_sweep_record
+
+    path = out_dir / SWEEP_RECORD
+    jobs_ = [tuple(j) for j in all_jobs]
+    if path.is_symlink() or path.exists():
+        if path.is_symlink() or not path.is_file():
+            raise SweepError(f"{path} is not a file ssn_exp wrote; move it away or give another --out DIR")
+        try:
+            jobs_ = list(dict.fromkeys([*read_sweep_record(path), *jobs_]))
+        except (OSError, ValueError) as exc:
+            raise SweepError(f"{exc}; move it away or give another --out DIR") from None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / f".{SWEEP_RECORD}.{os.getpid()}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"sweep": name, "jobs": [list(j) for j in jobs_]}, fh, indent=1)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+class SweepError(UserError, ValueError):
+    """A sweep directory that cannot take this sweep (reported in one line)."""
+
+
 def _count_done(out_dir: Path) -> int:
     return sum(1 for p in out_dir.rglob("metrics.json") if (p.parent / ".hydra").is_dir())
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors (``error: ...``, exit status 2) instead of usage + message."""
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="python -m ssn_exp.sweep",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -122,6 +171,13 @@ def main(argv=None) -> int:
             print(f"  [{i}] {' '.join(job)}")
         return 0
     resume = f"run the same command again to resume: the finished jobs in {out_dir} are kept"
+    try:
+        record_jobs(out_dir, args.name, all_jobs)
+    except (SweepError, OSError) as exc:
+        from ssn_exp.cli.errors import one_line
+
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        return 2
     proc = subprocess.Popen(cmd, env={**os.environ, "SSN_EXP_IN_SWEEP": "1"})
 
     def forward_sigterm(signum, frame):  # Slurm/submitit stop the sweep: stop the jobs too, then say so
@@ -163,7 +219,9 @@ def main(argv=None) -> int:
                 file=sys.stderr,
             )
     if not args.no_report and done:  # the report (layer 4) reads the result files, in its own process
-        subprocess.call([sys.executable, "-m", "ssn_exp.report", str(out_dir), "--out", str(out_dir / "report")])
+        # --allow-missing: this command's own exit status and error line already say which jobs failed
+        report = [sys.executable, "-m", "ssn_exp.report", str(out_dir), "--out", str(out_dir / "report")]
+        subprocess.call([*report, "--allow-missing"])
     return rc
 
 

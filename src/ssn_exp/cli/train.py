@@ -47,32 +47,85 @@ def finish_wandb():
 
 
 def check_network(net, dm, group: str, denoiser: bool = False) -> None:
-    """Run ``net`` once on two blank images of the data set's shape: (2, num_classes) finite logits (a denoiser:
-    images of the same shape), else a :class:`ConfigError` naming the config file."""
+    """Run ``net`` on two blank images of the data set's shape, then on two random ones, together and one at a time.
+
+    It must return (2, num_classes) finite floating-point logits (a denoiser: images of the same shape), leave its
+    input as it was (the user's model inside the ``normalized`` wrapper included), and give each example the same
+    output whatever else is in the batch (certification batches noisy copies of several examples together).
+    Else a :class:`ConfigError` naming the config file.
+    """
     import torch
 
+    from ssn_exp.models import Normalize
+
+    where = f"the {group} from {config_source(group)}"
     shape = (2, *dm.shape)
+    inner = net[1] if isinstance(net, torch.nn.Sequential) and len(net) == 2 and isinstance(net[0], Normalize) else None
+    changed: list[bool] = []
+    seen: dict = {}
+
+    def before(module, args):
+        seen["input"] = args[0].clone() if args and isinstance(args[0], torch.Tensor) else None
+
+    def after(module, args, output):
+        before_call = seen.pop("input", None)
+        if before_call is not None and not torch.equal(before_call, args[0]):
+            changed.append(True)
+
+    hooks = [] if inner is None else [inner.register_forward_pre_hook(before), inner.register_forward_hook(after)]
+
+    def run(x):
+        try:
+            with torch.no_grad():
+                return net(x)
+        except Exception as exc:  # noqa: BLE001 - any failure of a user's network is a config problem
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"{where} does not accept {dm.name} images of shape {list(dm.shape)}: {text}") from None
+
     was_training = net.training
     net.eval()
     try:
-        with torch.no_grad():
-            out = net(torch.full(shape, 0.5))
-    except Exception as exc:  # noqa: BLE001 - any failure of a user's network is a config problem
-        text = " ".join(str(exc).split()) or type(exc).__name__
-        raise ConfigError(
-            f"the {group} from {config_source(group)} does not accept {dm.name} images of shape {list(dm.shape)}: {text}"
-        ) from None
+        x = torch.full(shape, 0.5)
+        out = run(x)
+        want = shape if denoiser else (2, dm.num_classes)
+        what = "images of the same shape" if denoiser else f"(N, num_classes={dm.num_classes}) logits"
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(f"{where} returns {got} for {list(shape)} inputs; it must return {what}")
+        if not out.is_floating_point():
+            raise ConfigError(
+                f"{where} returns {str(out.dtype).replace('torch.', '')} values; it must return floating-point "
+                f"{'images' if denoiser else 'logits'} (e.g. float32)"
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise ConfigError(f"{where} returns NaN or infinite values")
+        if changed or not bool((x == 0.5).all()):
+            raise ConfigError(
+                f"{where} modifies its input in place; it must leave the input tensor as it is "
+                "(work on a copy: x = x.clone(), or no in-place operation on x)"
+            )
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(shape, generator=g)
+        x_before = x.clone()
+        together, alone = run(x), torch.cat([run(x[:1]), run(x[1:])])
+        if changed or not torch.equal(x, x_before):
+            raise ConfigError(
+                f"{where} modifies its input in place; it must leave the input tensor as it is "
+                "(work on a copy: x = x.clone(), or no in-place operation on x)"
+            )
+        # NaN where the model gives NaN must agree too; certification refuses non-finite logits per example anyway
+        scale = float(torch.nan_to_num(together.double(), nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+        if together.shape != alone.shape or not torch.allclose(
+            together.double(), alone.double(), rtol=1e-3, atol=1e-4 * (1.0 + scale), equal_nan=True
+        ):
+            raise ConfigError(
+                f"{where} gives an example a different output alone than in a batch (or random outputs); "
+                "certification needs a deterministic output per example in eval mode (e.g. no batch statistics)"
+            )
     finally:
+        for h in hooks:
+            h.remove()
         net.train(was_training)
-    want = shape if denoiser else (2, dm.num_classes)
-    what = "images of the same shape" if denoiser else f"(N, num_classes={dm.num_classes}) logits"
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(
-            f"the {group} from {config_source(group)} returns {got} for {list(shape)} inputs; it must return {what}"
-        )
-    if not bool(torch.isfinite(out).all()):
-        raise ConfigError(f"the {group} from {config_source(group)} returns NaN or infinite values")
 
 
 def build_parts(cfg: DictConfig):

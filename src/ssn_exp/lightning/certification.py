@@ -20,6 +20,7 @@ import torch
 
 from ssn_exp.certify import NonFiniteLogitsError, certify_batch
 from ssn_exp.lightning.data import dataset_labels, mix_seed
+from ssn_exp.lightning.memory import MemoryLimitError, check_noise_batch, host_memory
 from ssn_exp.lightning.run_files import (
     ResultsFileError,
     append_rows,
@@ -93,6 +94,7 @@ class ShardCertifier:
         compile: bool = False,
         precision: str | None = None,
         barrier: Callable[[str], None] | None = None,
+        device: torch.device | str | None = None,
     ):
         self.model, self.smoothing, self.dataset = model, smoothing, dataset
         self.out_dir = Path(out_dir)
@@ -108,6 +110,10 @@ class ShardCertifier:
         self.autocast_dtype = dtypes[autocast]
         self.channels_last = bool(channels_last)
         self.columns = columns_for(smoothing)
+        if len(dataset) and device is not None:  # before anything is written: a corrected noise_batch just runs
+            check_batch_memory(
+                torch.as_tensor(dataset[0][0]).shape, smoothing, noise_batch, self.batch_size, n0, n, device
+            )
         self._check_settings(
             {
                 **self._settings(n0, n, alpha, seed),
@@ -176,6 +182,11 @@ class ShardCertifier:
                 old = json.loads(path.read_text())
             except (OSError, ValueError) as exc:
                 raise ResultsFileError(f"{path} is unreadable ({exc}); certify into another directory") from None
+            if not isinstance(old, dict):
+                raise ResultsFileError(
+                    f"{path} holds a JSON {type(old).__name__}, not the settings object ssn_exp writes; "
+                    "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
+                )
             diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
             if diff:
                 raise ResultsFileError(
@@ -209,6 +220,13 @@ class ShardCertifier:
                     g = torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xCE27, idx))
                     parts.append(self._certify(x[j : j + 1], g))
                 cert = _concat(parts)
+        except (torch.OutOfMemoryError, RuntimeError) as exc:  # an allocation the memory check could not foresee
+            if not isinstance(exc, torch.OutOfMemoryError) and not _is_allocation_failure(exc):
+                raise
+            raise MemoryLimitError(
+                f"out of memory certifying test example(s) {chunk[:10]} on {device} with "
+                f"certify.noise_batch={self.kw['noise_batch']}: set a smaller certify.noise_batch"
+            ) from None
         except NonFiniteLogitsError as exc:  # name the data set's examples, not positions in a batch
             if self.smoothing.deterministic:
                 examples = [chunk[p] for p in exc.positions]
@@ -266,9 +284,29 @@ class ShardCertifier:
         return self.path
 
 
+def _is_allocation_failure(exc: BaseException) -> bool:
+    text = str(exc)
+    return "can't allocate memory" in text or "out of memory" in text.lower() or "not enough memory" in text
+
+
+def check_batch_memory(shape, smoothing: Smoothing, noise_batch: int, batch_size: int, n0: int, n: int, device) -> None:
+    """Refuse (:class:`MemoryLimitError`, naming ``certify.noise_batch``) a noisy batch that cannot fit in the memory
+    free on ``device`` now: the inputs of one forward pass are at most ``noise_batch``, and at most ``batch_size``
+    examples times the samples per example (L offsets for DSSN, max(n0, n) otherwise)."""
+    device = torch.device(device)
+    per_example = smoothing.levels if smoothing.deterministic else max(int(n0), int(n))
+    rows = min(int(noise_batch), int(batch_size) * int(per_example))
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        where = f"the memory free on {device}"
+    else:
+        free, where = host_memory(available=True), "the memory available on this host"
+    check_noise_batch(rows, shape, free, where, asked=int(noise_batch))
+
+
 def certify_dataset(model, smoothing, dataset, out_dir, *, device="cpu", progress=True, **kwargs) -> Path:
     """Certify every ``skip``-th test example (this rank's shard) into ``out_dir``; returns the CSV path."""
-    return ShardCertifier(model, smoothing, dataset, out_dir, **kwargs).run(device, progress)
+    return ShardCertifier(model, smoothing, dataset, out_dir, device=device, **kwargs).run(device, progress)
 
 
 def _concat(parts):
@@ -410,6 +448,7 @@ class CertifyTask(pl.LightningModule):
             rank=self.global_rank,
             world_size=self.trainer.world_size,
             barrier=self.trainer.strategy.barrier,
+            device=self.device,
             **{k: v for k, v in self.settings.items() if k != "progress"},
         )
         return DataLoader(self.certifier.chunks(), batch_size=None, collate_fn=_identity)

@@ -32,6 +32,7 @@ __all__ = [
     "DigitsData",
     "CIFAR10Data",
     "ImageFolderData",
+    "load_image",
     "EpochSampler",
     "SeededSet",
     "dataset_labels",
@@ -44,7 +45,36 @@ class DataMissingError(UserError, FileNotFoundError):
 
 
 class DataError(UserError, ValueError):
-    """A data file that cannot be used (unsafe, damaged or of the wrong shape); the message names it."""
+    """A data file that cannot be used (unsafe, damaged or of the wrong shape); the message names it.
+
+    Raised in a DataLoader worker, torch re-raises it in the main process with the worker's traceback as its
+    message; the message is cut back to the original one line.
+    """
+
+    def __init__(self, message: str = ""):
+        text = str(message)
+        if "Original Traceback" in text:
+            lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+            last = lines[-1] if lines else text
+            text = last.split("DataError: ", 1)[1] if "DataError: " in last else last
+        super().__init__(text)
+
+
+def load_image(path: str):
+    """An RGB PIL image from ``path`` (the ImageFolder loader); a file PIL cannot decode is a :class:`DataError`
+    naming it, not a traceback in the middle of training or certification."""
+    from PIL import Image
+
+    try:
+        with open(path, "rb") as fh:
+            img = Image.open(fh)
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, Image.UnidentifiedImageError):
+            text = "not an image file PIL can read"
+        else:
+            text = " ".join(str(exc).split()) or type(exc).__name__
+        raise DataError(f"cannot read image {path} ({text}); remove or replace the file") from None
 
 
 def mix_seed(*parts: int) -> int:
@@ -329,9 +359,12 @@ class ImageFolderData(ImageData):
 
         self._check(root, what)
         try:
-            folder = ImageFolder(root, transform=transform)
+            folder = ImageFolder(root, transform=transform, loader=load_image)
         except FileNotFoundError as exc:  # no class folders, or no images in them
             raise DataMissingError(f"{self.name} {what} images at {Path(root).resolve()}: {exc}") from None
+        except OSError as exc:  # unreadable folders
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise DataError(f"cannot read the {self.name} {what} images at {Path(root).resolve()}: {text}") from None
         if len(folder.classes) != self.num_classes:
             raise DataError(
                 f"{Path(root).resolve()} has {len(folder.classes)} class folders but data.num_classes={self.num_classes}"
@@ -350,4 +383,12 @@ class ImageFolderData(ImageData):
             self.test_set = Subset(val, list(range(0, len(val), self.test_every)))
         if need_train:
             train_tf = T.Compose([T.RandomResizedCrop(self.image_size), T.RandomHorizontalFlip(), T.ToTensor()])
-            self.train_set = self._folder(self.train_root, "train", train_tf)
+            train = self._folder(self.train_root, "train", train_tf)
+            val_classes = self.test_set.dataset.classes
+            if train.classes != val_classes:  # labels are class-folder positions: they must mean the same classes
+                differ = sorted(set(train.classes) ^ set(val_classes))[:5]
+                raise DataError(
+                    f"the class folders of {Path(self.train_root).resolve()} and {Path(self.val_root).resolve()} "
+                    f"differ (e.g. {', '.join(differ)}): both need the same class sub-folders"
+                )
+            self.train_set = train

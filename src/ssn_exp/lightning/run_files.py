@@ -175,7 +175,19 @@ def read_certificates(
     path = Path(path)
     if not path.is_file():
         return {}
-    text = _torn_tail(path.read_text())
+    try:
+        text = _torn_tail(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise ResultsFileError(
+            f"{path} is not UTF-8 text: not a certificates file; certify into another directory"
+        ) from None
+    try:
+        return _read_rows(path, text, smoothing, allowed, labels, num_classes, n, alpha)
+    except csv.Error as exc:
+        raise ResultsFileError(f"{path} is not a CSV file ({exc}); certify into another directory") from None
+
+
+def _read_rows(path, text, smoothing, allowed, labels, num_classes, n, alpha) -> dict[int, dict]:
     reader = csv.DictReader(io.StringIO(text))
     want = columns_for(smoothing) if smoothing is not None else None
     if want is not None and text and reader.fieldnames != want:
@@ -189,7 +201,7 @@ def read_certificates(
         if smoothing is None:
             try:
                 rows[int(row["index"])] = row
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, KeyError):
                 continue
             continue
         try:

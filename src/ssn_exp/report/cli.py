@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 from pathlib import Path
 
@@ -63,12 +65,17 @@ Printed to stdout (Markdown) and written into --out:
                                 runs dashed, ours solid, box-constrained certificates dash-dotted
                                 (the paper's Figures 10-14).
   missing.txt                   Hydra job dirs without metrics.json (with their overrides and, for a
-                                failed job, its error.txt line) and runs
+                                failed job, its error.txt line), jobs of a sweep without any job dir
+                                (from the sweep's job list: sweep_jobs.json, written by
+                                python -m ssn_exp.sweep, or Hydra's multirun.yaml), and runs
                                 that could not be read or were ignored as duplicates.
   report.md                     everything printed to stdout.
 
-Exit status: 0 when at least one result was read (even if runs are missing: the report then says
-so in its "Missing runs" section and on stderr); 2 when no PATH holds any result.
+Nothing read is ever imported or instantiated: result files, overrides and sweep records are data.
+
+Exit status: 0 when results were read and no job is missing or unreadable; 1 when jobs are missing
+or runs unreadable (the report is still written, and says so in its "Missing runs" section and on
+stderr) unless --allow-missing is given; 2 on bad arguments or when no PATH holds any result.
 
 Examples:
   python -m ssn_exp.report --published levine2021
@@ -77,8 +84,16 @@ Examples:
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with the project's one-line errors (``error: ...``, exit status 2) instead of usage + message."""
+
+    def error(self, message: str):
+        print(f"error: {' '.join(message.split())} (see {PROG} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("paths", nargs="*", metavar="PATH", help="run dir, multirun dir or published-array folder")
@@ -103,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="radii of the tables (default: the paper's 0.5 1.0 ... 4.0)",
     )
     parser.add_argument("--no-plots", action="store_true", help="skip the certified-accuracy curves")
+    parser.add_argument(
+        "--allow-missing",
+        action="store_true",
+        help="report a partial sweep with exit status 0 (default: 1 when jobs are missing or runs unreadable)",
+    )
     return parser
 
 
@@ -138,17 +158,57 @@ def format_denoiser_markdown(records, radii) -> str:
 
 
 def _error(msg: str) -> int:
-    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    print(f"error: {msg}", file=sys.stderr)
     return 2
 
 
+def _check_out(out: Path) -> str | None:
+    """Why ``--out`` cannot be the output folder (a file, a link, a file on its way), or None."""
+    if out.is_symlink():
+        return f"--out {out} is a symbolic link; give a folder (the report never writes through links)"
+    if out.exists() and not out.is_dir():
+        return f"--out {out} is a file, not a folder; give a folder for the report"
+    for parent in out.absolute().parents:
+        if parent.exists() and not parent.is_dir():
+            return f"--out {out}: {parent} is a file, not a folder"
+    return None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half a file, and a
+    symbolic link at ``path`` is replaced, never written through."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def main(argv=None) -> int:
+    try:
+        return _main(argv)
+    except OSError as exc:  # the output folder or a file in it cannot be written
+        where = f" {exc.filename}" if exc.filename else ""
+        return _error(f"cannot write{where}: {exc.strerror or exc}")
+
+
+def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if any(r < 0 for r in args.radii):
-        return _error("--radii must be non-negative")
+    if any(not math.isfinite(r) or r < 0 for r in args.radii):
+        return _error("--radii must be non-negative finite numbers")
     if not args.paths and not args.published:
         return _error("give a PATH (run, multirun or sweep directory) and/or --published levine2021")
     args.paths = [*args.paths, *(str(published_dir(name)) for name in args.published)]
+    out = Path(args.out)
+    bad_out = _check_out(out)
+    if args.csv and not bad_out and (Path(args.csv).is_dir() or _check_out(Path(args.csv).parent)):
+        bad_out = f"--csv {args.csv} cannot be written: give a file name in a folder"
+    if bad_out:
+        return _error(bad_out)
 
     records, problems = load_paths(args.paths)
     missing = find_missing(args.paths)
@@ -156,33 +216,32 @@ def main(argv=None) -> int:
         extra = f"; {len(missing)} unfinished job dir(s) found" if missing else ""
         detail = f" ({problems[0]})" if problems else ""
         return _error(f"no results found in {' '.join(args.paths)}{detail}{extra}")
+    unreadable = len(problems)
     records, dup_notes = dedupe_records(records)
     problems = problems + dup_notes
 
-    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
 
     def write(name: str, text: str) -> None:
         path = out / name
-        path.write_text(text if text.endswith("\n") else text + "\n")
+        _write_atomic(path, text if text.endswith("\n") else text + "\n")
         written.append(path)
 
     best = build_best_tables(records, args.radii)
     best_md = format_markdown(best)
     write("best_over_sigma.md", best_md)
     write("best_over_sigma.tex", format_latex(best))
-    write_csv(best, out / "best_over_sigma.csv")
-    written.append(out / "best_over_sigma.csv")
+    write("best_over_sigma.csv", write_csv(best))
     if args.csv:
-        write_csv(best, args.csv)
+        Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+        _write_atomic(Path(args.csv), write_csv(best))
         written.append(Path(args.csv))
 
     acr = acr_rows(records)
     acr_md = format_acr_markdown(acr)
     write("acr.md", acr_md)
-    write_acr_csv(acr, out / "acr.csv")
-    written.append(out / "acr.csv")
+    write("acr.csv", write_acr_csv(acr))
 
     seeds = seed_table(records, args.radii)
     seeds_md = format_seed_markdown(seeds)
@@ -201,7 +260,7 @@ def main(argv=None) -> int:
     if den_md:
         write("denoisers.md", den_md)
 
-    missing_lines = [f"missing (no metrics.json): {m}" for m in missing]
+    missing_lines = [f"missing ({m.kind}): {m}" for m in missing]
     missing_lines += [f"unreadable or ignored: {p}" for p in problems]
     write("missing.txt", "\n".join(missing_lines) if missing_lines else "none")
 
@@ -253,7 +312,11 @@ def main(argv=None) -> int:
     parts += [f"- `{p}`" for p in curves] if curves else ["_skipped (--no-plots)_" if args.no_plots else "_none_"]
     parts += ["", "## Missing runs", ""]
     if missing_lines:
-        parts.append(f"**{len(missing)} job(s) without metrics.json, {len(problems)} unreadable or ignored run(s):**")
+        absent = sum(m.absent for m in missing)
+        parts.append(
+            f"**{len(missing) - absent} job(s) without metrics.json, {absent} job(s) of the sweep without a job "
+            f"directory, {len(problems)} unreadable or ignored run(s):**"
+        )
         parts.append("")
         parts += [f"- {line}" for line in missing_lines]
     else:
@@ -262,12 +325,16 @@ def main(argv=None) -> int:
     report_path = out / "report.md"
     parts += [f"- `{p}`" for p in [*written, report_path]]
     text = "\n".join(parts) + "\n"
-    report_path.write_text(text)
+    _write_atomic(report_path, text)
     sys.stdout.write(text)
+    partial = bool(missing) or unreadable > 0
     if missing_lines:
-        print(
-            f"{PROG}: warning: partial results: {len(missing)} job(s) missing, "
-            f"{len(problems)} unreadable or ignored (see {out / 'missing.txt'})",
-            file=sys.stderr,
+        summary = (
+            f"partial results: {len(missing)} job(s) missing, {len(problems)} unreadable or ignored "
+            f"(see {out / 'missing.txt'})"
         )
+        if partial and not args.allow_missing:
+            print(f"error: {summary}; pass --allow-missing to report a partial sweep", file=sys.stderr)
+            return 1
+        print(f"warning: {summary}", file=sys.stderr)
     return 0

@@ -16,6 +16,8 @@ import csv
 import dataclasses
 import json
 import math
+import re
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +32,9 @@ __all__ = [
     "BOX_SUFFIX",
     "published_dir",
     "load_reference",
+    "RunFileError",
+    "read_metrics",
+    "read_run_certificates",
     "load_run_dir",
     "find_runs",
     "load_paths",
@@ -145,46 +150,141 @@ def load_reference(folder: str | Path, q: int = 255) -> list[RunRecord]:
     return records
 
 
+class RunFileError(ValueError):
+    """A result file of a run that the report cannot use (the message names the file and what is wrong)."""
+
+
+def _text(meta: dict, key: str, path: Path, default: str | None = None) -> str:
+    value = meta.get(key, default)
+    if not isinstance(value, str) or not value:
+        raise RunFileError(f"{path}: {key!r} must be a non-empty string, got {value!r}")
+    return value
+
+
+def _integer(value, what: str, minimum: int | None = 0) -> int:
+    """An integer from JSON (int, not bool) or a CSV cell ("12"); a RunFileError otherwise."""
+    if isinstance(value, bool) or value is None:
+        raise RunFileError(f"{what} must be an integer, got {value!r}")
+    if isinstance(value, int):
+        number = value
+    elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
+        number = int(value)
+    else:
+        raise RunFileError(f"{what} must be an integer, got {value!r}")
+    if minimum is not None and number < minimum:
+        raise RunFileError(f"{what} must be >= {minimum}, got {number}")
+    return number
+
+
+def _finite(value, what: str) -> float:
+    if isinstance(value, bool) or value is None:
+        raise RunFileError(f"{what} must be a finite number, got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise RunFileError(f"{what} must be a finite number, got {value!r}") from None
+    if not math.isfinite(number):
+        raise RunFileError(f"{what} must be a finite number, got {value!r}")
+    return number
+
+
+def read_metrics(run_dir: str | Path) -> dict:
+    """``metrics.json`` of a run, checked: a JSON object with the run's identity (dataset, method, training,
+    denoiser: strings; sigma > 0 finite; n_examples, seed: integers; q for DSSN). Only plain values are used:
+    nothing in it is ever imported or instantiated."""
+    path = Path(run_dir) / "metrics.json"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise RunFileError(f"{path}: not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise RunFileError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(meta, dict):
+        raise RunFileError(f"{path}: holds a JSON {type(meta).__name__}, not the object ssn_exp writes")
+    out = {key: _text(meta, key, path) for key in ("dataset", "method", "training")}
+    out["denoiser"] = _text(meta, "denoiser", path, default="none")
+    out["sigma"] = _finite(meta.get("sigma"), f"{path}: 'sigma'")
+    if out["sigma"] <= 0:
+        raise RunFileError(f"{path}: 'sigma' must be positive, got {meta.get('sigma')!r}")
+    out["n_examples"] = _integer(meta.get("n_examples"), f"{path}: 'n_examples'")
+    out["seed"] = _integer(meta.get("seed", 0), f"{path}: 'seed'")
+    if out["method"] == "dssn":
+        out["q"] = _integer(meta.get("q"), f"{path}: 'q'", minimum=1)
+    for key in ("acr", "seconds_per_example", "forward_passes_per_example"):
+        value = meta.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def read_run_certificates(run_dir: str | Path, exact: bool) -> list[dict]:
+    """The rows of ``certificates.csv``, checked and sorted by example index: index, label, prediction (integers
+    >= 0, indices unique), ``k`` (DSSN, integer) or ``radius`` (finite), ``radius_box`` (finite) if present."""
+    path = Path(run_dir) / "certificates.csv"
+    need = ["index", "label", "prediction", "k" if exact else "radius"]
+    rows = []
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            reader = csv.DictReader(fh)
+            header = reader.fieldnames or []
+            absent = [c for c in need if c not in header]
+            if absent:
+                raise RunFileError(f"{path}: no column {', '.join(absent)} (header: {','.join(header) or 'empty'})")
+            has_box = "radius_box" in header
+            for row in reader:
+                line = f"{path} line {reader.line_num}"
+                if None in row or any(row[c] is None for c in header):
+                    raise RunFileError(f"{line}: {len(header)} fields expected (a short, long or torn row)")
+                rec = {c: _integer(row[c], f"{line}: {c}") for c in ("index", "label", "prediction")}
+                rec["radius"] = (
+                    _integer(row["k"], f"{line}: k", None) if exact else _finite(row["radius"], f"{line}: radius")
+                )
+                if has_box:
+                    rec["radius_box"] = _finite(row["radius_box"], f"{line}: radius_box")
+                rows.append(rec)
+    except UnicodeDecodeError:
+        raise RunFileError(f"{path}: not UTF-8 text") from None
+    except csv.Error as exc:
+        raise RunFileError(f"{path}: not a CSV file ({exc})") from None
+    indices = [r["index"] for r in rows]
+    if len(set(indices)) != len(indices):
+        raise RunFileError(f"{path}: an example index occurs twice")
+    return sorted(rows, key=lambda r: r["index"])
+
+
 def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
     """Read one of our run directories (metrics.json + certificates.csv): its record, and its box-constrained
-    record (method ``"<method> (box)"``) when the certificates have ``radius_box``."""
+    record (method ``"<method> (box)"``) when the certificates have ``radius_box``.
+
+    A file that cannot be used raises :class:`RunFileError` (a ``ValueError``) or ``OSError``, naming it."""
     run_dir = Path(run_dir)
-    meta = json.loads((run_dir / "metrics.json").read_text())
-    labels, preds, radius, box = [], [], [], []
+    meta = read_metrics(run_dir)
     is_exact = meta["method"] == "dssn"
-    with open(run_dir / "certificates.csv", newline="") as fh:
-        rows = sorted(csv.DictReader(fh), key=lambda r: int(r["index"]))
-    if len(rows) != int(meta["n_examples"]):
-        raise ValueError(
+    rows = read_run_certificates(run_dir, is_exact)
+    if len(rows) != meta["n_examples"]:
+        raise RunFileError(
             f"certificates.csv has {len(rows)} rows but metrics.json counts {meta['n_examples']} examples "
             "(a certification being resumed, or an edited file)"
         )
     has_box = bool(rows) and "radius_box" in rows[0]
-    for row in rows:
-        labels.append(int(row["label"]))
-        preds.append(int(row["prediction"]))
-        radius.append(int(row["k"]) if is_exact else float(row["radius"]))
-        if has_box:
-            box.append(float(row["radius_box"]))
     rec = RunRecord(
         dataset=meta["dataset"],
         method=meta["method"],
         training=meta["training"],
-        denoiser=meta.get("denoiser", "none"),
-        sigma=float(meta["sigma"]),
-        labels=np.asarray(labels, dtype=np.int64),
-        prediction=np.asarray(preds, dtype=np.int64),
-        radius=np.asarray(radius, dtype=np.int64 if is_exact else np.float64),
-        q=int(meta["q"]) if is_exact else None,
-        seed=int(meta.get("seed", 0)),
+        denoiser=meta["denoiser"],
+        sigma=meta["sigma"],
+        labels=np.asarray([r["label"] for r in rows], dtype=np.int64),
+        prediction=np.asarray([r["prediction"] for r in rows], dtype=np.int64),
+        radius=np.asarray([r["radius"] for r in rows], dtype=np.int64 if is_exact else np.float64),
+        q=meta["q"] if is_exact else None,
+        seed=meta["seed"],
         source=str(run_dir),
         extra={k: meta[k] for k in ("acr", "seconds_per_example", "forward_passes_per_example") if k in meta},
     )
     if not has_box:
         return [rec]
-    boxed = dataclasses.replace(
-        rec, method=rec.method + BOX_SUFFIX, radius=np.asarray(box, dtype=np.float64), q=None, extra=dict(rec.extra)
-    )
+    box = np.asarray([r["radius_box"] for r in rows], dtype=np.float64)
+    boxed = dataclasses.replace(rec, method=rec.method + BOX_SUFFIX, radius=box, q=None, extra=dict(rec.extra))
     return [rec, boxed]
 
 
@@ -203,7 +303,12 @@ def load_paths(paths) -> tuple[list[RunRecord], list[str]]:
         if not p.exists():
             problems.append(f"{p}: does not exist")
         elif (p / "index.csv").is_file():
-            records.extend(load_reference(p))
+            try:
+                records.extend(load_reference(p))
+            except (OSError, KeyError, ValueError, TypeError, IndexError, zipfile.BadZipFile, csv.Error) as exc:
+                problems.append(
+                    f"{p}: unreadable published arrays ({' '.join(str(exc).split()) or type(exc).__name__})"
+                )
         else:
             runs = find_runs(p)
             if not runs:
@@ -211,8 +316,8 @@ def load_paths(paths) -> tuple[list[RunRecord], list[str]]:
             for run in runs:
                 try:
                     records.extend(load_run_dir(run))
-                except (OSError, KeyError, ValueError) as exc:
-                    problems.append(f"{run}: unreadable ({exc})")
+                except (OSError, ValueError) as exc:
+                    problems.append(f"{run}: unreadable ({' '.join(str(exc).split()) or type(exc).__name__})")
     return records, problems
 
 
