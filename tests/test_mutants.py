@@ -561,3 +561,32 @@ def test_certified_accuracy_takes_numpy_float_radii_with_q():
     k = np.array([8, 7])  # q = 16: 0.5 and 0.4375
     for r in (np.float32(0.5), np.float64(0.5), 0.5):
         assert certified_accuracy(np.ones(2, bool), k, [r], q=16) == {0.5: 0.5}
+
+
+# ============================================================================ issue 16 section 6: survivors
+
+
+@pytest.mark.parametrize("smoothing", [Uniform(0.5), DSSN(0.5, q=16, dim=4)], ids=["uniform", "dssn"])
+def test_count_predictions_with_no_samples_returns_zeros_without_looking_at_the_input(smoothing):
+    def model(z):
+        raise AssertionError("no noisy input exists when n = 0")
+
+    x = torch.full((2, 4), 0.37)  # off the DSSN grid and checked by nobody: nothing is drawn
+    counts = count_predictions(model, x, smoothing, n=0, num_classes=3)
+    assert counts.dtype == torch.int64 and counts.tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert count_predictions(model, torch.full((2, 4), 5.0), smoothing, n=0, num_classes=3).sum() == 0
+
+
+def test_box_radius_takes_bfloat16_and_half_tensors():
+    xs = torch.tensor([[0.0, 0.5, 1.0, 0.25]])
+    want = box_radius(xs.double(), [0.875], 2.0)
+    for dtype in (torch.bfloat16, torch.float16):
+        np.testing.assert_array_equal(box_radius(xs.to(dtype), torch.tensor([0.875], dtype=dtype), 2.0), want)
+
+
+def test_clopper_pearson_of_small_integer_counts_does_not_wrap_around():
+    # N - n_A + 1 in uint8 would wrap (or refuse N = 1000): the counts are taken as int64
+    for counts in (np.array([200, 0, 250], dtype=np.uint8), np.array([100, 0, 120], dtype=np.int8)):
+        want = clopper_pearson_lower(counts.astype(np.int64), 1000)
+        assert want[0] > 0.05 and want[1] == 0.0
+        np.testing.assert_array_equal(clopper_pearson_lower(counts, 1000), want)
