@@ -260,14 +260,19 @@ def bad_dssn(tmp_path, dssn, row, line=2, **kw):
         ({"k": 7}, "prediction, k and radius do not follow from the counts"),
         ({"radius": 0.25}, "prediction, k and radius do not follow from the counts"),
         ({"counts": "0:7 1:20"}, "prediction, k and radius do not follow from the counts"),
-        ({"index": "x"}, "invalid literal"),
-        ({"k": ""}, "invalid literal"),
+        ({"index": "x"}, "invalid literal for int() with base 10: 'x'"),
+        ({"k": ""}, "invalid literal for int() with base 10: ''"),
+        ({"seconds": "-0.0"}, None),
+        ({"seconds": 0.0}, None),
     ],
 )
 def test_each_inconsistency_of_a_dssn_row_is_named(tmp_path, dssn, change, why):
     row = {**dssn_row(dssn, 3, 0, [20, 7]), **change}
+    if why is None:  # zero seconds (a fast example) is fine
+        assert sorted(read(write(tmp_path / "certificates.csv", dssn, [row]), dssn)) == [3]
+        return
     msg = bad_dssn(tmp_path, dssn, row)
-    assert msg.endswith(f"malformed certificate row ({why})") or why in msg
+    assert msg == f"{tmp_path / 'certificates.csv'} line 2: malformed certificate row ({why})"
 
 
 def test_the_sum_of_counts_is_checked_with_votes_spread_over_many_classes(tmp_path, dssn):
@@ -308,7 +313,11 @@ def test_the_line_of_the_bad_row_is_named(tmp_path, dssn):
 
 def test_rows_of_other_examples_and_second_rows_are_refused(tmp_path, dssn):
     p = write(tmp_path / "certificates.csv", dssn, [dssn_row(dssn, 0, 0, [20, 7]), dssn_row(dssn, 4, 0, [20, 7])])
-    with pytest.raises(ResultsFileError, match=r"line 3: example 4 is not one this certification selects"):
+    with pytest.raises(
+        ResultsFileError,
+        match=r"line 3: example 4 is not one this certification selects \(skip/max_examples/data set differ\); "
+        r"certify into another directory$",
+    ):
         read(p, dssn, allowed=[0, 1, 2])
     assert sorted(read(p, dssn, allowed=[0, 4])) == [0, 4]
     assert sorted(read(p, dssn, allowed=iter([0, 4]))) == [0, 4]  # any iterable, read once
@@ -329,7 +338,11 @@ def test_labels_are_checked_against_the_data_set_in_index_order(tmp_path, dssn):
         return [{2: 0, 5: 1}[i] for i in idx]
 
     assert sorted(read(p, dssn, labels=labels)) == [2, 5] and asked == [[2, 5]]
-    with pytest.raises(ResultsFileError, match=r": the row of example 5 has label 1 but the data set's label is 0"):
+    with pytest.raises(
+        ResultsFileError,
+        match=r": the row of example 5 has label 1 but the data set's label is 0: the file belongs to other data or "
+        r"was edited; certify into another directory$",
+    ):
         read(p, dssn, labels=lambda idx: [0 for _ in idx])
     with pytest.raises(ValueError):  # a labels function that answers for fewer examples is a bug, not a file fault
         read(p, dssn, labels=lambda idx: [0])
@@ -402,7 +415,7 @@ def test_the_radius_check_is_relative_for_large_radii(tmp_path):
     small["radius"] += 5e-10
     write(p, u, [small])
     assert sorted(read(p, u)) == [0]
-    small["radius"] += 2e-9
+    small["radius"] += 1e-9  # 1.5e-9 off: above 1e-9 * max(1, |radius|)
     write(p, u, [small])
     with pytest.raises(ResultsFileError, match="p_lower and radius disagree"):
         read(p, u)
@@ -412,8 +425,8 @@ def test_radius_box_may_equal_radius_and_be_a_hair_below(tmp_path):
     u = Uniform(0.5)
     row = uniform_row(u, 0, 0, [40, 10])
     p = tmp_path / "certificates.csv"
-    for delta, ok in ((0.0, True), (-5e-13, True), (-2e-12, False), (1.0, True)):
-        row["radius_box"] = row["radius"] + delta
+    for delta, ok in ((0.0, True), (-5e-13, True), (-1e-12, True), (-2e-12, False), (1.0, True)):
+        row["radius_box"] = row["radius"] + delta  # -1e-12: the edge itself, exactly
         write(p, u, [row])
         if ok:
             assert sorted(read(p, u)) == [0], delta
@@ -476,7 +489,18 @@ def test_merge_shards_refuses_a_missing_shard_and_keeps_the_others(tmp_path, dss
 # ------------------------------------------------------------------------------ summarize, format_table
 
 
-META = {"q": 16, "dataset": "digits", "training": "noise", "seed": 3, "model": "lenet", "levels": 999, "n0": 10}
+META = {
+    "q": 16,
+    "dataset": "digits",
+    "training": "noise",
+    "seed": 3,
+    "model": "lenet",
+    "levels": 999,
+    "n0": 10,
+    "checkpoint": "/ckpt/last.ckpt",
+    "ckpt_format": "lightning",
+    "unknown": "not copied",
+}
 
 
 def test_summarize_a_dssn_run(tmp_path, dssn):
@@ -496,6 +520,7 @@ def test_summarize_a_dssn_run(tmp_path, dssn):
     assert m["acr"] == pytest.approx((13 + 9) / 16 / 4)
     assert m["seconds_per_example"] == 0.5 and m["forward_passes_per_example"] == 27
     assert m["levels"] == 27 and m["arithmetic"] == "exact" and m["model"] == "lenet" and m["n0"] == 10
+    assert m["checkpoint"] == "/ckpt/last.ckpt" and m["ckpt_format"] == "lightning" and "unknown" not in m
     assert "certified_accuracy_box" not in m and "acr_box" not in m
     assert json.loads((tmp_path / "metrics.json").read_text()) == m
     assert not (tmp_path / "certified_accuracy.png").exists()
@@ -517,23 +542,31 @@ def test_summarize_a_uniform_run_with_box_radii_and_a_selection(tmp_path):
         uniform_row(u, 7, 1, [5, 45], box_extra=0.5, seconds=100.0),  # not selected
     ]
     write(tmp_path / "certificates.csv", u, rows)
-    meta = {"dataset": "digits", "training": "noise", "n0": 10, "n": N, "alpha": ALPHA, "denoiser": "mse"}
+    meta = {"dataset": "digits", "training": "noise", "n0": 10, "n": N, "alpha": ALPHA, "denoiser": "mse", "levels": 4}
     r0, r2 = rows[0]["radius"], rows[2]["radius"]
     m = summarize(tmp_path, u, meta, radii=[0.0, r2, r0, r0 + 0.75], plot=False, indices=[2, 0, 1])
     assert m["n_examples"] == 3 and m["clean_accuracy"] == pytest.approx(2 / 3)
     assert m["denoiser"] == "mse" and m["q"] is None and m["seed"] is None
     assert m["seconds_per_example"] == pytest.approx(0.2) and m["forward_passes_per_example"] == 10 + N
-    assert m["n"] == N and m["alpha"] == ALPHA and "levels" not in m and "arithmetic" not in m
+    assert m["n"] == N and m["alpha"] == ALPHA and m["levels"] == 4 and "arithmetic" not in m
+    meta["arithmetic"] = "float64"
+    assert summarize(tmp_path, u, meta, radii=[0.0], plot=False, indices=[0])["arithmetic"] == "float64"
     assert list(m["certified_accuracy"].values()) == pytest.approx([2 / 3, 2 / 3, 1 / 3, 0.0])
     assert list(m["certified_accuracy_box"].values()) == pytest.approx([2 / 3, 2 / 3, 2 / 3, 1 / 3])
     assert m["acr"] == pytest.approx((r0 + r2) / 3)
     assert m["acr_box"] == pytest.approx((r0 + 1.0 + r2 + 0.5) / 3)
     with pytest.raises(ResultsFileError, match=r"2 selected examples have no certificate in .* \(e\.g\. \[3, 4\]\)"):
         summarize(tmp_path, u, meta, radii=[0.0], plot=False, indices=[0, 3, 4])
+    with pytest.raises(
+        ResultsFileError, match=r"^6 selected examples have no certificate in .* \(e\.g\. \[3, 4, 5, 6, 8\]\)$"
+    ):
+        summarize(tmp_path, u, meta, radii=[0.0], plot=False, indices=[0, 3, 4, 5, 6, 8, 9])
 
 
 def test_summarize_without_certificates_is_an_error(tmp_path, dssn):
-    with pytest.raises(ResultsFileError, match=r"no certificates in .*certificates\.csv"):
+    with pytest.raises(
+        ResultsFileError, match="^no certificates in " + re.escape(str(tmp_path / "certificates.csv")) + "$"
+    ):
         summarize(tmp_path, dssn, META, radii=[0.5], plot=False)
     write(tmp_path / "certificates.csv", dssn, [])
     with pytest.raises(ResultsFileError, match="no certificates in"):
@@ -543,12 +576,34 @@ def test_summarize_without_certificates_is_an_error(tmp_path, dssn):
         summarize(tmp_path, dssn, META, radii=[0.5], plot=False, indices=[])
 
 
-def test_summarize_draws_the_curve(tmp_path, dssn):
-    write(tmp_path / "certificates.csv", dssn, [dssn_row(dssn, 0, 0, [27, 0])])
-    summarize(tmp_path, dssn, META, radii=[0.5], plot=True)
+def test_summarize_draws_the_run_curve_by_default(tmp_path, dssn):
+    from ssn_exp.lightning.run_plot import plot_run_curve
+
+    write(tmp_path / "certificates.csv", dssn, [dssn_row(dssn, 0, 0, [27, 0]), dssn_row(dssn, 1, 0, [19, 8])])
+    m = summarize(tmp_path, dssn, META, radii=[0.5])
     png = tmp_path / "certified_accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["certificates.csv", "certified_accuracy.png", "metrics.json"]
+    # the figure of the k's with their q (the step curve), not of floats
+    plot_run_curve([True, True], np.array([13, 5]), 16, m, tmp_path / "direct.png")
+    assert (tmp_path / "direct.png").read_bytes() == png.read_bytes()
+    plot_run_curve([True, True], np.array([13, 5]) / 16, None, m, tmp_path / "floats.png")
+    assert (tmp_path / "floats.png").read_bytes() != png.read_bytes()
+
+
+def test_summarize_draws_the_box_curve_of_a_uniform_run(tmp_path):
+    from ssn_exp.lightning.run_plot import plot_run_curve
+
+    u = Uniform(0.5)
+    rows = [uniform_row(u, 0, 0, [N, 0], box_extra=0.5), uniform_row(u, 1, 1, [5, 45], box_extra=0.25)]
+    write(tmp_path / "certificates.csv", u, rows)
+    m = summarize(tmp_path, u, {"n0": 1, "n": N, "dataset": "digits", "training": "noise"}, radii=[0.5])
+    radius = np.array([rows[0]["radius"], rows[1]["radius"]])
+    box = np.array([rows[0]["radius_box"], rows[1]["radius_box"]])
+    plot_run_curve([True, True], radius, None, m, tmp_path / "direct.png", radius_box=box)
+    assert (tmp_path / "direct.png").read_bytes() == (tmp_path / "certified_accuracy.png").read_bytes()
+    plot_run_curve([True, True], radius, None, m, tmp_path / "nobox.png")
+    assert (tmp_path / "nobox.png").read_bytes() != (tmp_path / "certified_accuracy.png").read_bytes()
 
 
 def metrics(acc, box=None, **kw):
@@ -560,7 +615,7 @@ def metrics(acc, box=None, **kw):
         "clean_accuracy": 0.875,
         "acr": 0.4321,
         "n_examples": 8,
-        "seconds_per_example": 0.0123,
+        "seconds_per_example": 0.5,
         "certified_accuracy": acc,
     }
     if box is not None:
@@ -572,7 +627,7 @@ def metrics(acc, box=None, **kw):
 def test_the_console_table_stops_at_the_first_zero():
     table = format_table(metrics({"0.5": 0.75, "1": 0.125, "1.5": 0.0, "2": 0.0}))
     assert table.splitlines() == [
-        "dssn sigma=0.5 on digits (noise training): clean 87.5%, ACR 0.432, n=8, 12.3 ms/example",
+        "dssn sigma=0.5 on digits (noise training): clean 87.5%, ACR 0.432, n=8, 500.0 ms/example",
         "| radius | 0.5 | 1 | 1.5 |",
         "|---|---|---|---|",
         "| certified accuracy (%) | 75.0 | 12.5 | 0.0 |",
@@ -588,7 +643,7 @@ def test_the_console_table_without_a_zero_shows_every_radius_and_the_box_row_dec
     ]
     table = format_table(metrics({"0": 0.0, "0.5": 0.0, "1": 0.0}, box={"0": 0.5, "0.5": 0.25, "1": 0.0}))
     lines = table.splitlines()
-    assert lines[0].endswith("ACR 0.432 (box 0.500), n=8, 12.3 ms/example")
+    assert lines[0].endswith("ACR 0.432 (box 0.500), n=8, 500.0 ms/example")
     assert lines[1:] == [
         "| radius | 0 | 0.5 | 1 |",
         "|---|---|---|---|",
@@ -596,3 +651,31 @@ def test_the_console_table_without_a_zero_shows_every_radius_and_the_box_row_dec
         "| box-constrained (%) | 50.0 | 25.0 | 0.0 |",
     ]
     assert format_table(metrics({"0": 0.0})).splitlines()[1] == "| radius | 0 |"
+
+
+def test_model_fingerprint_is_stable_across_versions():
+    # metrics.json keeps it and a resume compares it: the same weights must give the same 16 hex digits forever
+    m = torch.nn.Linear(2, 2)
+    with torch.no_grad():
+        m.weight.copy_(torch.tensor([[1.0, -2.0], [0.5, 0.0]]))
+        m.bias.copy_(torch.tensor([0.25, 3.0]))
+    m.register_buffer("count", torch.tensor([7], dtype=torch.int64))
+    m.register_buffer("empty", torch.zeros(0, 3))
+    assert model_fingerprint(m) == "680e9a3517af1513"
+
+
+def test_without_num_classes_votes_may_name_classes_up_to_4096_beyond_the_row(tmp_path, dssn):
+    # a row names its classes; its votes may go to up to 4096 classes more (an unchecked resume of a wide model)
+    p = tmp_path / "certificates.csv"
+    row = dssn_row(dssn, 0, 0, [27, 0])  # prediction and label 0: classes below max(0, 0, 1) + 1 + 4096 = 4098
+    write(p, dssn, [{**row, "counts": "0:27 4097:0"}])
+    assert sorted(read(p, dssn)) == [0]
+    write(p, dssn, [{**row, "counts": "0:27 4098:0"}])
+    with pytest.raises(ResultsFileError, match=r"bad counts entry '4098:0'"):
+        read(p, dssn)
+    row = dssn_row(dssn, 0, 2, [0, 0, 27])  # classes below 2 + 1 + 4096
+    write(p, dssn, [{**row, "counts": "2:27 4098:0"}])
+    assert sorted(read(p, dssn)) == [0]
+    write(p, dssn, [{**row, "counts": "2:27 4099:0"}])
+    with pytest.raises(ResultsFileError, match=r"bad counts entry '4099:0'"):
+        read(p, dssn)
