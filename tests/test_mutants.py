@@ -625,3 +625,10 @@ def test_certified_count_errors_say_what_to_pass():
     with pytest.raises(ValueError, match=r"^with q given, radius must hold the integer numerators k$"):
         certified_count([True], [0.5], 0.5, q=2)
     assert certified_count([True, True], [1, 0], 1, q=1) == 1  # q = 1 is a grid too
+
+
+def test_the_refusal_of_too_many_offsets_says_what_to_change():
+    with pytest.raises(
+        ValueError, match=r"\(each certificate costs L forward passes per image\): choose a smaller sigma$"
+    ):
+        DSSN(300.0, q=255, dim=4)

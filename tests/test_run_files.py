@@ -679,3 +679,13 @@ def test_without_num_classes_votes_may_name_classes_up_to_4096_beyond_the_row(tm
     write(p, dssn, [{**row, "counts": "2:27 4099:0"}])
     with pytest.raises(ResultsFileError, match=r"bad counts entry '4099:0'"):
         read(p, dssn)
+
+
+def test_the_class_allowance_counts_from_the_larger_of_prediction_and_label(tmp_path, dssn):
+    p = tmp_path / "certificates.csv"
+    wrong = dssn_row(dssn, 0, 3000, [27, 0])  # label 3000, prediction 0: classes below 3000 + 1 + 4096
+    write(p, dssn, [{**wrong, "counts": "0:27 7000:0"}])
+    assert sorted(read(p, dssn)) == [0]
+    wrong = dssn_row(dssn, 0, 0, [0] * 5000 + [27])  # prediction 5000, label 0: classes below 5000 + 1 + 4096
+    write(p, dssn, [{**wrong, "counts": "5000:27 9000:0"}])
+    assert sorted(read(p, dssn)) == [0]
