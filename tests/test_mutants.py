@@ -300,7 +300,7 @@ def test_clopper_pearson_default_alpha_edges_and_validation():
     np.testing.assert_array_equal(clopper_pearson_lower(37, 100), beta.ppf(0.0005, 37, 64))  # alpha = 0.001
     np.testing.assert_allclose(clopper_pearson_lower([0, 10], 10, 0.05), [0.0, 0.025**0.1], rtol=1e-12)
     for n_a in (-1, 11, [3, -2]):
-        with pytest.raises(ValueError, match=r"n_A must lie in \[0, N\]"):
+        with pytest.raises(ValueError, match=r"^n_A must lie in \[0, N\]$"):
             clopper_pearson_lower(n_a, 10)
     for alpha in (0.0, 1.0, 1.5, -0.1):
         with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\)"):
@@ -501,11 +501,11 @@ def test_metrics_of_a_single_example_and_of_none():
     assert certified_accuracy([True], [0.7], radii=[0.5]) == {0.5: 1.0}
     assert average_certified_radius([True], [0.7]) == 0.7
     assert average_certified_radius([True], [3], q=4) == 0.75
-    with pytest.raises(ValueError, match="no examples"):
+    with pytest.raises(ValueError, match="^no examples$"):
         certified_accuracy([], [], radii=[0.5])
-    with pytest.raises(ValueError, match="no examples"):
+    with pytest.raises(ValueError, match="^no examples$"):
         average_certified_radius([], [])
-    with pytest.raises(ValueError, match="no runs to pick from"):
+    with pytest.raises(ValueError, match="^no runs to pick from$"):
         best_over_sigma([])
 
 
@@ -561,3 +561,74 @@ def test_certified_accuracy_takes_numpy_float_radii_with_q():
     k = np.array([8, 7])  # q = 16: 0.5 and 0.4375
     for r in (np.float32(0.5), np.float64(0.5), 0.5):
         assert certified_accuracy(np.ones(2, bool), k, [r], q=16) == {0.5: 0.5}
+
+
+# ============================================================================ issue 16 section 6: survivors
+
+
+@pytest.mark.parametrize("smoothing", [Uniform(0.5), DSSN(0.5, q=16, dim=4)], ids=["uniform", "dssn"])
+def test_count_predictions_with_no_samples_returns_zeros_without_looking_at_the_input(smoothing):
+    def model(z):
+        raise AssertionError("no noisy input exists when n = 0")
+
+    x = torch.full((2, 4), 0.37)  # off the DSSN grid and checked by nobody: nothing is drawn
+    counts = count_predictions(model, x, smoothing, n=0, num_classes=3)
+    assert counts.dtype == torch.int64 and counts.tolist() == [[0, 0, 0], [0, 0, 0]]
+    assert count_predictions(model, torch.full((2, 4), 5.0), smoothing, n=0, num_classes=3).sum() == 0
+
+
+def test_box_radius_takes_bfloat16_and_half_tensors():
+    xs = torch.tensor([[0.0, 0.5, 1.0, 0.25]])
+    want = box_radius(xs.double(), [0.875], 2.0)
+    for dtype in (torch.bfloat16, torch.float16):
+        np.testing.assert_array_equal(box_radius(xs.to(dtype), torch.tensor([0.875], dtype=dtype), 2.0), want)
+
+
+def test_clopper_pearson_of_small_integer_counts_does_not_wrap_around():
+    # N - n_A + 1 in uint8 would wrap (or refuse N = 1000): the counts are taken as int64
+    for counts in (np.array([200, 0, 250], dtype=np.uint8), np.array([100, 0, 120], dtype=np.int8)):
+        want = clopper_pearson_lower(counts.astype(np.int64), 1000)
+        assert want[0] > 0.05 and want[1] == 0.0
+        np.testing.assert_array_equal(clopper_pearson_lower(counts, 1000), want)
+
+
+@pytest.mark.parametrize(
+    "bad, shown", [(10, "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]): "), (11, "[0, 1, 2, 3, 4, 5, 6, 7, 8, 9] ...): ")]
+)
+def test_non_finite_logits_list_at_most_ten_positions(bad, shown):
+    def nan_model(z):
+        return torch.full((z.shape[0], 2), float("nan"))
+
+    with pytest.raises(NonFiniteLogitsError) as e:
+        count_predictions(nan_model, torch.zeros(bad, 2), Uniform(0.05), n=2, num_classes=2)
+    assert str(e.value) == (
+        f"the model returned NaN or infinite logits for {bad} of {bad} examples (batch positions "
+        f"{shown}no certificate is computed from them"
+    )
+    assert e.value.positions == list(range(bad))
+
+
+def test_box_radius_names_the_argument_that_is_not_numeric_or_out_of_range():
+    with pytest.raises(ValueError, match=r"^x must be numeric, got str$"):
+        box_radius("abc", [0.9], 1.0)
+    with pytest.raises(ValueError, match=r"^p_lower must be numeric, got dict$"):
+        box_radius(np.zeros((1, 2)), {}, 1.0)
+    with pytest.raises(ValueError, match=r"^x must be finite \(found NaN or inf\)$"):
+        box_radius(np.array([[np.nan]]), [0.9], 1.0)
+    with pytest.raises(ValueError, match=r"^p_lower must lie in \[0, 1\] \(found values outside or NaN\)$"):
+        box_radius(np.zeros((1, 2)), [np.nan], 1.0)
+
+
+def test_certified_count_errors_say_what_to_pass():
+    with pytest.raises(ValueError, match=r"^correct \(2,\) and radius \(3,\) differ in shape$"):
+        certified_count([True, False], [1, 2, 3], 0.5)
+    with pytest.raises(ValueError, match=r"^with q given, radius must hold the integer numerators k$"):
+        certified_count([True], [0.5], 0.5, q=2)
+    assert certified_count([True, True], [1, 0], 1, q=1) == 1  # q = 1 is a grid too
+
+
+def test_the_refusal_of_too_many_offsets_says_what_to_change():
+    with pytest.raises(
+        ValueError, match=r"\(each certificate costs L forward passes per image\): choose a smaller sigma$"
+    ):
+        DSSN(300.0, q=255, dim=4)

@@ -153,7 +153,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
 
 def _torn_tail(text: str) -> str:
     """Drop a last line without its newline: a row cut by a crash mid-write."""
-    return text[: text.rfind("\n") + 1] if text and not text.endswith("\n") else text
+    return text[: text.rfind("\n") + 1]  # the whole text when it ends in a newline, "" when it has none
 
 
 def read_certificates(

@@ -5,13 +5,51 @@ The report's multi-run figures live in :mod:`ssn_exp.report.plots`.
 
 from __future__ import annotations
 
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 
-from ssn_exp.certify.metrics import certified_accuracy
+from ssn_exp.certify.metrics import certified_count
 
-__all__ = ["plot_run_curve"]
+__all__ = ["plot_run_curve", "run_curve", "CURVE_POINTS"]
+
+#: At most this many radii on a run's curve.
+CURVE_POINTS = 400
+
+
+def _top(radius, q, radius_box) -> float:
+    """The right end of the curve: 5% beyond the largest radius (standard or box)."""
+    rho = np.asarray(radius, dtype=np.float64) / (q or 1)
+    top_rho = float(max(rho.max(initial=0.0), 0.0))
+    if radius_box is not None:
+        top_rho = max(top_rho, float(max(np.max(radius_box, initial=0.0), 0.0)))
+    return top_rho * 1.05 + 1e-3
+
+
+def run_curve(correct, radius, q, radius_box=None) -> tuple[list, np.ndarray, np.ndarray | None]:
+    """The radii of a run's curve and the certified accuracy (%) at each (with ``radius_box``, also the box curve).
+
+    With ``q`` (DSSN: ``radius`` holds the integer numerators k) the radii are exact fractions k/q, every
+    multiple of 1/q up to the top when there are at most CURVE_POINTS of them, else every s-th for the
+    smallest s that keeps within CURVE_POINTS: each point is decided exactly (never through a float such as
+    the decimal reading of k/255). Without ``q`` they are CURVE_POINTS evenly spaced floats.
+    """
+    top = _top(radius, q, radius_box)
+    if q is not None:
+        last = int(top * q)
+        step = -(-(last + 1) // CURVE_POINTS)
+        grid: list = [Fraction(k, q) for k in range(0, last + 1, step)]
+    else:
+        grid = [float(r) for r in np.linspace(0, top, CURVE_POINTS)]
+    n = len(np.asarray(correct))
+    acc = 100.0 * (
+        np.array([certified_count(correct, radius, r, q) for r in grid]) / n
+    )  # as the report: % of a fraction
+    box = None
+    if radius_box is not None:
+        box = 100.0 * (np.array([certified_count(correct, radius_box, r) for r in grid]) / n)
+    return grid, acc, box
 
 
 def plot_run_curve(correct, radius, q, metrics: dict, path: Path, radius_box=None) -> None:
@@ -19,25 +57,20 @@ def plot_run_curve(correct, radius, q, metrics: dict, path: Path, radius_box=Non
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    rho = np.asarray(radius, dtype=np.float64) / (q or 1)
-    top_rho = float(max(rho.max(initial=0.0), 0.0))
-    if radius_box is not None:
-        top_rho = max(top_rho, float(max(np.max(radius_box, initial=0.0), 0.0)))
-    top = top_rho * 1.05 + 1e-3
-    grid = np.arange(0, int(top * q) + 1) / q if q is not None and top * q <= 400 else np.linspace(0, top, 400)
+    grid, acc, box = run_curve(correct, radius, q, radius_box)
+    x = [float(r) for r in grid]
+    top = _top(radius, q, radius_box)
     fig = Figure(figsize=(5, 3.5), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    acc = certified_accuracy(correct, radius, [float(r) for r in grid], q=q)  # integer k when q is set
     ax.plot(
-        grid,
-        [100 * acc[float(r)] for r in grid],
+        x,
+        acc,
         drawstyle="steps-post" if q else "default",
         label=f"{metrics['method']} (standard)" if radius_box is not None else metrics["method"],
     )
-    if radius_box is not None:
-        box = certified_accuracy(correct, radius_box, [float(r) for r in grid])
-        ax.plot(grid, [100 * box[float(r)] for r in grid], linestyle="-.", label=f"{metrics['method']} (box)")
+    if box is not None:
+        ax.plot(x, box, linestyle="-.", label=f"{metrics['method']} (box)")
         ax.legend(fontsize=8)
     ax.set_xlabel("ℓ1 radius")
     ax.set_ylabel("certified accuracy (%)")

@@ -40,8 +40,13 @@ def radius_grid(rmax: float, points: int = 201) -> np.ndarray:
 
 
 def curve(rec: RunRecord, grid: Sequence[float]) -> np.ndarray:
-    """Certified accuracy (%) at each radius of grid (exact integer comparison for DSSN records)."""
-    acc = rec.certified_accuracy([float(r) for r in grid])
+    """Certified accuracy (%) at each radius of grid (exact integer comparison for DSSN records).
+
+    Radii go to the metric as given: fractions exactly, floats by their shortest decimal (the grid of
+    :func:`radius_grid` is rounded to 6 decimals, so each point is the decimal it prints as).
+    """
+    grid = list(grid)
+    acc = rec.certified_accuracy(grid)
     return 100.0 * np.array([acc[float(r)] for r in grid])
 
 
