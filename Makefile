@@ -35,7 +35,7 @@ lint: $(STAMP)  ## ruff check + format check
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
-mutation: $(STAMP)  ## mutation testing of the certificate code with mutmut (~5 min on 2 cores; survivors: mutmut results)
+mutation: $(STAMP)  ## mutation testing of the certificate and result-file code with mutmut (~7 min on 2 cores; survivors: mutmut results)
 	$(PY) -m pip install --quiet 'mutmut>=3.8'
 	rm -rf mutants
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run || true

@@ -97,9 +97,8 @@ class SeededSet(Dataset):
     def __getitem__(self, key):
         epoch, i = key
         s = mix_seed(self.seed, 0x5EED, epoch, i)
-        torch.default_generator.manual_seed(
-            s
-        )  # the CPU generator transforms draw from (torch.manual_seed is 100x slower)
+        # the CPU generator the transforms draw from (torch.manual_seed is 100x slower)
+        torch.default_generator.manual_seed(s)
         np.random.seed(s % 2**32)
         random.seed(s)
         return self.dataset[i]
