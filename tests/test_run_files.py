@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from ssn_exp.certify import clopper_pearson_lower, exact_certificate
-from ssn_exp.exceptions import UserError
+from ssn_exp.exceptions import LinkedRunFileError, UserError
 from ssn_exp.lightning.run_files import (
     BASE_COLUMNS,
     ResultsFileError,
@@ -132,14 +132,15 @@ def test_malformed_counts_entries_are_value_errors(text):
         parse_counts(text, 4)
 
 
-def test_atomic_writes_leave_no_temporary_file_and_replace_a_symlink_not_its_target(tmp_path):
+def test_atomic_writes_leave_no_temporary_file_and_refuse_a_symlink(tmp_path):
     target = tmp_path / "elsewhere.txt"
     target.write_text("the user's file\n")
     link = tmp_path / "out.txt"
     link.symlink_to(target)
-    write_text_atomic(link, "new\n")
+    with pytest.raises(LinkedRunFileError, match="is a symbolic link"):
+        write_text_atomic(link, "new\n")
     assert target.read_text() == "the user's file\n"  # not written through the link
-    assert not link.is_symlink() and link.read_text() == "new\n"
+    assert link.is_symlink()  # and the link itself is the user's: left as it is
     write_json_atomic(tmp_path / "m.json", {"b": 1, "a": [1.5]})
     assert (tmp_path / "m.json").read_text() == '{\n  "b": 1,\n  "a": [\n    1.5\n  ]\n}\n'
     write_rows_atomic(tmp_path / "r.csv", ["x", "y"], [{"x": 1, "y": 2, "z": 3}, {"x": 4}])

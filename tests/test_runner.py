@@ -122,7 +122,7 @@ def test_a_checkpoint_from_another_method_or_sigma_is_refused(tmp_path):
         assert p.returncode == 2, p.stderr[-2000:]
         err = p.stderr.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("error: checkpoint") and word in err[0], p.stderr
-    assert results[-1].returncode == 2 and "checkpoint not found" in results[-1].stderr
+    assert results[-1].returncode == 2 and "nope.ckpt does not exist" in results[-1].stderr
 
 
 def test_bad_input_gets_one_clear_line(tmp_path):
