@@ -6,6 +6,8 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 ARGS   ?=
+# make test runs the tests in this many processes (pytest-xdist); 2 fits CI's 2 cores
+TEST_WORKERS ?= 2
 
 .PHONY: help install run test test-fast lint mutation bench sweep-smoke sweep-paper-cifar10 sweep-paper-imagenet sweep-dssn-seeds sweep-denoisers report clean
 
@@ -26,10 +28,10 @@ run: $(STAMP)  ## train + certify the default experiment (digits, DSSN); extra H
 	$(PY) -m ssn_exp $(ARGS)
 
 test: $(STAMP)  ## run the whole test suite (slow tests included)
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
 
 test-fast: $(STAMP)  ## run the tests without the slow end-to-end ones
-	$(PY) -m pytest -q -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(ARGS)
 
 lint: $(STAMP)  ## ruff check + format check
 	$(VENV)/bin/ruff check src tests

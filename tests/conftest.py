@@ -18,8 +18,14 @@ DATA = ROOT / "tests" / "data"
 #: has run torch, and forked children deadlock in a thread pool the parent had started; one thread avoids that.
 UNDER_MUTATION = ROOT.name == "mutants"
 
+#: Under pytest-xdist (make test: two test processes on a 2-core CPU) every process, and every entry point a test
+#: starts, computes on one thread: two processes with two threads each would oversubscribe the cores.
+UNDER_XDIST = "PYTEST_XDIST_WORKER" in os.environ
+if UNDER_XDIST:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 # Keep the tests fast and quiet on a 2-core CPU, and never online.
-torch.set_num_threads(1 if UNDER_MUTATION else min(2, os.cpu_count() or 1))
+torch.set_num_threads(1 if UNDER_MUTATION or UNDER_XDIST else min(2, os.cpu_count() or 1))
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 # wandb keeps staging files, caches and settings under the home folder: the tests' go to a folder removed at exit

@@ -12,7 +12,9 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, certificate_columns, read_csv, read_metrics, run_cli
+from helpers import ROOT, certificate_columns, read_csv, read_metrics, run_cli, run_cli_many
+from test_run_dir import tree
+from test_sigterm import _one_sigterm_line, _start, _terminate_when
 
 pytestmark = pytest.mark.slow
 
@@ -93,65 +95,96 @@ def _without(rows, *columns):
 
 
 def test_killed_training_resumes_to_exactly_the_uninterrupted_result(tmp_path):
-    """kill -9 after some epochs, the same command again: the final weights, the certificates and the whole
-    training log equal those of a run that never stopped (every RNG the training uses is restored)."""
+    """kill -9, or SIGTERM (what Slurm and submitit send: a non-zero exit with one line), after some epochs, then
+    the same command again: the final weights, the certificates and the whole training log equal those of a run
+    that never stopped (every RNG the training uses is restored). A refused restart of the finished run (other
+    settings; resume=false) then leaves it byte-identical."""
     common = ["training.epochs=5", "data.batch_size=16", "certify.max_examples=20", "trainer.check_val_every_n_epoch=2"]
     common += ["trainer.enable_progress_bar=false", "certify.progress=false", "method=ssn", "certify.n=500"]
-    ref, run = tmp_path / "ref", tmp_path / "run"
+    ref, run, term = tmp_path / "ref", tmp_path / "run", tmp_path / "term"
     _ok(run_cli("ssn_exp", *common, f"hydra.run.dir={ref}"))
-    last = run / "checkpoints" / "last.ckpt"
 
-    def some_epochs_done():
-        try:
-            return last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= 1
-        except Exception:  # being written
-            return False
+    def some_epochs_done(folder):
+        def ready():
+            last = folder / "checkpoints" / "last.ckpt"
+            try:
+                return last.is_file() and torch.load(last, map_location="cpu", weights_only=True)["epoch"] >= 1
+            except Exception:  # being written
+                return False
 
-    proc = _popen("ssn_exp", *common, f"hydra.run.dir={run}")
-    _kill_when(proc, some_epochs_done)
-    killed_at = torch.load(last, map_location="cpu", weights_only=True)["epoch"]
-    assert killed_at < 4 and not (run / "metrics.json").exists()
-    log_before = read_csv(run / "csv" / "metrics.csv")
-    assert [int(r["epoch"]) for r in log_before][: killed_at + 1] == list(range(killed_at + 1))
-    p = _ok(run_cli("ssn_exp", *common, f"hydra.run.dir={run}"))
-    assert "resuming from" in p.stdout + p.stderr
+        return ready
+
+    killed = _popen("ssn_exp", *common, f"hydra.run.dir={run}")
+    terminated = _start("ssn_exp", *common, f"hydra.run.dir={term}")
+    _kill_when(killed, some_epochs_done(run))
+    err = _terminate_when(terminated, some_epochs_done(term))
+    _one_sigterm_line(terminated, err, "training")
+    assert not (term / ".ssn_exp.lock").exists()  # the lock went with the process
+    for folder in (run, term):
+        stopped_at = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"]
+        assert stopped_at < 4 and not (folder / "metrics.json").exists()
+        log_before = read_csv(folder / "csv" / "metrics.csv")
+        assert [int(r["epoch"]) for r in log_before][: stopped_at + 1] == list(range(stopped_at + 1))
+    for p in run_cli_many([("ssn_exp", [*common, f"hydra.run.dir={folder}"]) for folder in (run, term)], workers=2):
+        assert "resuming from" in _ok(p).stdout + p.stderr
     a = torch.load(ref / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
-    b = torch.load(last, map_location="cpu", weights_only=True)
-    assert (b["epoch"], b["global_step"]) == (a["epoch"], a["global_step"]) == (4, 5 * 90)
-    assert a["state_dict"].keys() == b["state_dict"].keys()
-    for key in a["state_dict"]:
-        assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
-    assert certificate_columns(read_csv(run / "certificates.csv")) == certificate_columns(
-        read_csv(ref / "certificates.csv")
-    )
-    # the whole training log: one row per epoch, the same numbers (the certification timing aside)
-    log_ref, log_run = read_csv(ref / "csv" / "metrics.csv"), read_csv(run / "csv" / "metrics.csv")
-    assert [r["epoch"] for r in log_run] == [str(e) for e in range(5)] + [""]
-    assert _without(log_run, "certify/seconds_per_example") == _without(log_ref, "certify/seconds_per_example")
+    log_ref = read_csv(ref / "csv" / "metrics.csv")
+    for folder in (run, term):
+        b = torch.load(folder / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+        assert (b["epoch"], b["global_step"]) == (a["epoch"], a["global_step"]) == (4, 5 * 90)
+        assert a["state_dict"].keys() == b["state_dict"].keys()
+        for key in a["state_dict"]:
+            assert torch.equal(a["state_dict"][key], b["state_dict"][key]), key
+        assert certificate_columns(read_csv(folder / "certificates.csv")) == certificate_columns(
+            read_csv(ref / "certificates.csv")
+        )
+        # the whole training log: one row per epoch, the same numbers (the certification timing aside)
+        log_run = read_csv(folder / "csv" / "metrics.csv")
+        assert [r["epoch"] for r in log_run] == [str(e) for e in range(5)] + [""]
+        assert _without(log_run, "certify/seconds_per_example") == _without(log_ref, "certify/seconds_per_example")
+        assert not (folder / ".ssn_exp.lock").exists()  # no stale pid
+    before = tree(ref)
+    calls = [
+        ("ssn_exp", [*common, "optimizer.lr=0.05", f"hydra.run.dir={ref}"]),
+        ("ssn_exp", [*common, "resume=false", f"hydra.run.dir={ref}"]),
+    ]
+    texts = ["different settings (optimizer.lr)", "pass resume=true"]
+    for p, text in zip(run_cli_many(calls, workers=1), texts, strict=True):
+        lines = p.stderr.strip().splitlines()
+        assert p.returncode == 2 and len(lines) == 1 and text in lines[0], p.stderr[-3000:]
+        assert tree(ref) == before
 
 
 def test_killed_certification_skips_finished_examples_and_ends_equal(tmp_path):
+    """kill -9, or SIGTERM (one line, exit 143), during certification; the same command again certifies only the
+    rest and ends with the certificates of a certification that never stopped."""
     trained = tmp_path / "trained"
     _ok(run_cli("ssn_exp", "debug=fast", "sigma=3.5", "certify.enabled=false", f"hydra.run.dir={trained}"))
     ckpt = trained / "checkpoints" / "last.ckpt"
     slow = ["certify.noise_batch=1", "certify.batch_size=1", "certify.max_examples=60", "certify.progress=false"]
     ref = tmp_path / "ref"
     _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={ref}", *slow))
-    out = tmp_path / "out"
-    csv_path = out / "certificates.csv"
+    out, term = tmp_path / "out", tmp_path / "term"
 
-    def some_rows():
-        return csv_path.is_file() and csv_path.read_text().count("\n") > 8
+    def some_rows(folder):
+        return lambda: (
+            (folder / "certificates.csv").is_file() and (folder / "certificates.csv").read_text().count("\n") > 8
+        )
 
-    proc = _popen("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={out}", *slow)
-    _kill_when(proc, some_rows)
-    partial = csv_path.read_text().count("\n") - 1
-    assert 8 <= partial < 60 and not (out / "metrics.json").exists()
-    p = _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={out}", *slow))
-    final = read_csv(csv_path)
-    assert certificate_columns(final) == certificate_columns(read_csv(ref / "certificates.csv"))
-    a, b = read_metrics(out), read_metrics(ref)
-    assert {k: v for k, v in a.items() if k != "seconds_per_example"} == {
-        k: v for k, v in b.items() if k != "seconds_per_example"
-    }
-    assert p.returncode == 0
+    killed = _popen("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={out}", *slow)
+    terminated = _start("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={term}", *slow)
+    _kill_when(killed, some_rows(out))
+    err = _terminate_when(terminated, some_rows(term))
+    _one_sigterm_line(terminated, err, "certification")
+    for folder in (out, term):
+        partial = (folder / "certificates.csv").read_text().count("\n") - 1
+        assert 8 <= partial < 60 and not (folder / "metrics.json").exists()
+    calls = [("ssn_exp.certify", [f"ckpt={ckpt}", f"hydra.run.dir={folder}", *slow]) for folder in (out, term)]
+    for p, folder in zip(run_cli_many(calls, workers=2), (out, term), strict=True):
+        _ok(p)
+        final = read_csv(folder / "certificates.csv")
+        assert certificate_columns(final) == certificate_columns(read_csv(ref / "certificates.csv"))
+        a, b = read_metrics(folder), read_metrics(ref)
+        assert {k: v for k, v in a.items() if k != "seconds_per_example"} == {
+            k: v for k, v in b.items() if k != "seconds_per_example"
+        }
