@@ -162,7 +162,7 @@ def test_killed_certification_skips_finished_examples_and_ends_equal(tmp_path):
     trained = tmp_path / "trained"
     _ok(run_cli("ssn_exp", "debug=fast", "sigma=3.5", "certify.enabled=false", f"hydra.run.dir={trained}"))
     ckpt = trained / "checkpoints" / "last.ckpt"
-    slow = ["certify.noise_batch=1", "certify.batch_size=1", "certify.max_examples=60", "certify.progress=false"]
+    slow = ["certify.noise_batch=1", "certify.batch_size=1", "certify.max_examples=40", "certify.progress=false"]
     ref = tmp_path / "ref"
     _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={ref}", *slow))
     out, term = tmp_path / "out", tmp_path / "term"
@@ -179,7 +179,7 @@ def test_killed_certification_skips_finished_examples_and_ends_equal(tmp_path):
     _one_sigterm_line(terminated, err, "certification")
     for folder in (out, term):
         partial = (folder / "certificates.csv").read_text().count("\n") - 1
-        assert 8 <= partial < 60 and not (folder / "metrics.json").exists()
+        assert 8 <= partial < 40 and not (folder / "metrics.json").exists()
     calls = [("ssn_exp.certify", [f"ckpt={ckpt}", f"hydra.run.dir={folder}", *slow]) for folder in (out, term)]
     for p, folder in zip(run_cli_many(calls, workers=2), (out, term), strict=True):
         _ok(p)

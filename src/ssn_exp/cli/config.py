@@ -168,9 +168,11 @@ def _value(node, key: str, prefix: str):
 
 def _shape(value) -> tuple[int, ...] | None:
     """A (C, H, W) shape of positive integers, or None (the data module reports a bad shape itself)."""
+    from omegaconf.errors import OmegaConfBaseException
+
     try:
         shape = tuple(value)
-    except TypeError:
+    except (TypeError, OmegaConfBaseException):  # (a broken ${...} item: reported by the data module)
         return None
     if len(shape) != 3 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in shape):
         return None
@@ -226,7 +228,9 @@ def certify_settings(cfg: DictConfig, n: int | None = None, shape=None) -> dict:
     if not (autocast is None or (isinstance(autocast, str) and autocast in ("none", "bf16", "fp16"))):
         raise ConfigError(f"certify.autocast must be null, bf16 or fp16, got {autocast!r}")
     radii = get("radii")
-    if isinstance(radii, ListConfig | list | tuple):
+    if isinstance(radii, ListConfig):  # each item read on its own: a missing or broken ${...} item is named
+        radii = [_value(radii, i, "certify.radii.") for i in range(len(radii))]
+    elif isinstance(radii, list | tuple):
         radii = list(radii)
     if (
         not isinstance(radii, list)
