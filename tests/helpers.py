@@ -138,3 +138,27 @@ def read_wandb_offline(run_dir: Path) -> dict:
         elif which == "history":
             out["history"] += 1
     return out
+
+
+def one_error_line(p) -> str:
+    """The one ``error:`` line of a refused entry point (exit status 2, nothing else on stderr)."""
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
+    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
+    return lines[0]
+
+
+def start_cli(module: str, *overrides: str, stderr: bool = True) -> subprocess.Popen:
+    """python -m <module> overrides... started in its own session (to be killed or terminated by a test); its
+    stderr as text through a pipe when ``stderr``, else discarded."""
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true")
+    return subprocess.Popen(
+        [sys.executable, "-m", module, *overrides],
+        cwd=ROOT,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE if stderr else subprocess.DEVNULL,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )

@@ -10,19 +10,12 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import run_cli_many, write_tiny_imagefolder
+from helpers import one_error_line, run_cli_many, write_tiny_imagefolder
 from ssn_exp.cli.config import ConfigError, certify_settings
 from ssn_exp.cli.errors import is_user_error, one_line
 from ssn_exp.exceptions import UserError
 
 FAST = ["debug=fast", "trainer.enable_progress_bar=false"]
-
-
-def one_error_line(p) -> str:
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
-    return lines[0]
 
 
 def _no_results(run) -> bool:

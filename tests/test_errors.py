@@ -12,16 +12,9 @@ import time
 import pytest
 import torch
 
-from helpers import ROOT, read_metrics, run_cli, run_cli_many
+from helpers import ROOT, one_error_line, read_metrics, run_cli, run_cli_many
 
 FAST = ["debug=fast", "trainer.enable_progress_bar=false"]
-
-
-def one_error_line(p) -> str:
-    lines = p.stderr.strip().splitlines()
-    assert p.returncode == 2, (p.returncode, p.stderr[-3000:])
-    assert len(lines) == 1 and lines[0].startswith("error: "), p.stderr[-3000:]
-    return lines[0]
 
 
 BAD_SETTINGS = [

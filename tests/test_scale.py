@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from helpers import ROOT, certificate_columns, read_csv, read_metrics, run_cli, run_cli_many
+from helpers import certificate_columns, read_csv, read_metrics, run_cli, run_cli_many, start_cli
 from test_run_dir import tree
 from test_sigterm import _one_sigterm_line, _start, _terminate_when
 
@@ -68,16 +66,7 @@ def test_submitit_local_launcher_runs_the_smoke_sweep(tmp_path):
 
 
 def _popen(module, *overrides):
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env["WANDB_MODE"] = "offline"
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *overrides],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
+    return start_cli(module, *overrides, stderr=False)
 
 
 def _kill_when(proc, ready, timeout=120):

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
 import sys
 import time
 
-from helpers import ROOT
+from helpers import start_cli
 
 
 def _ok(p):
@@ -20,17 +19,7 @@ def _ok(p):
 
 
 def _start(module, *overrides):
-    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true")
-    return subprocess.Popen(
-        [sys.executable, "-m", module, *overrides],
-        cwd=ROOT,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        start_new_session=True,
-    )
+    return start_cli(module, *overrides)
 
 
 def _terminate_when(proc, ready, timeout=180) -> str:
