@@ -125,7 +125,7 @@ def load_reference(folder: str | Path, q: int = 255) -> list[RunRecord]:
         for row in csv.DictReader(fh):
             with np.load(folder / row["file"]) as z:
                 labels = z["labels"].astype(np.int64) if "labels" in z.files else shared_labels[row["dataset"]]
-                if row["method"] == "dssn":
+                if "counts" in z.files:  # enumerated counts (DSSN): the exact certificate, recomputed
                     prediction, k = exact_certificate(z["counts"])
                     radius, rq = k, q
                 else:
@@ -208,8 +208,7 @@ def read_metrics(run_dir: str | Path) -> dict:
         raise RunFileError(f"{path}: 'sigma' must be positive, got {meta.get('sigma')!r}")
     out["n_examples"] = _integer(meta.get("n_examples"), f"{path}: 'n_examples'")
     out["seed"] = _integer(meta.get("seed", 0), f"{path}: 'seed'")
-    if out["method"] == "dssn":
-        out["q"] = _integer(meta.get("q"), f"{path}: 'q'", minimum=1)
+    out["q"] = meta.get("q")  # checked where certificates.csv holds exact certificates k (rho = k / q)
     for key in ("acr", "seconds_per_example", "forward_passes_per_example"):
         value = meta.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
@@ -217,17 +216,21 @@ def read_metrics(run_dir: str | Path) -> dict:
     return out
 
 
-def read_run_certificates(run_dir: str | Path, exact: bool) -> list[dict]:
+def read_run_certificates(run_dir: str | Path) -> tuple[list[dict], bool]:
     """The rows of ``certificates.csv``, checked and sorted by example index: index, label, prediction (integers
-    >= 0, indices unique), ``k`` (DSSN, integer) or ``radius`` (finite), ``radius_box`` (finite) if present."""
+    >= 0, indices unique), ``k`` (an exact certificate rho = k / q, integer) or ``radius`` (finite),
+    ``radius_box`` (finite) if present; and whether the file holds exact certificates (a ``k`` column)."""
     path = Path(run_dir) / "certificates.csv"
-    need = ["index", "label", "prediction", "k" if exact else "radius"]
     rows = []
+    exact = False
     try:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
-            absent = [c for c in need if c not in header]
+            exact = "k" in header
+            absent = [c for c in ("index", "label", "prediction") if c not in header]
+            if "k" not in header and "radius" not in header:
+                absent.append("k or radius")
             if absent:
                 raise RunFileError(f"{path}: no column {', '.join(absent)} (header: {','.join(header) or 'empty'})")
             has_box = "radius_box" in header
@@ -249,7 +252,7 @@ def read_run_certificates(run_dir: str | Path, exact: bool) -> list[dict]:
     indices = [r["index"] for r in rows]
     if len(set(indices)) != len(indices):
         raise RunFileError(f"{path}: an example index occurs twice")
-    return sorted(rows, key=lambda r: r["index"])
+    return sorted(rows, key=lambda r: r["index"]), exact
 
 
 def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
@@ -259,8 +262,8 @@ def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
     A file that cannot be used raises :class:`RunFileError` (a ``ValueError``) or ``OSError``, naming it."""
     run_dir = Path(run_dir)
     meta = read_metrics(run_dir)
-    is_exact = meta["method"] == "dssn"
-    rows = read_run_certificates(run_dir, is_exact)
+    rows, is_exact = read_run_certificates(run_dir)
+    q = _integer(meta["q"], f"{run_dir / 'metrics.json'}: 'q'", minimum=1) if is_exact else None
     if len(rows) != meta["n_examples"]:
         raise RunFileError(
             f"certificates.csv has {len(rows)} rows but metrics.json counts {meta['n_examples']} examples "
@@ -276,7 +279,7 @@ def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
         labels=np.asarray([r["label"] for r in rows], dtype=np.int64),
         prediction=np.asarray([r["prediction"] for r in rows], dtype=np.int64),
         radius=np.asarray([r["radius"] for r in rows], dtype=np.int64 if is_exact else np.float64),
-        q=meta["q"] if is_exact else None,
+        q=q,
         seed=meta["seed"],
         source=str(run_dir),
         extra={k: meta[k] for k in ("acr", "seconds_per_example", "forward_passes_per_example") if k in meta},
