@@ -91,7 +91,7 @@ def test_certify_settings_refuse_in_one_line(key, value, words):
 def test_a_noise_batch_larger_than_memory_is_refused_before_anything_is_written(tmp_path):
     from ssn_exp.lightning.certification import ShardCertifier
     from ssn_exp.lightning.memory import MemoryLimitError, host_memory, noise_batch_bytes
-    from ssn_exp.smoothing import Uniform
+    from ssn_exp.noises import Uniform
 
     shape = (3, 224, 224)
     too_many = host_memory(available=False) // noise_batch_bytes(1, shape) + 1
@@ -119,7 +119,7 @@ class _Allocates(nn.Module):
 
 def test_an_allocation_failure_during_certification_names_noise_batch(tmp_path):
     from ssn_exp.lightning.certification import ShardCertifier
-    from ssn_exp.smoothing import Uniform
+    from ssn_exp.noises import Uniform
 
     data = torch.utils.data.TensorDataset(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
     cert = ShardCertifier(_Allocates(), Uniform(0.5), data, tmp_path, num_classes=2, n0=2, n=4, noise_batch=8)
@@ -134,7 +134,7 @@ def test_an_allocation_failure_during_certification_names_noise_batch(tmp_path):
 def test_certify_settings_json_that_is_not_an_object_is_one_line(tmp_path, content):
     from ssn_exp.lightning.certification import ShardCertifier
     from ssn_exp.lightning.run_files import ResultsFileError
-    from ssn_exp.smoothing import Uniform
+    from ssn_exp.noises import Uniform
 
     data = torch.utils.data.TensorDataset(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
     kw = dict(num_classes=2, n0=2, n=4, noise_batch=8)
@@ -214,7 +214,7 @@ def digits():
     ],
 )
 def test_bad_user_models_are_refused_in_one_line(digits, net, words):
-    from ssn_exp.cli.train import check_network
+    from ssn_exp.cli.common import check_network
     from ssn_exp.models import normalized
 
     for wrapped in (net, normalized(net, digits.mean, digits.std)):  # alone and inside the normalisation wrapper
@@ -225,7 +225,7 @@ def test_bad_user_models_are_refused_in_one_line(digits, net, words):
 
 
 def test_a_good_model_passes_and_keeps_its_mode(digits):
-    from ssn_exp.cli.train import check_network
+    from ssn_exp.cli.common import check_network
     from ssn_exp.models import DigitsCNN, normalized
 
     for net in (_Fine(), normalized(DigitsCNN(), digits.mean, digits.std)):
@@ -235,7 +235,7 @@ def test_a_good_model_passes_and_keeps_its_mode(digits):
 
 
 def test_a_denoiser_that_changes_its_input_is_refused(digits):
-    from ssn_exp.cli.train import check_network
+    from ssn_exp.cli.common import check_network
 
     class Den(nn.Module):
         def forward(self, x):

@@ -21,7 +21,7 @@ from ssn_exp.certify import (
     exact_certificate,
     randomized_radius,
 )
-from ssn_exp.smoothing import DSSN, SSN, InputDomainError, Uniform
+from ssn_exp.noises import DSSN, SSN, InputDomainError, Uniform
 
 
 def test_exact_certificate_formula_and_ties():

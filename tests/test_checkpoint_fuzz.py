@@ -31,7 +31,7 @@ BUILT = [p for p in PATHS if p[0] in ("model", "method")]
 #: targets that must never run, and some that may
 PAYLOAD_TARGETS = ["os.system", "pathlib.Path.write_text", "numpy.load", "torch.hub.load", "builtins.print",
                    "ssn_exp.models.torch.hub.load", "subprocess.run", "evil_mod.Net"]  # fmt: skip
-SAFE_TARGETS = ["ssn_exp.models.DigitsCNN", "torch.optim.SGD", "ssn_exp.smoothing.Uniform", "ssn_exp.models.DnCNN"]
+SAFE_TARGETS = ["ssn_exp.models.DigitsCNN", "torch.optim.SGD", "ssn_exp.noises.Uniform", "ssn_exp.models.DnCNN"]
 
 # sizes too: a width or an image size far larger than the weights is refused before it is allocated
 junk_leaf = st.one_of(

@@ -151,11 +151,11 @@ def test_model_configs_build_networks_for_their_data(model, data):
 
 @pytest.mark.parametrize("method", options("method"))
 def test_method_configs_build_the_noise(method):
-    from ssn_exp.smoothing import Smoothing
+    from ssn_exp.noises import Noise
 
     cfg = _compose([f"method={method}", "sigma=0.75"])
     noise = instantiate(cfg.method)
-    assert isinstance(noise, Smoothing) and noise.name == method and noise.sigma == 0.75
+    assert isinstance(noise, Noise) and noise.name == method and noise.sigma == 0.75
     if method == "dssn":
         assert (noise.q, noise.dim, noise.seed, noise.arithmetic) == (16, 64, 0, "exact")
         assert instantiate(_compose(["method.arithmetic=levine2021"]).method).arithmetic == "levine2021"

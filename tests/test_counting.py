@@ -177,8 +177,8 @@ def test_the_run_curve_is_exact_at_every_multiple_of_1_over_q(q):
     k = rng.integers(0, int(1.2 * q), size=300)  # CIFAR-10 DSSN sigma = 0.5: radii up to ~1.2
     k[:5] = [0, 1, q - 1, q, int(0.36 * q) + 1]
     correct = rng.random(300) < 0.8
-    grid, acc, box = run_curve(correct, k, q)
-    assert box is None
+    grid, acc, extra = run_curve(correct, k, q)
+    assert extra == {}
     exact = [Fraction(j, q) for j in range(int((k.max() / q * 1.05 + 1e-3) * q) + 1)]
     np.testing.assert_array_equal(acc, curve_reference(correct, k, q, exact))
     assert grid == exact
@@ -200,23 +200,27 @@ def test_the_box_curve_and_the_float_curve():
     rho = np.array([0.1 + 0.2, 0.5, 1.0, -0.2])
     box = np.array([0.35, 0.5, 2.0, -0.2])
     correct = np.array([True, True, True, False])
-    grid, acc, box_acc = run_curve(correct, rho, None, radius_box=box)
+    grid, acc, curves = run_curve(correct, rho, None, {"box": box})
+    box_acc = curves["box"]
     assert len(grid) == CURVE_POINTS and grid[0] == 0.0 and grid[-1] == pytest.approx(2.0 * 1.05 + 1e-3)
     np.testing.assert_array_equal(acc, curve_reference(correct, rho, None, grid))
     np.testing.assert_array_equal(box_acc, curve_reference(correct, box, None, grid))
     # the DSSN box curve is decided on the same exact grid
     k = np.array([3, 8, 2])
-    grid, acc, box_acc = run_curve([True, True, False], k, 16, radius_box=np.array([0.25, 0.8, 0.1]))
+    grid, acc, curves = run_curve([True, True, False], k, 16, {"box": np.array([0.25, 0.8, 0.1])})
+    box_acc = curves["box"]
     assert grid[-1] == Fraction(int((0.8 * 1.05 + 1e-3) * 16), 16)
     np.testing.assert_array_equal(box_acc, curve_reference([True, True, False], [0.25, 0.8, 0.1], None, grid))
     np.testing.assert_array_equal(acc, curve_reference([True, True, False], k, 16, grid))
 
 
 def test_the_run_curve_matches_the_report_curve_of_the_same_run(tmp_path):
-    from ssn_exp.lightning.run_files import columns_for, summarize, write_rows_atomic
+    from ssn_exp.certify.procedures import Exact
+    from ssn_exp.certify.record import CertificateRecord
+    from ssn_exp.lightning.run_files import summarize, write_rows_atomic
     from ssn_exp.report.plots import curve, radius_grid
     from ssn_exp.report.records import load_run_dir
-    from ssn_exp.smoothing import DSSN
+    from ssn_exp.noises import DSSN
 
     q = 255
     dssn = DSSN(0.5, q=q, dim=4)
@@ -238,9 +242,9 @@ def test_the_run_curve_matches_the_report_curve_of_the_same_run(tmp_path):
         }
         for i in range(60)
     ]
-    write_rows_atomic(tmp_path / "certificates.csv", columns_for(dssn), rows)
+    write_rows_atomic(tmp_path / "certificates.csv", CertificateRecord(dssn, Exact()).columns, rows)
     meta = {"q": q, "dataset": "cifar10", "training": "noise", "seed": 0}
-    summarize(tmp_path, dssn, meta, radii=[0.5, 1.0], plot=False)
+    summarize(tmp_path, CertificateRecord(dssn, Exact()), meta, radii=[0.5, 1.0], plot=False)
     (rec,) = load_run_dir(tmp_path)
     correct = pred == labels
     grid, acc, _ = run_curve(correct, k, q)

@@ -182,7 +182,7 @@ def _valid_settings() -> bytes:
     """The certify_settings.json this certification writes (so that generated certificates are read, not refused
     for their settings)."""
     from ssn_exp.lightning.certification import ShardCertifier
-    from ssn_exp.smoothing import Uniform
+    from ssn_exp.noises import Uniform
 
     with tempfile.TemporaryDirectory() as tmp:
         ShardCertifier(_NET, Uniform(0.5), _tiny_data(), tmp, **_CERTIFY)
@@ -203,12 +203,13 @@ def valid_settings() -> bytes:
 def test_a_certify_folder_with_any_settings_and_certificates_file_is_used_or_refused_in_one_line(
     valid_settings, settings_file, certificates, header
 ):
+    from ssn_exp.certify.procedures import FixedSample
+    from ssn_exp.certify.record import CertificateRecord
     from ssn_exp.lightning.certification import ShardCertifier
-    from ssn_exp.lightning.run_files import columns_for
-    from ssn_exp.smoothing import Uniform
+    from ssn_exp.noises import Uniform
 
     if header:
-        certificates = (",".join(columns_for(Uniform(0.5))) + "\n").encode() + certificates
+        certificates = (",".join(CertificateRecord(Uniform(0.5), FixedSample()).columns) + "\n").encode() + certificates
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp)
         (out / "certify_settings.json").write_bytes(valid_settings if settings_file is None else settings_file)
@@ -230,15 +231,18 @@ DSSN_HEADER = "index,label,prediction,correct,radius,seconds,k,counts"
 @FUZZ
 @given(header=st.sampled_from([UNIFORM_HEADER, DSSN_HEADER, "index", ""]), body=csv_text, raw=st.binary(max_size=40))
 def test_read_certificates_of_any_file_returns_rows_or_refuses_in_one_line(header, body, raw):
+    from ssn_exp.certify.procedures import default_procedure
+    from ssn_exp.certify.record import CertificateRecord
     from ssn_exp.lightning.run_files import read_certificates
-    from ssn_exp.smoothing import DSSN, Uniform
+    from ssn_exp.noises import DSSN, Uniform
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "certificates.csv"
         for content in ((header + "\n" + body).encode(), raw):
             path.write_bytes(content)
-            for smoothing in (Uniform(0.5), DSSN(0.5, q=16, dim=16), None):
-                either(read_certificates, path, smoothing, num_classes=2, n=4, alpha=0.001, allowed=[0, 1, 2])
+            for noise in (Uniform(0.5), DSSN(0.5, q=16, dim=16), None):
+                record = None if noise is None else CertificateRecord(noise, default_procedure(noise, n=4, alpha=0.001))
+                either(read_certificates, path, record, num_classes=2, allowed=[0, 1, 2])
 
 
 # -- the report's inputs ---------------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from helpers import read_csv, read_metrics, run_cli, run_cli_many, write_tiny_ci
 from ssn_exp.certify import count_predictions, exact_certificate
 from ssn_exp.cli.certify import levine2021_folder
 from ssn_exp.models import CheckpointError, load_levine2021
-from ssn_exp.smoothing import DSSN
+from ssn_exp.noises import DSSN
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from ssn_exp.lightning.certification import ShardCertifier, certify_indices, sha
 from ssn_exp.lightning.module import SmoothedTraining, stability_loss
 from ssn_exp.lightning.run_files import ResultsFileError, merge_shards, read_certificates
 from ssn_exp.lightning.tracking import RunCSVLogger
-from ssn_exp.smoothing import DSSN, SSN
+from ssn_exp.noises import DSSN, SSN
 
 
 def _data(n=23, seed=0):
@@ -34,6 +34,13 @@ def _model():
 def _certifier(out, noise, ds=None, model=None, **kw):
     kw = {"num_classes": 10, "n0": 8, "n": 64, "noise_batch": 50, "batch_size": 4, **kw}
     return ShardCertifier(model or _model(), noise, ds or _data(), out, **kw)
+
+
+def _record(noise):
+    from ssn_exp.certify.procedures import default_procedure
+    from ssn_exp.certify.record import CertificateRecord
+
+    return CertificateRecord(noise, default_procedure(noise, n0=8, n=64))
 
 
 def _rows(path):
@@ -93,7 +100,7 @@ def test_sharded_certification_merges_to_the_single_process_result(tmp_path, noi
     sharded = tmp_path / "sharded"
     for rank in range(3):
         _certifier(sharded, noise, skip=2, max_examples=11, rank=rank, world_size=3).run("cpu", progress=False)
-    merge_shards(sharded, 3, noise)
+    merge_shards(sharded, 3, _record(noise))
     assert not list(sharded.glob("certificates.rank*.csv"))
     rows = _rows(sharded / "certificates.csv")
     assert [int(r["index"]) for r in rows] == list(range(0, 22, 2))
@@ -127,7 +134,7 @@ def test_concurrent_ranks_check_the_directory_before_any_rank_writes_to_it(tmp_p
         t.join(timeout=60)
     assert not errors, errors
     assert sorted(set(order)) == ["certify settings checked", "certify settings written"]
-    merge_shards(tmp_path, 2, noise)
+    merge_shards(tmp_path, 2, _record(noise))
     assert [int(r["index"]) for r in _rows(tmp_path / "certificates.csv")] == list(range(23))
 
 
@@ -148,7 +155,7 @@ def test_a_resume_with_another_number_of_ranks_keeps_every_row(tmp_path):
         todo += c.todo
         c.run("cpu", progress=False)
     assert len(todo) == 23 - before  # nothing certified twice, nothing lost
-    merge_shards(out, 2, noise)
+    merge_shards(out, 2, _record(noise))
     assert not list(out.glob("certificates.rank*.csv"))
     assert _rows(out / "certificates.csv") == _rows(single / "certificates.csv")
 
@@ -168,7 +175,7 @@ def test_merging_refuses_a_missing_shard(tmp_path):
     for rank in (0, 1):
         _certifier(tmp_path, noise, rank=rank, world_size=3).run("cpu", progress=False)
     with pytest.raises(ResultsFileError, match="certificates.rank2.csv is missing"):
-        merge_shards(tmp_path, 3, noise)
+        merge_shards(tmp_path, 3, _record(noise))
 
 
 def test_shards_split_the_selection_without_padding():

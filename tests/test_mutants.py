@@ -31,13 +31,13 @@ from ssn_exp.certify import (
     randomized_radius,
     top_class,
 )
-from ssn_exp.smoothing import (
+from ssn_exp.noises import (
     DSSN,
     MAX_LEVELS,
     SSN,
     InputDomainError,
     OffGridError,
-    Smoothing,
+    SampledNoise,
     Uniform,
     check_unit_box,
     exact_table,
@@ -422,8 +422,8 @@ def test_certify_batch_uses_the_given_alpha():
 def test_certify_batch_checks_its_arguments_before_any_forward_pass():
     f, seen = _recorder()
     x = _grid_images(1)
-    for n0, n in ((0, 10), (10, 0), (0, 0), (-1, 10)):
-        with pytest.raises(ValueError, match="n0 and n must be >= 1"):
+    for n0, n, bad in ((0, 10, "n0"), (10, 0, "n"), (0, 0, "n0"), (-1, 10, "n0")):
+        with pytest.raises(ValueError, match=f"^{bad} must be an integer >= 1"):
             certify_batch(f, x, Uniform(0.5), 2, n0=n0, n=n)
     for alpha in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\)"):
@@ -447,8 +447,14 @@ def test_certify_batch_draws_its_noise_from_the_generator(method):
 
 
 def test_box_radius_is_only_reported_for_smoothings_that_declare_it():
-    class Shift(Smoothing):  # a third-party randomized smoothing without the box certificate
+    class Shift(SampledNoise):  # a third-party randomized smoothing without the box certificate
         name = "shift"
+
+        def scale(self, sigma):
+            return sigma
+
+        def radius(self, p_lower):
+            return randomized_radius(p_lower, self.lam)
 
         def _draw(self, x, generator):
             return x + torch.rand(x.shape, generator=generator, dtype=x.dtype)

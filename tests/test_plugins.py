@@ -91,7 +91,7 @@ def test_a_user_noise_config_is_one_yaml_file(tmp_path):
         tmp_path,
         {
             "method/authors_dssn.yaml": (
-                "_target_: ssn_exp.smoothing.DSSN\nsigma: ${sigma}\nq: ${data.q}\ndim: ${numel:${data.shape}}\n"
+                "_target_: ssn_exp.noises.DSSN\nsigma: ${sigma}\nq: ${data.q}\ndim: ${numel:${data.shape}}\n"
                 "seed: ${seed}\narithmetic: levine2021\n"
             )
         },

@@ -18,10 +18,11 @@ import torch
 
 from ssn_exp.certify import clopper_pearson_lower, exact_certificate
 from ssn_exp.exceptions import LinkedRunFileError, UserError
+from ssn_exp.certify.procedures import default_procedure
+from ssn_exp.certify.record import CertificateRecord
 from ssn_exp.lightning.run_files import (
     BASE_COLUMNS,
     ResultsFileError,
-    columns_for,
     format_counts,
     format_table,
     merge_shards,
@@ -33,16 +34,30 @@ from ssn_exp.lightning.run_files import (
     write_rows_atomic,
     write_text_atomic,
 )
-from ssn_exp.smoothing import DSSN, SSN, Uniform
+from ssn_exp.noises import DSSN, SSN, SampledNoise, Uniform, uniform_radius
 
 N, ALPHA = 50, 0.001
 
 
-class NoBox(Uniform):
-    """A randomized smoothing without the box certificate (its rows have no radius_box column)."""
+class NoBox(SampledNoise):
+    """A sampled noise with uniform noise's radius but no box-constrained one (its rows have no radius_box column)."""
 
     name = "nobox"
-    box_certificate = False
+
+    def scale(self, sigma):
+        return 3**0.5 * sigma
+
+    def radius(self, p_lower):
+        return uniform_radius(p_lower, self.lam)
+
+
+def record(noise, n=N, alpha=ALPHA, n0=64):
+    """The record of ``noise`` certified by its own procedure (fixed: n0 + n samples at level alpha)."""
+    return CertificateRecord(noise, default_procedure(noise, n0=n0, n=n, alpha=alpha))
+
+
+def columns_for(noise):
+    return record(noise).columns
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +96,7 @@ def uniform_row(smoothing, index, label, counts, alpha=ALPHA, seconds=0.5, box_e
         "p_lower": p,
         "counts": format_counts(counts),
     }
-    if smoothing.box_certificate:
+    if "radius_box" in smoothing.extra_columns:
         row["radius_box"] = radius + box_extra
     return row
 
@@ -91,8 +106,8 @@ def write(path, smoothing, rows):
     return path
 
 
-def read(path, smoothing, **kw):
-    return read_certificates(path, smoothing, **kw)
+def read(path, smoothing, n=N, alpha=ALPHA, **kw):
+    return read_certificates(path, record(smoothing, n, alpha), **kw)
 
 
 # ------------------------------------------------------------------------------------- small helpers
@@ -371,7 +386,6 @@ def test_a_resume_with_another_alpha_checks_p_lower_at_that_alpha(tmp_path):
     u = Uniform(0.5)
     p = write(tmp_path / "certificates.csv", u, [uniform_row(u, 0, 0, [40, 10], alpha=0.05)])
     assert sorted(read(p, u, n=N, alpha=0.05)) == [0]
-    assert sorted(read(p, u, n=N)) == [0]  # without alpha p_lower is not recomputed
     with pytest.raises(ResultsFileError, match=r"line 2: .*\(p_lower does not follow from the counts of the pred"):
         read(p, u, n=N, alpha=ALPHA)
     p = write(tmp_path / "certificates.csv", u, [uniform_row(u, 0, 0, [40, 10])])
@@ -454,10 +468,10 @@ def test_p_lower_is_checked_to_1e_12(tmp_path):
 def test_p_lower_at_its_ends_is_accepted(tmp_path):
     u = NoBox(0.5)
     p = tmp_path / "certificates.csv"
-    for pl in (0.0, 1.0):
-        row = {**uniform_row(u, 0, 0, [40, 10]), "p_lower": pl, "radius": 2.0 * u.lam * (pl - 0.5)}
-        write(p, u, [row])
-        assert sorted(read(p, u)) == [0]
+    # the selection samples chose class 0, which then got no vote of the N: p_lower = 0 exactly
+    row = {**uniform_row(u, 0, 0, [0, N]), "prediction": 0, "correct": 1, "p_lower": 0.0, "radius": -u.lam}
+    write(p, u, [row])
+    assert sorted(read(p, u)) == [0]
 
 
 # ------------------------------------------------------------------------------------------ merge_shards
@@ -470,7 +484,7 @@ def test_merge_shards_joins_ranks_and_an_earlier_merge_by_index(tmp_path, dssn):
     write(tmp_path / "certificates.rank1.csv", dssn, [])  # a rank without examples
     write(tmp_path / "certificates.rank2.csv", dssn, [dssn_row(dssn, 1, 1, [1, 26])])  # an earlier run's third rank
     (tmp_path / "certificates.rank.csv.bak").write_text("a user's file\n")
-    path = merge_shards(tmp_path, 2, dssn)
+    path = merge_shards(tmp_path, 2, record(dssn))
     assert path == tmp_path / "certificates.csv"
     got = read(path, dssn)
     assert list(got) == [0, 1, 2, 4]  # sorted by index
@@ -481,9 +495,9 @@ def test_merge_shards_joins_ranks_and_an_earlier_merge_by_index(tmp_path, dssn):
 def test_merge_shards_refuses_a_missing_shard_and_keeps_the_others(tmp_path, dssn):
     write(tmp_path / "certificates.rank0.csv", dssn, [dssn_row(dssn, 2, 0, [27, 0])])
     with pytest.raises(ResultsFileError, match=r"certificates\.rank1\.csv is missing: rank 1 did not finish its shard"):
-        merge_shards(tmp_path, 2, dssn)
+        merge_shards(tmp_path, 2, record(dssn))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["certificates.rank0.csv"]
-    merge_shards(tmp_path, 1, dssn)
+    merge_shards(tmp_path, 1, record(dssn))
     assert list(read(tmp_path / "certificates.csv", dssn)) == [2]
 
 
@@ -513,7 +527,7 @@ def test_summarize_a_dssn_run(tmp_path, dssn):
     ]
     assert [r["k"] for r in rows] == [13, 6, 9, 0]
     write(tmp_path / "certificates.csv", dssn, rows)
-    m = summarize(tmp_path, dssn, dict(META, arithmetic="float32"), radii=[0.0, 0.5625, 0.6, 1.0], plot=False)
+    m = summarize(tmp_path, record(dssn), dict(META, arithmetic="float32"), radii=[0.0, 0.5625, 0.6, 1.0], plot=False)
     assert m["method"] == "dssn" and m["sigma"] == 0.5 and m["lambda"] == dssn.lam and m["q"] == 16
     assert (m["dataset"], m["training"], m["denoiser"], m["seed"]) == ("digits", "noise", "none", 3)
     assert m["n_examples"] == 4 and m["clean_accuracy"] == 0.75
@@ -530,7 +544,7 @@ def test_summarize_a_dssn_run(tmp_path, dssn):
 def test_summarize_decides_dssn_radii_exactly_from_k(tmp_path, dssn):
     # the k/q radius in the file is a float; metrics come from k: 0.1 + 0.2 must not drop k = 5 (0.3125)
     write(tmp_path / "certificates.csv", dssn, [{**dssn_row(dssn, 0, 0, [19, 8]), "radius": 99.0}])
-    m = summarize(tmp_path, dssn, META, radii=[0.1 + 0.2], plot=False)
+    m = summarize(tmp_path, record(dssn), META, radii=[0.1 + 0.2], plot=False)
     assert m["certified_accuracy"] == {"0.3": 1.0}
 
 
@@ -545,43 +559,43 @@ def test_summarize_a_uniform_run_with_box_radii_and_a_selection(tmp_path):
     write(tmp_path / "certificates.csv", u, rows)
     meta = {"dataset": "digits", "training": "noise", "n0": 10, "n": N, "alpha": ALPHA, "denoiser": "mse", "levels": 4}
     r0, r2 = rows[0]["radius"], rows[2]["radius"]
-    m = summarize(tmp_path, u, meta, radii=[0.0, r2, r0, r0 + 0.75], plot=False, indices=[2, 0, 1])
+    m = summarize(tmp_path, record(u, n0=10), meta, radii=[0.0, r2, r0, r0 + 0.75], plot=False, indices=[2, 0, 1])
     assert m["n_examples"] == 3 and m["clean_accuracy"] == pytest.approx(2 / 3)
     assert m["denoiser"] == "mse" and m["q"] is None and m["seed"] is None
     assert m["seconds_per_example"] == pytest.approx(0.2) and m["forward_passes_per_example"] == 10 + N
     assert m["n"] == N and m["alpha"] == ALPHA and m["levels"] == 4 and "arithmetic" not in m
     meta["arithmetic"] = "float64"
-    assert summarize(tmp_path, u, meta, radii=[0.0], plot=False, indices=[0])["arithmetic"] == "float64"
+    assert summarize(tmp_path, record(u), meta, radii=[0.0], plot=False, indices=[0])["arithmetic"] == "float64"
     assert list(m["certified_accuracy"].values()) == pytest.approx([2 / 3, 2 / 3, 1 / 3, 0.0])
     assert list(m["certified_accuracy_box"].values()) == pytest.approx([2 / 3, 2 / 3, 2 / 3, 1 / 3])
     assert m["acr"] == pytest.approx((r0 + r2) / 3)
     assert m["acr_box"] == pytest.approx((r0 + 1.0 + r2 + 0.5) / 3)
     with pytest.raises(ResultsFileError, match=r"2 selected examples have no certificate in .* \(e\.g\. \[3, 4\]\)"):
-        summarize(tmp_path, u, meta, radii=[0.0], plot=False, indices=[0, 3, 4])
+        summarize(tmp_path, record(u), meta, radii=[0.0], plot=False, indices=[0, 3, 4])
     with pytest.raises(
         ResultsFileError, match=r"^6 selected examples have no certificate in .* \(e\.g\. \[3, 4, 5, 6, 8\]\)$"
     ):
-        summarize(tmp_path, u, meta, radii=[0.0], plot=False, indices=[0, 3, 4, 5, 6, 8, 9])
+        summarize(tmp_path, record(u), meta, radii=[0.0], plot=False, indices=[0, 3, 4, 5, 6, 8, 9])
 
 
 def test_summarize_without_certificates_is_an_error(tmp_path, dssn):
     with pytest.raises(
         ResultsFileError, match="^no certificates in " + re.escape(str(tmp_path / "certificates.csv")) + "$"
     ):
-        summarize(tmp_path, dssn, META, radii=[0.5], plot=False)
+        summarize(tmp_path, record(dssn), META, radii=[0.5], plot=False)
     write(tmp_path / "certificates.csv", dssn, [])
     with pytest.raises(ResultsFileError, match="no certificates in"):
-        summarize(tmp_path, dssn, META, radii=[0.5], plot=False)
+        summarize(tmp_path, record(dssn), META, radii=[0.5], plot=False)
     write(tmp_path / "certificates.csv", dssn, [dssn_row(dssn, 1, 0, [27, 0])])
     with pytest.raises(ResultsFileError, match="no certificates in"):
-        summarize(tmp_path, dssn, META, radii=[0.5], plot=False, indices=[])
+        summarize(tmp_path, record(dssn), META, radii=[0.5], plot=False, indices=[])
 
 
 def test_summarize_draws_the_run_curve_by_default(tmp_path, dssn):
     from ssn_exp.lightning.run_plot import plot_run_curve
 
     write(tmp_path / "certificates.csv", dssn, [dssn_row(dssn, 0, 0, [27, 0]), dssn_row(dssn, 1, 0, [19, 8])])
-    m = summarize(tmp_path, dssn, META, radii=[0.5])
+    m = summarize(tmp_path, record(dssn), META, radii=[0.5])
     png = tmp_path / "certified_accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["certificates.csv", "certified_accuracy.png", "metrics.json"]
@@ -598,10 +612,10 @@ def test_summarize_draws_the_box_curve_of_a_uniform_run(tmp_path):
     u = Uniform(0.5)
     rows = [uniform_row(u, 0, 0, [N, 0], box_extra=0.5), uniform_row(u, 1, 1, [5, 45], box_extra=0.25)]
     write(tmp_path / "certificates.csv", u, rows)
-    m = summarize(tmp_path, u, {"n0": 1, "n": N, "dataset": "digits", "training": "noise"}, radii=[0.5])
+    m = summarize(tmp_path, record(u), {"n0": 1, "n": N, "dataset": "digits", "training": "noise"}, radii=[0.5])
     radius = np.array([rows[0]["radius"], rows[1]["radius"]])
     box = np.array([rows[0]["radius_box"], rows[1]["radius_box"]])
-    plot_run_curve([True, True], radius, None, m, tmp_path / "direct.png", radius_box=box)
+    plot_run_curve([True, True], radius, None, m, tmp_path / "direct.png", extra={"box": box})
     assert (tmp_path / "direct.png").read_bytes() == (tmp_path / "certified_accuracy.png").read_bytes()
     plot_run_curve([True, True], radius, None, m, tmp_path / "nobox.png")
     assert (tmp_path / "nobox.png").read_bytes() != (tmp_path / "certified_accuracy.png").read_bytes()
@@ -649,7 +663,7 @@ def test_the_console_table_without_a_zero_shows_every_radius_and_the_box_row_dec
         "| radius | 0 | 0.5 | 1 |",
         "|---|---|---|---|",
         "| certified accuracy (%) | 0.0 | 0.0 | 0.0 |",
-        "| box-constrained (%) | 50.0 | 25.0 | 0.0 |",
+        "| box (%) | 50.0 | 25.0 | 0.0 |",
     ]
     assert format_table(metrics({"0": 0.0})).splitlines()[1] == "| radius | 0 |"
 

@@ -30,7 +30,7 @@ from ssn_exp.certify.sequential import (
     smoothing_noise,
     thresholds_for_radii,
 )
-from ssn_exp.smoothing import Uniform
+from ssn_exp.noises import Uniform
 
 
 def log_m(a, t, p):
@@ -494,6 +494,6 @@ def test_the_module_stays_in_layer_1():
         elif isinstance(node, ast.ImportFrom):
             names.add(node.module)
     allowed_roots = {"__future__", "math", "collections", "dataclasses", "numpy", "scipy", "torch"}
-    layer1 = {"ssn_exp.certify.core", "ssn_exp.smoothing", "ssn_exp.exceptions"}
+    layer1 = {"ssn_exp.certify.core", "ssn_exp.noises", "ssn_exp.exceptions"}
     assert all(n.split(".")[0] in allowed_roots or n in layer1 for n in names), names
     assert "open(" not in pathlib.Path(mod.__file__).read_text()

@@ -10,7 +10,7 @@ import pytest
 import torch
 from scipy import stats
 
-from ssn_exp.smoothing import (
+from ssn_exp.noises import (
     DSSN,
     MAX_LEVELS,
     SSN,

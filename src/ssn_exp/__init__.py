@@ -2,7 +2,7 @@
 
 Layers, from the inside out (inner ones never import outer ones):
 
-1. library, plain torch + numpy, usable with any ``nn.Module``: :mod:`ssn_exp.smoothing` (``Uniform``, ``SSN``,
+1. library, plain torch + numpy, usable with any ``nn.Module``: :mod:`ssn_exp.noises` (``Uniform``, ``SSN``,
    ``DSSN`` noise), :mod:`ssn_exp.certify` (exact, randomized and box-constrained certificates, metrics),
    :mod:`ssn_exp.models` (networks, the authors' released checkpoints);
 2. :mod:`ssn_exp.lightning`: training objective, data modules, certification as a callback, result files;

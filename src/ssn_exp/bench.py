@@ -41,7 +41,7 @@ from torch.nn import functional as F
 
 from ssn_exp.certify.core import _chunks, certify_batch
 from ssn_exp.models import DigitsCNN, WideResNet, normalized
-from ssn_exp.smoothing import DSSN, SSN, Uniform
+from ssn_exp.noises import DSSN, SSN, Uniform
 
 __all__ = ["ModelCase", "CASES", "run_bench", "main"]
 

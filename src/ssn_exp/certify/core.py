@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
 from scipy.stats import beta
 
-from ssn_exp.certify.box import box_radius
 from ssn_exp.exceptions import UserError
-from ssn_exp.smoothing import DSSN, Smoothing, check_unit_box
+from ssn_exp.noises import Noise, exact_certificate, top_class, uniform_radius
 
 __all__ = [
     "ModelOutputError",
@@ -49,36 +48,6 @@ class NonFiniteLogitsError(UserError, ValueError):
         self.positions = list(positions or [])
 
 
-def top_class(counts) -> np.ndarray:
-    """The most frequent class of each row of ``counts`` (n, classes); ties go to the lowest class index."""
-    c = np.asarray(counts)
-    if c.ndim != 2 or c.shape[1] < 1:
-        raise ValueError(f"counts must have shape (n, classes), got {c.shape}")
-    return np.argmax(c, axis=1)  # numpy returns the first maximum
-
-
-def exact_certificate(counts) -> tuple[np.ndarray, np.ndarray]:
-    """DSSN certificate from per-class offset counts (docs/method.md section 4).
-
-    ``counts``: integer array (n, classes). Returns integer arrays ``(prediction, k)`` with
-    A = argmax c, B = runner-up among the others (ties -> lowest index in both) and
-    k = floor((c_A - c_B - [B < A]) / 2); the certified radius is rho = k / q, inclusive.
-    """
-    c = np.asarray(counts.cpu() if isinstance(counts, torch.Tensor) else counts)
-    if c.ndim != 2 or c.shape[1] < 2:
-        raise ValueError(f"counts must have shape (n, classes >= 2), got {c.shape}")
-    if not np.issubdtype(c.dtype, np.integer):
-        raise ValueError(f"counts must be integers, got dtype {c.dtype}")
-    c = c.astype(np.int64)
-    rows = np.arange(c.shape[0])
-    a = top_class(c)
-    others = c.copy()
-    others[rows, a] = -1
-    b = np.argmax(others, axis=1)
-    k = (c[rows, a] - c[rows, b] - (b < a).astype(np.int64)) // 2
-    return a, k
-
-
 def clopper_pearson_lower(n_a, n, alpha: float = 0.001) -> np.ndarray:
     """Two-sided Clopper-Pearson lower bound at level alpha: beta.ppf(alpha/2, n_A, N - n_A + 1)."""
     n_a = np.asarray(n_a, dtype=np.int64)
@@ -91,9 +60,9 @@ def clopper_pearson_lower(n_a, n, alpha: float = 0.001) -> np.ndarray:
     return np.where(n_a == 0, 0.0, lb)
 
 
-def randomized_radius(p_lower, lam: float) -> np.ndarray:
-    """rho = 2 lam (p_lb - 1/2); negative means nothing is certified."""
-    return 2.0 * lam * (np.asarray(p_lower, dtype=np.float64) - 0.5)
+#: rho = 2 lam (p_lb - 1/2) (uniform noise and SSN); negative means nothing is certified.
+#: Each noise's own radius is :meth:`ssn_exp.noises.SampledNoise.radius`.
+randomized_radius = uniform_radius
 
 
 def _chunks(batch: int, n: int, noise_batch: int) -> Iterator[tuple[int, int, int, int]]:
@@ -120,7 +89,7 @@ def input_dtype(model, x: torch.Tensor) -> torch.dtype:
 def count_predictions(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
-    smoothing: Smoothing,
+    smoothing: Noise,
     n: int,
     num_classes: int,
     noise_batch: int = 1024,
@@ -129,8 +98,8 @@ def count_predictions(
 ) -> torch.Tensor:
     """Counts (batch, num_classes) of the base prediction argmax f(x_tilde) over n noisy copies.
 
-    For DSSN, n must be ``smoothing.levels`` (all offsets, enumerated in chunks so that at most
-    ``noise_batch`` noisy inputs exist at once). Argmax ties go to the lowest class index.
+    The copies come from ``smoothing.copies`` (:meth:`ssn_exp.noises.Noise.copies`), in chunks so that at most
+    ``noise_batch`` noisy inputs exist at once (DSSN: copies are offsets, n at most ``smoothing.support``). Argmax ties go to the lowest class index.
     Raises :class:`NonFiniteLogitsError` (naming the examples) if the model returns NaN or infinite logits.
     """
     if noise_batch < 1:
@@ -142,19 +111,7 @@ def count_predictions(
     dtype = input_dtype(model, x)
     finite = torch.ones(batch, dtype=torch.bool, device=x.device)
     with torch.inference_mode():
-        if isinstance(smoothing, DSSN):
-            if not 0 <= n <= smoothing.levels:
-                raise ValueError(f"offset range [0, {n}) outside [0, {smoothing.levels})")
-            base = smoothing._base(x)  # the grid check and the integer work, once for the whole batch
-
-            def noisy(i0, i1, start, stop):
-                return smoothing._offsets_from_base(base[i0:i1], start, stop, dtype)
-        else:
-            check_unit_box(x)
-
-            def noisy(i0, i1, start, stop):
-                return smoothing.noisy(x[i0:i1], start, stop, generator).to(dtype)
-
+        noisy = smoothing.copies(x, dtype, generator)  # the input is checked here, once for the whole batch
         for i0, i1, start, stop in _chunks(batch, n, noise_batch):
             rows = (i1 - i0) * (stop - start)
             logits = model(noisy(i0, i1, start, stop).reshape(-1, *shape))
@@ -188,24 +145,57 @@ def count_predictions(
 
 @dataclass
 class Certificates:
-    """Per-example certificates of one batch (numpy arrays, length = batch)."""
+    """Per-example certificates of one batch (numpy arrays, length = batch), as a procedure
+    (:mod:`ssn_exp.certify.procedures`) computes them.
+
+    ``values`` holds the procedure's own result columns by name (``k`` for the exact certificate; ``p_lower`` and
+    the noise's further radii such as ``radius_box`` for a sampled one); ``k``, ``p_lower`` and ``radius_box`` read
+    them (None where the procedure has none).
+    """
 
     method: str
     prediction: np.ndarray  # int64 smoothed prediction
     radius: np.ndarray  # float64 certified l1 radius (k/q for DSSN)
     counts: np.ndarray  # int64 (batch, classes): offset counts (DSSN) or N-sample counts
     forward_passes: int  # base-classifier forward passes per example
-    k: np.ndarray | None = None  # DSSN: integer radius numerator, rho = k / q
-    q: int | None = None
-    p_lower: np.ndarray | None = None  # randomized: Clopper-Pearson lower bound
-    counts_n0: np.ndarray | None = None  # randomized: prediction-sample counts
-    radius_box: np.ndarray | None = None  # uniform/ssn: the box-constrained radius (>= radius)
+    values: dict = field(default_factory=dict)  # the procedure's result columns: name -> array (batch,)
+    q: int | None = None  # exact certificates: rho = k / q
+    counts_n0: np.ndarray | None = None  # sampled: selection-sample counts
+
+    @property
+    def k(self) -> np.ndarray | None:
+        """Exact certificates: the integer radius numerator, rho = k / q."""
+        return self.values.get("k")
+
+    @property
+    def p_lower(self) -> np.ndarray | None:
+        """Sampled certificates: the Clopper-Pearson lower bound on the top-class probability."""
+        return self.values.get("p_lower")
+
+    @property
+    def radius_box(self) -> np.ndarray | None:
+        """Uniform noise and SSN: the box-constrained radius (>= radius)."""
+        return self.values.get("radius_box")
+
+    @classmethod
+    def concat(cls, parts: list[Certificates]) -> Certificates:
+        """The certificates of several batches, in order (one record)."""
+        first = parts[0]
+        joined = {}
+        for f in fields(cls):
+            value = getattr(first, f.name)
+            if f.name == "values":
+                value = {key: np.concatenate([p.values[key] for p in parts]) for key in value}
+            elif isinstance(value, np.ndarray):
+                value = np.concatenate([getattr(p, f.name) for p in parts])
+            joined[f.name] = value
+        return cls(**joined)
 
 
 def certify_batch(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
-    smoothing: Smoothing,
+    smoothing: Noise,
     num_classes: int,
     *,
     n0: int = 64,
@@ -214,56 +204,32 @@ def certify_batch(
     noise_batch: int = 1024,
     generator: torch.Generator | None = None,
     progress: Callable[[int], None] | None = None,
+    procedure=None,
 ) -> Certificates:
     """Certify a batch x (batch, C, H, W) in [0, 1] with the smoothed version of ``model``.
 
-    DSSN: all L offsets, exact (n0, n, alpha and generator are unused).
-    Uniform / SSN: class A from n0 samples, then n fresh samples and the Clopper-Pearson bound; also the
-    box-constrained radius (:func:`ssn_exp.certify.box.box_radius`).
+    ``procedure``: how the statistics are gathered (:mod:`ssn_exp.certify.procedures`); by default the noise's
+    own: DSSN enumerates all L offsets (exact; n0, n, alpha and generator are unused), a sampled noise (uniform,
+    SSN, Laplace) takes class A from n0 samples, then n fresh samples and the Clopper-Pearson bound, and its
+    radius from the noise (uniform / SSN: also the box-constrained radius).
     The model should be in eval mode; this runs under ``torch.inference_mode``. Noisy inputs are handed
     to an ``nn.Module`` in the dtype of its parameters (e.g. float64 models get float64 inputs).
     """
+    from ssn_exp.certify.procedures import default_procedure
+
     if num_classes < 2:
         raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    kw = dict(num_classes=num_classes, noise_batch=noise_batch, generator=generator, progress=progress)
-    if isinstance(smoothing, DSSN):
-        counts = count_predictions(model, x, smoothing, smoothing.levels, **kw).cpu().numpy()
-        pred, k = exact_certificate(counts)
-        return Certificates(
-            method=smoothing.name,
-            prediction=pred,
-            radius=k / smoothing.q,
-            counts=counts,
-            forward_passes=smoothing.levels,
-            k=k,
-            q=smoothing.q,
-        )
-    if n0 < 1 or n < 1:
-        raise ValueError(f"n0 and n must be >= 1, got n0={n0}, n={n}")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
-    check_unit_box(x)
-    counts0 = count_predictions(model, x, smoothing, n0, **kw).cpu().numpy()
-    pred = top_class(counts0)
-    counts = count_predictions(model, x, smoothing, n, **kw).cpu().numpy()
-    p_lower = clopper_pearson_lower(counts[np.arange(len(pred)), pred], n, alpha)
-    radius_box = box_radius(x, p_lower, smoothing.lam) if smoothing.box_certificate else None
-    return Certificates(
-        method=smoothing.name,
-        prediction=pred,
-        radius=randomized_radius(p_lower, smoothing.lam),
-        counts=counts,
-        forward_passes=n0 + n,
-        p_lower=p_lower,
-        counts_n0=counts0,
-        radius_box=radius_box,
+    if procedure is None:
+        procedure = default_procedure(smoothing, n0=n0, n=n, alpha=alpha)
+    return procedure.certify(
+        model, x, smoothing, num_classes, noise_batch=noise_batch, generator=generator, progress=progress
     )
 
 
 class SmoothedClassifier:
     """A framework-free smoothed classifier: ``SmoothedClassifier(model, DSSN(...), 10).certify(x)``."""
 
-    def __init__(self, model: torch.nn.Module, smoothing: Smoothing, num_classes: int, **certify_kwargs):
+    def __init__(self, model: torch.nn.Module, smoothing: Noise, num_classes: int, **certify_kwargs):
         self.model = model
         self.smoothing = smoothing
         self.num_classes = num_classes

@@ -30,6 +30,7 @@ from ssn_exp.cli.config import (
     config_source,
     container,
 )
+from ssn_exp.cli.common import build_noise, build_procedure, certify_model, finish_wandb, run_trust
 from ssn_exp.cli.errors import RunLock, guard, run_entry
 
 log = logging.getLogger("ssn_exp")
@@ -133,7 +134,6 @@ def _check_data_fits(dm, module, path: Path) -> None:
 
 
 def _from_ssn_exp(cfg: DictConfig, path: Path, given: dict):
-    from ssn_exp.cli.train import run_trust
     from ssn_exp.lightning.data import ImageData
     from ssn_exp.lightning.module import load_checkpoint
     from ssn_exp.trust import UntrustedTarget
@@ -182,7 +182,6 @@ def _from_ssn_exp(cfg: DictConfig, path: Path, given: dict):
 
 def _from_levine2021(cfg: DictConfig, path: Path, given: dict):
     from ssn_exp.models import load_levine2021
-    from ssn_exp.smoothing import Smoothing
 
     if cfg.data.name != "cifar10":
         raise ConfigError(
@@ -208,10 +207,10 @@ def _from_levine2021(cfg: DictConfig, path: Path, given: dict):
     with open_dict(cfg):
         cfg.sigma = sigma
         if HydraConfig.get().runtime.choices.get("method") != method:
-            cfg.method = OmegaConf.load(Path(CONF_DIR) / "method" / f"{method}.yaml")
-    smoothing = build(cfg.method, "method")
-    if not isinstance(smoothing, Smoothing):
-        raise ConfigError(f"the method config builds {type(smoothing).__name__}, not a smoothing noise")
+            node = OmegaConf.load(Path(CONF_DIR) / "method" / f"{method}.yaml")
+            node.pop("defaults", None)  # (its procedure: the noise's own, see build_procedure)
+            cfg.method = node
+    smoothing = build_noise(cfg.method)
     try:
         model = load_levine2021(path, "cifar10")
     except ValueError as exc:
@@ -242,7 +241,6 @@ def run_certify(cfg: DictConfig) -> dict:
     if not path.is_file():  # before torch is imported: a mistyped path is answered at once
         what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
         raise ConfigError(f"checkpoint {path} {what}: give ckpt=PATH to a .ckpt (or the authors' .pth) file")
-    from ssn_exp.cli.train import certify_module, finish_wandb
     from ssn_exp.lightning.run_files import format_table
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
@@ -255,7 +253,12 @@ def run_certify(cfg: DictConfig) -> dict:
             model, smoothing, dm, meta = _from_levine2021(cfg, path, given)
         else:
             model, smoothing, dm, meta = _from_ssn_exp(cfg, path, given)
-        settings = certify_settings(cfg, n=None if "certify.n" in given else dm.certify_n)
+        n = None if "certify.n" in given else dm.certify_n
+        settings = certify_settings(cfg, n=n)
+        if n is not None:  # the sample count of the checkpoint's data set, for the procedure too
+            with open_dict(cfg):
+                cfg.certify.n = n
+        procedure = build_procedure(cfg, smoothing, chosen="procedure" in given)
         run_seed = meta.pop("run_seed", None)
         if run_seed is not None and "seed" not in given:  # the same certification noise as the run's own
             settings["seed"] = run_seed
@@ -263,7 +266,7 @@ def run_certify(cfg: DictConfig) -> dict:
         if logger:
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "checkpoint_identity": meta})
         try:
-            metrics = certify_module(cfg, model, smoothing, dm, out_dir, settings, meta, logger)
+            metrics = certify_model(cfg, model, smoothing, procedure, dm, out_dir, settings, meta, logger)
         finally:
             finish_wandb()
     print(format_table(metrics))

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 from pathlib import Path
 
 import hydra
@@ -28,111 +27,21 @@ from ssn_exp.cli.config import (
     config_source,
     container,
 )
+from ssn_exp.cli.common import build_noise, build_procedure, certify_model, check_network, finish_wandb, run_trust
 from ssn_exp.cli.errors import RunLock, guard, run_entry
 
 log = logging.getLogger("ssn_exp")
 
-__all__ = ["main", "run_train", "build_parts", "check_network", "certify_module", "finish_wandb", "run_trust"]
+__all__ = ["main", "run_train", "build_parts"]
 
 #: Data settings that do not change results: a run may resume with other values.
 _DATA_NON_SEMANTIC = ("num_workers", "eval_batch_size", "root", "train_root", "val_root", "download")
 
 
-def finish_wandb():
-    if "wandb" in sys.modules:
-        import wandb
-
-        if wandb.run is not None:
-            wandb.finish()
-
-
-def check_network(net, dm, group: str, denoiser: bool = False) -> None:
-    """Run ``net`` on two blank images of the data set's shape, then on two random ones, together and one at a time.
-
-    It must return (2, num_classes) finite floating-point logits (a denoiser: images of the same shape), leave its
-    input as it was (the user's model inside the ``normalized`` wrapper included), and give each example the same
-    output whatever else is in the batch (certification batches noisy copies of several examples together).
-    Else a :class:`ConfigError` naming the config file.
-    """
-    import torch
-
-    from ssn_exp.models import Normalize
-
-    where = f"the {group} from {config_source(group)}"
-    shape = (2, *dm.shape)
-    inner = net[1] if isinstance(net, torch.nn.Sequential) and len(net) == 2 and isinstance(net[0], Normalize) else None
-    changed: list[bool] = []
-    seen: dict = {}
-
-    def before(module, args):
-        seen["input"] = args[0].clone() if args and isinstance(args[0], torch.Tensor) else None
-
-    def after(module, args, output):
-        before_call = seen.pop("input", None)
-        if before_call is not None and not torch.equal(before_call, args[0]):
-            changed.append(True)
-
-    hooks = [] if inner is None else [inner.register_forward_pre_hook(before), inner.register_forward_hook(after)]
-
-    def run(x):
-        try:
-            with torch.no_grad():
-                return net(x)
-        except Exception as exc:  # noqa: BLE001 - any failure of a user's network is a config problem
-            text = " ".join(str(exc).split()) or type(exc).__name__
-            raise ConfigError(f"{where} does not accept {dm.name} images of shape {list(dm.shape)}: {text}") from None
-
-    was_training = net.training
-    net.eval()
-    try:
-        x = torch.full(shape, 0.5)
-        out = run(x)
-        want = shape if denoiser else (2, dm.num_classes)
-        what = "images of the same shape" if denoiser else f"(N, num_classes={dm.num_classes}) logits"
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError(f"{where} returns {got} for {list(shape)} inputs; it must return {what}")
-        if not out.is_floating_point():
-            raise ConfigError(
-                f"{where} returns {str(out.dtype).replace('torch.', '')} values; it must return floating-point "
-                f"{'images' if denoiser else 'logits'} (e.g. float32)"
-            )
-        if not bool(torch.isfinite(out).all()):
-            raise ConfigError(f"{where} returns NaN or infinite values")
-        if changed or not bool((x == 0.5).all()):
-            raise ConfigError(
-                f"{where} modifies its input in place; it must leave the input tensor as it is "
-                "(work on a copy: x = x.clone(), or no in-place operation on x)"
-            )
-        g = torch.Generator().manual_seed(0)
-        x = torch.rand(shape, generator=g)
-        x_before = x.clone()
-        together, alone = run(x), torch.cat([run(x[:1]), run(x[1:])])
-        if changed or not torch.equal(x, x_before):
-            raise ConfigError(
-                f"{where} modifies its input in place; it must leave the input tensor as it is "
-                "(work on a copy: x = x.clone(), or no in-place operation on x)"
-            )
-        # NaN where the model gives NaN must agree too; certification refuses non-finite logits per example anyway
-        scale = float(torch.nan_to_num(together.double(), nan=0.0, posinf=0.0, neginf=0.0).abs().max())
-        if together.shape != alone.shape or not torch.allclose(
-            together.double(), alone.double(), rtol=1e-3, atol=1e-4 * (1.0 + scale), equal_nan=True
-        ):
-            raise ConfigError(
-                f"{where} gives an example a different output alone than in a batch (or random outputs); "
-                "certification needs a deterministic output per example in eval mode (e.g. no batch statistics)"
-            )
-    finally:
-        for h in hooks:
-            h.remove()
-        net.train(was_training)
-
-
 def build_parts(cfg: DictConfig):
-    """The data module, the checked network configs and the module's hyper-parameters, from the config."""
+    """The data module, the noise, the checked network configs and the module's hyper-parameters, from the config."""
     from ssn_exp.lightning.data import ImageData
     from ssn_exp.models import normalized
-    from ssn_exp.smoothing import Smoothing
 
     dm = build(cfg.data, "data")
     if not isinstance(dm, ImageData):
@@ -140,9 +49,7 @@ def build_parts(cfg: DictConfig):
             f"{config_source('data')} builds {type(dm).__name__}, not an ssn_exp.lightning.data.ImageData"
         )
     dm.check("fit")  # missing data fails here, before anything is written
-    smoothing = build(cfg.method, "method")
-    if not isinstance(smoothing, Smoothing):
-        raise ConfigError(f"{config_source('method')} builds {type(smoothing).__name__}, not a smoothing noise")
+    smoothing = build_noise(cfg.method)
     check_network(normalized(build(cfg.model, "model"), dm.mean, dm.std), dm, "model")
     denoiser = container(cfg.denoiser)
     if denoiser.get("name", "none") != "none":
@@ -195,17 +102,6 @@ def _resume_point(cfg: DictConfig, out_dir: Path, hparams: dict, identity: dict)
     load_checkpoint(last, expect=identity, trust=trust)  # validates the whole file before Lightning restores it
     log.info("resuming from %s", last)
     return str(last)
-
-
-def run_trust(cfg: DictConfig):
-    """What configs read from files may build in this run: ssn_exp's own targets, those of this run's composed
-    config (the user's choice) and the modules in ``trust_targets`` (:class:`ssn_exp.trust.Trust`)."""
-    from ssn_exp.trust import Trust, UntrustedTarget
-
-    try:
-        return Trust.from_config(cfg)
-    except UntrustedTarget as exc:
-        raise ConfigError(str(exc)) from None
 
 
 def _make_trainer(cfg: DictConfig):
@@ -283,31 +179,6 @@ def _prepare_denoiser(cfg: DictConfig, module, dm, hparams: dict) -> None:
     log.info("denoiser %s: D from %s%s", d.name, den_ckpt, f", F from {clean_ckpt}" if clean_ckpt else "")
 
 
-def certify_module(cfg: DictConfig, model, smoothing, dm, out_dir: Path, settings: dict, meta: dict, logger) -> dict:
-    """Certify ``model`` as a Lightning predict loop (sharded over DDP ranks) and summarize."""
-    from ssn_exp.lightning.certification import CertifyTask, finish_certification, log_metrics
-    from ssn_exp.lightning.progress import progress_callbacks
-
-    dataset = dm.certify_set()
-    task = CertifyTask(model, smoothing, dataset, out_dir, dm.num_classes, settings)
-    # each rank loads its own shard (no DistributedSampler: it would pad and re-split the shard)
-    trainer = build(
-        cfg.trainer,
-        "trainer",
-        logger=False,
-        default_root_dir=str(out_dir),
-        use_distributed_sampler=False,
-        callbacks=progress_callbacks(cfg.trainer),
-    )
-    trainer.predict(task, return_predictions=False)
-    metrics = finish_certification(
-        out_dir, smoothing, trainer.world_size, len(dataset), settings, meta, list(cfg.certify.radii)
-    )
-    if logger:
-        log_metrics(logger, metrics, out_dir)
-    return metrics
-
-
 def run_train(cfg: DictConfig) -> dict | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     check_sigma(cfg.sigma)  # the cheap checks come before the heavy imports
@@ -332,7 +203,8 @@ def run_train(cfg: DictConfig) -> dict | None:
         print(OmegaConf.to_yaml(cfg, resolve=True))
     with RunLock(out_dir):
         pl.seed_everything(seed, workers=True, verbose=False)
-        dm, _, hparams = build_parts(cfg)
+        dm, noise, hparams = build_parts(cfg)
+        procedure = build_procedure(cfg, noise)  # a procedure that cannot certify this noise is refused now
         module = SmoothedTraining(**hparams)
         ckpt_path = _resume_point(cfg, out_dir, hparams, module.identity())
         variant = cfg.denoiser.name
@@ -357,12 +229,12 @@ def run_train(cfg: DictConfig) -> dict | None:
                     module = load_checkpoint(last, expect=module.identity(), trust=run_trust(cfg))
                 if not cfg.certify.enabled:
                     return None
-                metrics = certify_module(cfg, module.model, module.smoothing, dm, out_dir, settings, meta, logger)
+                metrics = certify_model(cfg, module.model, module.smoothing, procedure, dm, out_dir, settings, meta, logger)
                 print(format_table(metrics))
                 print(f"results: {out_dir}")
                 return metrics
             certify_cb = CertifyCallback(
-                out_dir, dm, settings, list(cfg.certify.radii), meta, progress=bool(cfg.certify.progress)
+                out_dir, dm, procedure, settings, list(cfg.certify.radii), meta, progress=bool(cfg.certify.progress)
             )
             callbacks = [EpochLog(), epoch_checkpoint(ckpt_dir), TrainingETA(), *progress_callbacks(cfg.trainer)]
             if cfg.certify.enabled:

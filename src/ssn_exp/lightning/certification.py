@@ -1,5 +1,8 @@
-"""Certification of a data set into a run directory (layer 2): the callback that runs it after ``fit``
-and the Lightning predict task that runs it for a checkpoint. Both call the library (``ssn_exp.certify``).
+"""Certification of a data set into a run directory (layer 2): one driver, :func:`run_certification`, run by the
+callback after ``fit`` and by the Lightning predict task for a model without training (``python -m
+ssn_exp.certify``, the denoiser variants). It calls the library: a procedure (:mod:`ssn_exp.certify.procedures`)
+certifies each batch and the certificate record (:mod:`ssn_exp.certify.record`) writes and checks the rows; the
+driver never asks which noise or procedure it holds.
 
 Files: see :mod:`ssn_exp.lightning.run_files`. Under DDP every rank certifies its own shard
 (``indices[rank::world]``, no padding) into ``certificates.rank{r}.csv``; rank 0 merges them by index.
@@ -14,18 +17,17 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 
-from ssn_exp.certify import NonFiniteLogitsError, certify_batch
+from ssn_exp.certify.core import NonFiniteLogitsError
+from ssn_exp.certify.procedures import Procedure, default_procedure
+from ssn_exp.certify.record import CertificateRecord
 from ssn_exp.lightning.data import dataset_labels, mix_seed
 from ssn_exp.lightning.memory import MemoryLimitError, check_noise_batch, host_memory
 from ssn_exp.lightning.run_files import (
     ResultsFileError,
     append_rows,
-    columns_for,
-    format_counts,
     merge_shards,
     model_fingerprint,
     read_certificates,
@@ -33,7 +35,7 @@ from ssn_exp.lightning.run_files import (
     write_json_atomic,
     write_rows_atomic,
 )
-from ssn_exp.smoothing import Smoothing
+from ssn_exp.noises import Noise
 
 log = logging.getLogger("ssn_exp")
 
@@ -64,26 +66,28 @@ def shard_indices(indices: Sequence[int], rank: int, world_size: int) -> list[in
 class ShardCertifier:
     """Certifies one rank's shard of the test examples into its CSV, resumably.
 
-    Examples already present in the shard's CSV (or in a merged ``certificates.csv`` from an earlier
-    attempt) are checked against the data set and skipped. Randomized methods seed their noise per
-    example from (seed, index), so results depend neither on batching nor on sharding.
-    ``certify_settings.json`` records what the certificates depend on (the noise, n0/n/alpha/seed for
-    the randomized methods, and a fingerprint of the weights): other settings are refused.
+    ``procedure``: how each batch is certified (:mod:`ssn_exp.certify.procedures`); by default the noise's own, with
+    ``n0``, ``n`` and ``alpha`` for a sampled noise. Examples already present in the shard's CSV (or in a merged ``certificates.csv`` from an earlier
+    attempt) are checked against the data set and skipped. Every example gets its own noise generator seeded
+    from (seed, index), so results depend neither on batching nor on sharding.
+    ``certify_settings.json`` records what the certificates depend on (the noise, the procedure's settings, e.g.
+    n0/n/alpha/seed of ``fixed``, and a fingerprint of the weights): other settings are refused.
     """
 
     def __init__(
         self,
         model: torch.nn.Module,
-        smoothing: Smoothing,
+        smoothing: Noise,
         dataset,
         out_dir: str | Path,
         *,
         num_classes: int,
-        skip: int = 1,
-        max_examples: int | None = None,
+        procedure: Procedure | None = None,
         n0: int = 64,
         n: int = 100_000,
         alpha: float = 0.001,
+        skip: int = 1,
+        max_examples: int | None = None,
         noise_batch: int = 1024,
         batch_size: int = 1,
         seed: int = 0,
@@ -96,11 +100,14 @@ class ShardCertifier:
         barrier: Callable[[str], None] | None = None,
         device: torch.device | str | None = None,
     ):
-        self.model, self.smoothing, self.dataset = model, smoothing, dataset
+        if procedure is None:  # the noise's own procedure (exact for DSSN, fixed with n0, n, alpha otherwise)
+            procedure = default_procedure(smoothing, n0=n0, n=n, alpha=alpha)
+        self.model, self.smoothing, self.procedure, self.dataset = model, smoothing, procedure, dataset
+        self.record = CertificateRecord(smoothing, procedure)  # refuses a noise the procedure cannot certify
         self.out_dir = Path(out_dir)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.num_classes = num_classes
-        self.kw = dict(n0=n0, n=n, alpha=alpha, noise_batch=noise_batch)
+        self.noise_batch = int(noise_batch)
         self.batch_size = max(1, int(batch_size))
         self.seed = int(seed)
         self.rank, self.world_size = rank, world_size
@@ -109,14 +116,13 @@ class ShardCertifier:
             raise ValueError(f"certify.autocast must be null, bf16 or fp16, got {autocast!r}")
         self.autocast_dtype = dtypes[autocast]
         self.channels_last = bool(channels_last)
-        self.columns = columns_for(smoothing)
+        self.columns = self.record.columns
         if len(dataset) and device is not None:  # before anything is written: a corrected noise_batch just runs
-            check_batch_memory(
-                torch.as_tensor(dataset[0][0]).shape, smoothing, noise_batch, self.batch_size, n0, n, device
-            )
+            per_example = procedure.samples_per_example(smoothing)
+            check_batch_memory(torch.as_tensor(dataset[0][0]).shape, per_example, noise_batch, self.batch_size, device)
         self._check_settings(
             {
-                **self._settings(n0, n, alpha, seed),
+                **self._settings(seed),
                 # how the base classifier is run changes its logits, hence the certificates
                 "autocast": autocast if autocast not in (None, "none") else None,
                 "precision": None if precision is None else str(precision),
@@ -131,13 +137,7 @@ class ShardCertifier:
         self.path = self.out_dir / ("certificates.csv" if world_size == 1 else f"certificates.rank{rank}.csv")
         selected = certify_indices(len(dataset), skip, max_examples)
         self.shard = shard_indices(selected, rank, world_size)
-        check = dict(
-            smoothing=smoothing,
-            labels=lambda idx: dataset_labels(dataset, idx),
-            num_classes=num_classes,
-            n=None if smoothing.deterministic else n,
-            alpha=alpha,
-        )
+        check = dict(record=self.record, labels=lambda idx: dataset_labels(dataset, idx), num_classes=num_classes)
         if world_size == 1:
             done = read_certificates(self.path, allowed=self.shard, **check)
             keep = done
@@ -158,10 +158,9 @@ class ShardCertifier:
         self.done = set(done)
         self.todo = [i for i in self.shard if i not in self.done]
 
-    def _settings(self, n0, n, alpha, seed) -> dict:
+    def _settings(self, seed) -> dict:
         settings = dict(self.smoothing.describe())
-        if not self.smoothing.deterministic:  # DSSN certificates do not depend on n0, n, alpha or seed
-            settings.update(n0=n0, n=n, alpha=alpha, seed=seed)
+        settings.update(self.procedure.settings(seed))  # exact (DSSN): nothing; fixed: n0, n, alpha, seed
         settings["weights"] = model_fingerprint(self.model)
         return settings
 
@@ -211,27 +210,19 @@ class ShardCertifier:
         if self.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         t0 = time.perf_counter()
+        # one generator per example: reproducible whatever the batching or sharding (unused by exact procedures)
+        generators = [torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xCE27, idx)) for idx in chunk]
         try:
-            parts = []
-            if self.smoothing.deterministic:
-                cert = self._certify(x, None)
-            else:  # one generator per example: reproducible whatever the batching or sharding
-                for j, idx in enumerate(chunk):
-                    g = torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xCE27, idx))
-                    parts.append(self._certify(x[j : j + 1], g))
-                cert = _concat(parts)
+            cert = self._certify(x, generators)
         except (torch.OutOfMemoryError, RuntimeError) as exc:  # an allocation the memory check could not foresee
             if not isinstance(exc, torch.OutOfMemoryError) and not _is_allocation_failure(exc):
                 raise
             raise MemoryLimitError(
                 f"out of memory certifying test example(s) {chunk[:10]} on {device} with "
-                f"certify.noise_batch={self.kw['noise_batch']}: set a smaller certify.noise_batch"
+                f"certify.noise_batch={self.noise_batch}: set a smaller certify.noise_batch"
             ) from None
         except NonFiniteLogitsError as exc:  # name the data set's examples, not positions in a batch
-            if self.smoothing.deterministic:
-                examples = [chunk[p] for p in exc.positions]
-            else:  # one example at a time: the one that failed is the next without a part
-                examples = [chunk[len(parts)]]
+            examples = [chunk[p] for p in exc.positions]
             raise NonFiniteLogitsError(
                 f"the model returned NaN or infinite logits for test example(s) {examples[:10]}"
                 f"{' ...' if len(examples) > 10 else ''}: no certificate is computed from them",
@@ -240,34 +231,16 @@ class ShardCertifier:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         seconds = (time.perf_counter() - t0) / len(chunk)
-        rows = []
-        for j, idx in enumerate(chunk):
-            label, pred = int(ys[j]), int(cert.prediction[j])
-            row = {
-                "index": idx,
-                "label": label,
-                "prediction": pred,
-                "correct": int(pred == label),
-                "radius": repr(float(cert.radius[j])),
-                "seconds": f"{seconds:.6f}",
-                "counts": format_counts(cert.counts[j]),
-            }
-            if self.smoothing.deterministic:
-                row["k"] = int(cert.k[j])
-            else:
-                row["p_lower"] = repr(float(cert.p_lower[j]))
-                if cert.radius_box is not None:
-                    row["radius_box"] = repr(float(cert.radius_box[j]))
-            rows.append(row)
+        rows = self.record.rows(chunk, [int(y) for y in ys], cert, seconds)
         append_rows(self.path, self.columns, rows)  # never through a symbolic link
         self.done.update(chunk)
 
-    def _certify(self, x, generator):
-        kw = dict(generator=generator, **self.kw)
+    def _certify(self, x, generators):
+        kw = dict(noise_batch=self.noise_batch, generator=generators)
         if self.autocast_dtype is None:
-            return certify_batch(self.forward, x, self.smoothing, self.num_classes, **kw)
+            return self.procedure.certify(self.forward, x, self.smoothing, self.num_classes, **kw)
         with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
-            return certify_batch(self.forward, x, self.smoothing, self.num_classes, **kw)
+            return self.procedure.certify(self.forward, x, self.smoothing, self.num_classes, **kw)
 
     def run(self, device, progress: bool = True) -> Path:
         device = torch.device(device)
@@ -289,12 +262,11 @@ def _is_allocation_failure(exc: BaseException) -> bool:
     return "can't allocate memory" in text or "out of memory" in text.lower() or "not enough memory" in text
 
 
-def check_batch_memory(shape, smoothing: Smoothing, noise_batch: int, batch_size: int, n0: int, n: int, device) -> None:
+def check_batch_memory(shape, per_example: int, noise_batch: int, batch_size: int, device) -> None:
     """Refuse (:class:`MemoryLimitError`, naming ``certify.noise_batch``) a noisy batch that cannot fit in the memory
     free on ``device`` now: the inputs of one forward pass are at most ``noise_batch``, and at most ``batch_size``
-    examples times the samples per example (L offsets for DSSN, max(n0, n) otherwise)."""
+    examples times the noisy copies per example (``per_example``: the procedure's, e.g. L offsets for DSSN)."""
     device = torch.device(device)
-    per_example = smoothing.levels if smoothing.deterministic else max(int(n0), int(n))
     rows = min(int(noise_batch), int(batch_size) * int(per_example))
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
@@ -309,29 +281,24 @@ def certify_dataset(model, smoothing, dataset, out_dir, *, device="cpu", progres
     return ShardCertifier(model, smoothing, dataset, out_dir, device=device, **kwargs).run(device, progress)
 
 
-def _concat(parts):
-    first = parts[0]
-    for field in ("prediction", "radius", "counts", "p_lower", "counts_n0", "radius_box"):
-        if getattr(first, field) is not None:
-            setattr(first, field, np.concatenate([getattr(p, field) for p in parts]))
-    return first
-
-
-def _progress_bar(total: int, initial: int, smoothing: Smoothing, enabled: bool) -> Callable:
+def _progress_bar(total: int, initial: int, smoothing: Noise, enabled: bool) -> Callable:
     from ssn_exp.lightning.progress import progress_reporter
 
     return progress_reporter(total, initial, f"certify {smoothing.name} sigma={smoothing.sigma:g}", "img", enabled)
 
 
 class CertifyCallback(pl.Callback):
-    """After ``fit``: certify the test split (every ``skip``-th example) into ``out_dir``.
+    """After ``fit``: certify the test split (every ``skip``-th example) into ``out_dir`` (:func:`run_certification`).
 
     Sharded over DDP ranks; rank 0 merges, writes metrics.json and the curve, and logs the metrics.
     """
 
-    def __init__(self, out_dir, datamodule, settings: dict, radii: Sequence[float], meta: dict, progress: bool = True):
+    def __init__(
+        self, out_dir, datamodule, procedure, settings: dict, radii: Sequence[float], meta: dict, progress: bool = True
+    ):
         self.out_dir = Path(out_dir)
         self.datamodule = datamodule
+        self.procedure = procedure
         self.settings = settings
         self.radii = list(radii)
         self.meta = meta
@@ -352,6 +319,7 @@ class CertifyCallback(pl.Callback):
         self.metrics = run_certification(
             pl_module.model,
             pl_module.smoothing,
+            self.procedure,
             self.datamodule,
             self.out_dir,
             settings=self.settings,
@@ -362,15 +330,14 @@ class CertifyCallback(pl.Callback):
             world_size=trainer.world_size,
             barrier=trainer.strategy.barrier,
             progress=self.progress,
+            loggers=trainer.loggers,
         )
-        if trainer.global_rank == 0 and self.metrics is not None:
-            for logger in trainer.loggers:
-                log_metrics(logger, self.metrics, self.out_dir)
 
 
 def run_certification(
     model,
     smoothing,
+    procedure,
     datamodule,
     out_dir,
     *,
@@ -382,82 +349,98 @@ def run_certification(
     world_size=1,
     barrier=None,
     progress=True,
+    loggers=(),
 ) -> dict | None:
-    """Certify this rank's shard, then (rank 0) merge and summarize. Returns metrics on rank 0."""
+    """The certification driver: certify this rank's shard, then (rank 0) merge, summarize and log to ``loggers``.
+    Returns the metrics on rank 0. Every way of certifying (after training, a checkpoint, a denoiser variant, DDP)
+    runs this function."""
     dataset = datamodule.certify_set()
     certify_dataset(
         model,
         smoothing,
         dataset,
         out_dir,
+        procedure=procedure,
         num_classes=datamodule.num_classes,
         device=device,
         rank=rank,
         world_size=world_size,
         progress=progress,
         barrier=barrier,
-        **settings,
+        **{k: v for k, v in settings.items() if k not in _NOT_CERTIFIER},
     )
     if world_size > 1 and barrier is not None:
         barrier("certified")
     if rank != 0:
         return None
-    return finish_certification(out_dir, smoothing, world_size, len(dataset), settings, meta, radii)
+    metrics = finish_certification(
+        out_dir, CertificateRecord(smoothing, procedure), world_size, len(dataset), settings, meta, radii
+    )
+    for logger in loggers or ():
+        log_metrics(logger, metrics, Path(out_dir))
+    return metrics
 
 
-def finish_certification(out_dir, smoothing, world_size, dataset_len, settings, meta, radii) -> dict:
+#: certify settings that describe the run, not the certifier (they go to metrics.json)
+_NOT_CERTIFIER = ("n0", "n", "alpha")
+
+
+def finish_certification(out_dir, record, world_size, dataset_len, settings, meta, radii) -> dict:
     """Merge the shards (if any) and write metrics.json and the curve for the selected examples."""
     if world_size > 1:
-        merge_shards(out_dir, world_size, smoothing)
+        merge_shards(out_dir, world_size, record)
     selected = certify_indices(dataset_len, settings.get("skip", 1), settings.get("max_examples"))
     meta = {**meta, "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]}
-    return summarize(out_dir, smoothing, meta, radii, indices=set(selected))
-
-
-def _identity(batch):
-    return batch
+    return summarize(out_dir, record, meta, radii, indices=set(selected))
 
 
 class CertifyTask(pl.LightningModule):
-    """Certification as a Lightning predict loop (``trainer.predict(task)``).
+    """Certification without training, as a Lightning predict loop (``trainer.predict(task)``): the trainer starts
+    the processes (one per DDP rank) and each runs :func:`run_certification` for its own shard, once (a loader of
+    one step); rank 0 logs to the trainer's loggers, and its metrics are in :attr:`metrics` afterwards (under
+    ``ddp_spawn``: in ``metrics.json``)."""
 
-    Every DDP rank builds the loader of its own shard of not-yet-certified examples (no padding,
-    no duplicates) and appends its rows to its own CSV; :func:`finish_certification` merges them
-    by example index afterwards.
-    """
-
-    def __init__(self, model, smoothing, dataset, out_dir, num_classes: int, settings: dict):
+    def __init__(self, model, smoothing, procedure, datamodule, out_dir, settings: dict, radii, meta: dict):
         super().__init__()
         self.model = model
         self.smoothing = smoothing
-        self.dataset = dataset
+        self.procedure = procedure
+        self.datamodule_ = datamodule
         self.out_dir = str(out_dir)
-        self.num_classes = num_classes
         self.settings = settings
-        self.certifier: ShardCertifier | None = None
+        self.radii = list(radii)
+        self.meta = meta
+        self.metrics: dict | None = None
 
     def predict_dataloader(self):
         from torch.utils.data import DataLoader
 
-        self.certifier = ShardCertifier(
-            self.model,
-            self.smoothing,
-            self.dataset,
-            self.out_dir,
-            num_classes=self.num_classes,
-            rank=self.global_rank,
-            world_size=self.trainer.world_size,
-            barrier=self.trainer.strategy.barrier,
-            device=self.device,
-            **{k: v for k, v in self.settings.items() if k != "progress"},
-        )
-        return DataLoader(self.certifier.chunks(), batch_size=None, collate_fn=_identity)
+        return DataLoader([0], batch_size=None, collate_fn=_identity)
 
     def on_predict_start(self) -> None:
         self.model.eval()
 
-    def predict_step(self, chunk, batch_idx):
-        self.certifier.run_chunk(list(chunk), self.device)
+    def predict_step(self, batch, batch_idx):
+        self.metrics = run_certification(
+            self.model,
+            self.smoothing,
+            self.procedure,
+            self.datamodule_,
+            self.out_dir,
+            settings={k: v for k, v in self.settings.items() if k != "progress"},
+            radii=self.radii,
+            meta=self.meta,
+            device=self.device,
+            rank=self.global_rank,
+            world_size=self.trainer.world_size,
+            barrier=self.trainer.strategy.barrier,
+            progress=bool(self.settings.get("progress", True)),
+            loggers=self.trainer.loggers,
+        )
+
+
+def _identity(batch):
+    return batch
 
 
 def log_metrics(logger, metrics: dict, out_dir: Path | None = None) -> None:

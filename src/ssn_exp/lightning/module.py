@@ -24,7 +24,7 @@ from torch.nn import functional as F
 from ssn_exp.exceptions import _first_line, instantiation_message
 from ssn_exp.lightning.data import mix_seed
 from ssn_exp.models import CheckpointError, Denoised, normalized, read_checkpoint
-from ssn_exp.smoothing import Smoothing
+from ssn_exp.noises import Noise
 from ssn_exp.trust import Trust, UntrustedTarget
 
 __all__ = [
@@ -96,9 +96,9 @@ class SmoothedTraining(pl.LightningModule):
             raise ValueError(f"unknown denoiser {denoiser.get('name')!r}; choose one of {list(DENOISERS)}")
         self.save_hyperparameters(logger=False)
         self.model = build_classifier(model, data, denoiser.get("net") if denoiser["name"] != "none" else None)
-        self.smoothing: Smoothing = instantiate(method)
-        if not isinstance(self.smoothing, Smoothing):
-            raise TypeError(f"the method config builds {type(self.smoothing).__name__}, not an ssn_exp Smoothing")
+        self.smoothing: Noise = instantiate(method)
+        if not isinstance(self.smoothing, Noise):
+            raise TypeError(f"the method config builds {type(self.smoothing).__name__}, not an ssn_exp noise (ssn_exp.noises.Noise)")
         self._generators: dict = {}
 
     # -- randomness ----------------------------------------------------------------------

@@ -1,15 +1,14 @@
 """The result files of a run directory (layer 2): ``certificates.csv``, ``metrics.json``, the curve PNG.
 
 - ``certificates.csv``: a row per example, appended and flushed as it is certified, so a crash loses nothing
-  done. Columns ``index,label,prediction,correct,radius,seconds`` then ``k`` (dssn: rho = k / q exactly) or
-  ``p_lower`` (uniform, ssn; with ``radius_box``, the box-constrained radius), then ``counts``: the base
-  classifier's votes as ``class:count`` pairs (nonzero only; DSSN: over all L offsets, else over the N
-  estimation samples).
+  done. Its columns, how a row is written and how it is checked are the certificate record's
+  (:class:`ssn_exp.certify.record.CertificateRecord`).
 - ``metrics.json`` (written atomically): identity, clean and certified accuracy, ACR, timing.
 
 Rows read back on resume are checked (:func:`read_certificates`): well-formed, one per example, for an
-example of this certification with the data set's label, and consistent in themselves (DSSN: prediction
-and k recomputed from the counts); anything else is a :class:`ResultsFileError` naming the file and row.
+example of this certification with the data set's label, and consistent in themselves (the record's check:
+e.g. DSSN's prediction and k recomputed from the counts); anything else is a :class:`ResultsFileError` naming
+the file and row.
 """
 
 from __future__ import annotations
@@ -26,9 +25,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ssn_exp.certify import average_certified_radius, certified_accuracy, clopper_pearson_lower, exact_certificate
+from ssn_exp.certify.metrics import average_certified_radius, certified_accuracy
+from ssn_exp.certify.record import (
+    BASE_COLUMNS,
+    EXACT_COLUMN,
+    CertificateRecord,
+    extra_radius_columns,
+    format_counts,
+    parse_counts,
+)
 from ssn_exp.exceptions import LinkedRunFileError, UserError
-from ssn_exp.smoothing import Smoothing
 
 __all__ = [
     "ResultsFileError",
@@ -36,7 +42,7 @@ __all__ = [
     "refuse_link",
     "append_rows",
     "BASE_COLUMNS",
-    "columns_for",
+    "CertificateRecord",
     "format_counts",
     "parse_counts",
     "read_certificates",
@@ -48,9 +54,6 @@ __all__ = [
     "format_table",
     "model_fingerprint",
 ]
-
-BASE_COLUMNS = ["index", "label", "prediction", "correct", "radius", "seconds"]
-
 
 class ResultsFileError(UserError, ValueError):
     """A result file that does not belong to this certification or is damaged (one-line message)."""
@@ -118,29 +121,6 @@ def write_json_atomic(path: Path, data: dict) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def columns_for(smoothing: Smoothing) -> list[str]:
-    if smoothing.deterministic:
-        return BASE_COLUMNS + ["k", "counts"]
-    return BASE_COLUMNS + ["p_lower"] + (["radius_box"] if smoothing.box_certificate else []) + ["counts"]
-
-
-def format_counts(counts: np.ndarray) -> str:
-    """``class:count`` pairs of the nonzero entries, e.g. ``3:27 5:14``."""
-    nz = np.flatnonzero(counts)
-    return " ".join(f"{int(c)}:{int(counts[c])}" for c in nz)
-
-
-def parse_counts(text: str, num_classes: int) -> np.ndarray:
-    out = np.zeros(num_classes, dtype=np.int64)
-    for item in text.split():
-        c, _, v = item.partition(":")
-        c, v = int(c), int(v)
-        if not 0 <= c < num_classes or v < 0 or out[c]:
-            raise ValueError(f"bad counts entry {item!r}")
-        out[c] = v
-    return out
-
-
 def model_fingerprint(model: torch.nn.Module) -> str:
     """sha256 of the model's parameters and buffers (names, shapes, dtypes and values): which weights were certified."""
     h = hashlib.sha256()
@@ -158,18 +138,16 @@ def _torn_tail(text: str) -> str:
 
 def read_certificates(
     path: Path,
-    smoothing: Smoothing | None = None,
+    record: CertificateRecord | None = None,
     *,
     allowed: Iterable[int] | None = None,
     labels: Callable[[Sequence[int]], Sequence[int]] | None = None,
     num_classes: int | None = None,
-    n: int | None = None,
-    alpha: float | None = None,
 ) -> dict[int, dict]:
     """Rows of ``certificates.csv`` by example index; ``{}`` if the file does not exist.
 
-    With ``smoothing`` (and optionally ``allowed`` indices, a ``labels(indices)`` function, ``num_classes``,
-    the estimation sample count ``n`` and ``alpha``) every row is checked; the first bad one raises
+    With the ``record`` of this certification (and optionally ``allowed`` indices, a ``labels(indices)`` function
+    and ``num_classes``) every row is checked (:meth:`CertificateRecord.check`); the first bad one raises
     :class:`ResultsFileError` naming the file and the row. A torn last line (no final newline) is ignored.
     """
     path = Path(path)
@@ -182,14 +160,14 @@ def read_certificates(
             f"{path} is not UTF-8 text: not a certificates file; certify into another directory"
         ) from None
     try:
-        return _read_rows(path, text, smoothing, allowed, labels, num_classes, n, alpha)
+        return _read_rows(path, text, record, allowed, labels, num_classes)
     except csv.Error as exc:
         raise ResultsFileError(f"{path} is not a CSV file ({exc}); certify into another directory") from None
 
 
-def _read_rows(path, text, smoothing, allowed, labels, num_classes, n, alpha) -> dict[int, dict]:
+def _read_rows(path, text, record, allowed, labels, num_classes) -> dict[int, dict]:
     reader = csv.DictReader(io.StringIO(text))
-    want = columns_for(smoothing) if smoothing is not None else None
+    want = record.columns if record is not None else None
     if want is not None and text and reader.fieldnames != want:
         raise ResultsFileError(
             f"{path} has columns {reader.fieldnames}, expected {want}: it was written for another method or by "
@@ -198,14 +176,14 @@ def _read_rows(path, text, smoothing, allowed, labels, num_classes, n, alpha) ->
     allowed = None if allowed is None else set(allowed)
     rows: dict[int, dict] = {}
     for line, row in enumerate(reader, start=2):
-        if smoothing is None:
+        if record is None:
             try:
                 rows[int(row["index"])] = row
             except (TypeError, ValueError, KeyError):
                 continue
             continue
         try:
-            index = _check_row(row, smoothing, num_classes, n, alpha)
+            index = record.check(row, num_classes)
         except (TypeError, ValueError, KeyError) as exc:
             raise ResultsFileError(f"{path} line {line}: malformed certificate row ({exc})") from None
         if allowed is not None and index not in allowed:
@@ -227,39 +205,6 @@ def _read_rows(path, text, smoothing, allowed, labels, num_classes, n, alpha) ->
     return rows
 
 
-def _check_row(row: dict, smoothing: Smoothing, num_classes: int | None, n: int | None, alpha: float | None) -> int:
-    if None in row or any(v is None for v in row.values()):
-        raise ValueError("wrong number of fields")
-    index, label, pred, correct = (int(row[c]) for c in ("index", "label", "prediction", "correct"))
-    radius, seconds = float(row["radius"]), float(row["seconds"])
-    if index < 0 or label < 0 or pred < 0 or correct not in (0, 1) or correct != int(pred == label):
-        raise ValueError("index, label, prediction and correct disagree")
-    if num_classes is not None and (label >= num_classes or pred >= num_classes):
-        raise ValueError(f"class outside [0, {num_classes})")
-    if not math.isfinite(radius) or not math.isfinite(seconds) or seconds < 0:
-        raise ValueError("radius and seconds must be finite")
-    counts = parse_counts(row["counts"], num_classes or max(pred, label, 1) + 1 + 4096)
-    if smoothing.deterministic:
-        if int(counts.sum()) != smoothing.levels:
-            raise ValueError(f"counts sum to {int(counts.sum())}, not L = {smoothing.levels}")
-        a, k = exact_certificate(counts[None, :])
-        if int(a[0]) != pred or int(k[0]) != int(row["k"]) or float(row["radius"]) != int(row["k"]) / smoothing.q:
-            raise ValueError("prediction, k and radius do not follow from the counts")
-    else:
-        p = float(row["p_lower"])
-        if not 0.0 <= p <= 1.0 or abs(radius - 2.0 * smoothing.lam * (p - 0.5)) > 1e-9 * max(1.0, abs(radius)):
-            raise ValueError("p_lower and radius disagree")
-        if n is not None and int(counts.sum()) != n:
-            raise ValueError(f"counts sum to {int(counts.sum())}, not N = {n}")
-        if n is not None and alpha is not None:
-            want = float(clopper_pearson_lower(int(counts[pred]), n, alpha))
-            if abs(p - want) > 1e-12:
-                raise ValueError("p_lower does not follow from the counts of the prediction")
-        if "radius_box" in row and not float(row["radius_box"]) >= radius - 1e-12:
-            raise ValueError("radius_box is below radius")
-    return index
-
-
 def write_rows_atomic(path: Path, columns: list[str], rows: Sequence[dict]) -> None:
     """Write a whole CSV atomically (as :func:`write_text_atomic`: no half file, no writing through a link)."""
     path = Path(path)
@@ -275,7 +220,7 @@ def write_rows_atomic(path: Path, columns: list[str], rows: Sequence[dict]) -> N
     _replace(tmp, path)
 
 
-def merge_shards(out_dir: Path, world_size: int, smoothing: Smoothing) -> Path:
+def merge_shards(out_dir: Path, world_size: int, record: CertificateRecord) -> Path:
     """Merge ``certificates.rank*.csv`` (and any earlier merged file) into ``certificates.csv`` by index.
 
     Every rank's file must be present (an empty one for a rank without examples): a missing shard is an
@@ -291,16 +236,19 @@ def merge_shards(out_dir: Path, world_size: int, smoothing: Smoothing) -> Path:
     for shard in shards:
         rows.update(read_certificates(shard))
     path = out_dir / "certificates.csv"
-    write_rows_atomic(path, columns_for(smoothing), [rows[i] for i in sorted(rows)])
+    write_rows_atomic(path, record.columns, [rows[i] for i in sorted(rows)])
     for shard in shards:
         shard.unlink(missing_ok=True)
     return path
 
 
 def summarize(
-    out_dir: Path, smoothing: Smoothing, meta: dict, radii: Sequence[float], plot: bool = True, indices=None
+    out_dir: Path, record: CertificateRecord, meta: dict, radii: Sequence[float], plot: bool = True, indices=None
 ) -> dict:
-    """metrics.json (atomic) and the curve PNG from ``certificates.csv`` (restricted to ``indices``)."""
+    """metrics.json (atomic) and the curve PNG from ``certificates.csv`` (restricted to ``indices``).
+
+    Exact certificates (the record's k column) are counted exactly (rho = k / q); every further radius column
+    ``radius_<name>`` of the record gives ``certified_accuracy_<name>`` and ``acr_<name>``."""
     out_dir = Path(out_dir)
     rows = read_certificates(out_dir / "certificates.csv")
     if indices is not None:
@@ -314,22 +262,21 @@ def summarize(
         raise ResultsFileError(f"no certificates in {out_dir / 'certificates.csv'}")
     order = sorted(rows)
     correct = np.array([int(rows[i]["correct"]) == 1 for i in order])
-    exact = smoothing.deterministic
-    if exact:
-        radius = np.array([int(rows[i]["k"]) for i in order], dtype=np.int64)
-        q = smoothing.q
+    noise = record.noise
+    q = record.exact_denominator
+    if q is not None:
+        radius = np.array([int(rows[i][EXACT_COLUMN]) for i in order], dtype=np.int64)
     else:
         radius = np.array([float(rows[i]["radius"]) for i in order])
-        q = None
-    radius_box = None
-    if "radius_box" in rows[order[0]]:
-        radius_box = np.array([float(rows[i]["radius_box"]) for i in order])
+    extra = {
+        c[len("radius_") :]: np.array([float(rows[i][c]) for i in order]) for c in extra_radius_columns(record.fields)
+    }
     seconds = float(np.mean([float(rows[i]["seconds"]) for i in order]))
     acc = certified_accuracy(correct, radius, radii, q=q)
     metrics = {
-        "method": smoothing.name,
-        "sigma": smoothing.sigma,
-        "lambda": smoothing.lam,
+        "method": noise.name,
+        "sigma": noise.sigma,
+        "lambda": noise.lam,
         "q": meta.get("q"),
         "dataset": meta.get("dataset"),
         "training": meta.get("training"),
@@ -342,38 +289,39 @@ def summarize(
         "certified_accuracy": {f"{r:g}": a for r, a in acc.items()},
         "acr": average_certified_radius(correct, radius, q=q),
         "seconds_per_example": seconds,
-        "forward_passes_per_example": smoothing.levels if exact else meta["n0"] + meta["n"],
+        "forward_passes_per_example": record.procedure.forward_passes(noise),
     }
-    if radius_box is not None:
-        box = certified_accuracy(correct, radius_box, radii)
-        metrics["certified_accuracy_box"] = {f"{r:g}": a for r, a in box.items()}
-        metrics["acr_box"] = average_certified_radius(correct, radius_box)
+    for name, values in extra.items():
+        metrics[f"certified_accuracy_{name}"] = {
+            f"{r:g}": a for r, a in certified_accuracy(correct, values, radii).items()
+        }
+        metrics[f"acr_{name}"] = average_certified_radius(correct, values)
     for key in ("model", "levels", "n0", "n", "alpha", "checkpoint", "ckpt_format", "arithmetic"):
         if key in meta:
             metrics.setdefault(key, meta[key])
-    if exact:
-        metrics["levels"] = smoothing.levels
-        metrics["arithmetic"] = smoothing.arithmetic
+    for key, value in noise.describe().items():  # the noise's own parameters (DSSN: levels, arithmetic)
+        if key not in ("method", "sigma", "lambda", "seed", "q"):
+            metrics[key] = value
     write_json_atomic(out_dir / "metrics.json", metrics)
     if plot:
         from ssn_exp.lightning.run_plot import plot_run_curve
 
-        plot_run_curve(correct, radius, q, metrics, out_dir / "certified_accuracy.png", radius_box=radius_box)
+        plot_run_curve(correct, radius, q, metrics, out_dir / "certified_accuracy.png", extra=extra)
     return metrics
 
 
 def format_table(metrics: dict) -> str:
     """A short Markdown certified-accuracy table for the console (radii up to the first all-zero one)."""
     rows = [("certified accuracy (%)", metrics["certified_accuracy"])]
-    if "certified_accuracy_box" in metrics:
-        rows.append(("box-constrained (%)", metrics["certified_accuracy_box"]))
+    extra = [k[len("certified_accuracy_") :] for k in metrics if k.startswith("certified_accuracy_")]
+    rows += [(f"{name} (%)", metrics[f"certified_accuracy_{name}"]) for name in extra]
     items = list(rows[-1][1].items())
     cut = next((i for i, (_, v) in enumerate(items) if v == 0), len(items) - 1)
     radii = [r for r, _ in items[: cut + 1]]
     head = "| radius | " + " | ".join(radii) + " |"
     sep = "|---|" + "---|" * len(radii)
     lines = [f"| {name} | " + " | ".join(f"{100 * acc[r]:.1f}" for r in radii) + " |" for name, acc in rows]
-    acr = f"ACR {metrics['acr']:.3f}" + (f" (box {metrics['acr_box']:.3f})" if "acr_box" in metrics else "")
+    acr = f"ACR {metrics['acr']:.3f}" + "".join(f" ({name} {metrics[f'acr_{name}']:.3f})" for name in extra)
     title = (
         f"{metrics['method']} sigma={metrics['sigma']:g} on {metrics['dataset']} ({metrics['training']} training): "
         f"clean {100 * metrics['clean_accuracy']:.1f}%, {acr}, n={metrics['n_examples']}, "

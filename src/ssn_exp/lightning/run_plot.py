@@ -18,24 +18,25 @@ __all__ = ["plot_run_curve", "run_curve", "CURVE_POINTS"]
 CURVE_POINTS = 400
 
 
-def _top(radius, q, radius_box) -> float:
-    """The right end of the curve: 5% beyond the largest radius (standard or box)."""
+def _top(radius, q, extra) -> float:
+    """The right end of the curve: 5% beyond the largest radius (standard or further)."""
     rho = np.asarray(radius, dtype=np.float64) / (q or 1)
     top_rho = float(max(rho.max(initial=0.0), 0.0))
-    if radius_box is not None:
-        top_rho = max(top_rho, float(max(np.max(radius_box, initial=0.0), 0.0)))
+    for values in (extra or {}).values():
+        top_rho = max(top_rho, float(max(np.max(values, initial=0.0), 0.0)))
     return top_rho * 1.05 + 1e-3
 
 
-def run_curve(correct, radius, q, radius_box=None) -> tuple[list, np.ndarray, np.ndarray | None]:
-    """The radii of a run's curve and the certified accuracy (%) at each (with ``radius_box``, also the box curve).
+def run_curve(correct, radius, q, extra: dict | None = None) -> tuple[list, np.ndarray, dict]:
+    """The radii of a run's curve and the certified accuracy (%) at each; ``extra``: further radii by name (e.g.
+    ``{"box": radius_box}``), whose curves come back by name.
 
     With ``q`` (DSSN: ``radius`` holds the integer numerators k) the radii are exact fractions k/q, every
     multiple of 1/q up to the top when there are at most CURVE_POINTS of them, else every s-th for the
     smallest s that keeps within CURVE_POINTS: each point is decided exactly (never through a float such as
     the decimal reading of k/255). Without ``q`` they are CURVE_POINTS evenly spaced floats.
     """
-    top = _top(radius, q, radius_box)
+    top = _top(radius, q, extra)
     if q is not None:
         last = int(top * q)
         step = -(-(last + 1) // CURVE_POINTS)
@@ -46,20 +47,21 @@ def run_curve(correct, radius, q, radius_box=None) -> tuple[list, np.ndarray, np
     acc = 100.0 * (
         np.array([certified_count(correct, radius, r, q) for r in grid]) / n
     )  # as the report: % of a fraction
-    box = None
-    if radius_box is not None:
-        box = 100.0 * (np.array([certified_count(correct, radius_box, r) for r in grid]) / n)
-    return grid, acc, box
+    curves = {
+        name: 100.0 * (np.array([certified_count(correct, values, r) for r in grid]) / n)
+        for name, values in (extra or {}).items()
+    }
+    return grid, acc, curves
 
 
-def plot_run_curve(correct, radius, q, metrics: dict, path: Path, radius_box=None) -> None:
-    """Certified accuracy (%) against the l1 radius; with ``radius_box`` also the box-constrained curve (dash-dot)."""
+def plot_run_curve(correct, radius, q, metrics: dict, path: Path, extra: dict | None = None) -> None:
+    """Certified accuracy (%) against the l1 radius; with ``extra`` radii (e.g. box) their curves too (dash-dot)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    grid, acc, box = run_curve(correct, radius, q, radius_box)
+    grid, acc, curves = run_curve(correct, radius, q, extra)
     x = [float(r) for r in grid]
-    top = _top(radius, q, radius_box)
+    top = _top(radius, q, extra)
     fig = Figure(figsize=(5, 3.5), dpi=120, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
@@ -67,10 +69,11 @@ def plot_run_curve(correct, radius, q, metrics: dict, path: Path, radius_box=Non
         x,
         acc,
         drawstyle="steps-post" if q else "default",
-        label=f"{metrics['method']} (standard)" if radius_box is not None else metrics["method"],
+        label=f"{metrics['method']} (standard)" if curves else metrics["method"],
     )
-    if box is not None:
-        ax.plot(x, box, linestyle="-.", label=f"{metrics['method']} (box)")
+    for name, values in curves.items():
+        ax.plot(x, values, linestyle="-.", label=f"{metrics['method']} ({name})")
+    if curves:
         ax.legend(fontsize=8)
     ax.set_xlabel("ℓ1 radius")
     ax.set_ylabel("certified accuracy (%)")

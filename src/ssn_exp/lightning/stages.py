@@ -27,7 +27,7 @@ from ssn_exp.exceptions import _first_line, instantiation_message
 from ssn_exp.lightning.callbacks import epoch_checkpoint
 from ssn_exp.lightning.data import mix_seed
 from ssn_exp.lightning.module import CheckpointError, build_classifier, read_checkpoint
-from ssn_exp.smoothing import Smoothing
+from ssn_exp.noises import Noise
 from ssn_exp.trust import Trust, UntrustedTarget
 
 log = logging.getLogger("ssn_exp")
@@ -61,7 +61,7 @@ class StageModule(pl.LightningModule):
             self.classifier = build_classifier(model, data)
         if kind != "clean":
             self.denoiser = instantiate(denoiser_net)
-            self.smoothing: Smoothing = instantiate(method)
+            self.smoothing: Noise = instantiate(method)
         if kind == "denoiser_stability":
             self.classifier.requires_grad_(False)
 

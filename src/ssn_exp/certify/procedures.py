@@ -1,0 +1,245 @@
+"""Certificate procedures (docs/method.md sections 4-6, docs/extending.md): how the statistics behind a certificate
+are gathered. Plain torch + numpy + scipy (layer 1).
+
+A procedure is one class, chosen in the config (``procedure=fixed|exact``, ``conf/procedure/*.yaml``) and built
+from its ``_target_``. It says which noises it certifies (:meth:`Procedure.check`), what its certificates depend
+on (:meth:`Procedure.settings`), what it adds to a result row (:meth:`Procedure.columns`) and how such a row is
+checked when it is read back (:meth:`Procedure.check_row`), and it certifies a batch (:meth:`Procedure.certify`).
+The driver (:mod:`ssn_exp.lightning.certification`), the result record (:mod:`ssn_exp.certify.record`) and the
+report never ask which procedure or noise they hold.
+
+- :class:`Exact`: enumerate every noisy copy of an :class:`~ssn_exp.noises.EnumeratedNoise` (DSSN); the
+  certificate follows exactly from the counts.
+- :class:`FixedSample`: the paper's protocol for a :class:`~ssn_exp.noises.SampledNoise`: n0 samples select the
+  class A, n fresh samples give the Clopper-Pearson lower bound p_lower on p_A at level alpha, and the radius is
+  the noise's function of p_lower.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable
+from typing import ClassVar
+
+import numpy as np
+import torch
+
+from ssn_exp.certify.core import (
+    Certificates,
+    NonFiniteLogitsError,
+    clopper_pearson_lower,
+    count_predictions,
+    top_class,
+)
+from ssn_exp.exceptions import UserError
+from ssn_exp.noises import EnumeratedNoise, Noise, SampledNoise, check_unit_box
+
+__all__ = ["Procedure", "Exact", "FixedSample", "ProcedureError", "default_procedure"]
+
+
+class ProcedureError(UserError, ValueError):
+    """A procedure that cannot certify the noise it is given, or bad procedure settings (one-line message)."""
+
+
+def _count(name: str, value, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
+        raise ProcedureError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class Procedure:
+    """How a certificate's statistics are gathered: the interface every procedure implements."""
+
+    #: The procedure's name (``procedure=<name>``).
+    name: ClassVar[str]
+    #: The noises it certifies (a base class of :mod:`ssn_exp.noises`).
+    noise_type: ClassVar[type] = Noise
+    #: Why another noise cannot be certified this way (completes the error message).
+    requirement: ClassVar[str] = ""
+
+    def check(self, noise: Noise) -> None:
+        """Raise :class:`ProcedureError` (one line) unless this procedure can certify ``noise``."""
+        if not isinstance(noise, self.noise_type):
+            raise ProcedureError(
+                f"procedure={self.name} cannot certify {noise.name} noise: {self.requirement}; "
+                f"choose another procedure (procedure=exact for an enumerated noise such as dssn, "
+                "procedure=fixed for a sampled one)"
+            )
+
+    def settings(self, seed: int) -> dict:
+        """What the certificates depend on beyond the noise and the weights (recorded in certify_settings.json; a
+        directory of certificates made with other values is not resumed). ``seed``: the certification seed."""
+        return {}
+
+    def describe(self) -> dict:
+        """The procedure's parameters for metrics.json."""
+        return {}
+
+    def columns(self, noise: Noise) -> list[str]:
+        """The result columns this procedure adds to a certificate row (between ``seconds`` and ``counts``)."""
+        raise NotImplementedError
+
+    def samples_per_example(self, noise: Noise) -> int:
+        """The most noisy copies of one example that exist at once (bounds the memory of a certification step)."""
+        raise NotImplementedError
+
+    def forward_passes(self, noise: Noise) -> int:
+        """Base-classifier forward passes per certified example."""
+        raise NotImplementedError
+
+    def exact_denominator(self, noise: Noise) -> int | None:
+        """q when the radii are exact rationals k / q (a ``k`` column), else None (float radii)."""
+        return None
+
+    def certify(
+        self,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        x: torch.Tensor,
+        noise: Noise,
+        num_classes: int,
+        *,
+        noise_batch: int = 1024,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> Certificates:
+        """Certificates of the batch x. ``generator``: one for the whole batch, or a list of one per example (results
+        then depend neither on batching nor on sharding)."""
+        raise NotImplementedError
+
+    def check_row(self, values: dict[str, str], counts: np.ndarray, prediction: int, radius: float, noise) -> None:
+        """Raise ``ValueError`` unless a row read back (its :meth:`columns` as text, its counts, prediction and radius)
+        is one this procedure would have written."""
+        raise NotImplementedError
+
+
+class Exact(Procedure):
+    """Enumerate all noisy copies (DSSN's L offsets): prediction and radius k / q follow exactly from the counts."""
+
+    name = "exact"
+    noise_type = EnumeratedNoise
+    requirement = "it enumerates every noisy copy, and this noise is sampled"
+
+    def columns(self, noise: EnumeratedNoise) -> list[str]:
+        return ["k"]
+
+    def samples_per_example(self, noise: EnumeratedNoise) -> int:
+        return noise.support
+
+    def forward_passes(self, noise: EnumeratedNoise) -> int:
+        return noise.support
+
+    def exact_denominator(self, noise: EnumeratedNoise) -> int:
+        return noise.q
+
+    def certify(self, model, x, noise, num_classes, *, noise_batch=1024, generator=None, progress=None):
+        self.check(noise)
+        counts = count_predictions(
+            model, x, noise, noise.support, num_classes, noise_batch=noise_batch, progress=progress
+        )
+        counts = counts.cpu().numpy()
+        pred, k = noise.exact_certificate(counts)
+        return Certificates(
+            method=noise.name,
+            prediction=pred,
+            radius=k / noise.q,
+            counts=counts,
+            forward_passes=noise.support,
+            values={"k": k},
+            q=noise.q,
+        )
+
+    def check_row(self, values, counts, prediction, radius, noise) -> None:
+        if int(counts.sum()) != noise.support:
+            raise ValueError(f"counts sum to {int(counts.sum())}, not L = {noise.support}")
+        a, k = noise.exact_certificate(counts[None, :])
+        if int(a[0]) != prediction or int(k[0]) != int(values["k"]) or radius != int(values["k"]) / noise.q:
+            raise ValueError("prediction, k and radius do not follow from the counts")
+
+
+class FixedSample(Procedure):
+    """The paper's protocol: n0 selection samples pick class A, n fresh samples give the two-sided Clopper-Pearson
+    lower bound p_lower on p_A at level alpha; the radius is the noise's :meth:`~ssn_exp.noises.SampledNoise.radius`
+    of p_lower, plus the noise's further radii (:meth:`~ssn_exp.noises.SampledNoise.extra_radii`)."""
+
+    name = "fixed"
+    noise_type = SampledNoise
+    requirement = "it samples the noise and needs its radius as a function of p_lower, and this noise is enumerated"
+
+    def __init__(self, n0: int = 64, n: int = 100_000, alpha: float = 0.001):
+        self.n0 = _count("n0", n0)
+        self.n = _count("n", n)
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
+            raise ProcedureError(f"alpha must lie in (0, 1), got {alpha!r}")
+        self.alpha = float(alpha)
+
+    def settings(self, seed: int) -> dict:
+        return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "seed": int(seed)}
+
+    def describe(self) -> dict:
+        return {"n0": self.n0, "n": self.n, "alpha": self.alpha}
+
+    def columns(self, noise: SampledNoise) -> list[str]:
+        return ["p_lower", *noise.extra_columns]
+
+    def samples_per_example(self, noise) -> int:
+        return max(self.n0, self.n)
+
+    def forward_passes(self, noise) -> int:
+        return self.n0 + self.n
+
+    def certify(self, model, x, noise, num_classes, *, noise_batch=1024, generator=None, progress=None):
+        self.check(noise)
+        if isinstance(generator, list | tuple):  # one generator per example
+            if len(generator) != x.shape[0]:
+                raise ValueError(f"{len(generator)} generators for {x.shape[0]} examples")
+            check_unit_box(x)
+            parts = []
+            for j, g in enumerate(generator):
+                try:
+                    parts.append(self._certify(model, x[j : j + 1], noise, num_classes, noise_batch, g, progress))
+                except NonFiniteLogitsError as exc:
+                    raise NonFiniteLogitsError(str(exc), positions=[j]) from None
+            if not parts:
+                return self._certify(model, x, noise, num_classes, noise_batch, None, progress)
+            return Certificates.concat(parts)
+        return self._certify(model, x, noise, num_classes, noise_batch, generator, progress)
+
+    def _certify(self, model, x, noise, num_classes, noise_batch, generator, progress) -> Certificates:
+        kw = dict(num_classes=num_classes, noise_batch=noise_batch, generator=generator, progress=progress)
+        check_unit_box(x)
+        counts0 = count_predictions(model, x, noise, self.n0, **kw).cpu().numpy()
+        pred = top_class(counts0)
+        counts = count_predictions(model, x, noise, self.n, **kw).cpu().numpy()
+        p_lower = clopper_pearson_lower(counts[np.arange(len(pred)), pred], self.n, self.alpha)
+        values = {"p_lower": p_lower, **noise.extra_radii(x, p_lower)}
+        missing = [c for c in noise.extra_columns if c not in values]
+        if missing:
+            raise ValueError(f"{type(noise).__name__}.extra_radii gives no {', '.join(missing)}")
+        return Certificates(
+            method=noise.name,
+            prediction=pred,
+            radius=np.asarray(noise.radius(p_lower), dtype=np.float64),
+            counts=counts,
+            forward_passes=self.n0 + self.n,
+            values=values,
+            counts_n0=counts0,
+        )
+
+    def check_row(self, values, counts, prediction, radius, noise) -> None:
+        p = float(values["p_lower"])
+        if not 0.0 <= p <= 1.0 or not math.isclose(
+            radius, float(noise.radius(np.array([p]))[0]), rel_tol=1e-9, abs_tol=1e-9
+        ):
+            raise ValueError("p_lower and radius disagree")
+        if int(counts.sum()) != self.n:
+            raise ValueError(f"counts sum to {int(counts.sum())}, not N = {self.n}")
+        if abs(p - float(clopper_pearson_lower(int(counts[prediction]), self.n, self.alpha))) > 1e-12:
+            raise ValueError("p_lower does not follow from the counts of the prediction")
+        noise.check_extra({c: float(values[c]) for c in noise.extra_columns}, radius)
+
+
+def default_procedure(noise: Noise, *, n0: int = 64, n: int = 100_000, alpha: float = 0.001) -> Procedure:
+    """The noise's own procedure (what ``procedure=`` defaults to for it): :class:`Exact` for an enumerated noise,
+    :class:`FixedSample` with (n0, n, alpha) for a sampled one."""
+    return Exact() if isinstance(noise, EnumeratedNoise) else FixedSample(n0=n0, n=n, alpha=alpha)

@@ -1,0 +1,189 @@
+"""What both entry points share (layer 3): building the noise and the certificate procedure from the config,
+checking a user's network, the trust of configs read from files, and certifying a model without training.
+
+Entry points (``cli/train.py``, ``cli/certify.py``) import from here, never from each other.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from ssn_exp.cli.config import ConfigError, build, config_source
+
+log = logging.getLogger("ssn_exp")
+
+__all__ = [
+    "finish_wandb",
+    "check_network",
+    "run_trust",
+    "build_noise",
+    "build_procedure",
+    "certify_model",
+]
+
+
+def finish_wandb():
+    if "wandb" in sys.modules:
+        import wandb
+
+        if wandb.run is not None:
+            wandb.finish()
+
+
+def check_network(net, dm, group: str, denoiser: bool = False) -> None:
+    """Run ``net`` on two blank images of the data set's shape, then on two random ones, together and one at a time.
+
+    It must return (2, num_classes) finite floating-point logits (a denoiser: images of the same shape), leave its
+    input as it was (the user's model inside the ``normalized`` wrapper included), and give each example the same
+    output whatever else is in the batch (certification batches noisy copies of several examples together).
+    Else a :class:`ConfigError` naming the config file.
+    """
+    import torch
+
+    from ssn_exp.models import Normalize
+
+    where = f"the {group} from {config_source(group)}"
+    shape = (2, *dm.shape)
+    inner = net[1] if isinstance(net, torch.nn.Sequential) and len(net) == 2 and isinstance(net[0], Normalize) else None
+    changed: list[bool] = []
+    seen: dict = {}
+
+    def before(module, args):
+        seen["input"] = args[0].clone() if args and isinstance(args[0], torch.Tensor) else None
+
+    def after(module, args, output):
+        before_call = seen.pop("input", None)
+        if before_call is not None and not torch.equal(before_call, args[0]):
+            changed.append(True)
+
+    hooks = [] if inner is None else [inner.register_forward_pre_hook(before), inner.register_forward_hook(after)]
+
+    def run(x):
+        try:
+            with torch.no_grad():
+                return net(x)
+        except Exception as exc:  # noqa: BLE001 - any failure of a user's network is a config problem
+            text = " ".join(str(exc).split()) or type(exc).__name__
+            raise ConfigError(f"{where} does not accept {dm.name} images of shape {list(dm.shape)}: {text}") from None
+
+    was_training = net.training
+    net.eval()
+    try:
+        x = torch.full(shape, 0.5)
+        out = run(x)
+        want = shape if denoiser else (2, dm.num_classes)
+        what = "images of the same shape" if denoiser else f"(N, num_classes={dm.num_classes}) logits"
+        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
+            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+            raise ConfigError(f"{where} returns {got} for {list(shape)} inputs; it must return {what}")
+        if not out.is_floating_point():
+            raise ConfigError(
+                f"{where} returns {str(out.dtype).replace('torch.', '')} values; it must return floating-point "
+                f"{'images' if denoiser else 'logits'} (e.g. float32)"
+            )
+        if not bool(torch.isfinite(out).all()):
+            raise ConfigError(f"{where} returns NaN or infinite values")
+        if changed or not bool((x == 0.5).all()):
+            raise ConfigError(
+                f"{where} modifies its input in place; it must leave the input tensor as it is "
+                "(work on a copy: x = x.clone(), or no in-place operation on x)"
+            )
+        g = torch.Generator().manual_seed(0)
+        x = torch.rand(shape, generator=g)
+        x_before = x.clone()
+        together, alone = run(x), torch.cat([run(x[:1]), run(x[1:])])
+        if changed or not torch.equal(x, x_before):
+            raise ConfigError(
+                f"{where} modifies its input in place; it must leave the input tensor as it is "
+                "(work on a copy: x = x.clone(), or no in-place operation on x)"
+            )
+        # NaN where the model gives NaN must agree too; certification refuses non-finite logits per example anyway
+        scale = float(torch.nan_to_num(together.double(), nan=0.0, posinf=0.0, neginf=0.0).abs().max())
+        if together.shape != alone.shape or not torch.allclose(
+            together.double(), alone.double(), rtol=1e-3, atol=1e-4 * (1.0 + scale), equal_nan=True
+        ):
+            raise ConfigError(
+                f"{where} gives an example a different output alone than in a batch (or random outputs); "
+                "certification needs a deterministic output per example in eval mode (e.g. no batch statistics)"
+            )
+    finally:
+        for h in hooks:
+            h.remove()
+        net.train(was_training)
+
+
+def run_trust(cfg: DictConfig):
+    """What configs read from files may build in this run: ssn_exp's own targets, those of this run's composed
+    config (the user's choice) and the modules in ``trust_targets`` (:class:`ssn_exp.trust.Trust`)."""
+    from ssn_exp.trust import Trust, UntrustedTarget
+
+    try:
+        return Trust.from_config(cfg)
+    except UntrustedTarget as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def build_noise(node: DictConfig, group: str = "method"):
+    """The noise of the ``method`` config (any :class:`ssn_exp.noises.Noise`), or a ConfigError naming the file."""
+    from ssn_exp.noises import Noise
+
+    noise = build(node, group)
+    if not isinstance(noise, Noise):
+        raise ConfigError(
+            f"{config_source(group)} builds {type(noise).__name__}, not a smoothing noise (ssn_exp.noises.Noise)"
+        )
+    return noise
+
+
+def build_procedure(cfg: DictConfig, noise, chosen: bool = True):
+    """The certificate procedure of the ``procedure`` config, checked against the noise it is to certify: a noise it
+    cannot certify (procedure=fixed for dssn, say) is refused in one line before anything is trained or loaded.
+
+    ``chosen=False`` (a checkpoint certified without ``procedure=`` on the command line): the noise's own procedure
+    (:func:`ssn_exp.certify.procedures.default_procedure`: exact for an enumerated noise such as DSSN, fixed with the
+    ``certify.n0 / n / alpha`` settings for a sampled one), since the noise comes from the checkpoint, not the config.
+    """
+    from ssn_exp.certify.procedures import Procedure, ProcedureError, default_procedure
+
+    if not chosen:
+        c = cfg.certify
+        return default_procedure(noise, n0=int(c.n0), n=int(c.n), alpha=float(c.alpha))
+    if "procedure" not in cfg:
+        raise ConfigError("the config has no procedure group: add `- procedure: fixed` to its defaults list")
+    procedure = build(cfg.procedure, "procedure")
+    if not isinstance(procedure, Procedure):
+        raise ConfigError(
+            f"{config_source('procedure')} builds {type(procedure).__name__}, not a certificate procedure "
+            "(ssn_exp.certify.procedures.Procedure)"
+        )
+    try:
+        procedure.check(noise)
+    except ProcedureError as exc:
+        raise ConfigError(str(exc)) from None
+    return procedure
+
+
+def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, settings: dict, meta: dict, logger):
+    """Certify ``model`` without training: a Lightning predict loop (sharded over DDP ranks) that runs the one
+    certification driver (:func:`ssn_exp.lightning.certification.run_certification`) on every rank."""
+    import json
+
+    from ssn_exp.lightning.certification import CertifyTask
+
+    task = CertifyTask(model, noise, procedure, dm, out_dir, settings, list(cfg.certify.radii), meta)
+    trainer = build(
+        cfg.trainer,
+        "trainer",
+        logger=logger if logger else False,
+        default_root_dir=str(out_dir),
+        use_distributed_sampler=False,
+        enable_progress_bar=False,  # the certification reports its own progress, per example
+    )
+    trainer.predict(task, return_predictions=False)
+    if task.metrics is not None:
+        return task.metrics
+    return json.loads((Path(out_dir) / "metrics.json").read_text())  # ddp_spawn: written by rank 0's process
