@@ -166,7 +166,7 @@ class Trust:
                     inspect.getattr_static(obj, part)
                     sub = getattr(obj, part)
                 except AttributeError:
-                    sub = self._module(".".join(parts[:i]))
+                    sub = self._moved(obj, part) or self._module(".".join(parts[:i]))
             else:
                 try:
                     sub = getattr(obj, part)
@@ -177,6 +177,21 @@ class Trust:
             obj = sub
         self._resolved[name] = obj
         return obj
+
+    @staticmethod
+    def _moved(module: types.ModuleType, part: str):
+        """A name an ssn_exp module keeps through a module ``__getattr__`` after it moved (``ssn_exp.smoothing.DSSN``
+        in checkpoints written before ``ssn_exp.noises``): only ssn_exp's own deprecation shims are asked."""
+        if module.__name__.split(".")[0] != "ssn_exp" or "__getattr__" not in vars(module):
+            return None
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            try:
+                return getattr(module, part)
+            except AttributeError:
+                return None
 
     def _allowed(self, name: str, obj) -> bool:
         if not callable(obj) or isinstance(obj, types.ModuleType):
