@@ -21,7 +21,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import one_error_line, run_cli_many
-from ssn_exp.cli.errors import RunDirGuard, RunLock, _make_dirs, _remove_created_dirs, _StartRecord, _SweepRecord
+from ssn_exp.cli.errors import (
+    RunDirGuard,
+    RunLock,
+    RunLockedError,
+    _make_dirs,
+    _remove_created_dirs,
+    _StartRecord,
+    _SweepRecord,
+)
+from ssn_exp.exceptions import UserError
 
 FAST = ["debug=fast", "trainer.enable_progress_bar=false"]
 
@@ -243,3 +252,43 @@ def test_failed_starts_through_hydra_keep_what_was_there(tmp_path):
     assert "seed must be" in train and "ckpt=PATH" in certify
     assert ".hydra" in hydra_error and "File exists" in hydra_error, hydra_error
     assert tree(existing) == before
+
+
+@pytest.fixture
+def multirun_job(tmp_path):
+    """Hydra's config of a multirun job in ``tmp_path/sweep/job`` (what guard() reads), reset afterwards."""
+    from hydra.conf import HydraConf
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    job = tmp_path / "sweep" / "job"
+    job.mkdir(parents=True)
+    cfg = OmegaConf.create({"hydra": OmegaConf.structured(HydraConf)})
+    cfg.hydra.runtime.output_dir = str(job)
+    cfg.hydra.mode = RunMode.MULTIRUN
+    HydraConfig.instance().set_config(cfg)
+    yield job
+    HydraConfig.instance().cfg = None
+
+
+def test_a_job_refused_by_another_process_s_lock_writes_nothing_into_its_folder(multirun_job):
+    """A second sweep runs a job that the first is running: the first's folder gets no error.txt of the refusal
+    (the report would list the running job as failed); a job that fails on its own keeps its error.txt."""
+    from ssn_exp.cli.errors import guard
+
+    def start_in_locked_folder(cfg):
+        with RunLock(multirun_job):
+            with RunLock(multirun_job):  # the second process's RunLock, refused
+                pass
+
+    with pytest.raises(RunLockedError):
+        guard(start_in_locked_folder, None)
+    assert not (multirun_job / "error.txt").exists()
+
+    def bad_setting(cfg):
+        raise UserError("sigma must be a positive finite number, got -1")
+
+    with pytest.raises(UserError):
+        guard(bad_setting, None)
+    assert (multirun_job / "error.txt").read_text() == "sigma must be a positive finite number, got -1\n"

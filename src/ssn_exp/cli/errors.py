@@ -232,7 +232,7 @@ def guard(task: Callable, cfg) -> object:
     the files and folders this process created are removed, an earlier run's ``.hydra/`` record and log are put
     back as they were) and exits with status 2. In a multirun the job directory keeps ``error.txt`` (the report
     lists the job as failed, with this line) and the error is re-raised, so Hydra records the job as failed and
-    runs the others.
+    runs the others. A job refused because another process runs in its folder writes no ``error.txt`` there.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -250,10 +250,11 @@ def guard(task: Callable, cfg) -> object:
             out, multirun = None, False
         if multirun:
             log.error("error: %s", msg)
-            try:
-                _write_new_file(out / "error.txt", msg + "\n")
-            except OSError:
-                pass
+            if not isinstance(exc, RunLockedError):  # (the folder is another process's: its job is running there)
+                try:
+                    _write_new_file(out / "error.txt", msg + "\n")
+                except OSError:
+                    pass
             raise
         record = _StartRecord.current
         if record is not None and out is not None and record.out == out.absolute():
