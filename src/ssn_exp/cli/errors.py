@@ -330,7 +330,12 @@ def _make_dirs(path: Path | str) -> list[_MadeDir]:
                 if os.path.isdir(d):  # made by someone else in the meantime (or "x/.."): not ours
                     continue
                 raise
-            made.append((d, os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)))
+            try:
+                made.append((d, os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)))
+            except OSError:  # (out of descriptors, say): the folder just made goes too
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+                raise
     except OSError:
         _remove_created_dirs(made[::-1])
         raise
