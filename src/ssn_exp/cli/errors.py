@@ -20,6 +20,7 @@ import fcntl
 import logging
 import os
 import signal
+import stat
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,16 @@ log = logging.getLogger("ssn_exp")
 
 #: What Hydra writes into a run directory before the task starts (besides the job log), and the lock.
 _HYDRA_ONLY = {".hydra", ".ssn_exp.lock"}
-_OS_USER_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+_OS_USER_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.EEXIST,
+    errno.ENAMETOOLONG,  # a run directory (a tag, an override value) too long for the file system
+}
 
 
 class RunLockedError(UserError, RuntimeError):
@@ -184,6 +194,7 @@ def run_entry(main: Callable[[], object], during: str = "training") -> None:
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # Lightning then chains to ours
         signal.signal(signal.SIGTERM, _on_sigterm)
     _quiet_known_warnings()
+    _StartRecord.current = _SweepRecord.current = None  # (the records of an earlier call in this process are done)
     resume = "run the same command again to resume: finished epochs, certificates and sweep jobs are kept"
     quiet = os.environ.get("SSN_EXP_IN_SWEEP") == "1"  # python -m ssn_exp.sweep says it once for the sweep
     try:
@@ -203,7 +214,13 @@ def run_entry(main: Callable[[], object], during: str = "training") -> None:
             raise
         msg = one_line(exc)
         if _multirun():
-            msg = f"a job of the sweep failed: {msg} (the other jobs ran; the same command again resumes the rest)"
+            sweep = _SweepRecord.current
+            if sweep is not None and sweep.undo():  # failed before any job started (a job's config, say)
+                msg = f"the sweep did not start: {msg}"
+            else:
+                msg = f"a job of the sweep failed: {msg} (the other jobs ran; the same command again resumes the rest)"
+        elif _StartRecord.current is not None:  # Hydra failed around the task (writing .hydra/, say): undo too
+            _StartRecord.current.undo()
         print(f"error: {msg}", file=sys.stderr)
         sys.exit(2)
 
@@ -215,7 +232,7 @@ def guard(task: Callable, cfg) -> object:
     the files and folders this process created are removed, an earlier run's ``.hydra/`` record and log are put
     back as they were) and exits with status 2. In a multirun the job directory keeps ``error.txt`` (the report
     lists the job as failed, with this line) and the error is re-raised, so Hydra records the job as failed and
-    runs the others.
+    runs the others. A job refused because another process runs in its folder writes no ``error.txt`` there.
     """
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
@@ -233,10 +250,11 @@ def guard(task: Callable, cfg) -> object:
             out, multirun = None, False
         if multirun:
             log.error("error: %s", msg)
-            try:
-                _write_new_file(out / "error.txt", msg + "\n")
-            except OSError:
-                pass
+            if not isinstance(exc, RunLockedError):  # (the folder is another process's: its job is running there)
+                try:
+                    _write_new_file(out / "error.txt", msg + "\n")
+                except OSError:
+                    pass
             raise
         record = _StartRecord.current
         if record is not None and out is not None and record.out == out.absolute():
@@ -284,19 +302,82 @@ def _snapshot(out: Path, log_name: str) -> dict[str, tuple]:
     return snap
 
 
+#: A folder this process created: its path (absolute, as given: ``..`` is not folded away) and an open descriptor of
+#: it, which keeps its inode from being reused: a folder made at that path later (by the user, by another run) can
+#: never pass for it, as one with the same (st_dev, st_ino) could once the original is gone.
+_MadeDir = tuple[Path, int]
+
+
+def _make_dirs(path: Path | str) -> list[_MadeDir]:
+    """Create ``path`` and its missing parents, the same folders ``Path(path).mkdir(parents=True)`` makes (what
+    Hydra calls next, then a no-op), one ``os.mkdir`` at a time, and return the ones this call made, deepest first.
+
+    A folder that exists already, or that another process makes meanwhile, is not in the list: only an
+    ``os.mkdir`` that succeeded here counts, so undoing a start can never remove a folder it did not make. If a
+    folder cannot be made, those made so far are removed again and the ``OSError`` is raised.
+    """
+    p = Path(os.path.abspath(os.getcwd())) / Path(path)  # absolute, but ".." kept as the kernel resolves it
+    missing = []
+    while not os.path.lexists(p) and p.parent != p:  # (a file on the way fails below, as in mkdir: "Not a directory")
+        missing.append(p)
+        p = p.parent
+    made: list[_MadeDir] = []
+    try:
+        for d in reversed(missing):
+            try:
+                os.mkdir(d)
+            except FileExistsError:
+                if os.path.isdir(d):  # made by someone else in the meantime (or "x/.."): not ours
+                    continue
+                raise
+            try:
+                made.append((d, os.open(d, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)))
+            except OSError:  # (out of descriptors, say): the folder just made goes too
+                with contextlib.suppress(OSError):
+                    os.rmdir(d)
+                raise
+    except OSError:
+        _remove_created_dirs(made[::-1])
+        raise
+    return made[::-1]
+
+
+def _remove_created_dirs(made: list[_MadeDir]) -> None:
+    """Remove the folders of :func:`_make_dirs`, deepest first, each only while it is empty and still the very
+    folder this process made (not one put at its path since); stop at the first that stays. Their descriptors
+    are closed."""
+    try:
+        for d, fd in made:
+            try:
+                st = os.lstat(d)
+            except FileNotFoundError:
+                continue  # removed meanwhile: the folders above it may still be this process's, and empty
+            except OSError:
+                break
+            if not stat.S_ISDIR(st.st_mode) or not os.path.samestat(st, os.fstat(fd)):
+                break  # another folder (or a link) at that path now: not ours, and so neither are those above it
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+    finally:
+        for _, fd in made:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
 class _StartRecord:
     """The state of a run directory before Hydra wrote into it (taken by :class:`RunDirGuard`)."""
 
     current: _StartRecord | None = None
 
-    def __init__(self, out: Path, log_name: str):
+    def __init__(self, out: Path | str, log_name: str):
         self.out = Path(os.path.abspath(out))
         self.log_name = log_name
-        self.created_dirs: list[Path] = []  # the run directory and its parents that do not exist yet, deepest first
-        p = self.out
-        while not os.path.lexists(p) and p.parent != p:
-            self.created_dirs.append(p)
-            p = p.parent
+        self.undone = False
+        # The run directory and its missing parents, made here (not by Hydra, whose mkdir(exist_ok=True) cannot
+        # tell which folders it made): exactly the folders this process created, deepest first.
+        self.created_dirs = _make_dirs(out)
         self.existed = {n for n in (".hydra", log_name, ".ssn_exp.lock") if os.path.lexists(self.out / n)}
         self.hydra_bytes: dict[str, bytes] = {}
         for name in _HYDRA_FILES:
@@ -316,8 +397,12 @@ class _StartRecord:
         If another process holds the directory's lock, only the ``.hydra/`` record is put back (the log and
         the lock are that process's).
         """
+        if self.undone:
+            return
+        self.undone = True
         out = self.out
         if not out.is_dir():
+            _remove_created_dirs(self.created_dirs)
             return
         others_run_here = others_run_here or not self._lock_is_free()
         if not others_run_here and _snapshot(out, self.log_name) != self.snapshot:
@@ -350,11 +435,7 @@ class _StartRecord:
             lock = out / ".ssn_exp.lock"
             if lock.is_file() and not lock.is_symlink():
                 lock.unlink()
-        for d in self.created_dirs:  # only folders this process created, and only while they are empty
-            try:
-                d.rmdir()
-            except OSError:
-                break
+        _remove_created_dirs(self.created_dirs)
 
     def _lock_is_free(self) -> bool:
         try:
@@ -374,14 +455,51 @@ def _close_file_handlers(path: Path) -> None:
                 h.close()
 
 
+class _SweepRecord:
+    """The sweep directory of a multirun before Hydra's sweeper wrote into it (taken by :class:`RunDirGuard`)."""
+
+    current: _SweepRecord | None = None
+
+    def __init__(self, sweep_dir: Path | str):
+        self.dir = Path(os.path.abspath(sweep_dir))
+        self.undone = False
+        self.jobs_started = 0  # jobs this process started (on_job_start); a launcher may run them elsewhere
+        self.created_dirs = _make_dirs(sweep_dir)  # exactly the folders this process made, deepest first
+        record = self.dir / "multirun.yaml"
+        self.record_existed = os.path.lexists(record)
+        self.record_bytes = record.read_bytes() if record.is_file() and not record.is_symlink() else None
+        self.snapshot = _snapshot(self.dir, "multirun.yaml")
+
+    def undo(self) -> bool:
+        """After a multirun failed: if no job started (none here, and the sweep directory holds nothing new but
+        ``multirun.yaml``), put ``multirun.yaml`` back as it was (an earlier sweep's, byte for byte, or none),
+        remove the folders this process created, and return True. Else change nothing and return False."""
+        if self.undone:
+            return True
+        if self.jobs_started or not self.dir.is_dir() or _snapshot(self.dir, "multirun.yaml") != self.snapshot:
+            return False
+        self.undone = True
+        record = self.dir / "multirun.yaml"
+        if self.record_bytes is not None:
+            if record.is_symlink() or not record.is_file() or record.read_bytes() != self.record_bytes:
+                _write_new_file(record, self.record_bytes)
+        elif not self.record_existed and record.is_file() and not record.is_symlink():
+            record.unlink()
+        _remove_created_dirs(self.created_dirs)
+        return True
+
+
 class RunDirGuard:
     """Hydra callback (``hydra.callbacks.run_dir``): runs before Hydra creates the run directory, its log and
     ``.hydra/``. It refuses, in one line, a run file that is a symbolic link (Hydra would write through it),
-    and records the directory as it is, for :func:`guard` to undo a failed start.
+    makes the run directory and its missing parents itself (so that it knows exactly which folders this start
+    created) and records the directory as it is, for :func:`guard` to undo a failed start.
 
-    Multirun jobs are not covered here (Hydra calls no callback before it writes a job's folder): their
-    lock and result files still refuse links (:class:`RunLock`, ``run_files``), and a failed job keeps its
-    folder with ``error.txt`` for the report.
+    A multirun is recorded the same way before Hydra's sweeper writes the sweep directory and its
+    ``multirun.yaml`` (:class:`_SweepRecord`): a sweep that fails before any job starts (a job's config that
+    does not compose) leaves the sweep directory as it was. Jobs have no hook before Hydra writes their folder:
+    their lock and result files still refuse links (:class:`RunLock`, ``run_files``), and a failed job keeps
+    its folder with ``error.txt`` for the report.
     """
 
     def on_run_start(self, config, **kwargs) -> None:
@@ -392,24 +510,35 @@ class RunDirGuard:
         with contextlib.suppress(Exception):  # as run_job does first: ${hydra:...} may name the run directory
             HydraConfig.instance().set_config(config)
         try:
-            out = Path(os.path.abspath(str(OmegaConf.select(config, "hydra.run.dir", throw_on_missing=True))))
+            given = str(OmegaConf.select(config, "hydra.run.dir", throw_on_missing=True))  # as run_job reads it
+            out = Path(os.path.abspath(given))
             log_name = f"{OmegaConf.select(config, 'hydra.job.name') or 'ssn_exp'}.log"
         except Exception:  # noqa: BLE001 - a bad run directory: Hydra reports it in run_job, before writing anything
             return
         self._refuse_links(out, log_name)
-        _StartRecord.current = _StartRecord(out, log_name)
+        _StartRecord.current = _exit_on_os_error(lambda: _StartRecord(given, log_name))
+
+    def on_multirun_start(self, config, **kwargs) -> None:
+        from omegaconf import OmegaConf
+
+        _SweepRecord.current = None
+        try:  # (the sweeper resolves the same node of the same config: ${now:...} is cached, the same folder)
+            given = str(OmegaConf.select(config, "hydra.sweep.dir", throw_on_missing=True))
+        except Exception:  # noqa: BLE001 - a bad sweep directory: Hydra reports it before writing anything
+            return
+        if os.path.islink(Path(given) / "multirun.yaml"):
+            _refuse_link(Path(os.path.abspath(given)) / "multirun.yaml", "hydra.sweep.dir=DIR")
+        _SweepRecord.current = _exit_on_os_error(lambda: _SweepRecord(given))
+
+    def on_job_start(self, config, **kwargs) -> None:
+        if _SweepRecord.current is not None:
+            _SweepRecord.current.jobs_started += 1
 
     # Hydra calls every hook of its Callback interface; the others have nothing to do.
     def on_run_end(self, config, **kwargs) -> None:
         pass
 
-    def on_multirun_start(self, config, **kwargs) -> None:
-        pass
-
     def on_multirun_end(self, config, **kwargs) -> None:
-        pass
-
-    def on_job_start(self, config, **kwargs) -> None:
         pass
 
     def on_job_end(self, config, job_return, **kwargs) -> None:
@@ -420,13 +549,29 @@ class RunDirGuard:
         names = [log_name, ".ssn_exp.lock", ".hydra", *(os.path.join(".hydra", n) for n in _HYDRA_FILES)]
         for name in names:
             if os.path.islink(out / name):
-                # Hydra's callbacks turn exceptions into warnings: leave here, in one line, before anything is written
-                print(
-                    f"error: {out / name} is a symbolic link; ssn_exp does not write run files through links: "
-                    "remove it, or give the run another directory (tag=NAME or hydra.run.dir=DIR)",
-                    file=sys.stderr,
-                )
-                sys.exit(2)
+                _refuse_link(out / name)
+
+
+def _refuse_link(path: Path, elsewhere: str = "tag=NAME or hydra.run.dir=DIR") -> None:
+    # Hydra's callbacks turn exceptions into warnings: leave here, in one line, before anything is written
+    print(
+        f"error: {path} is a symbolic link; ssn_exp does not write run files through links: "
+        f"remove it, or give the run another directory ({elsewhere})",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+
+def _exit_on_os_error(make: Callable):
+    """``make()``; an ``OSError`` (a run directory that cannot be created) ends in one line, exit status 2 (Hydra's
+    callbacks turn exceptions into warnings, and Hydra would then make the same folders and fail there)."""
+    try:
+        return make()
+    except OSError as exc:
+        if os.environ.get("SSN_EXP_TRACEBACK") == "1" or not is_user_error(exc):
+            raise
+        print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
 
 
 class RunLock:
