@@ -295,3 +295,36 @@ def test_the_scan_sees_a_name_compare():
     found = [n.value for n in ast.walk(tree) if isinstance(n, ast.Constant) and id(n) not in docs]
     assert found == ["dssn"]
     assert len(SCANNED) >= 9 and all(p.is_file() for p in SCANNED)
+
+
+def test_the_bench_table_prints_every_case_and_noise_it_is_given():
+    """The bench's table iterates the cases and noises of its results: a third certificate and a fourth training
+    noise get their rows and columns with no change to bench.py (the numbers are made up, the layout is not)."""
+    from ssn_exp import bench
+
+    def case(row, passes):
+        pps = {"cert": 100.0, "forward": 50.0, "baseline": 25.0}
+        return {"forward_passes": passes, "batch_sizes": [9, 27], "passes_per_second": pps, "row": row}
+
+    cert = {"dssn": case("dssn L=27", 54), "randomized": case("uniform", 64), "wobble": case("wobble", 7)}
+    cert["noise_batch"] = 27
+    names = ("uniform", "ssn", "dssn", "wobble")
+    training = {
+        "step_seconds": {"none": 0.002},
+        "overhead": dict(zip(names, (0.01, 0.02, 0.03, 0.04), strict=True)),
+        "overhead_direct": dict(zip(names, (0.1, -0.2, 0.3, 0.4), strict=True)),
+    }
+    result = {"device": "cpu", "device_type": "cpu", "torch": "x", "threads": 2, "options": {"repeats": 1}}
+    result["raw"] = {"tiny": {"certification": cert, "training": training}}
+    lines = bench.format_table(result).splitlines()
+    rows = [line.split() for line in lines if line.startswith("tiny ")]
+    assert [r[1:3] for r in rows[:3]] == [["dssn", "L=27"], ["uniform", "64"], ["wobble", "7"]]
+    assert rows[2][-2:] == ["2.000", "4.00"]  # cert/fwd, cert/base
+    head = next(line for line in lines if "step (no noise)" in line).split()
+    assert head[4:8] == ["uniform", "ssn", "dssn", "wobble"] and "u / s / d / w)" in " ".join(head)
+    assert rows[3] == "tiny 2.00 ms 1.00% 2.00% 3.00% 4.00% (+10.0% / -20.0% / +30.0% / +40.0%)".split()
+    # the cases benchmarked on a model: built once, each a noise, a procedure and a baseline
+    cases = bench.cert_cases(bench.CASES["digits_cnn"], dict(bench.CASES["digits_cnn"].quick_sizes))
+    assert [c.key for c in cases] == ["dssn", "randomized"] and [c.row for c in cases] == ["dssn L=27", "uniform"]
+    assert [c.procedure.name for c in cases] == ["exact", "fixed"]
+    assert [c.procedure.forward_passes(c.noise) for c in cases] == [sum(c.rounds) for c in cases]
