@@ -21,9 +21,9 @@ from ssn_exp.certify.record import CertificateRecord
 from ssn_exp.lightning.run_files import summarize, write_rows_atomic
 from ssn_exp.lightning.tracking import certification_curves, certification_summary
 from ssn_exp.noises import SampledNoise, Uniform
-from ssn_exp.report import main
+from ssn_exp.report import build_best_tables, main
 from ssn_exp.report.plots import PALETTE, curves_figure, method_colors
-from ssn_exp.report.records import RunFileError, load_paths, load_reference, load_run_dir
+from ssn_exp.report.records import RunFileError, RunRecord, load_paths, load_reference, load_run_dir
 
 SRC = Path(ssn_exp.__file__).parent
 
@@ -168,6 +168,21 @@ def test_the_curves_draw_a_new_noise_by_its_label_in_its_names_colour(runs):
     assert y[0] == 75.0 and set(y[(x > 0.4) & (x <= 1.0)]) == {50.0} and set(y[(x > 1.0) & (x <= 1.2)]) == {25.0}
     assert set(y[x > 1.2]) == {0.0} and lines["Wobble (ours)"].get_ydata()[0] == 50.0  # its own radii: 0.7, 0.3
     assert [t.get_text() for t in fig.legends[0].get_texts()] == list(lines)
+
+
+def test_a_methods_further_radii_follow_it_whatever_the_other_labels():
+    """Sorting by the full label would put "Wobble & Co" ('&' < '(') between "Wobble" and "Wobble (tight)"."""
+
+    def rec(method, label, variant=""):
+        one = np.array([0])
+        return RunRecord(
+            "cifar10", method, "standard", "none", 0.5, one, one, np.array([0.5]), label=label, variant=variant
+        )
+
+    records = [rec("amp", "Wobble & Co"), rec("wobble (tight)", "Wobble (tight)", "tight"), rec("wobble", "wobble")]
+    tables = build_best_tables(records, radii=[0.5])
+    assert [t.method for t in tables] == ["wobble", "wobble (tight)", "amp"]
+    assert [t.label for t in tables] == ["wobble", "Wobble (tight)", "Wobble & Co"]
 
 
 def test_wandb_summary_and_curves_cover_every_further_radius_with_the_label(runs):

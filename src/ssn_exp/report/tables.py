@@ -92,11 +92,13 @@ def _origin_rank(origin: str) -> tuple[int, str]:
 
 def method_ranks(records: Iterable[RunRecord]) -> dict[str, tuple]:
     """The sort key of every method of ``records``: by label (case-insensitive), each method's further-radius
-    records (e.g. "uniform (box)") right after it. The first record of a method gives its label."""
-    ranks: dict[str, tuple] = {}
-    for r in records:
-        ranks.setdefault(r.method, (r.base_label.casefold(), r.base_label, r.base_method, r.variant))
-    return ranks
+    records (e.g. "uniform (box)") right after it, whatever their labels. The first record of a method gives its
+    label (its own records before those of its further radii)."""
+    records = list(records)
+    by_label: dict[str, tuple[str, str]] = {}
+    for r in sorted(records, key=lambda r: r.variant != ""):  # stable: a method's own records first
+        by_label.setdefault(r.base_method, (r.base_label.casefold(), r.base_label))
+    return {r.method: (*by_label[r.base_method], r.base_method, r.variant) for r in records}
 
 
 def method_labels(records: Iterable[RunRecord]) -> dict[str, str]:
