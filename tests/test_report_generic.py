@@ -7,6 +7,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import csv
+import dataclasses
 import io
 import json
 from pathlib import Path
@@ -168,6 +169,28 @@ def test_the_curves_draw_a_new_noise_by_its_label_in_its_names_colour(runs):
     assert y[0] == 75.0 and set(y[(x > 0.4) & (x <= 1.0)]) == {50.0} and set(y[(x > 1.0) & (x <= 1.2)]) == {25.0}
     assert set(y[x > 1.2]) == {0.0} and lines["Wobble (ours)"].get_ydata()[0] == 50.0  # its own radii: 0.7, 0.3
     assert [t.get_text() for t in fig.legends[0].get_texts()] == list(lines)
+
+
+def test_a_method_keeps_its_colour_in_every_figure_of_a_report(runs, tmp_path):
+    """Colours come from all the report's methods: wobble is orange (alpha, blue, sorts first) also in a figure
+    without alpha."""
+    from matplotlib.colors import to_rgb
+    from matplotlib.image import imread
+
+    from ssn_exp.report.plots import plot_all_curves
+
+    records, _ = load_paths([runs])
+    records = [r if r.method == "alpha" else dataclasses.replace(r, dataset="digits") for r in records]
+    paths = plot_all_curves(records, tmp_path, points=41)
+    assert [p.name for p in paths] == ["curves_cifar10_standard_none.png", "curves_digits_standard_none.png"]
+
+    def has(path, color):
+        pixels = imread(path)[..., :3].reshape(-1, 3)
+        return bool(np.any(np.all(np.abs(pixels - np.array(to_rgb(color))) < 2 / 255, axis=1)))
+
+    digits = tmp_path / "curves_digits_standard_none.png"
+    assert has(digits, PALETTE[1]) and not has(digits, PALETTE[0])
+    assert has(tmp_path / "curves_cifar10_standard_none.png", PALETTE[0])
 
 
 def test_a_methods_further_radii_follow_it_whatever_the_other_labels():
