@@ -193,6 +193,14 @@ def test_a_method_keeps_its_colour_in_every_figure_of_a_report(runs, tmp_path):
     assert has(tmp_path / "curves_cifar10_standard_none.png", PALETTE[0])
 
 
+def test_a_label_is_drawn_as_written_not_as_mathtext(runs, tmp_path):
+    records, _ = load_paths([runs / "alpha_0.5"])
+    records = [dataclasses.replace(records[0], label=r"Zeta $\frac$", dataset="dig$its")]
+    fig = curves_figure(records, title="dig$its")
+    fig.canvas.draw()  # bad TeX between two $ would raise here
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == [r"Zeta \$\frac\$ (ours)"]
+
+
 def test_a_methods_further_radii_follow_it_whatever_the_other_labels():
     """Sorting by the full label would put "Wobble & Co" ('&' < '(') between "Wobble" and "Wobble (tight)"."""
 

@@ -51,6 +51,11 @@ def method_colors(records: Iterable[RunRecord]) -> dict[str, str]:
     return {r.method: color[r.base_method] for r in records}
 
 
+def _plain(text: str) -> str:
+    """Text from result files shown as written: matplotlib would read ``$...$`` as mathtext (and fail on bad TeX)."""
+    return str(text).replace("$", r"\$")
+
+
 def max_certified_radius(rec: RunRecord) -> float:
     """Largest radius certified for a correct example (0 if none)."""
     rho = rec.rho[rec.correct]
@@ -138,9 +143,9 @@ def curves_figure(
         grid = radius_grid(max(max_certified_radius(rec) for _, rec in lines), points)
         for (origin, method, _), rec in lines:
             published = origin != "ours"
-            label = f"{rec.label} ({'published' if published else 'ours'})"
+            label = _plain(f"{rec.label} ({'published' if published else 'ours'})")
             if published and len({k[0] for k in chosen if k[0] != "ours"}) > 1:
-                label = f"{rec.label} (published, {origin})"
+                label = _plain(f"{rec.label} (published, {origin})")
             (h,) = ax.plot(
                 grid,
                 curve(rec, grid),
@@ -161,7 +166,7 @@ def curves_figure(
     for j in range(len(sigmas), nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_plain(title))
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(6, len(handles)))
     return fig
 
@@ -224,10 +229,10 @@ def plot_denoisers(
                     continue
                 seen.add((r.origin, r.method))
                 published = r.origin != "ours"
-                label = f"{r.label} ({'published' if published else 'ours'})"
+                label = _plain(f"{r.label} ({'published' if published else 'ours'})")
                 (h,) = ax.plot(grid, curve(r, grid), color=colors[r.method], linestyle=_linestyle(r))
                 handles.setdefault(label, h)
-            ax.set_title(f"{variant}, σ = {sigma_label(sigma)}", fontsize=9)
+            ax.set_title(_plain(f"{variant}, σ = {sigma_label(sigma)}"), fontsize=9)
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
             if j == 0:
@@ -235,7 +240,7 @@ def plot_denoisers(
             if i == len(variants) - 1:
                 ax.set_xlabel("ℓ1 radius")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_plain(title))
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(6, len(handles)))
     return _save(fig, path)
