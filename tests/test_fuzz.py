@@ -256,7 +256,9 @@ metrics_files = st.one_of(
         lambda method, extra: json.dumps(_metrics(method, extra)).encode(),
         st.sampled_from(["dssn", "uniform", "ssn"]),
         st.dictionaries(
-            st.sampled_from(["dataset", "method", "training", "denoiser", "sigma", "q", "n_examples", "seed", "acr"]),
+            st.sampled_from(
+                ["dataset", "method", "label", "training", "denoiser", "sigma", "q", "n_examples", "seed", "acr"]
+            ),
             json_values | st.sampled_from([2, 0.5, 16, "dssn", "x", -1, 0, True]),
             max_size=2,
         ),
@@ -269,6 +271,7 @@ VALID_BODY = {
     DSSN_HEADER: "0,1,1,1,0.25,0.01,4,1:16\n1,2,3,0,0.0,0.01,0,3:16\n",
     "index,label,prediction,k": "0,1,1,4\n1,2,3,0\n",
     "index,label,prediction,radius": "0,1,1,0.5\n1,2,3,-0.5\n",
+    "index,label,prediction,radius,radius_tight": "0,1,1,0.5,0.7\n1,2,3,-0.5,0.1\n",  # a user noise's further radius
 }
 REPORT_HEADERS = st.sampled_from(list(VALID_BODY))
 yaml_files = st.one_of(
@@ -360,7 +363,7 @@ def test_a_run_record_is_read_with_the_types_the_tables_need_or_refused(metrics,
             assert "\n" not in str(exc)
             return
     for rec in records:
-        assert all(type(v) is str and v for v in (rec.dataset, rec.method, rec.training, rec.denoiser))
+        assert all(type(v) is str and v for v in (rec.dataset, rec.method, rec.training, rec.denoiser, rec.label))
         assert type(rec.sigma) is float and math.isfinite(rec.sigma) and rec.sigma > 0
         assert type(rec.seed) is int and (rec.q is None or (type(rec.q) is int and rec.q >= 1))
         assert rec.labels.dtype == np.int64 and rec.prediction.dtype == np.int64

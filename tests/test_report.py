@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ssn_exp.noises import DSSN, SSN, Uniform
 from ssn_exp.report import (
     BEST_CSV_COLUMNS,
     build_best_tables,
@@ -31,6 +32,7 @@ TABLE3_SEED0 = {
     "clean": "81.50 77.85 71.17 67.98 65.40 65.40 65.40 65.40",
 }
 Q = 255
+LABELS = {cls.name: cls.label for cls in (Uniform, SSN, DSSN)}  # what summarize writes as metrics.json's "label"
 
 
 def run_main(argv) -> tuple[int, str, str]:
@@ -81,6 +83,7 @@ def write_run(
     (run_dir / "certificates.csv").write_text("\n".join(lines) + "\n")
     meta = {
         "method": method,
+        "label": LABELS[method],
         "sigma": sigma,
         "lambda": sigma * 3**0.5,
         "q": Q if dssn else None,
@@ -174,10 +177,14 @@ def test_reference_report_reproduces_table3_seed0(reference_report):
     tex = (out / "best_over_sigma.tex").read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and "MSE (retrained)" in tex
     assert "72.25 {\\scriptsize (81.50 @ $\\sigma{=}0.75$)}" in tex
-    # seed table: one seed-0 row per dataset, the same numbers
+    assert "& DSSN &" in tex and "& SSN &" in tex and "& Uniform &" in tex  # index.csv's labels
+    # seed table: one seed-0 row per dataset and method, the same numbers
     seeds_md = (out / "seeds.md").read_text()
-    assert "| levine2021 | cifar10 | 0 | " + " | ".join(cells) + " |" in seeds_md.splitlines()
-    assert "| levine2021 | imagenet | 0 |" in seeds_md
+    assert "| levine2021 | cifar10 | dssn | 0 | " + " | ".join(cells) + " |" in seeds_md.splitlines()
+    assert "| levine2021 | imagenet | dssn | 0 |" in seeds_md
+    # methods in the order of their labels: DSSN, SSN, Uniform
+    seed_methods = [line.split(" | ")[2] for line in seeds_md.splitlines() if "| cifar10 |" in line]
+    assert seed_methods == ["dssn", "ssn", "uniform"]
 
 
 def test_reference_report_writes_acr_curves_and_no_missing(reference_report):
@@ -233,11 +240,14 @@ def test_multirun_report(multirun, tmp_path):
     # curves: one figure for (cifar10, standard, none), non-empty PNG
     png = out / "curves_cifar10_standard_none.png"
     assert png.stat().st_size > 1000 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # seed table: one row per seed
+    # seed table: one row per method and seed
     seed_rows = [line for line in (out / "seeds.md").read_text().splitlines() if line.startswith("| ours |")]
-    assert len(seed_rows) == 2
-    assert seed_rows[0].startswith("| ours | cifar10 | 0 | 70.00 (70.00 @ σ=1.0) | 60.00 (70.00 @ σ=1.0) |")
-    assert seed_rows[1].startswith("| ours | cifar10 | 1 | 90.00 (90.00 @ σ=0.5) | 90.00 (90.00 @ σ=0.5) | 25.00")
+    assert len(seed_rows) == 3
+    assert seed_rows[0].startswith("| ours | cifar10 | dssn | 0 | 70.00 (70.00 @ σ=1.0) | 60.00 (70.00 @ σ=1.0) |")
+    assert seed_rows[1].startswith(
+        "| ours | cifar10 | dssn | 1 | 90.00 (90.00 @ σ=0.5) | 90.00 (90.00 @ σ=0.5) | 25.00"
+    )
+    assert seed_rows[2].startswith("| ours | cifar10 | uniform | 0 | 40.00 (60.00 @ σ=0.5) |")
     assert "seed 0 of 0, 1" in (out / "best_over_sigma.md").read_text()
 
 
@@ -252,7 +262,7 @@ def test_reference_and_our_runs_together(reference_dir, multirun, tmp_path):
     assert "| ours | cifar10 | dssn | standard | none |" in stdout
     assert "| levine2021 | cifar10 | dssn | standard | none |" in stdout
     seeds = (out / "seeds.md").read_text()
-    assert "| ours | cifar10 | 0 |" in seeds and "| levine2021 | cifar10 | 0 |" in seeds
+    assert "| ours | cifar10 | dssn | 0 |" in seeds and "| levine2021 | cifar10 | dssn | 0 |" in seeds
     assert "Source" in (out / "best_over_sigma.tex").read_text()
     assert not list(out.glob("*.png"))
     # run dirs given directly: no missing jobs
@@ -324,15 +334,16 @@ def test_library_functions(multirun):
     records, problems = load_paths([multirun])
     assert len(records) == 5 and problems == []
     tables = build_best_tables(records, radii=[0.5, 1.0])
-    assert [t.key for t in tables] == [
-        ("ours", "cifar10", "uniform", "standard", "none"),
+    assert [t.key for t in tables] == [  # methods by label: DSSN before Uniform
         ("ours", "cifar10", "dssn", "standard", "none"),
+        ("ours", "cifar10", "uniform", "standard", "none"),
     ]
-    assert tables[1].seeds == [0, 1] and tables[1].seed == 0
+    assert tables[0].seeds == [0, 1] and tables[0].seed == 0
     assert "ρ=0.5" in format_markdown(tables) and "\\begin{tabular}" in format_latex(tables)
     text = write_csv(tables)
     assert text.splitlines()[0] == ",".join(BEST_CSV_COLUMNS) and len(text.splitlines()) == 1 + 2 * 2
-    assert [t.seed for t in seed_table(records, radii=[0.5])] == [0, 1]
+    assert [t.seed for t in seed_table(records, radii=[0.5], method="dssn")] == [0, 1]
+    assert [(t.method, t.seed) for t in seed_table(records, radii=[0.5])] == [("dssn", 0), ("dssn", 1), ("uniform", 0)]
     assert [m.overrides for m in find_missing([multirun])] == [("method=ssn", "sigma=2.0", "seed=0")]
     # exactness of DSSN radii: k=255 is certified at rho = 1.0
     rec = next(r for r in records if r.method == "dssn" and r.sigma == 0.5 and r.seed == 1)

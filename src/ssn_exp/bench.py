@@ -39,11 +39,12 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from ssn_exp.certify.core import _chunks, certify_batch
+from ssn_exp.certify.core import _chunks
+from ssn_exp.certify.procedures import Exact, FixedSample, Procedure
 from ssn_exp.models import DigitsCNN, WideResNet, normalized
-from ssn_exp.noises import DSSN, SSN, Uniform
+from ssn_exp.noises import DSSN, SSN, Noise, Uniform
 
-__all__ = ["ModelCase", "CASES", "run_bench", "main"]
+__all__ = ["ModelCase", "CASES", "CertCase", "cert_cases", "train_noises", "run_bench", "main"]
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,22 @@ CASES: dict[str, ModelCase] = {
     ),
 }
 
-METHODS = ("dssn", "randomized")
 VARIANTS = ("cert", "forward", "baseline")
+
+
+@dataclass(frozen=True)
+class CertCase:
+    """One benchmarked certificate: a noise certified by a procedure, beside the published code's way of doing the
+    same forward passes (``baseline(model, x, case, num_classes, noise_batch, generator) -> counts``)."""
+
+    key: str  # the case's name in the results: "<key>_vs_forward", raw["certification"][key]
+    row: str  # its label in the printed table
+    noise: Noise
+    procedure: Procedure
+    baseline: Callable
+    rounds: tuple[int, ...]  # noisy copies per image in each counting round (as the procedure makes them)
+    images: int  # images certified per repeat
+    info: dict  # what else the results record about the case
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -160,8 +175,9 @@ def _forward_limit(model, sizes: list[int], buf: torch.Tensor) -> int:
     return done
 
 
-def _baseline_dssn(model, x: torch.Tensor, noise: DSSN, num_classes: int, noise_batch: int) -> torch.Tensor:
+def _baseline_dssn(model, x: torch.Tensor, case: CertCase, num_classes: int, noise_batch: int, generator):
     """The published code's way: per image, build all L noisy copies with the float formula, one-hot counts."""
+    noise = case.noise
     L, q = noise.levels, noise.q
     w = L / q
     v = noise.v.to(x.device)
@@ -182,12 +198,13 @@ def _baseline_dssn(model, x: torch.Tensor, noise: DSSN, num_classes: int, noise_
     return torch.stack(out).cpu()
 
 
-def _baseline_randomized(model, x, lam: float, num_classes: int, n0: int, n: int, noise_batch: int, generator):
+def _baseline_uniform(model, x, case: CertCase, num_classes: int, noise_batch: int, generator):
     """Cohen et al. / Yang et al.: per image, torch.rand noise per batch, one-hot counts (n0 then n)."""
+    lam = case.noise.lam
     out = []
     with torch.inference_mode():
         for img in x:
-            for total in (n0, n):
+            for total in case.rounds:
                 counts = torch.zeros(num_classes, dtype=torch.long, device=x.device)
                 remaining = total
                 while remaining > 0:
@@ -216,60 +233,85 @@ def _median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def cert_cases(case: ModelCase, sz: dict) -> list[CertCase]:
+    """The certificates benchmarked on one model, built once: DSSN enumerated exactly, and randomized uniform
+    noise certified from n0 + n samples; each beside its published baseline."""
+    dssn = DSSN(case.dssn_sigma, q=case.q, dim=math.prod(case.shape), seed=0)
+    uni = Uniform(case.rand_sigma)
+    n0, n = sz["n0"], sz["n"]
+    return [
+        CertCase(
+            key=dssn.name,
+            row=f"{dssn.name} L={dssn.levels}",
+            noise=dssn,
+            procedure=Exact(),
+            baseline=_baseline_dssn,
+            rounds=(dssn.support,),
+            images=sz["images"],
+            info={"levels": dssn.levels, "sigma": case.dssn_sigma},
+        ),
+        CertCase(
+            key="randomized",
+            row=uni.name,
+            noise=uni,
+            procedure=FixedSample(n0=n0, n=n),
+            baseline=_baseline_uniform,
+            rounds=(n0, n),
+            images=sz["rand_images"],
+            info={"n0": n0, "n": n, "noise": uni.name, "sigma": case.rand_sigma},
+        ),
+    ]
+
+
+def train_noises(case: ModelCase) -> list[Noise]:
+    """The noises whose sampling cost in a training step is measured on one model."""
+    d = math.prod(case.shape)
+    return [Uniform(case.rand_sigma), SSN(case.rand_sigma), DSSN(case.dssn_sigma, q=case.q, dim=d, seed=0)]
+
+
 def _bench_certification(case: ModelCase, model, device, sz: dict, repeats: int, ctx, log) -> dict:
-    """Interleaved timings of cert / forward / baseline for DSSN and randomized on one model."""
+    """Interleaved timings of cert / forward / baseline for every certificate of :func:`cert_cases` on one model."""
     gen_dev = torch.Generator(device=device).manual_seed(0)
     gen_cpu = torch.Generator().manual_seed(0)
-    d = math.prod(case.shape)
-    dssn = DSSN(case.dssn_sigma, q=case.q, dim=d, seed=0)
-    uni = Uniform(case.rand_sigma)
-    nb, n0, n = sz["noise_batch"], sz["n0"], sz["n"]
-    x_d = _quantized_images(sz["images"], case.shape, case.q, device, gen_cpu)
-    x_r = _quantized_images(sz["rand_images"], case.shape, case.q, device, gen_cpu)
-    sizes = {
-        "dssn": _chunk_sizes(len(x_d), dssn.levels, nb),
-        "randomized": _chunk_sizes(len(x_r), n0, nb) + _chunk_sizes(len(x_r), n, nb),
-    }
+    nb = sz["noise_batch"]
+    cases = cert_cases(case, sz)
+    xs = {c.key: _quantized_images(c.images, case.shape, case.q, device, gen_cpu) for c in cases}
+    sizes = {c.key: [b for m in c.rounds for b in _chunk_sizes(len(xs[c.key]), m, nb)] for c in cases}
     passes = {m: sum(s) for m, s in sizes.items()}
     buf = torch.rand(max(max(s) for s in sizes.values()), *case.shape, generator=gen_dev, device=device)
     C = case.num_classes
 
-    def run(method: str, variant: str):
+    def run(c: CertCase, variant: str):
         with ctx():
             if variant == "forward":
-                return _forward_limit(model, sizes[method], buf)
-            if method == "dssn":
-                if variant == "cert":
-                    return certify_batch(model, x_d, dssn, C, noise_batch=nb).counts
-                return _baseline_dssn(model, x_d, dssn, C, nb)
+                return _forward_limit(model, sizes[c.key], buf)
             if variant == "cert":
-                return certify_batch(model, x_r, uni, C, n0=n0, n=n, noise_batch=nb, generator=gen_dev).counts
-            return _baseline_randomized(model, x_r, uni.lam, C, n0, n, nb, gen_dev)
+                return c.procedure.certify(model, xs[c.key], c.noise, C, noise_batch=nb, generator=gen_dev).counts
+            return c.baseline(model, xs[c.key], c, C, nb, gen_dev)
 
     # warm-up (and, with --compile, compilation for every batch size)
-    for method in METHODS:
+    for c in cases:
         for variant in VARIANTS:
-            run(method, variant)
-    times: dict = {m: {v: [] for v in VARIANTS} for m in METHODS}
+            run(c, variant)
+    times: dict = {c.key: {v: [] for v in VARIANTS} for c in cases}
     for r in range(repeats):
-        for method in METHODS:
+        for c in cases:
             order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # rotate the order between repeats
             for variant in order:
-                times[method][variant].append(_timed(lambda m=method, v=variant: run(m, v), device))
+                times[c.key][variant].append(_timed(lambda c=c, v=variant: run(c, v), device))
         log(f"  {case.name}: repeat {r + 1}/{repeats} done")
     out = {}
-    for method in METHODS:
-        med = {v: _median(times[method][v]) for v in VARIANTS}
-        out[method] = {
-            "forward_passes": passes[method],
-            "batch_sizes": sorted(set(sizes[method])),
-            "seconds": {v: times[method][v] for v in VARIANTS},
-            "passes_per_second": {v: passes[method] / med[v] for v in VARIANTS},
+    for c in cases:
+        med = {v: _median(times[c.key][v]) for v in VARIANTS}
+        out[c.key] = {
+            "forward_passes": passes[c.key],
+            "batch_sizes": sorted(set(sizes[c.key])),
+            "seconds": {v: times[c.key][v] for v in VARIANTS},
+            "passes_per_second": {v: passes[c.key] / med[v] for v in VARIANTS},
+            "row": c.row,
+            "images": len(xs[c.key]),
+            **c.info,
         }
-    out["dssn"]["levels"] = dssn.levels
-    out["dssn"]["images"] = len(x_d)
-    out["randomized"].update(images=len(x_r), n0=n0, n=n, noise="uniform", sigma=case.rand_sigma)
-    out["dssn"]["sigma"] = case.dssn_sigma
     out["noise_batch"] = nb
     return out
 
@@ -289,12 +331,7 @@ def _bench_training(
     gen = torch.Generator().manual_seed(1)
     x = _quantized_images(batch, case.shape, case.q, device, gen)
     y = torch.randint(0, case.num_classes, (batch,), generator=gen).to(device)
-    d = math.prod(case.shape)
-    noises = {
-        "uniform": Uniform(case.rand_sigma),
-        "ssn": SSN(case.rand_sigma),
-        "dssn": DSSN(case.dssn_sigma, q=case.q, dim=d, seed=0),
-    }
+    noises = {noise.name: noise for noise in train_noises(case)}
 
     def step(noise):
         with ctx():
@@ -362,16 +399,7 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
             return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    result: dict = {
-        k: {}
-        for k in (
-            "dssn_vs_forward",
-            "randomized_vs_forward",
-            "dssn_vs_baseline",
-            "randomized_vs_baseline",
-            "train_noise_overhead",
-        )
-    }
+    result: dict = {}
     raw: dict = {}
     for name in names:
         case = CASES[name]
@@ -396,13 +424,15 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
             channels_last=args.channels_last,
         )
         raw[name] = {"certification": cert, "training": train}
-        for method in METHODS:
-            pps = cert[method]["passes_per_second"]
-            result[f"{method}_vs_forward"][name] = pps["cert"] / pps["forward"]
-            result[f"{method}_vs_baseline"][name] = pps["cert"] / pps["baseline"]
-        result["train_noise_overhead"][name] = train["overhead"]
+        for key in _cert_keys(cert):
+            pps = cert[key]["passes_per_second"]
+            result.setdefault(f"{key}_vs_forward", {})[name] = pps["cert"] / pps["forward"]
+        for key in _cert_keys(cert):
+            pps = cert[key]["passes_per_second"]
+            result.setdefault(f"{key}_vs_baseline", {})[name] = pps["cert"] / pps["baseline"]
+        result.setdefault("train_noise_overhead", {})[name] = train["overhead"]
     result["train_noise_overhead_max"] = max(
-        (v for per in result["train_noise_overhead"].values() for v in per.values()), default=float("nan")
+        (v for per in result.get("train_noise_overhead", {}).values() for v in per.values()), default=float("nan")
     )
     result["raw"] = raw
     result["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
@@ -420,6 +450,11 @@ def run_bench(args: argparse.Namespace, log: Callable[[str], None] = print) -> d
     return result
 
 
+def _cert_keys(cert: dict) -> list[str]:
+    """The certificate cases of one model's certification results (every entry but the shared settings)."""
+    return [k for k, v in cert.items() if isinstance(v, dict) and "passes_per_second" in v]
+
+
 def format_table(result: dict) -> str:
     lines = [
         f"device: {result['device']} ({result['device_type']}), torch {result['torch']}, "
@@ -430,24 +465,26 @@ def format_table(result: dict) -> str:
     ]
     for name, raw in result["raw"].items():
         cert = raw["certification"]
-        for method in METHODS:
-            c = cert[method]
+        for key in _cert_keys(cert):
+            c = cert[key]
             pps = c["passes_per_second"]
             bs = "/".join(str(b) for b in c["batch_sizes"])
-            label = f"dssn L={c['levels']}" if method == "dssn" else "uniform"
+            label = c["row"]
             lines.append(
                 f"{name:<11} {label:<10} {c['forward_passes']:>7} {bs:>9} {pps['cert']:>10.0f} {pps['forward']:>10.0f}"
                 f" {pps['baseline']:>10.0f} {pps['cert'] / pps['forward']:>9.3f} {pps['cert'] / pps['baseline']:>9.2f}"
             )
     lines += ["", "training step (batch 64, forward + backward + SGD): extra time from noise sampling"]
-    lines.append(f"{'model':<11} {'step (no noise)':>16} {'uniform':>9} {'ssn':>9} {'dssn':>9}   (direct: u / s / d)")
-    for name, raw in result["raw"].items():
+    for i, (name, raw) in enumerate(result["raw"].items()):
         t = raw["training"]
         o, od = t["overhead"], t["overhead_direct"]
-        lines.append(
-            f"{name:<11} {t['step_seconds']['none'] * 1e3:>13.2f} ms {o['uniform']:>9.2%} {o['ssn']:>9.2%}"
-            f" {o['dssn']:>9.2%}   ({od['uniform']:+.1%} / {od['ssn']:+.1%} / {od['dssn']:+.1%})"
-        )
+        if i == 0:  # the noises measured, in the order measured (every model measures the same ones)
+            heads = "".join(f" {k:>9}" for k in o)
+            initials = " / ".join(k[0] for k in o)
+            lines.append(f"{'model':<11} {'step (no noise)':>16}{heads}   (direct: {initials})")
+        cells = "".join(f" {v:>9.2%}" for v in o.values())
+        direct = " / ".join(f"{v:+.1%}" for v in od.values())
+        lines.append(f"{name:<11} {t['step_seconds']['none'] * 1e3:>13.2f} ms{cells}   ({direct})")
     return "\n".join(lines)
 
 

@@ -127,6 +127,14 @@ class Noise:
     """
 
     name: ClassVar[str]
+    #: The display name in reports, tables and wandb (e.g. "DSSN"); a noise that sets ``name`` without ``label``
+    #: is shown by its name.
+    label: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__ and "label" not in cls.__dict__:
+            cls.label = cls.name
 
     def __init__(self, sigma: float):
         self.sigma = _check_sigma(sigma)
@@ -234,6 +242,7 @@ class Uniform(_BoxConstrained):
     """x + eps, eps ~ U(-lam, lam)^d i.i.d., no clamping."""
 
     name = "uniform"
+    label = "Uniform"
 
     def _draw(self, x, generator):
         # x + (2 r - 1) lam, computed in place in the fresh noise tensor (the same floats)
@@ -244,6 +253,7 @@ class SSN(_BoxConstrained):
     """Independent splitting noise: s ~ U(0, 2 lam)^d (appendix Theorem 2, eq. 42-43)."""
 
     name = "ssn"
+    label = "SSN"
 
     def _draw(self, x, generator):
         s = _rand(x, generator).mul_(2.0 * self.lam)
@@ -279,6 +289,7 @@ class DSSN(EnumeratedNoise):
     """
 
     name = "dssn"
+    label = "DSSN"
 
     def __init__(self, sigma: float, q: int, dim: int, seed: int = 0, arithmetic: str = "exact"):
         super().__init__(sigma)  # lam = sqrt(3) sigma, as for SSN

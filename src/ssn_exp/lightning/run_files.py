@@ -275,6 +275,7 @@ def summarize(
     acc = certified_accuracy(correct, radius, radii, q=q)
     metrics = {
         "method": noise.name,
+        "label": noise.label,  # the noise's display name (the report's tables and curves, wandb)
         "sigma": noise.sigma,
         "lambda": noise.lam,
         "q": meta.get("q"),

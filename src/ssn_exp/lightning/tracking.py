@@ -17,7 +17,15 @@ from pytorch_lightning.utilities import rank_zero_only
 
 from ssn_exp.lightning.run_files import write_text_atomic as _atomic_write
 
-__all__ = ["RunCSVLogger", "no_logger", "wandb_mode", "wandb_logger", "log_certification"]
+__all__ = [
+    "RunCSVLogger",
+    "no_logger",
+    "wandb_mode",
+    "wandb_logger",
+    "log_certification",
+    "certification_summary",
+    "certification_curves",
+]
 
 
 class RunCSVLogger(Logger):
@@ -174,8 +182,42 @@ def wandb_logger(
     )
 
 
+_ACCURACY = "certified_accuracy"
+
+
+def _accuracies(metrics: dict) -> list[tuple[str, str]]:
+    """(key, name) of every certified-accuracy table of metrics.json: ``certified_accuracy`` (name "") and one
+    ``certified_accuracy_<name>`` per further radius of the certificate (e.g. box), in file order."""
+    out = []
+    for key, value in metrics.items():
+        if isinstance(value, dict) and (key == _ACCURACY or key.startswith(_ACCURACY + "_")):
+            out.append((key, key[len(_ACCURACY) + 1 :]))
+    return out
+
+
+def certification_summary(metrics: dict) -> dict:
+    """The wandb run summary of a certification: metrics.json's plain values, and every certified-accuracy table
+    as ``<key>/<radius>`` entries."""
+    summary = {k: v for k, v in metrics.items() if not isinstance(v, dict)}
+    for key, _ in _accuracies(metrics):
+        summary.update({f"{key}/{r}": v for r, v in metrics[key].items()})
+    return summary
+
+
+def certification_curves(metrics: dict) -> dict[str, tuple[str, list[list[float]]]]:
+    """``{"<key>_curve": (title, [[radius, accuracy], ...])}`` for every certified-accuracy table of metrics.json,
+    titled by the noise's label (metrics.json's ``label``; the method without one) and the further radius."""
+    label = metrics.get("label") or metrics["method"]
+    curves = {}
+    for key, name in _accuracies(metrics):
+        title = f"{label} σ={metrics['sigma']:g}: certified accuracy{f' ({name})' if name else ''}"
+        curves[f"{key}_curve"] = (title, [[float(r), float(v)] for r, v in metrics[key].items()])
+    return curves
+
+
 def log_certification(logger, out_dir: Path, metrics: dict) -> None:
-    """On a WandbLogger: metrics.json as the run summary, the curve as a wandb plot, certificates as a table."""
+    """On a WandbLogger: metrics.json as the run summary (:func:`certification_summary`), every certified-accuracy
+    curve as a wandb plot (:func:`certification_curves`), certificates as a table."""
     from pytorch_lightning.loggers import WandbLogger
 
     if not isinstance(logger, WandbLogger):
@@ -183,23 +225,14 @@ def log_certification(logger, out_dir: Path, metrics: dict) -> None:
     import wandb
 
     run = logger.experiment
-    run.summary.update({k: v for k, v in metrics.items() if not isinstance(v, dict)})
-    for key in ("certified_accuracy", "certified_accuracy_box"):
-        if key in metrics:
-            run.summary.update({f"{key}/{r}": v for r, v in metrics[key].items()})
+    run.summary.update(certification_summary(metrics))
     with open(Path(out_dir) / "certificates.csv", newline="") as fh:
         rows = list(csv.reader(fh))
     if len(rows) > 1:
         run.log({"certificates": wandb.Table(columns=rows[0], data=rows[1:])})
-    for key, label in (("certified_accuracy", ""), ("certified_accuracy_box", " (box)")):
-        if key not in metrics:
-            continue
-        curve = wandb.Table(
-            columns=["radius", "certified_accuracy"],
-            data=[[float(r), float(v)] for r, v in metrics[key].items()],
-        )
-        title = f"{metrics['method']} σ={metrics['sigma']:g}: certified accuracy{label}"
-        run.log({f"{key}_curve": wandb.plot.line(curve, "radius", "certified_accuracy", title=title)})
+    for key, (title, data) in certification_curves(metrics).items():
+        curve = wandb.Table(columns=["radius", "certified_accuracy"], data=data)
+        run.log({key: wandb.plot.line(curve, "radius", "certified_accuracy", title=title)})
     png = Path(out_dir) / "certified_accuracy.png"
     if png.is_file():
         run.log({"certified_accuracy_png": wandb.Image(str(png))})

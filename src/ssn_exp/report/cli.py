@@ -20,6 +20,7 @@ from ssn_exp.report.tables import (
     format_markdown,
     format_seed_latex,
     format_seed_markdown,
+    method_ranks,
     seed_table,
     write_acr_csv,
     write_csv,
@@ -40,9 +41,11 @@ Each PATH is one of:
 --published NAME adds the published results shipped with ssn_exp: levine2021, the authors'
 per-image certificates of Levine & Feizi (ICML 2021), 135 runs on CIFAR-10 and ImageNet.
 Runs are told apart by origin: "ours" for run directories, the folder name (e.g. levine2021)
-for published arrays. All numbers are recomputed from the per-example certificates; DSSN radii
-are compared exactly as integers k/q. Runs of uniform noise and SSN also give the rows
-"uniform (box)" and "ssn (box)": the box-constrained certificate of the same samples.
+for published arrays. All numbers are recomputed from the per-example certificates; exact
+certificates (a k column, e.g. DSSN's) are compared exactly as integers k/q. Every further radius
+column radius_<name> of a run's certificates gives the rows "<method> (<name>)", e.g.
+"uniform (box)": the box-constrained certificate of the same samples. Methods are shown by their
+label (metrics.json's "label", index.csv's label column; else the method name) and ordered by it.
 """
 
 EPILOG = """\
@@ -57,13 +60,14 @@ Printed to stdout (Markdown) and written into --out:
                                 seeds uses its smallest seed here.
   acr.md/.csv                   one row per run: origin, dataset, method, training, denoiser, sigma,
                                 seed, n, clean accuracy (%), ACR (average certified radius).
-  seeds.md/.tex                 seed robustness: DSSN, standard training, no denoiser, one
-                                best-over-sigma row per (dataset, origin, seed).
+  seeds.md/.tex                 seed robustness: standard training, no denoiser, one
+                                best-over-sigma row per (dataset, method, origin, seed).
   curves_<dataset>_<training>_<denoiser>.png
                                 certified accuracy (%) against l1 radius, one panel per sigma, one
-                                line per method (uniform blue, SSN orange, DSSN green); published
-                                runs dashed, ours solid, box-constrained certificates dash-dotted
-                                (the paper's Figures 10-14).
+                                line per method, coloured by the sorted position of its name among
+                                the report's methods; published runs dashed, ours solid, further
+                                radii (box-constrained certificates) dash-dotted in their method's
+                                colour (the paper's Figures 10-14).
   missing.txt                   Hydra job dirs without metrics.json (with their overrides and, for a
                                 failed job, its error.txt line), jobs of a sweep without any job dir
                                 (from the sweep's job list: sweep_jobs.json, written by
@@ -129,7 +133,8 @@ def build_parser() -> argparse.ArgumentParser:
 def format_denoiser_markdown(records, radii) -> str:
     """One row per (origin, dataset, training, denoiser, method, sigma) with a denoiser; '' if none."""
     order = {"stability": 0, "mse": 1, "mse_retrain": 2}
-    morder = {"uniform": 0, "ssn": 1, "dssn": 2}
+    records = list(records)
+    ranks = method_ranks(records)
     recs = sorted(
         (r for r in records if r.denoiser != "none"),
         key=lambda r: (
@@ -139,7 +144,7 @@ def format_denoiser_markdown(records, radii) -> str:
             r.training,
             order.get(r.denoiser, 9),
             r.sigma,
-            morder.get(r.method, 9),
+            ranks[r.method],
             r.seed,
         ),
     )
@@ -291,7 +296,7 @@ def _main(argv=None) -> int:
         "",
         acr_md,
         "",
-        "## Seed robustness (DSSN, standard training, no denoiser)",
+        "## Seed robustness (standard training, no denoiser)",
         "",
         seeds_md,
         "",

@@ -1,6 +1,8 @@
 """Certified-accuracy curves per sigma comparing the methods (the paper's Figures 10-14).
 
-Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change).
+Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change). Lines are named by the
+records' labels; each method gets a colour of :data:`PALETTE` by the sorted position of its name among the
+methods of the report (:func:`method_colors`), its further-radius records (e.g. box) the same colour, dash-dotted.
 """
 
 from __future__ import annotations
@@ -11,20 +13,47 @@ from pathlib import Path
 
 import numpy as np
 
-from ssn_exp.report.records import BOX_SUFFIX, RunRecord, sigma_label
-from ssn_exp.report.tables import _rank, dedupe_records, pretty, select_seed, sort_key
+from ssn_exp.report.records import RunRecord, sigma_label
+from ssn_exp.report.tables import dedupe_records, method_ranks, pretty, select_seed, sort_key
 
-__all__ = ["METHOD_COLORS", "curve", "radius_grid", "plot_curves", "plot_all_curves", "curve_filename"]
+__all__ = [
+    "PALETTE",
+    "method_colors",
+    "curve",
+    "radius_grid",
+    "curves_figure",
+    "plot_curves",
+    "plot_all_curves",
+    "curve_filename",
+]
 
-METHOD_COLORS = {"uniform": "tab:blue", "ssn": "tab:orange", "dssn": "tab:green"}
-_EXTRA_COLORS = ("tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray", "tab:olive", "tab:cyan")
+#: The methods' colours, in the sorted order of their names (repeating after ten methods).
+PALETTE = (
+    "tab:blue",
+    "tab:orange",
+    "tab:green",
+    "tab:red",
+    "tab:purple",
+    "tab:brown",
+    "tab:pink",
+    "tab:gray",
+    "tab:olive",
+    "tab:cyan",
+)
 
 
-def _color(method: str) -> str:
-    method = method.removesuffix(BOX_SUFFIX)
-    if method in METHOD_COLORS:
-        return METHOD_COLORS[method]
-    return _EXTRA_COLORS[sum(map(ord, method)) % len(_EXTRA_COLORS)]
+def method_colors(records: Iterable[RunRecord]) -> dict[str, str]:
+    """A colour per method of ``records``: :data:`PALETTE` by the sorted position of its base method's name among
+    all base methods present; a further-radius record ("uniform (box)") shares its base method's colour."""
+    records = list(records)
+    bases = sorted({r.base_method for r in records})
+    color = {base: PALETTE[i % len(PALETTE)] for i, base in enumerate(bases)}
+    return {r.method: color[r.base_method] for r in records}
+
+
+def _plain(text: str) -> str:
+    """Text from result files shown as written: matplotlib would read ``$...$`` as mathtext (and fail on bad TeX)."""
+    return str(text).replace("$", r"\$")
 
 
 def max_certified_radius(rec: RunRecord) -> float:
@@ -50,27 +79,50 @@ def curve(rec: RunRecord, grid: Sequence[float]) -> np.ndarray:
     return 100.0 * np.array([acc[float(r)] for r in grid])
 
 
-def _linestyle(method: str, published: bool) -> str:
-    """Ours solid, published dashed, box-constrained certificates dash-dotted."""
-    if method.endswith(BOX_SUFFIX):
+def _linestyle(rec: RunRecord) -> str:
+    """Ours solid, published dashed, further radii (e.g. box-constrained certificates) dash-dotted."""
+    if rec.variant:
         return "-."
-    return "--" if published else "-"
+    return "--" if rec.origin != "ours" else "-"
 
 
 def curve_filename(dataset: str, training: str, denoiser: str) -> str:
     return f"curves_{dataset}_{training}_{denoiser}.png"
 
 
-def plot_curves(records: Sequence[RunRecord], path, title: str | None = None, points: int = 201) -> Path:
-    """One PNG: a panel per sigma, a line per (method, origin); published runs dashed, box certificates dash-dotted.
+def _save(fig, path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def plot_curves(
+    records: Sequence[RunRecord],
+    path,
+    title: str | None = None,
+    points: int = 201,
+    colors: dict[str, str] | None = None,
+) -> Path:
+    """One PNG (:func:`curves_figure`): a panel per sigma, a line per (method, origin)."""
+    return _save(curves_figure(records, title, points, colors), path)
+
+
+def curves_figure(
+    records: Sequence[RunRecord], title: str | None = None, points: int = 201, colors: dict[str, str] | None = None
+):
+    """A matplotlib ``Figure``: a panel per sigma, a line per (method, origin) named by its label; published runs
+    dashed, further radii (box certificates) dash-dotted.
 
     ``records`` should share dataset, training and denoiser; for each (origin, method, sigma) the
-    smallest seed is drawn.
+    smallest seed is drawn. ``colors``: method -> colour (the others: :func:`method_colors` of ``records``).
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     records, _ = dedupe_records(records)
+    colors = {**method_colors(records), **(colors or {})}
+    ranks = method_ranks(records)
     by_line: dict[tuple, list[RunRecord]] = {}
     for rec in records:
         by_line.setdefault((rec.origin, rec.method, round(float(rec.sigma), 6)), []).append(rec)
@@ -87,18 +139,18 @@ def plot_curves(records: Sequence[RunRecord], path, title: str | None = None, po
     for i, sigma in enumerate(sigmas):
         ax = axes[i // ncols][i % ncols]
         lines = [(key, rec) for key, rec in chosen.items() if key[2] == sigma]
-        lines.sort(key=lambda kr: (_rank("method", kr[0][1]), kr[0][0] != "ours", kr[0][0]))
+        lines.sort(key=lambda kr: (ranks[kr[0][1]], kr[0][0] != "ours", kr[0][0]))
         grid = radius_grid(max(max_certified_radius(rec) for _, rec in lines), points)
         for (origin, method, _), rec in lines:
             published = origin != "ours"
-            label = f"{pretty(method)} ({'published' if published else 'ours'})"
+            label = _plain(f"{rec.label} ({'published' if published else 'ours'})")
             if published and len({k[0] for k in chosen if k[0] != "ours"}) > 1:
-                label = f"{pretty(method)} (published, {origin})"
+                label = _plain(f"{rec.label} (published, {origin})")
             (h,) = ax.plot(
                 grid,
                 curve(rec, grid),
-                color=_color(method),
-                linestyle=_linestyle(method, published),
+                color=colors[method],
+                linestyle=_linestyle(rec),
                 linewidth=1.4,
                 label=label,
             )
@@ -114,16 +166,16 @@ def plot_curves(records: Sequence[RunRecord], path, title: str | None = None, po
     for j in range(len(sigmas), nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_plain(title))
     fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(6, len(handles)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return fig
 
 
 def plot_all_curves(records: Iterable[RunRecord], out_dir, points: int = 201) -> list[Path]:
-    """A figure per (dataset, training, denoiser) into out_dir; returns the written paths."""
+    """A figure per (dataset, training, denoiser) into out_dir; returns the written paths. A method has the same
+    colour in every figure (:func:`method_colors` of all ``records``)."""
+    records = list(records)
+    colors = method_colors(records)
     groups: dict[tuple, list[RunRecord]] = {}
     for rec in records:
         groups.setdefault((rec.dataset, rec.training, rec.denoiser), []).append(rec)
@@ -132,21 +184,32 @@ def plot_all_curves(records: Iterable[RunRecord], out_dir, points: int = 201) ->
         groups.items(), key=lambda kv: sort_key("ours", kv[0][0], "", kv[0][1], kv[0][2])
     ):
         title = f"{pretty(dataset)}, {training} training, denoiser: {denoiser}"
-        paths.append(plot_curves(recs, Path(out_dir) / curve_filename(dataset, training, denoiser), title, points))
+        path = Path(out_dir) / curve_filename(dataset, training, denoiser)
+        paths.append(plot_curves(recs, path, title, points, colors))
     return paths
 
 
 DENOISER_ORDER = ("stability", "mse", "mse_retrain")
 
 
-def plot_denoisers(records: Sequence[RunRecord], path, title: str | None = None, points: int = 201) -> Path | None:
-    """The paper's Figure 9: a row per denoiser variant, a panel per sigma, a line per method."""
+def plot_denoisers(
+    records: Sequence[RunRecord],
+    path,
+    title: str | None = None,
+    points: int = 201,
+    colors: dict[str, str] | None = None,
+) -> Path | None:
+    """The paper's Figure 9: a row per denoiser variant, a panel per sigma, a line per method.
+
+    ``colors``: method -> colour (the others: :func:`method_colors` of ``records``)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     records, _ = dedupe_records([r for r in records if r.denoiser != "none"])
     if not records:
         return None
+    colors = {**method_colors(records), **(colors or {})}
+    ranks = method_ranks(records)
     variants = [v for v in DENOISER_ORDER if any(r.denoiser == v for r in records)]
     variants += sorted({r.denoiser for r in records} - set(variants))
     sigmas = sorted({round(float(r.sigma), 6) for r in records})
@@ -158,7 +221,7 @@ def plot_denoisers(records: Sequence[RunRecord], path, title: str | None = None,
         for j, sigma in enumerate(sigmas):
             ax = axes[i][j]
             recs = [r for r in records if r.denoiser == variant and round(float(r.sigma), 6) == sigma]
-            recs.sort(key=lambda r: (_rank("method", r.method), r.origin != "ours", r.origin, r.seed))
+            recs.sort(key=lambda r: (ranks[r.method], r.origin != "ours", r.origin, r.seed))
             seen = set()
             grid = radius_grid(max((max_certified_radius(r) for r in recs), default=0.0), points)
             for r in recs:
@@ -166,10 +229,10 @@ def plot_denoisers(records: Sequence[RunRecord], path, title: str | None = None,
                     continue
                 seen.add((r.origin, r.method))
                 published = r.origin != "ours"
-                label = f"{pretty(r.method)} ({'published' if published else 'ours'})"
-                (h,) = ax.plot(grid, curve(r, grid), color=_color(r.method), linestyle=_linestyle(r.method, published))
+                label = _plain(f"{r.label} ({'published' if published else 'ours'})")
+                (h,) = ax.plot(grid, curve(r, grid), color=colors[r.method], linestyle=_linestyle(r))
                 handles.setdefault(label, h)
-            ax.set_title(f"{variant}, σ = {sigma_label(sigma)}", fontsize=9)
+            ax.set_title(_plain(f"{variant}, σ = {sigma_label(sigma)}"), fontsize=9)
             ax.set_ylim(0, 100)
             ax.grid(alpha=0.3)
             if j == 0:
@@ -177,16 +240,16 @@ def plot_denoisers(records: Sequence[RunRecord], path, title: str | None = None,
             if i == len(variants) - 1:
                 ax.set_xlabel("ℓ1 radius")
     if title:
-        fig.suptitle(title)
+        fig.suptitle(_plain(title))
     if handles:
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(6, len(handles)))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path
+    return _save(fig, path)
 
 
 def plot_all_denoisers(records: Iterable[RunRecord], out_dir) -> list[Path]:
+    """A Figure 9 per (dataset, training) with denoiser variants; colours as :func:`plot_all_curves` gives them."""
+    records = list(records)
+    colors = method_colors(records)
     by_data: dict[tuple, list[RunRecord]] = {}
     for r in records:
         if r.denoiser != "none":
@@ -194,7 +257,7 @@ def plot_all_denoisers(records: Iterable[RunRecord], out_dir) -> list[Path]:
     paths = []
     for (dataset, training), recs in sorted(by_data.items()):
         title = f"{pretty(dataset)}, {training} training: denoiser variants (appendix D, Figure 9)"
-        p = plot_denoisers(recs, Path(out_dir) / f"denoisers_{dataset}_{training}.png", title)
+        p = plot_denoisers(recs, Path(out_dir) / f"denoisers_{dataset}_{training}.png", title, colors=colors)
         if p is not None:
             paths.append(p)
     return paths

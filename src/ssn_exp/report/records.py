@@ -2,8 +2,9 @@
 
 Two sources, one record type (:class:`RunRecord`):
 
-- a run directory written by ``python -m ssn_exp`` (``metrics.json`` + ``certificates.csv``); runs of
-  uniform noise and SSN with ``radius_box`` give a second record, method ``"uniform (box)"`` / ``"ssn (box)"``;
+- a run directory written by ``python -m ssn_exp`` (``metrics.json`` + ``certificates.csv``); every further
+  radius column ``radius_<name>`` of its certificates gives one more record, method ``"<method> (<name>)"`` and
+  label ``"<label> (<name>)"`` (e.g. the box-constrained radius of uniform noise: ``"uniform (box)"``);
 - a folder of published arrays (``index.csv`` + one npz per run, labels per run or in ``labels.npz``), such as
   the authors' arrays shipped with the package (:func:`published_dir`, ``levine2021``).
 
@@ -25,11 +26,12 @@ import numpy as np
 
 from ssn_exp.certify.core import exact_certificate
 from ssn_exp.certify.metrics import PAPER_RADII, average_certified_radius, certified_accuracy
+from ssn_exp.certify.record import EXACT_COLUMN, EXTRA_RADIUS_PREFIX, extra_radius_columns
 
 __all__ = [
     "RunRecord",
     "PUBLISHED",
-    "BOX_SUFFIX",
+    "variant_suffix",
     "published_dir",
     "load_reference",
     "RunFileError",
@@ -42,8 +44,11 @@ __all__ = [
 
 #: Published results shipped with the package (``ssn_exp/published/<name>``).
 PUBLISHED = ("levine2021",)
-#: Appended to the method of the box-constrained records of a run: "uniform (box)", "ssn (box)".
-BOX_SUFFIX = " (box)"
+
+
+def variant_suffix(name: str) -> str:
+    """Appended to the method and label of the record of a further radius ``radius_<name>``: " (box)"."""
+    return f" ({name})"
 
 
 def published_dir(name: str) -> Path:
@@ -72,6 +77,21 @@ class RunRecord:
     source: str = ""  # where it came from (file or run dir)
     origin: str = "ours"  # "ours" or the reference folder's name, e.g. "levine2021"
     extra: dict = field(default_factory=dict)
+    label: str = ""  # the display name (metrics.json / index.csv "label"); the method when empty
+    variant: str = ""  # <name> of the further radius radius_<name> this record holds; "" for the certificate itself
+
+    def __post_init__(self):
+        if not self.label:
+            self.label = self.method
+
+    @property
+    def base_method(self) -> str:
+        """The method of the certificate this record belongs to (itself, or the one it is a further radius of)."""
+        return self.method.removesuffix(variant_suffix(self.variant)) if self.variant else self.method
+
+    @property
+    def base_label(self) -> str:
+        return self.label.removesuffix(variant_suffix(self.variant)) if self.variant else self.label
 
     @property
     def n(self) -> int:
@@ -145,6 +165,7 @@ def load_reference(folder: str | Path, q: int = 255) -> list[RunRecord]:
                     source=str(folder / row["file"]),
                     origin=folder.name,
                     extra={"time_per_image_s": float(row["time_per_image_s"] or "nan")},
+                    label=row.get("label") or row["method"],
                 )
             )
     return records
@@ -203,6 +224,7 @@ def read_metrics(run_dir: str | Path) -> dict:
         raise RunFileError(f"{path}: holds a JSON {type(meta).__name__}, not the object ssn_exp writes")
     out = {key: _text(meta, key, path) for key in ("dataset", "method", "training")}
     out["denoiser"] = _text(meta, "denoiser", path, default="none")
+    out["label"] = _text(meta, "label", path, default=out["method"])
     out["sigma"] = _finite(meta.get("sigma"), f"{path}: 'sigma'")
     if out["sigma"] <= 0:
         raise RunFileError(f"{path}: 'sigma' must be positive, got {meta.get('sigma')!r}")
@@ -216,10 +238,11 @@ def read_metrics(run_dir: str | Path) -> dict:
     return out
 
 
-def read_run_certificates(run_dir: str | Path) -> tuple[list[dict], bool]:
+def read_run_certificates(run_dir: str | Path) -> tuple[list[dict], bool, list[str]]:
     """The rows of ``certificates.csv``, checked and sorted by example index: index, label, prediction (integers
-    >= 0, indices unique), ``k`` (an exact certificate rho = k / q, integer) or ``radius`` (finite),
-    ``radius_box`` (finite) if present; and whether the file holds exact certificates (a ``k`` column)."""
+    >= 0, indices unique), ``k`` (an exact certificate rho = k / q, integer) or ``radius`` (finite), and every
+    further radius ``radius_<name>`` (finite); whether the file holds exact certificates (a ``k`` column); and the
+    further radius columns (``extra_radius_columns`` of the header, in file order)."""
     path = Path(run_dir) / "certificates.csv"
     rows = []
     exact = False
@@ -227,23 +250,31 @@ def read_run_certificates(run_dir: str | Path) -> tuple[list[dict], bool]:
         with open(path, newline="", encoding="utf-8") as fh:
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
-            exact = "k" in header
+            exact = EXACT_COLUMN in header
             absent = [c for c in ("index", "label", "prediction") if c not in header]
-            if "k" not in header and "radius" not in header:
-                absent.append("k or radius")
+            if EXACT_COLUMN not in header and "radius" not in header:
+                absent.append(f"{EXACT_COLUMN} or radius")
             if absent:
                 raise RunFileError(f"{path}: no column {', '.join(absent)} (header: {','.join(header) or 'empty'})")
-            has_box = "radius_box" in header
+            extra = extra_radius_columns(header)
+            if EXTRA_RADIUS_PREFIX in extra:
+                raise RunFileError(
+                    f"{path}: a column {EXTRA_RADIUS_PREFIX!r} names no radius ({EXTRA_RADIUS_PREFIX}<name>)"
+                )
+            if len(set(extra)) != len(extra):
+                raise RunFileError(f"{path}: a further radius column occurs twice (header: {','.join(header)})")
             for row in reader:
                 line = f"{path} line {reader.line_num}"
                 if None in row or any(row[c] is None for c in header):
                     raise RunFileError(f"{line}: {len(header)} fields expected (a short, long or torn row)")
                 rec = {c: _integer(row[c], f"{line}: {c}") for c in ("index", "label", "prediction")}
                 rec["radius"] = (
-                    _integer(row["k"], f"{line}: k", None) if exact else _finite(row["radius"], f"{line}: radius")
+                    _integer(row[EXACT_COLUMN], f"{line}: {EXACT_COLUMN}", None)
+                    if exact
+                    else _finite(row["radius"], f"{line}: radius")
                 )
-                if has_box:
-                    rec["radius_box"] = _finite(row["radius_box"], f"{line}: radius_box")
+                for c in extra:
+                    rec[c] = _finite(row[c], f"{line}: {c}")
                 rows.append(rec)
     except UnicodeDecodeError:
         raise RunFileError(f"{path}: not UTF-8 text") from None
@@ -252,24 +283,24 @@ def read_run_certificates(run_dir: str | Path) -> tuple[list[dict], bool]:
     indices = [r["index"] for r in rows]
     if len(set(indices)) != len(indices):
         raise RunFileError(f"{path}: an example index occurs twice")
-    return sorted(rows, key=lambda r: r["index"]), exact
+    return sorted(rows, key=lambda r: r["index"]), exact, extra
 
 
 def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
-    """Read one of our run directories (metrics.json + certificates.csv): its record, and its box-constrained
-    record (method ``"<method> (box)"``) when the certificates have ``radius_box``.
+    """Read one of our run directories (metrics.json + certificates.csv): its record, and one more record per
+    further radius column ``radius_<name>`` of the certificates (method ``"<method> (<name>)"``, label
+    ``"<label> (<name>)"``, e.g. the box-constrained radius ``radius_box``: ``"uniform (box)"``).
 
     A file that cannot be used raises :class:`RunFileError` (a ``ValueError``) or ``OSError``, naming it."""
     run_dir = Path(run_dir)
     meta = read_metrics(run_dir)
-    rows, is_exact = read_run_certificates(run_dir)
+    rows, is_exact, extra_columns = read_run_certificates(run_dir)
     q = _integer(meta["q"], f"{run_dir / 'metrics.json'}: 'q'", minimum=1) if is_exact else None
     if len(rows) != meta["n_examples"]:
         raise RunFileError(
             f"certificates.csv has {len(rows)} rows but metrics.json counts {meta['n_examples']} examples "
             "(a certification being resumed, or an edited file)"
         )
-    has_box = bool(rows) and "radius_box" in rows[0]
     rec = RunRecord(
         dataset=meta["dataset"],
         method=meta["method"],
@@ -283,12 +314,23 @@ def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
         seed=meta["seed"],
         source=str(run_dir),
         extra={k: meta[k] for k in ("acr", "seconds_per_example", "forward_passes_per_example") if k in meta},
+        label=meta["label"],
     )
-    if not has_box:
-        return [rec]
-    box = np.asarray([r["radius_box"] for r in rows], dtype=np.float64)
-    boxed = dataclasses.replace(rec, method=rec.method + BOX_SUFFIX, radius=box, q=None, extra=dict(rec.extra))
-    return [rec, boxed]
+    records = [rec]
+    for column in extra_columns:
+        name = column[len(EXTRA_RADIUS_PREFIX) :]
+        records.append(
+            dataclasses.replace(
+                rec,
+                method=rec.method + variant_suffix(name),
+                label=rec.label + variant_suffix(name),
+                variant=name,
+                radius=np.asarray([r[column] for r in rows], dtype=np.float64),
+                q=None,
+                extra=dict(rec.extra),
+            )
+        )
+    return records
 
 
 def find_runs(path: str | Path) -> list[Path]:

@@ -34,6 +34,8 @@ __all__ = [
     "format_acr_markdown",
     "write_acr_csv",
     "sort_key",
+    "method_ranks",
+    "method_labels",
 ]
 
 #: Exactly these first 8 columns; ``origin`` comes last.
@@ -61,19 +63,14 @@ ACR_CSV_COLUMNS = (
     "acr",
 )
 
-# Display order (unknown names sort after the known ones, alphabetically).
+# Display order of data sets, trainings and denoisers (unknown names sort after the known ones, alphabetically).
+# Methods are ordered by their records' labels (:func:`method_ranks`), never by name here.
 _ORDER = {
     "dataset": ("cifar10", "imagenet"),
-    "method": ("uniform", "uniform (box)", "ssn", "ssn (box)", "dssn"),
     "training": ("standard", "stability"),
     "denoiser": ("none", "stability", "mse", "mse_retrain"),
 }
 _PRETTY = {
-    "uniform": "Uniform",
-    "uniform (box)": "Uniform (box)",
-    "ssn": "SSN",
-    "ssn (box)": "SSN (box)",
-    "dssn": "DSSN",
     "cifar10": "CIFAR-10",
     "imagenet": "ImageNet",
     "standard": "Standard",
@@ -93,13 +90,41 @@ def _origin_rank(origin: str) -> tuple[int, str]:
     return (0, "") if origin == "ours" else (1, origin)
 
 
-def sort_key(origin: str, dataset: str, method: str, training: str, denoiser: str) -> tuple:
-    """Paper order: ours before published; cifar10, imagenet; uniform, ssn, dssn; ..."""
+def method_ranks(records: Iterable[RunRecord]) -> dict[str, tuple]:
+    """The sort key of every method of ``records``: by label (case-insensitive), each method's further-radius
+    records (e.g. "uniform (box)") right after it, whatever their labels. The first record of a method gives its
+    label (its own records before those of its further radii)."""
+    records = list(records)
+    by_label: dict[str, tuple[str, str]] = {}
+    for r in sorted(records, key=lambda r: r.variant != ""):  # stable: a method's own records first
+        by_label.setdefault(r.base_method, (r.base_label.casefold(), r.base_label))
+    return {r.method: (*by_label[r.base_method], r.base_method, r.variant) for r in records}
+
+
+def method_labels(records: Iterable[RunRecord]) -> dict[str, str]:
+    """The display label of every method of ``records`` (the first record of a method gives it)."""
+    labels: dict[str, str] = {}
+    for r in records:
+        labels.setdefault(r.method, r.label)
+    return labels
+
+
+def _method_rank(method: str, ranks: dict[str, tuple] | None) -> tuple:
+    if ranks is not None and method in ranks:
+        return ranks[method]
+    return (method.casefold(), method, method, "")
+
+
+def sort_key(
+    origin: str, dataset: str, method: str, training: str, denoiser: str, ranks: dict[str, tuple] | None = None
+) -> tuple:
+    """Paper order: cifar10, imagenet; standard, stability training; no denoiser first; then methods by label
+    (``ranks`` from :func:`method_ranks`; without it, by name); ours before published."""
     return (
         _rank("dataset", dataset),
         _rank("training", training),
         _rank("denoiser", denoiser),
-        _rank("method", method),
+        _method_rank(method, ranks),
         _origin_rank(origin),
     )
 
@@ -172,6 +197,11 @@ class GroupBest:
     rows: list[BestRow]  # one per radius
     sigmas: list[float]  # the sigma sweep that was searched
     seeds: list[int]  # every seed present in the group (the table row uses ``seed``)
+    label: str = ""  # the method's display label; the method when empty
+
+    def __post_init__(self):
+        if not self.label:
+            self.label = self.method
 
     @property
     def key(self) -> tuple[str, str, str, str, str]:
@@ -183,15 +213,19 @@ class GroupBest:
 
 
 def _group_records(records: Iterable[RunRecord]) -> dict[tuple, list[RunRecord]]:
+    records = list(records)
+    ranks = method_ranks(records)
     groups: dict[tuple, list[RunRecord]] = {}
     for rec in records:
         groups.setdefault((rec.origin, *rec.group), []).append(rec)
-    return dict(sorted(groups.items(), key=lambda kv: sort_key(*kv[0])))
+    return dict(sorted(groups.items(), key=lambda kv: sort_key(*kv[0], ranks=ranks)))
 
 
 def _best(key: tuple, seed: int, recs: Sequence[RunRecord], radii, seeds) -> GroupBest:
     rows = best_over_sigma([r.summary(radii) for r in recs], radii)
-    return GroupBest(*key, seed=seed, rows=rows, sigmas=sorted({float(r.sigma) for r in recs}), seeds=seeds)
+    return GroupBest(
+        *key, seed=seed, rows=rows, sigmas=sorted({float(r.sigma) for r in recs}), seeds=seeds, label=recs[0].label
+    )
 
 
 def build_best_tables(records: Iterable[RunRecord], radii: Iterable[float] = PAPER_RADII) -> list[GroupBest]:
@@ -212,18 +246,18 @@ def build_best_tables(records: Iterable[RunRecord], radii: Iterable[float] = PAP
 def seed_table(
     records: Iterable[RunRecord],
     radii: Iterable[float] = PAPER_RADII,
-    method: str = "dssn",
+    method: str | None = None,
     training: str = "standard",
     denoiser: str = "none",
 ) -> list[GroupBest]:
-    """The appendix's seed-robustness table: one best-over-sigma row per (origin, dataset, seed).
+    """The appendix's seed-robustness table: one best-over-sigma row per (origin, dataset, method, seed).
 
-    By default for DSSN, standard training, no denoiser.
+    By default for every method (``method``: only that one), standard training, no denoiser.
     """
     radii = [float(r) for r in radii]
     out = []
     for key, recs in _group_records(records).items():
-        if key[2:] != (method, training, denoiser):
+        if key[3:] != (training, denoiser) or method not in (None, key[2]):
             continue
         seeds = sorted({int(r.seed) for r in recs})
         for seed in seeds:
@@ -307,7 +341,7 @@ def format_latex(tables: Sequence[GroupBest]) -> str:
     """A booktabs ``table*`` with the best-over-sigma rows, ready to paste into a paper."""
     cols = [
         ("Dataset", lambda t: pretty(t.dataset)),
-        ("Method", lambda t: pretty(t.method)),
+        ("Method", lambda t: t.label),
         ("Training", lambda t: pretty(t.training)),
         ("Denoiser", lambda t: pretty(t.denoiser)),
     ]
@@ -324,8 +358,8 @@ def format_seed_markdown(tables: Sequence[GroupBest]) -> str:
     if not tables:
         return "_no runs for this table_"
     radii = tables[0].radii
-    header = ["origin", "dataset", "seed"] + [f"ρ={radius_label(r)}" for r in radii]
-    body = [[t.origin, t.dataset, t.seed] + [format_cell(r) for r in t.rows] for t in tables]
+    header = ["origin", "dataset", "method", "seed"] + [f"ρ={radius_label(r)}" for r in radii]
+    body = [[t.origin, t.dataset, t.method, t.seed] + [format_cell(r) for r in t.rows] for t in tables]
     return _md_table(header, body)
 
 
@@ -333,10 +367,10 @@ def format_seed_latex(tables: Sequence[GroupBest]) -> str:
     cols = [("Dataset", lambda t: pretty(t.dataset))]
     if len({t.origin for t in tables}) > 1:
         cols.append(("Source", lambda t: "ours" if t.origin == "ours" else f"published ({t.origin})"))
-    cols.append(("Seed", lambda t: t.seed))
-    what = f"{pretty(tables[0].method)}, {tables[0].training} training" if tables else "DSSN"
+    cols += [("Method", lambda t: t.label), ("Seed", lambda t: t.seed)]
+    what = f" ({tables[0].training} training, denoiser: {tables[0].denoiser})" if tables else ""
     caption = (
-        f"Robustness to the random seed ({what}): best certified accuracy (\\%) over $\\sigma$ per seed, "
+        f"Robustness to the random seed{what}: best certified accuracy (\\%) over $\\sigma$ per seed, "
         "with clean accuracy and $\\sigma$ in parentheses."
     )
     return _latex(tables, cols, caption, "tab:seeds")
@@ -384,7 +418,9 @@ def write_csv(tables: Sequence[GroupBest], path=None) -> str:
 
 def acr_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
     """One row per run: identity, n, clean accuracy (%) and ACR, in paper order."""
-    recs = sorted(records, key=lambda r: (sort_key(r.origin, *r.group), float(r.sigma), int(r.seed)))
+    records = list(records)
+    ranks = method_ranks(records)
+    recs = sorted(records, key=lambda r: (sort_key(r.origin, *r.group, ranks=ranks), float(r.sigma), int(r.seed)))
     return [
         {
             "origin": r.origin,
