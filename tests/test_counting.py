@@ -218,9 +218,9 @@ def test_the_run_curve_matches_the_report_curve_of_the_same_run(tmp_path):
     from ssn_exp.certify.procedures import Exact
     from ssn_exp.certify.record import CertificateRecord
     from ssn_exp.lightning.run_files import summarize, write_rows_atomic
+    from ssn_exp.noises import DSSN
     from ssn_exp.report.plots import curve, radius_grid
     from ssn_exp.report.records import load_run_dir
-    from ssn_exp.noises import DSSN
 
     q = 255
     dssn = DSSN(0.5, q=q, dim=4)

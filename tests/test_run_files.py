@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from ssn_exp.certify import clopper_pearson_lower, exact_certificate
-from ssn_exp.exceptions import LinkedRunFileError, UserError
 from ssn_exp.certify.procedures import default_procedure
 from ssn_exp.certify.record import CertificateRecord
+from ssn_exp.exceptions import LinkedRunFileError, UserError
 from ssn_exp.lightning.run_files import (
     BASE_COLUMNS,
     ResultsFileError,

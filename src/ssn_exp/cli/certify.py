@@ -20,6 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from ssn_exp.cli.common import build_noise, build_procedure, certify_model, finish_wandb, run_trust
 from ssn_exp.cli.config import (
     CONF_DIR,
     ConfigError,
@@ -30,7 +31,6 @@ from ssn_exp.cli.config import (
     config_source,
     container,
 )
-from ssn_exp.cli.common import build_noise, build_procedure, certify_model, finish_wandb, run_trust
 from ssn_exp.cli.errors import RunLock, guard, run_entry
 
 log = logging.getLogger("ssn_exp")

@@ -17,7 +17,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -54,6 +53,7 @@ __all__ = [
     "format_table",
     "model_fingerprint",
 ]
+
 
 class ResultsFileError(UserError, ValueError):
     """A result file that does not belong to this certification or is damaged (one-line message)."""
