@@ -73,10 +73,11 @@ def semantic_data(data: dict) -> dict:
 
 
 # -- the layout before issue 17, read as what it meant ---------------------------------------------------------------
-#: ``training`` was one of these names (its weight in ``stability_weight``), now a {name, objective} config.
+#: ``training`` was one of these names, now a {name, objective} config: (its objective, whether ``stability_weight``
+#: was its weight).
 _LEGACY_OBJECTIVES = {
-    "standard": "ssn_exp.lightning.objectives.Standard",
-    "stability": "ssn_exp.lightning.objectives.Stability",
+    "standard": ("ssn_exp.lightning.objectives.Standard", False),
+    "stability": ("ssn_exp.lightning.objectives.Stability", True),
 }
 #: ``denoiser`` was a config named one of these, without ``_target_``; all but ``none`` held a ``net``.
 _LEGACY_DENOISERS = {
@@ -105,9 +106,8 @@ def current_layout(hp: dict, where: str = "the module") -> dict:
             raise CheckpointError(
                 f"{where}: hyper_parameters.stability_weight is {_short(weight)}, it must be a finite number"
             )
-        objective = {"_target_": _LEGACY_OBJECTIVES[training]}
-        if training == "stability":
-            objective["weight"] = float(weight)
+        target, weighted = _LEGACY_OBJECTIVES[training]
+        objective = {"_target_": target, "weight": float(weight)} if weighted else {"_target_": target}
         hp["training"] = {"name": training, "objective": objective}
     den = hp.get("denoiser")
     if isinstance(den, dict) and "_target_" not in den:
