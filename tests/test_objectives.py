@@ -219,6 +219,7 @@ def test_an_old_layout_checkpoint_loads_as_what_it_meant(tmp_path):
         ({**_old_layout(), "training": {"name": "stability", "objective": {"_target_": "ssn_exp.lightning.objectives.Stability"}}},
          "does not know (stability_weight)"),
         (_old_layout(denoiser={"name": "magic"}), "hyper_parameters.denoiser is {'name': 'magic'}"),
+        (_old_layout(denoiser={"name": ["mse"]}), "hyper_parameters.denoiser is {'name': ['mse']}"),
         (_old_layout(denoiser={"name": "../x", "_target_": "ssn_exp.lightning.denoisers.NoDenoiser"}),
          "hyper_parameters.denoiser is"),
     ]:  # fmt: skip
@@ -255,3 +256,48 @@ def test_a_run_folder_of_the_old_layout_resumes_with_todays_config(tmp_path, tra
     )
     with pytest.raises(ConfigError, match=r"different settings \(training\.objective\._target_"):
         _resume_point(cfg, run, changed, module.identity())
+
+
+# ----------------------------------------------------------------------------- today's layout, edited at random
+
+_NEW = {
+    **{k: v for k, v in HPARAMS.items() if k != "stability_weight"},
+    "training": {
+        "name": "stability",
+        "objective": {"_target_": "ssn_exp.lightning.objectives.Stability", "weight": 6.0},
+    },
+    "denoiser": {"_target_": "ssn_exp.lightning.denoisers.NoDenoiser", "name": "none", "epochs": 1},
+}
+
+
+def test_an_edited_checkpoint_of_either_layout_loads_or_is_one_line(tmp_path):
+    """The training and denoiser entries of today's layout and of the one before, edited at random (junk values,
+    deleted keys, names of the old layout): the checkpoint loads with an objective, or is refused in one line."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    from test_checkpoint_fuzz import _apply, _paths, junk
+
+    torch.manual_seed(0)
+    weights = SmoothedTraining(**_NEW).state_dict()
+    keys = ("training", "denoiser", "stability_weight")
+    paths = sorted({p for hp in (_NEW, HPARAMS) for p in _paths(hp) if p[0] in keys} | {("stability_weight",)})
+    value = st.one_of(junk, st.sampled_from(["standard", "stability", "none", "mse", "DELETE"]))
+
+    @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(base=st.sampled_from([_NEW, HPARAMS]), edits=st.lists(st.tuples(st.sampled_from(paths), value), max_size=3))
+    def check(base, edits):
+        hp = copy.deepcopy(base)
+        for path, v in edits:
+            if path == ("stability_weight",) and v != "DELETE":
+                hp["stability_weight"] = v
+            else:
+                _apply(hp, path, v)
+        try:
+            module = load_checkpoint(save_checkpoint(tmp_path / "edited.ckpt", hp, weights))
+        except CheckpointError as exc:
+            assert "\n" not in str(exc) and str(exc).strip(), repr(str(exc))
+        else:
+            assert isinstance(module.objective, Objective) and isinstance(module.identity()["training"], str)
+
+    check()

@@ -111,7 +111,8 @@ def current_layout(hp: dict, where: str = "the module") -> dict:
         hp["training"] = {"name": training, "objective": objective}
     den = hp.get("denoiser")
     if isinstance(den, dict) and "_target_" not in den:
-        target, has_net = _LEGACY_DENOISERS.get(den.get("name"), (None, False))
+        name = den.get("name")
+        target, has_net = _LEGACY_DENOISERS.get(name, (None, False)) if isinstance(name, str) else (None, False)
         if target is None:
             raise CheckpointError(
                 f"{where}: hyper_parameters.denoiser is {_short(den)}, it must be a denoiser variant's config "
