@@ -1,20 +1,23 @@
 """``python -m ssn_exp [overrides]``: train a base classifier under a smoothing method's noise, then certify it.
 
-Thin wiring (layer 3): every component is built from its config's ``_target_`` (:func:`ssn_exp.cli.config.build`);
-training is a Lightning ``fit`` and certification a callback (layer 2) that calls the library (layer 1).
+Thin wiring (layer 3): every component is built from its config's ``_target_`` (:func:`ssn_exp.cli.config.build`):
+the data, the noise, the certificate procedure, the training objective (in the module) and the denoiser variant,
+which loads its stages (:meth:`ssn_exp.lightning.denoisers.Denoiser.prepare`). Training is a Lightning ``fit`` with
+the certification callback; a variant that does not train is certified by the same driver without it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
+import re
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from ssn_exp.cli.common import build_noise, build_procedure, certify_model, check_network, finish_wandb, run_trust
 from ssn_exp.cli.config import (
     CONF_DIR,
     ConfigError,
@@ -27,20 +30,28 @@ from ssn_exp.cli.config import (
     config_source,
     container,
 )
-from ssn_exp.cli.common import build_noise, build_procedure, certify_model, check_network, finish_wandb, run_trust
 from ssn_exp.cli.errors import RunLock, guard, run_entry
 
 log = logging.getLogger("ssn_exp")
 
 __all__ = ["main", "run_train", "build_parts"]
 
-#: Data settings that do not change results: a run may resume with other values.
-_DATA_NON_SEMANTIC = ("num_workers", "eval_batch_size", "root", "train_root", "val_root", "download")
+_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
+
+
+def _check_name(value, key: str) -> str:
+    """training.name / denoiser.name name the run folder and the report's columns: a short plain name."""
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
+        raise ConfigError(f"{key} must be a short name (letters, digits, _ . + -), got {value!r}")
+    return value
 
 
 def build_parts(cfg: DictConfig):
-    """The data module, the noise, the checked network configs and the module's hyper-parameters, from the config."""
+    """The data module, the noise, the denoiser variant and the module's hyper-parameters, from the config (the
+    networks, the training objective and the denoiser variant checked on the way)."""
     from ssn_exp.lightning.data import ImageData
+    from ssn_exp.lightning.denoisers import Denoiser
+    from ssn_exp.lightning.objectives import Objective
     from ssn_exp.models import normalized
 
     dm = build(cfg.data, "data")
@@ -51,21 +62,36 @@ def build_parts(cfg: DictConfig):
     dm.check("fit")  # missing data fails here, before anything is written
     smoothing = build_noise(cfg.method)
     check_network(normalized(build(cfg.model, "model"), dm.mean, dm.std), dm, "model")
-    denoiser = container(cfg.denoiser)
-    if denoiser.get("name", "none") != "none":
+    if "objective" not in cfg.training:
+        raise ConfigError(
+            f"{config_source('training')} has no objective: add `objective: {{_target_: "
+            "ssn_exp.lightning.objectives.Standard}` (or Stability, or your own Objective)"
+        )
+    objective = build(cfg.training.objective, "training")
+    if not isinstance(objective, Objective):
+        raise ConfigError(
+            f"{config_source('training')} builds {type(objective).__name__} as its objective, not a training "
+            "objective (ssn_exp.lightning.objectives.Objective)"
+        )
+    variant = build(cfg.denoiser, "denoiser", _recursive_=False)  # its net is built by the module, not here
+    if not isinstance(variant, Denoiser):
+        raise ConfigError(
+            f"{config_source('denoiser')} builds {type(variant).__name__}, not a denoiser variant "
+            "(ssn_exp.lightning.denoisers.Denoiser)"
+        )
+    if variant.net is not None:
         check_network(build(cfg.denoiser.net, "denoiser"), dm, "denoiser", denoiser=True)
     hparams = dict(
         model=container(cfg.model),
         method=container(cfg.method),
         data=container(cfg.data),
-        training=cfg.training.name,
-        stability_weight=float(cfg.training.get("stability_weight", 6.0)),
+        training={"name": cfg.training.name, "objective": container(cfg.training.objective)},
         optimizer=container(cfg.optimizer),
         scheduler=container(cfg.scheduler),
-        denoiser=denoiser,
+        denoiser=container(cfg.denoiser),
         seed=check_seed(cfg.seed),
     )
-    return dm, smoothing, hparams
+    return dm, smoothing, variant, hparams
 
 
 def _differences(a, b, prefix: str = "") -> list[str]:
@@ -79,9 +105,11 @@ def _differences(a, b, prefix: str = "") -> list[str]:
 
 
 def _semantic(hp: dict) -> dict:
-    hp = dict(hp)
-    hp["data"] = {k: v for k, v in dict(hp.get("data") or {}).items() if k not in _DATA_NON_SEMANTIC}
-    return hp
+    """What must agree for a run to resume: the hyper-parameters in today's layout, without non-semantic data keys."""
+    from ssn_exp.lightning.module import current_layout, semantic_data
+
+    hp = current_layout(hp)
+    return {**hp, "data": semantic_data(hp.get("data"))}
 
 
 def _resume_point(cfg: DictConfig, out_dir: Path, hparams: dict, identity: dict) -> str | None:
@@ -114,71 +142,6 @@ def _make_trainer(cfg: DictConfig):
     return make
 
 
-def _prepare_denoiser(cfg: DictConfig, module, dm, hparams: dict) -> None:
-    """Load (training and caching them first if needed) the stages of a denoiser variant into F o D."""
-    from ssn_exp.lightning.stages import ensure_stage, load_stage
-
-    d = cfg.denoiser
-    root = Path(d.stage_root)
-    base = {"model": hparams["model"], "data": _semantic({"data": hparams["data"]})["data"]}
-    seed = hparams["seed"]
-    make_trainer = _make_trainer(cfg)
-    trust = run_trust(cfg)
-    model_name = str(hparams["model"].get("_target_", "model")).rsplit(".", 1)[-1]
-    clean_ckpt = None
-    if d.name in ("stability", "mse"):
-        clean_ckpt = d.classifier_ckpt or ensure_stage(
-            root,
-            "clean",
-            f"{dm.name}-{model_name}-seed{seed}",
-            {**base, "optimizer": hparams["optimizer"]},
-            dm,
-            check_positive_int(d.classifier_epochs, "denoiser.classifier_epochs"),
-            make_trainer,
-            seed=seed,
-        )
-    kind = "denoiser_stability" if d.name == "stability" else "denoiser_mse"
-    den_ckpt = d.denoiser_ckpt
-    sm = module.smoothing
-    if not den_ckpt:
-        init = None
-        if kind == "denoiser_stability":
-            clean = load_stage(clean_ckpt, trust).classifier.state_dict()
-            init = {**{f"classifier.{k}": v for k, v in clean.items()}, "_source": str(clean_ckpt)}
-        den_ckpt = ensure_stage(
-            root,
-            kind,
-            f"{dm.name}-{sm.name}-sigma{sm.sigma:g}-seed{seed}",
-            {
-                **base,
-                "method": hparams["method"],
-                "denoiser_net": hparams["denoiser"]["net"],
-                "denoiser_lr": float(d.lr),
-            },
-            dm,
-            check_positive_int(d.epochs, "denoiser.epochs"),
-            make_trainer,
-            init=init,
-            seed=seed,
-        )
-    try:
-        den = load_stage(den_ckpt, trust)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    if den.hparams.kind == "clean" or den.smoothing.name != sm.name or den.smoothing.sigma != sm.sigma:
-        raise ConfigError(f"denoiser checkpoint {den_ckpt} is not a denoiser for {sm.name} sigma={sm.sigma:g}")
-    module.model.denoiser.load_state_dict(den.denoiser.state_dict())
-    if clean_ckpt is not None:
-        try:
-            clean = load_stage(clean_ckpt, trust)
-        except ValueError as exc:
-            raise ConfigError(str(exc)) from None
-        if clean.hparams.kind != "clean":
-            raise ConfigError(f"{clean_ckpt} is not a clean-classifier stage checkpoint")
-        module.model.classifier.load_state_dict(clean.classifier.state_dict())
-    log.info("denoiser %s: D from %s%s", d.name, den_ckpt, f", F from {clean_ckpt}" if clean_ckpt else "")
-
-
 def run_train(cfg: DictConfig) -> dict | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     check_sigma(cfg.sigma)  # the cheap checks come before the heavy imports
@@ -186,50 +149,43 @@ def run_train(cfg: DictConfig) -> dict | None:
     check_tag(cfg.tag)
     run_trust(cfg)  # a bad trust_targets value is refused before anything starts
     check_positive_int(cfg.training.epochs, "training.epochs")
+    _check_name(cfg.training.name, "training.name")
+    _check_name(cfg.denoiser.name, "denoiser.name")
     if "max_epochs" in cfg.trainer:
         check_positive_int(cfg.trainer.max_epochs, "trainer.max_epochs")
     settings = certify_settings(cfg)
 
     import pytorch_lightning as pl
-    import torch
 
     from ssn_exp.lightning.callbacks import EpochLog, TrainingETA, epoch_checkpoint
     from ssn_exp.lightning.certification import CertifyCallback
-    from ssn_exp.lightning.module import SmoothedTraining, load_checkpoint
+    from ssn_exp.lightning.module import SmoothedTraining
     from ssn_exp.lightning.progress import progress_callbacks
-    from ssn_exp.lightning.run_files import format_table, refuse_link
+    from ssn_exp.lightning.run_files import format_table
 
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
     with RunLock(out_dir):
         pl.seed_everything(seed, workers=True, verbose=False)
-        dm, noise, hparams = build_parts(cfg)
+        dm, noise, variant, hparams = build_parts(cfg)
         procedure = build_procedure(cfg, noise)  # a procedure that cannot certify this noise is refused now
         module = SmoothedTraining(**hparams)
         ckpt_path = _resume_point(cfg, out_dir, hparams, module.identity())
-        variant = cfg.denoiser.name
-        if variant != "none" and ckpt_path is None:
-            _prepare_denoiser(cfg, module, dm, hparams)
+        ckpt_dir = out_dir / "checkpoints"
+        module = variant.prepare(
+            module, dm, ckpt_dir=ckpt_dir, resume_from=ckpt_path, make_trainer=_make_trainer(cfg), trust=run_trust(cfg)
+        )
         logger = build(cfg.logger, "logger")
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         meta = {**module.identity(), "n_classes": dm.num_classes}
-        ckpt_dir = out_dir / "checkpoints"
         try:
-            if variant in ("stability", "mse"):  # F and D come from their stages: nothing more to train
-                last = ckpt_dir / "last.ckpt"
-                if ckpt_path is None:
-                    ckpt_dir.mkdir(parents=True, exist_ok=True)
-                    tmp = ckpt_dir / ".last.ckpt.tmp"
-                    tmp.unlink(missing_ok=True)  # a leftover (or a planted link) is replaced, never written through
-                    refuse_link(last)
-                    torch.save({"hyper_parameters": hparams, "state_dict": module.state_dict(), "epoch": 0}, tmp)
-                    os.replace(tmp, last)
-                else:
-                    module = load_checkpoint(last, expect=module.identity(), trust=run_trust(cfg))
+            if not variant.trains:  # the variant loaded the whole model: certify it as it is
                 if not cfg.certify.enabled:
                     return None
-                metrics = certify_model(cfg, module.model, module.smoothing, procedure, dm, out_dir, settings, meta, logger)
+                metrics = certify_model(
+                    cfg, module.model, module.smoothing, procedure, dm, out_dir, settings, meta, logger
+                )
                 print(format_table(metrics))
                 print(f"results: {out_dir}")
                 return metrics

@@ -2,8 +2,11 @@
 
 Everything needed to rebuild the model and its noise is saved as hyper-parameters inside every
 checkpoint: the resolved ``model`` and ``method`` configs (``_target_`` dicts), the data set's config
-and facts, the training objective, the optimizer and scheduler configs, the denoiser and the seed.
-See :func:`load_checkpoint` (``weights_only=True``).
+and facts, the training (its name and its objective's ``_target_`` config, :mod:`ssn_exp.lightning.objectives`),
+the optimizer and scheduler configs, the denoiser variant's config (:mod:`ssn_exp.lightning.denoisers`) and the
+seed. See :func:`load_checkpoint` (``weights_only=True``); checkpoints of the layout before (``training`` a name,
+``stability_weight`` a number, a denoiser config without ``_target_``) are read as what they meant
+(:func:`current_layout`).
 
 Reproducibility: the training noise, the global torch RNG (dropout) and the validation noise are
 seeded from (seed, rank, epoch, batch), and the data order and augmentation from
@@ -13,6 +16,7 @@ exactly where an uninterrupted run ends.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -23,6 +27,7 @@ from torch.nn import functional as F
 
 from ssn_exp.exceptions import _first_line, instantiation_message
 from ssn_exp.lightning.data import mix_seed
+from ssn_exp.lightning.objectives import Objective, checked_step, stability_loss
 from ssn_exp.models import CheckpointError, Denoised, normalized, read_checkpoint
 from ssn_exp.noises import Noise
 from ssn_exp.trust import Trust, UntrustedTarget
@@ -35,14 +40,19 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatch",
     "build_classifier",
-    "TRAININGS",
-    "DENOISERS",
+    "current_layout",
+    "semantic_data",
     "stability_loss",
 ]
 
-TRAININGS = ("standard", "stability")
-DENOISERS = ("none", "stability", "mse", "mse_retrain")
 _STREAM_NOISE, _STREAM_GLOBAL, _STREAM_VAL = 1, 2, 3
+#: The training of a module built without one: cross-entropy on one noisy sample (conf/training/standard.yaml).
+STANDARD = {"name": "standard", "objective": {"_target_": "ssn_exp.lightning.objectives.Standard"}}
+NO_DENOISER = {"_target_": "ssn_exp.lightning.denoisers.NoDenoiser", "name": "none"}
+#: Data settings that do not change results: a run may resume with other values, and stages are shared across them.
+DATA_NON_SEMANTIC = ("num_workers", "eval_batch_size", "root", "train_root", "val_root", "download")
+#: A training or denoiser name: it names the run folder and the report's columns.
+_NAME = re.compile(r"[A-Za-z0-9_.+-]{1,64}")
 
 
 class CheckpointMismatch(CheckpointError):
@@ -57,22 +67,71 @@ def build_classifier(model: dict, data: dict, denoiser_net: dict | None = None) 
     return net
 
 
-def stability_loss(logits: torch.Tensor, logits2: torch.Tensor, y: torch.Tensor, weight: float):
-    """Stability training: CE(f(x1), y) + weight * KL(softmax f(x1) || softmax f(x2)); returns (loss, kl).
+def semantic_data(data: dict) -> dict:
+    """A data config without the settings that do not change results (:data:`DATA_NON_SEMANTIC`)."""
+    return {k: v for k, v in dict(data or {}).items() if k not in DATA_NON_SEMANTIC}
 
-    KL(P || Q) with P = softmax f(x1) (the sample the cross-entropy sees) and Q = softmax f(x2), averaged
-    over the batch: ``F.kl_div(log Q, log P, log_target=True)``.
-    """
-    kl = F.kl_div(F.log_softmax(logits2, 1), F.log_softmax(logits, 1), reduction="batchmean", log_target=True)
-    return F.cross_entropy(logits, y) + weight * kl, kl
+
+# -- the layout before issue 17, read as what it meant ---------------------------------------------------------------
+#: ``training`` was one of these names, now a {name, objective} config: (its objective, whether ``stability_weight``
+#: was its weight).
+_LEGACY_OBJECTIVES = {
+    "standard": ("ssn_exp.lightning.objectives.Standard", False),
+    "stability": ("ssn_exp.lightning.objectives.Stability", True),
+}
+#: ``denoiser`` was a config named one of these, without ``_target_``; all but ``none`` held a ``net``.
+_LEGACY_DENOISERS = {
+    "none": ("ssn_exp.lightning.denoisers.NoDenoiser", False),
+    "stability": ("ssn_exp.lightning.denoisers.StabilityDenoiser", True),
+    "mse": ("ssn_exp.lightning.denoisers.MSEDenoiser", True),
+    "mse_retrain": ("ssn_exp.lightning.denoisers.MSERetrain", True),
+}
+
+
+def current_layout(hp: dict, where: str = "the module") -> dict:
+    """The hyper-parameters ``hp`` in today's layout: a checkpoint written before training objectives and denoiser
+    variants were built from ``_target_`` (``training`` a name plus ``stability_weight``; a ``denoiser`` config without
+    ``_target_``) becomes the configs of ``conf/training`` and ``conf/denoiser`` that it meant; today's layout is
+    returned as it is. The only place that knows the old names. Raises :class:`CheckpointError` naming the key."""
+    hp = dict(hp)
+    training = hp.get("training")
+    if isinstance(training, str):
+        if training not in _LEGACY_OBJECTIVES:
+            raise CheckpointError(
+                f"{where}: hyper_parameters.training is {_short(training)}, it must be a training config "
+                f"(name, objective) or, in a checkpoint of an older ssn_exp, one of {list(_LEGACY_OBJECTIVES)}"
+            )
+        weight = hp.pop("stability_weight", 6.0)
+        if not _is_real(weight):
+            raise CheckpointError(
+                f"{where}: hyper_parameters.stability_weight is {_short(weight)}, it must be a finite number"
+            )
+        target, weighted = _LEGACY_OBJECTIVES[training]
+        objective = {"_target_": target, "weight": float(weight)} if weighted else {"_target_": target}
+        hp["training"] = {"name": training, "objective": objective}
+    den = hp.get("denoiser")
+    if isinstance(den, dict) and "_target_" not in den:
+        name = den.get("name")
+        target, has_net = _LEGACY_DENOISERS.get(name, (None, False)) if isinstance(name, str) else (None, False)
+        if target is None:
+            raise CheckpointError(
+                f"{where}: hyper_parameters.denoiser is {_short(den)}, it must be a denoiser variant's config "
+                f"(_target_, name) or, in a checkpoint of an older ssn_exp, one named one of {list(_LEGACY_DENOISERS)}"
+            )
+        if has_net and (not isinstance(den.get("net"), dict) or "_target_" not in den["net"]):
+            raise CheckpointError(f"{where}: hyper_parameters.denoiser.net must be a _target_ config (the denoiser)")
+        hp["denoiser"] = {"_target_": target, **den}
+    return hp
 
 
 class SmoothedTraining(pl.LightningModule):
     """Train the ``model`` config's network on noisy samples of the ``method`` config's noise.
 
-    - ``training="standard"``: cross-entropy on one noisy sample per example;
-    - ``training="stability"``: :func:`stability_loss` on two independent noisy samples.
-    ``data`` is the resolved data config (its facts ``name, q, num_classes, shape, mean, std``).
+    ``training``: ``{"name": ..., "objective": <_target_ config>}``; the objective
+    (:class:`ssn_exp.lightning.objectives.Objective`, e.g. ``Standard`` or ``Stability``) gives each training step's
+    loss. ``denoiser``: the denoiser variant's config (:mod:`ssn_exp.lightning.denoisers`); with a ``net`` the model is
+    F o D. ``data`` is the resolved data config (its facts ``name, q, num_classes, shape, mean, std``). The layout
+    before (``training="stability", stability_weight=6.0``) is accepted too (:func:`current_layout`).
     """
 
     def __init__(
@@ -81,24 +140,36 @@ class SmoothedTraining(pl.LightningModule):
         model: dict,
         method: dict,
         data: dict,
-        training: str = "standard",
-        stability_weight: float = 6.0,
+        training: dict | str | None = None,
         optimizer: dict | None = None,
         scheduler: dict | None = None,
         denoiser: dict | None = None,
         seed: int = 0,
+        stability_weight: float | None = None,
     ):
         super().__init__()
-        if training not in TRAININGS:
-            raise ValueError(f"unknown training {training!r}; choose one of {list(TRAININGS)}")
-        denoiser = denoiser or {"name": "none"}
-        if denoiser.get("name") not in DENOISERS:
-            raise ValueError(f"unknown denoiser {denoiser.get('name')!r}; choose one of {list(DENOISERS)}")
-        self.save_hyperparameters(logger=False)
-        self.model = build_classifier(model, data, denoiser.get("net") if denoiser["name"] != "none" else None)
+        old = {"training": training or STANDARD, "denoiser": denoiser or NO_DENOISER}
+        if stability_weight is not None:
+            old["stability_weight"] = stability_weight
+        hp = current_layout(old)
+        training, denoiser = hp["training"], hp["denoiser"]
+        if not isinstance(training, dict) or not isinstance(training.get("objective"), dict):
+            raise ValueError(f"training must be a config with a name and an objective, got {_short(training)}")
+        hparams = dict(model=model, method=method, data=data, training=training, optimizer=optimizer,
+                       scheduler=scheduler, denoiser=denoiser, seed=seed)  # fmt: skip
+        self.save_hyperparameters(hparams, logger=False)
+        self.model = build_classifier(model, data, denoiser.get("net") or None)
         self.smoothing: Noise = instantiate(method)
         if not isinstance(self.smoothing, Noise):
-            raise TypeError(f"the method config builds {type(self.smoothing).__name__}, not an ssn_exp noise (ssn_exp.noises.Noise)")
+            raise TypeError(
+                f"the method config builds {type(self.smoothing).__name__}, not an ssn_exp noise (ssn_exp.noises.Noise)"
+            )
+        self.objective: Objective = instantiate(training["objective"])
+        if not isinstance(self.objective, Objective):
+            raise TypeError(
+                f"the training objective config builds {type(self.objective).__name__}, not a training objective "
+                "(ssn_exp.lightning.objectives.Objective)"
+            )
         self._generators: dict = {}
 
     # -- randomness ----------------------------------------------------------------------
@@ -118,13 +189,10 @@ class SmoothedTraining(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         x, y = batch
         g = self._generator(_STREAM_NOISE, self.current_epoch, batch_idx)
-        if self.hparams.training == "standard":
-            logits = self(self.smoothing.sample(x, g))
-            loss = F.cross_entropy(logits, y)
-        else:
-            logits, logits2 = self(self.smoothing.sample(torch.cat([x, x]), g)).chunk(2)
-            loss, kl = stability_loss(logits, logits2, y, self.hparams.stability_weight)
-            self.log("train/kl", kl, on_step=False, on_epoch=True, sync_dist=True, logger=False)
+        out = self.objective.loss(self, self.smoothing, x, y, g)
+        loss, logits, logs = checked_step(self.objective, out, len(y))
+        for key, value in logs.items():
+            self.log(f"train/{key}", value, on_step=False, on_epoch=True, sync_dist=True, logger=False)
         self.log("train/loss", loss, on_step=False, on_epoch=True, prog_bar=True, sync_dist=True, logger=False)
         acc = (logits.argmax(1) == y).float().mean()
         self.log("train/acc_noisy", acc, on_step=False, on_epoch=True, sync_dist=True, logger=False)
@@ -154,13 +222,15 @@ class SmoothedTraining(pl.LightningModule):
             "q": int(hp.data["q"]),
             "seed": int(getattr(sm, "seed", hp.seed)),
             "dataset": hp.data["name"],
-            "training": hp.training,
+            "training": hp.training["name"],
             "denoiser": hp.denoiser["name"],
             "model": hp.model.get("_target_", "?"),
         }
 
 
-_HPARAMS = ("model", "method", "data", "training", "stability_weight", "optimizer", "scheduler", "denoiser", "seed")
+_HPARAMS = ("model", "method", "data", "training", "optimizer", "scheduler", "denoiser", "seed")
+#: hyper-parameters of the layout before issue 17 (read by :func:`current_layout`)
+_LEGACY_HPARAMS = ("stability_weight",)
 #: A larger image than any data set of ours (3 x 2048 x 2048 is 12.6M values): refused before DSSN allocates v.
 _MAX_NUMEL = 2**24
 
@@ -173,6 +243,14 @@ def _short(value) -> str:
 def _is_int(value, low: int, high: int | None = None) -> bool:
     ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
     return ok and (high is None or value < high)
+
+
+def _is_name(value) -> bool:
+    return isinstance(value, str) and _NAME.fullmatch(value) is not None
+
+
+def _is_target(value) -> bool:
+    return isinstance(value, dict) and isinstance(value.get("_target_"), str)
 
 
 def _is_real(value) -> bool:
@@ -229,7 +307,7 @@ def checked_hparams(ckpt, path, trust: Trust | None = None) -> dict:
             raise CheckpointError(
                 f"{older} (its {key} config is {got}, not a _target_ config); retrain it with this version"
             )
-    unknown = sorted(str(k) for k in hp if k not in _HPARAMS)
+    unknown = sorted(str(k) for k in hp if k not in _HPARAMS + _LEGACY_HPARAMS)
     if unknown:
         raise CheckpointError(f"{path} has hyper-parameters this ssn_exp does not know ({', '.join(unknown)})")
     missing = [k for k in _HPARAMS if k not in hp]
@@ -242,20 +320,24 @@ def checked_hparams(ckpt, path, trust: Trust | None = None) -> dict:
     if not isinstance(hp["data"], dict):
         raise CheckpointError(f"{where}: hyper_parameters.data is {_short(hp['data'])}, it must be a data config")
     _check_data_facts(hp["data"], where)
+    if "stability_weight" in hp and not isinstance(hp["training"], str):
+        raise CheckpointError(f"{path} has hyper-parameters this ssn_exp does not know (stability_weight)")
+    hp = current_layout(hp, where)
+    training, den = hp["training"], hp["denoiser"]
     checks = (
-        ("training", hp["training"] in TRAININGS, f"one of {list(TRAININGS)}"),
-        ("stability_weight", _is_real(hp["stability_weight"]), "a finite number"),
+        ("training", isinstance(training, dict) and set(training) == {"name", "objective"}
+         and _is_name(training["name"]) and _is_target(training["objective"]),
+         "a training config: a name (letters, digits, _ . + -) and an objective (a _target_ config)"),
         ("seed", _is_int(hp["seed"], 0, 2**32), "an integer in [0, 2**32)"),
         ("optimizer", hp["optimizer"] is None or isinstance(hp["optimizer"], dict), "null or a _target_ config"),
         ("scheduler", hp["scheduler"] is None or isinstance(hp["scheduler"], dict), "null or a _target_ config"),
-        ("denoiser", isinstance(hp["denoiser"], dict) and hp["denoiser"].get("name") in DENOISERS,
-         f"a denoiser config named one of {list(DENOISERS)}"),
+        ("denoiser", isinstance(den, dict) and _is_target(den) and _is_name(den.get("name")),
+         "a denoiser variant's config: a _target_ and a name (letters, digits, _ . + -)"),
     )  # fmt: skip
     for key, ok, want in checks:
         if not ok:
             raise CheckpointError(f"{where}: hyper_parameters.{key} is {_short(hp[key])}, it must be {want}")
-    den = hp["denoiser"]
-    if den["name"] != "none" and (not isinstance(den.get("net"), dict) or "_target_" not in den["net"]):
+    if den.get("net") is not None and not _is_target(den["net"]):
         raise CheckpointError(f"{where}: hyper_parameters.denoiser.net must be a _target_ config (the denoiser)")
     # the noise was built for the data set: a stored data config edited apart from it is refused
     data, method = hp["data"], hp["method"]
@@ -319,10 +401,10 @@ def _check_sizes(hp: dict, state_dict: dict, path) -> None:
     """Build the networks of the stored configs on the meta device (no memory) and compare their weights' shapes with
     the file's: a config that asks for a network larger than the weights it comes with is refused before anything is
     allocated (the file's size bounds what loading it costs)."""
-    den = hp["denoiser"]
-    parts = [("model", hp["model"], "model.1." if den["name"] == "none" else "model.classifier.1.")]
-    if den["name"] != "none":
-        parts.append(("denoiser.net", den["net"], "model.denoiser."))
+    den_net = hp["denoiser"].get("net")
+    parts = [("model", hp["model"], "model.1." if den_net is None else "model.classifier.1.")]
+    if den_net is not None:
+        parts.append(("denoiser.net", den_net, "model.denoiser."))
     for key, cfg, prefix in parts:
         try:
             with torch.device("meta"):

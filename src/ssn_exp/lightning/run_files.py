@@ -68,14 +68,14 @@ def refuse_link(path: Path) -> None:
         )
 
 
-def _open_new(tmp: Path):
+def _open_new(tmp: Path, binary: bool = False):
     """A fresh temporary file opened for writing without following links (a stale one of this name goes first)."""
     try:
         os.unlink(tmp)  # removes a link itself, never its target
     except FileNotFoundError:
         pass
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    return os.fdopen(fd, "w", newline="")
+    return os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="")
 
 
 def _replace(tmp: Path, path: Path) -> None:
@@ -87,8 +87,8 @@ def _replace(tmp: Path, path: Path) -> None:
         raise
 
 
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it over ``path``: never half a file.
+def write_text_atomic(path: Path, text: str | bytes) -> None:
+    """Write ``text`` (or bytes) to a temporary file beside ``path``, then rename it over ``path``: never half a file.
 
     Neither the temporary file nor ``path`` is followed if it is a symbolic link: a link at ``path`` is refused
     (:class:`LinkedRunFileError`), so a file outside the run directory is never written.
@@ -96,7 +96,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with _open_new(tmp) as fh:
+        with _open_new(tmp, binary=isinstance(text, bytes)) as fh:
             fh.write(text)
     except BaseException:
         tmp.unlink(missing_ok=True)
