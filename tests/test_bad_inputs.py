@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from helpers import one_error_line, run_cli_many, write_tiny_imagefolder
-from ssn_exp.cli.config import ConfigError, certify_settings
+from ssn_exp.cli.config import ConfigError, check_certify_config
 from ssn_exp.cli.errors import is_user_error, one_line
 from ssn_exp.exceptions import UserError
 
@@ -84,7 +84,7 @@ def _cfg(**certify):
 )
 def test_certify_settings_refuse_in_one_line(key, value, words):
     with pytest.raises(ConfigError) as info:
-        certify_settings(_cfg(**{key: value}))
+        check_certify_config(_cfg(**{key: value}))
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
@@ -96,8 +96,8 @@ def test_a_noise_batch_larger_than_memory_is_refused_before_anything_is_written(
     shape = (3, 224, 224)
     too_many = host_memory(available=False) // noise_batch_bytes(1, shape) + 1
     with pytest.raises(MemoryLimitError, match=f"certify.noise_batch={too_many} needs at least"):
-        certify_settings(_cfg(noise_batch=too_many), shape=shape)
-    certify_settings(_cfg(noise_batch=too_many - 1), shape=shape)  # one less fits in the host's memory
+        check_certify_config(_cfg(noise_batch=too_many), shape=shape)
+    check_certify_config(_cfg(noise_batch=too_many - 1), shape=shape)  # one less fits in the host's memory
     data = torch.utils.data.TensorDataset(torch.rand(4, *shape), torch.zeros(4, dtype=torch.long))
     out = tmp_path / "cert"
     kw = dict(num_classes=2, n0=2, n=2**40, noise_batch=2**31 - 1, device="cpu")
@@ -133,7 +133,7 @@ def test_an_allocation_failure_during_certification_names_noise_batch(tmp_path):
 @pytest.mark.parametrize("content", ["[1]", '"settings"', "3", "null"])
 def test_certify_settings_json_that_is_not_an_object_is_one_line(tmp_path, content):
     from ssn_exp.lightning.certification import ShardCertifier
-    from ssn_exp.lightning.run_files import ResultsFileError
+    from ssn_exp.lightning.results import ResultsFileError
     from ssn_exp.noises import Uniform
 
     data = torch.utils.data.TensorDataset(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))

@@ -164,7 +164,7 @@ def test_method_configs_build_the_noise(method):
 def test_trainer_logger_and_denoiser_configs_build():
     import pytorch_lightning as pl
 
-    from ssn_exp.lightning.tracking import RunCSVLogger
+    from ssn_exp.lightning.loggers import RunCSVLogger
     from ssn_exp.models import DnCNN
 
     cfg = _compose(["denoiser=mse", "logger=csv"])

@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ssn_exp.certify import certified_accuracy, certified_count
-from ssn_exp.lightning.run_plot import CURVE_POINTS, run_curve
+from ssn_exp.lightning.accuracy_curve import CURVE_POINTS, run_curve
 
 QS = (16, 255, 256)
 
@@ -217,7 +217,7 @@ def test_the_box_curve_and_the_float_curve():
 def test_the_run_curve_matches_the_report_curve_of_the_same_run(tmp_path):
     from ssn_exp.certify.procedures import Exact
     from ssn_exp.certify.record import CertificateRecord
-    from ssn_exp.lightning.run_files import summarize, write_rows_atomic
+    from ssn_exp.lightning.results import summarize, write_rows_atomic
     from ssn_exp.noises import DSSN
     from ssn_exp.report.plots import curve, radius_grid
     from ssn_exp.report.records import load_run_dir

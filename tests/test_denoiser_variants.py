@@ -16,9 +16,9 @@ from omegaconf import read_write
 
 from ssn_exp.cli.config import CONF_DIR, ConfigError, build, container
 from ssn_exp.exceptions import LinkedRunFileError
+from ssn_exp.lightning.denoiser_stages import StageModule
 from ssn_exp.lightning.denoisers import Denoiser, DenoiserError, MSEDenoiser, MSERetrain, NoDenoiser, StabilityDenoiser
 from ssn_exp.lightning.module import SmoothedTraining, load_checkpoint
-from ssn_exp.lightning.stages import StageModule
 from test_trust import HPARAMS
 
 NET = {"_target_": "ssn_exp.models.DnCNN", "in_channels": 1, "depth": 3, "width": 4}

@@ -196,7 +196,7 @@ def test_a_nan_producing_model_gets_no_certificate(tmp_path):
 
 @pytest.mark.slow
 def test_a_second_process_in_the_same_run_directory_is_refused(tmp_path):
-    from ssn_exp.cli.errors import RunLock
+    from ssn_exp.cli.run_dir import RunLock
 
     run = tmp_path / "run"
     args = ["training.epochs=200", "data.batch_size=8", "certify.enabled=false", f"hydra.run.dir={run}"]

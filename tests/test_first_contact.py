@@ -8,7 +8,7 @@ import pytest
 
 from helpers import run_cli
 from ssn_exp.lightning import progress
-from ssn_exp.lightning.run_files import format_table
+from ssn_exp.lightning.results import format_table
 
 
 def test_outside_a_terminal_progress_is_occasional_plain_lines(caplog, monkeypatch):

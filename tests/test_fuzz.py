@@ -25,7 +25,7 @@ from torch import nn
 
 from ssn_exp.cli.config import (
     CONF_DIR,
-    certify_settings,
+    check_certify_config,
     check_positive_int,
     check_seed,
     check_sigma,
@@ -138,7 +138,7 @@ def test_certify_settings_accept_or_refuse_in_one_line(composed, changes, n):
     cfg = copy.deepcopy(composed)
     if not all(_set(cfg, key, value) for key, value in changes):
         return
-    settings_ = either(certify_settings, cfg, n=n)
+    settings_ = either(check_certify_config, cfg, n=n)
     if settings_ is not None:  # accepted: every value is of the type the certification uses
         for key in ("skip", "n0", "n", "noise_batch", "batch_size", "seed"):
             assert type(settings_[key]) is int and settings_[key] >= (0 if key == "seed" else 1), key
@@ -233,7 +233,7 @@ DSSN_HEADER = "index,label,prediction,correct,radius,seconds,k,counts"
 def test_read_certificates_of_any_file_returns_rows_or_refuses_in_one_line(header, body, raw):
     from ssn_exp.certify.procedures import default_procedure
     from ssn_exp.certify.record import CertificateRecord
-    from ssn_exp.lightning.run_files import read_certificates
+    from ssn_exp.lightning.results import read_certificates
     from ssn_exp.noises import DSSN, Uniform
 
     with tempfile.TemporaryDirectory() as tmp:

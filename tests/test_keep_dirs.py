@@ -21,7 +21,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from helpers import one_error_line, run_cli_many
-from ssn_exp.cli.errors import (
+from ssn_exp.cli.run_dir import (
     RunDirGuard,
     RunLock,
     RunLockedError,

@@ -13,9 +13,9 @@ from torch.utils.data import TensorDataset
 
 from helpers import read_csv
 from ssn_exp.lightning.certification import ShardCertifier, certify_indices, shard_indices
+from ssn_exp.lightning.loggers import RunCSVLogger
 from ssn_exp.lightning.module import SmoothedTraining, stability_loss
-from ssn_exp.lightning.run_files import ResultsFileError, merge_shards, read_certificates
-from ssn_exp.lightning.tracking import RunCSVLogger
+from ssn_exp.lightning.results import ResultsFileError, merge_shards, read_certificates
 from ssn_exp.noises import DSSN, SSN
 
 

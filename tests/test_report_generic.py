@@ -19,8 +19,8 @@ import ssn_exp
 from ssn_exp import noises as noises_module
 from ssn_exp.certify.procedures import FixedSample
 from ssn_exp.certify.record import CertificateRecord
-from ssn_exp.lightning.run_files import summarize, write_rows_atomic
-from ssn_exp.lightning.tracking import certification_curves, certification_summary
+from ssn_exp.lightning.loggers import certification_curves, certification_summary
+from ssn_exp.lightning.results import summarize, write_rows_atomic
 from ssn_exp.noises import SampledNoise, Uniform
 from ssn_exp.report import build_best_tables, main
 from ssn_exp.report.plots import PALETTE, curves_figure, method_colors

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from helpers import run_cli, run_cli_many
-from ssn_exp.cli.errors import LinkedRunFileError, RunDirGuard, RunLock, RunLockedError, _StartRecord
+from ssn_exp.cli.run_dir import LinkedRunFileError, RunDirGuard, RunLock, RunLockedError, _StartRecord
 
 FAST = ["debug=fast", "trainer.enable_progress_bar=false"]
 
@@ -186,7 +186,7 @@ def test_a_linked_lock_is_refused_and_its_target_untouched(tmp_path):
 
 
 def test_result_files_are_never_written_through_a_link(tmp_path):
-    from ssn_exp.lightning.run_files import append_rows, write_json_atomic, write_rows_atomic, write_text_atomic
+    from ssn_exp.lightning.results import append_rows, write_json_atomic, write_rows_atomic, write_text_atomic
 
     outside = tmp_path / "outside.txt"
     outside.write_bytes(b"precious\n")

@@ -356,7 +356,7 @@ def test_an_edited_data_set_does_not_certify(tmp_path, weights):
 
 # -- the other files that can name code: stage checkpoints, a run folder on resume ----------------------------------
 def test_a_planted_stage_checkpoint_is_refused(tmp_path):
-    from ssn_exp.lightning.stages import StageModule, load_stage
+    from ssn_exp.lightning.denoiser_stages import StageModule, load_stage
 
     stage_hp = {"kind": "clean", "model": HPARAMS["model"], "data": HPARAMS["data"], "method": None,
                 "denoiser_net": None, "optimizer": None, "denoiser_lr": 1e-3, "seed": 0}  # fmt: skip
@@ -415,7 +415,7 @@ def test_every_instantiation_site_is_known():
         "certify/__init__.py",  # lazy imports of its own submodules (names fixed in the module)
         "cli/certify.py",  # the user's method name; the data config after Trust.check
         "lightning/module.py",  # SmoothedTraining: the user's config, or checked_hparams() in load_checkpoint
-        "lightning/stages.py",  # StageModule: the user's config, or Trust.check in load_stage
+        "lightning/denoiser_stages.py",  # StageModule: the user's config, or Trust.check in load_stage
         "smoothing.py",  # the deprecated module's names come from ssn_exp.noises (a fixed module)
         "trust.py",  # imports only modules already trusted
     }, found

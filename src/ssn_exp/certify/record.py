@@ -7,7 +7,7 @@ the noise's further radii such as ``radius_box`` for sampled ones), then ``count
 ``class:count`` pairs (nonzero only).
 
 A new field is one change here (or in the procedure / noise that computes it). The run files
-(:mod:`ssn_exp.lightning.run_files`), the report and wandb read rows through this module.
+(:mod:`ssn_exp.lightning.results`), the report and wandb read rows through this module.
 """
 
 from __future__ import annotations

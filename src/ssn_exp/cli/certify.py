@@ -25,13 +25,14 @@ from ssn_exp.cli.config import (
     CONF_DIR,
     ConfigError,
     build,
-    certify_settings,
+    check_certify_config,
     check_seed,
     check_sigma,
     config_source,
     container,
 )
-from ssn_exp.cli.errors import RunLock, guard, run_entry
+from ssn_exp.cli.errors import guard, run_entry
+from ssn_exp.cli.run_dir import RunLock
 
 log = logging.getLogger("ssn_exp")
 
@@ -241,20 +242,20 @@ def run_certify(cfg: DictConfig) -> dict:
     if not path.is_file():  # before torch is imported: a mistyped path is answered at once
         what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
         raise ConfigError(f"checkpoint {path} {what}: give ckpt=PATH to a .ckpt (or the authors' .pth) file")
-    from ssn_exp.lightning.run_files import format_table
+    from ssn_exp.lightning.results import format_table
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     given = _explicit_overrides()
     check_seed(cfg.seed)
     fmt = _detect(path, str(cfg.ckpt_format))
-    certify_settings(cfg)  # every certify.* value checked before anything is loaded
+    check_certify_config(cfg)  # every certify.* value checked before anything is loaded
     with RunLock(out_dir):
         if fmt == "levine2021":
             model, smoothing, dm, meta = _from_levine2021(cfg, path, given)
         else:
             model, smoothing, dm, meta = _from_ssn_exp(cfg, path, given)
         n = None if "certify.n" in given else dm.certify_n
-        settings = certify_settings(cfg, n=n)
+        settings = check_certify_config(cfg, n=n)
         if n is not None:  # the sample count of the checkpoint's data set, for the procedure too
             with open_dict(cfg):
                 cfg.certify.n = n

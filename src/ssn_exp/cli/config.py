@@ -24,7 +24,7 @@ __all__ = [
     "check_positive_int",
     "check_bool",
     "check_tag",
-    "certify_settings",
+    "check_certify_config",
     "container",
 ]
 
@@ -179,7 +179,7 @@ def _shape(value) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape)
 
 
-def certify_settings(cfg: DictConfig, n: int | None = None, shape=None) -> dict:
+def check_certify_config(cfg: DictConfig, n: int | None = None, shape=None) -> dict:
     """The certification settings, every value checked (before any training or certification starts).
 
     ``shape``: the inputs' (C, H, W) (default ``data.shape``): a ``certify.noise_batch`` whose noisy batch cannot

@@ -22,7 +22,7 @@ from ssn_exp.cli.config import (
     CONF_DIR,
     ConfigError,
     build,
-    certify_settings,
+    check_certify_config,
     check_positive_int,
     check_seed,
     check_sigma,
@@ -30,7 +30,8 @@ from ssn_exp.cli.config import (
     config_source,
     container,
 )
-from ssn_exp.cli.errors import RunLock, guard, run_entry
+from ssn_exp.cli.errors import guard, run_entry
+from ssn_exp.cli.run_dir import RunLock
 
 log = logging.getLogger("ssn_exp")
 
@@ -153,7 +154,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     _check_name(cfg.denoiser.name, "denoiser.name")
     if "max_epochs" in cfg.trainer:
         check_positive_int(cfg.trainer.max_epochs, "trainer.max_epochs")
-    settings = certify_settings(cfg)
+    settings = check_certify_config(cfg)
 
     import pytorch_lightning as pl
 
@@ -161,7 +162,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     from ssn_exp.lightning.certification import CertifyCallback
     from ssn_exp.lightning.module import SmoothedTraining
     from ssn_exp.lightning.progress import progress_callbacks
-    from ssn_exp.lightning.run_files import format_table
+    from ssn_exp.lightning.results import format_table
 
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))

@@ -4,7 +4,7 @@ ssn_exp.certify``, the denoiser variants). It calls the library: a procedure (:m
 certifies each batch and the certificate record (:mod:`ssn_exp.certify.record`) writes and checks the rows; the
 driver never asks which noise or procedure it holds.
 
-Files: see :mod:`ssn_exp.lightning.run_files`. Under DDP every rank certifies its own shard
+Files: see :mod:`ssn_exp.lightning.results`. Under DDP every rank certifies its own shard
 (``indices[rank::world]``, no padding) into ``certificates.rank{r}.csv``; rank 0 merges them by index.
 Resuming skips the examples already certified, after checking every row read back.
 """
@@ -25,7 +25,7 @@ from ssn_exp.certify.procedures import Procedure, default_procedure
 from ssn_exp.certify.record import CertificateRecord
 from ssn_exp.lightning.data import dataset_labels, mix_seed
 from ssn_exp.lightning.memory import MemoryLimitError, check_noise_batch, host_memory
-from ssn_exp.lightning.run_files import (
+from ssn_exp.lightning.results import (
     ResultsFileError,
     append_rows,
     merge_shards,
@@ -452,7 +452,7 @@ def log_metrics(logger, metrics: dict, out_dir: Path | None = None) -> None:
             flat[f"certify/{key}"] = float(metrics[key])
     logger.log_metrics(flat)
     if out_dir is not None:
-        from ssn_exp.lightning.tracking import log_certification
+        from ssn_exp.lightning.loggers import log_certification
 
         log_certification(logger, out_dir, metrics)
     if hasattr(logger, "save"):

@@ -1,7 +1,7 @@
 """Denoiser variants (appendix D; Salman et al. 2020), one class each, built from the ``_target_`` of
 ``conf/denoiser/*.yaml`` (layer 2).
 
-A variant decides what a run does around its base classifier: which stages (:mod:`ssn_exp.lightning.stages`) it
+A variant decides what a run does around its base classifier: which stages (:mod:`ssn_exp.lightning.denoiser_stages`) it
 trains or loads into the run's model F o D, whether the run then trains that model or only certifies it, and
 writing the run checkpoint when it does not train. The entry point builds the variant and calls
 :meth:`Denoiser.prepare`; it never asks which variant it is.
@@ -111,7 +111,7 @@ class StagedDenoiser(Denoiser):
     is F o D as loaded, written atomically, and the run certifies it."""
 
     trains = False
-    #: the stage kind that trains D (:data:`ssn_exp.lightning.stages.KINDS`)
+    #: the stage kind that trains D (:data:`ssn_exp.lightning.denoiser_stages.KINDS`)
     stage_kind = "denoiser_mse"
     #: F comes from the clean-classifier stage (else the run's own, freshly initialised F)
     clean_classifier = True
@@ -163,8 +163,8 @@ class StagedDenoiser(Denoiser):
 
     def _load_stages(self, module, dm, make_trainer, trust) -> None:
         """Load (training and caching them first if needed) the stages of this variant into the module's F o D."""
+        from ssn_exp.lightning.denoiser_stages import ensure_stage, load_stage
         from ssn_exp.lightning.module import semantic_data
-        from ssn_exp.lightning.stages import ensure_stage, load_stage
 
         hp, sm = module.hparams, module.smoothing
         base = {"model": hp["model"], "data": semantic_data(hp["data"])}
@@ -214,7 +214,7 @@ class StabilityDenoiser(StagedDenoiser):
     stage_kind = "denoiser_stability"
 
     def _stage_init(self, clean_ckpt, trust) -> dict | None:
-        from ssn_exp.lightning.stages import load_stage
+        from ssn_exp.lightning.denoiser_stages import load_stage
 
         clean = load_stage(clean_ckpt, trust).classifier.state_dict()
         return {**{f"classifier.{k}": v for k, v in clean.items()}, "_source": str(clean_ckpt)}
@@ -235,7 +235,7 @@ class MSERetrain(MSEDenoiser):
 def save_run_checkpoint(path: Path, module) -> None:
     """The run checkpoint of a module that is not trained (F o D as loaded): its hyper-parameters and weights, in the
     layout :func:`ssn_exp.lightning.module.load_checkpoint` reads, written atomically and never through a link."""
-    from ssn_exp.lightning.run_files import write_text_atomic
+    from ssn_exp.lightning.results import write_text_atomic
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

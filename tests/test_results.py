@@ -1,4 +1,4 @@
-"""The result-file code (``ssn_exp.lightning.run_files``) tested in-process (issue 16 section 6).
+"""The result-file code (``ssn_exp.lightning.results``) tested in-process (issue 16 section 6).
 
 The CLI tests reach this module only through subprocesses, where neither coverage nor the mutation run sees it.
 Here every check of a resumed row, the shard merge, the summary and the console table is driven directly:
@@ -20,7 +20,7 @@ from ssn_exp.certify import clopper_pearson_lower, exact_certificate
 from ssn_exp.certify.procedures import default_procedure
 from ssn_exp.certify.record import CertificateRecord
 from ssn_exp.exceptions import LinkedRunFileError, UserError
-from ssn_exp.lightning.run_files import (
+from ssn_exp.lightning.results import (
     BASE_COLUMNS,
     ResultsFileError,
     format_counts,
@@ -592,7 +592,7 @@ def test_summarize_without_certificates_is_an_error(tmp_path, dssn):
 
 
 def test_summarize_draws_the_run_curve_by_default(tmp_path, dssn):
-    from ssn_exp.lightning.run_plot import plot_run_curve
+    from ssn_exp.lightning.accuracy_curve import plot_run_curve
 
     write(tmp_path / "certificates.csv", dssn, [dssn_row(dssn, 0, 0, [27, 0]), dssn_row(dssn, 1, 0, [19, 8])])
     m = summarize(tmp_path, record(dssn), META, radii=[0.5])
@@ -607,7 +607,7 @@ def test_summarize_draws_the_run_curve_by_default(tmp_path, dssn):
 
 
 def test_summarize_draws_the_box_curve_of_a_uniform_run(tmp_path):
-    from ssn_exp.lightning.run_plot import plot_run_curve
+    from ssn_exp.lightning.accuracy_curve import plot_run_curve
 
     u = Uniform(0.5)
     rows = [uniform_row(u, 0, 0, [N, 0], box_extra=0.5), uniform_row(u, 1, 1, [5, 45], box_extra=0.25)]

@@ -305,7 +305,7 @@ def summarize(
             metrics[key] = value
     write_json_atomic(out_dir / "metrics.json", metrics)
     if plot:
-        from ssn_exp.lightning.run_plot import plot_run_curve
+        from ssn_exp.lightning.accuracy_curve import plot_run_curve
 
         plot_run_curve(correct, radius, q, metrics, out_dir / "certified_accuracy.png", extra=extra)
     return metrics

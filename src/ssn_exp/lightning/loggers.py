@@ -15,7 +15,7 @@ from typing import Any
 from pytorch_lightning.loggers import Logger
 from pytorch_lightning.utilities import rank_zero_only
 
-from ssn_exp.lightning.run_files import write_text_atomic as _atomic_write
+from ssn_exp.lightning.results import write_text_atomic as _atomic_write
 
 __all__ = [
     "RunCSVLogger",
