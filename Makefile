@@ -46,7 +46,7 @@ mutation: $(STAMP)  ## mutation testing of the certificate and result-file code 
 bench: $(STAMP)  ## throughput of certification vs plain forward passes and a baseline (ARGS="--json FILE --models ...")
 	$(PY) -m ssn_exp.bench $(ARGS)
 
-sweep-smoke: $(STAMP)  ## digits, 3 methods x 3 sigma (85 s on a 2-core CPU), then the report
+sweep-smoke: $(STAMP)  ## digits, 4 methods x 3 sigma (uniform/ssn/dssn: 85 s on a 2-core CPU), then the report
 	$(PY) -m ssn_exp.sweep smoke $(ARGS)
 
 sweep-paper-cifar10: $(STAMP)  ## CIFAR-10: 3 methods x 15 sigma x standard/stability (GPUs; ARGS="--launcher slurm")

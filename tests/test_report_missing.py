@@ -154,7 +154,8 @@ def test_a_real_sweep_records_its_jobs_and_the_report_names_a_deleted_one(tmp_pa
     p = run_cli("ssn_exp.sweep", "smoke", "debug=fast", "sigma=-1", "--out", str(out), "--no-report")
     assert p.returncode != 0
     assert read_sweep_record(out / SWEEP_RECORD) == [
-        ("method=uniform", "sigma=-1"), ("method=ssn", "sigma=-1"), ("method=dssn", "sigma=-1")
+        ("method=uniform", "sigma=-1"), ("method=ssn", "sigma=-1"), ("method=dssn", "sigma=-1"),
+        ("method=laplace", "sigma=-1"),
     ]  # fmt: skip
     shutil.rmtree(next(d for d in out.iterdir() if "method=ssn" in d.name))
     missing = find_missing([out])

@@ -12,7 +12,7 @@ from helpers import read_metrics, read_wandb_offline, run_cli
 from ssn_exp.cli.config import CONF_DIR
 from ssn_exp.cli.sweep import available, jobs, load_sweep
 
-EXPECTED = {"smoke": 9, "paper_cifar10": 90, "paper_imagenet": 18, "dssn_seeds": 45, "denoisers": 27}
+EXPECTED = {"smoke": 12, "paper_cifar10": 90, "paper_imagenet": 18, "dssn_seeds": 45, "denoisers": 27}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -39,7 +39,7 @@ def test_named_sweeps_expand_and_every_job_composes(name):
 
 def test_command_line_overrides_replace_swept_lists():
     assert len(jobs(load_sweep("smoke", ["method=dssn"]), ["method=dssn"])) == 3
-    assert len(jobs(load_sweep("smoke"), ["sigma=0.1,0.2", "debug=fast"])) == 6
+    assert len(jobs(load_sweep("smoke"), ["sigma=0.1,0.2", "debug=fast"])) == 8
     assert {j[1] for j in jobs(load_sweep("smoke"), ["sigma=0.1,0.2"])} == {"sigma=0.1", "sigma=0.2"}
 
 
@@ -64,9 +64,9 @@ def test_smoke_sweep_multirun_with_wandb_and_report(tmp_path):
     )
     assert p.returncode == 0, p.stderr[-3000:]
     runs = sorted(d for d in out.iterdir() if (d / "metrics.json").is_file())
-    assert len(runs) == 6
+    assert len(runs) == 8
     seen = {(read_metrics(r)["method"], read_metrics(r)["sigma"]) for r in runs}
-    assert seen == {(m, s) for m in ("uniform", "ssn", "dssn") for s in (0.25, 1.0)}
+    assert seen == {(m, s) for m in ("uniform", "ssn", "dssn", "laplace") for s in (0.25, 1.0)}
     # one wandb run per job: named by method/sigma/seed, grouped by sweep, summary = metrics.json
     names = set()
     for r in runs:
@@ -79,12 +79,12 @@ def test_smoke_sweep_multirun_with_wandb_and_report(tmp_path):
         assert {"certificates/_type", "certified_accuracy_curve_table/_type"} <= set(wb["summary"])
         assert {"data", "method", "sigma", "certify"} <= wb["config"]
         assert wb["history"] > 0  # training curves
-    assert len(names) == 6 and "dssn-sigma1.0-seed0" in names
+    assert len(names) == 8 and "dssn-sigma1.0-seed0" in names
     # the report over the sweep: tables and figures
     rep = out / "report"
     with open(rep / "best_over_sigma.csv", newline="") as fh:
         rows = list(csv.DictReader(fh))
-    methods = {"uniform", "uniform (box)", "ssn", "ssn (box)", "dssn"}
+    methods = {"uniform", "uniform (box)", "ssn", "ssn (box)", "dssn", "laplace"}  # laplace: no box rows
     assert {r["method"] for r in rows} == methods and {r["dataset"] for r in rows} == {"digits"}
     best = {(r["method"], r["radius"]): float(r["certified_accuracy"]) for r in rows}
     for method in ("uniform", "ssn"):  # the box rows certify at least as much from the same samples

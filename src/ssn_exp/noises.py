@@ -18,8 +18,11 @@ The noises shipped here:
 - :class:`SSN`     -- independent splitting noise, s ~ U(0, 2 lam)^d (Levine & Feizi 2021), lam = sqrt(3) sigma.
 - :class:`DSSN`    -- deterministic SSN: L = floor(2 lam q) split offsets sharing one fixed
   vector v; certification enumerates all L of them.
+- :class:`Laplace` -- additive Laplace noise x + Laplace(0, lam)^d (Teng, Lee & Yuan 2020), lam = sigma / sqrt(2);
+  radius -lam log(2 (1 - p_lower)).
 
-sigma is the standard deviation of the noise per pixel (for uniform noise and SSN: of the matched uniform noise).
+sigma is the standard deviation of the noise per pixel (for uniform noise and SSN: of the matched uniform noise;
+for Laplace noise: of the Laplace noise itself).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ __all__ = [
     "Uniform",
     "SSN",
     "DSSN",
+    "Laplace",
     "InputDomainError",
     "OffGridError",
     "check_unit_box",
@@ -273,6 +277,34 @@ class SSN(_BoxConstrained):
         w = 2.0 * self.lam
         c = w * torch.ceil((x - s) / w) + s
         return (c.clamp(max=1.0) + (c - w).clamp(min=0.0)) * 0.5
+
+
+class Laplace(SampledNoise):
+    """x + eps, eps ~ Laplace(0, lam)^d i.i.d., no clamping (Teng, Lee & Yuan 2020; rs4a's ``Laplace``).
+
+    lam = sigma / sqrt(2), so sigma is the standard deviation per pixel. The certified l1 radius is
+    -lam log(2 (1 - p_lower)) (docs/method.md section 14); no box-constrained radius is offered (the derivation of
+    :mod:`ssn_exp.certify.box` rests on uniform noise's overlap).
+    """
+
+    name = "laplace"
+
+    def scale(self, sigma: float) -> float:
+        return sigma / math.sqrt(2.0)
+
+    def _draw(self, x, generator):
+        # lam (E1 - E2) with E = -log1p(-r), r in [0, 1): the difference of two independent Exp(1) variables, every
+        # value finite. Each value's pair (E1, E2) is adjacent in one draw, so the stream of uniforms, and with it
+        # the noise, does not depend on how certification splits the copies into chunks (certify.noise_batch).
+        dtype = x.dtype if x.is_floating_point() else torch.float32
+        e = torch.rand((*x.shape, 2), generator=generator, device=x.device, dtype=dtype).neg_().log1p_().neg_()
+        return (e[..., 0] - e[..., 1]).mul_(self.lam).add_(x)
+
+    def radius(self, p_lower) -> np.ndarray:
+        """-lam log(2 (1 - p_lower)); p_lower = 1 (never a Clopper-Pearson bound) is taken as the largest float64
+        below 1, a smaller lower bound, so the radius stays finite (lam * 36.04)."""
+        p = np.minimum(np.asarray(p_lower, dtype=np.float64), 1.0 - 2.0**-53)
+        return -self.lam * np.log(2.0 * (1.0 - p))
 
 
 class DSSN(EnumeratedNoise):
