@@ -346,11 +346,11 @@ def test_an_edited_data_set_does_not_certify(tmp_path, weights):
         _check_data_fits(ImageData(**{**facts, "num_classes": 5}), module, ckpt)
     module = load_checkpoint(ckpt)
     module.hparams.data["shape"] = [1, 16, 16]
-    with pytest.raises(ConfigError, match="was built for dim=64, the data set digits has dim=256"):
+    with pytest.raises(ConfigError, match="was built for q=16, dim=64, the data set digits has q=16, dim=256"):
         _check_data_fits(ImageData(**{**facts, "shape": [1, 16, 16]}), module, ckpt)
     module = load_checkpoint(ckpt)
     module.hparams.data["q"] = 255
-    with pytest.raises(ConfigError, match="built for q=16, the data set digits has q=255"):
+    with pytest.raises(ConfigError, match="built for q=16, dim=64, the data set digits has q=255, dim=64"):
         _check_data_fits(ImageData(**{**facts, "q": 255}), module, ckpt)
 
 

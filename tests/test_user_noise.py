@@ -152,7 +152,7 @@ def test_a_user_noise_resumes_and_its_rows_are_checked_on_read_back(user_noise, 
 
     from ssn_exp.certify.procedures import FixedSample
     from ssn_exp.certify.record import CertificateRecord
-    from ssn_exp.lightning.run_files import ResultsFileError, read_certificates
+    from ssn_exp.lightning.results import ResultsFileError, read_certificates
 
     run, m = user_noise["run"], user_noise["metrics"]
     record = CertificateRecord(mynoise.HalfUniform(SIGMA), FixedSample(n0=m["n0"], n=m["n"], alpha=m["alpha"]))

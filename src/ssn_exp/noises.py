@@ -178,6 +178,11 @@ class Noise:
 
         return draw
 
+    def misfit(self, q: int, dim: int) -> str | None:
+        """Why this noise cannot smooth inputs of ``dim`` values on the grid k/``q`` (e.g. "was built for q=16"), or
+        None if it can. A noise built for no particular input space fits every one."""
+        return None
+
     def describe(self) -> dict:
         """What the noise is (written to metrics.json and certify_settings.json): name, sigma, scale, parameters."""
         return {"method": self.name, "sigma": self.sigma, "lambda": self.lam}
@@ -288,6 +293,7 @@ class Laplace(SampledNoise):
     """
 
     name = "laplace"
+    label = "Laplace"
 
     def scale(self, sigma: float) -> float:
         return sigma / math.sqrt(2.0)
@@ -376,6 +382,11 @@ class DSSN(EnumeratedNoise):
 
     def exact_certificate(self, counts) -> tuple[np.ndarray, np.ndarray]:
         return exact_certificate(counts)
+
+    def misfit(self, q: int, dim: int) -> str | None:
+        if (self.q, self.dim) != (q, dim):
+            return f"was built for q={self.q}, dim={self.dim}"
+        return None
 
     # -- helpers -------------------------------------------------------------------------
     def _table2(self, dtype: torch.dtype) -> torch.Tensor:

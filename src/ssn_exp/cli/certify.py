@@ -115,10 +115,9 @@ def _check_data_fits(dm, module, path: Path) -> None:
             raise ConfigError(
                 f"the data set {dm.name} has {key}={getattr(dm, key)}, the checkpoint's model expects {stored[key]}"
             )
-    for key, want in (("q", dm.q), ("dim", dm.dim)):
-        got = getattr(sm, key, want)
-        if got != want:
-            raise ConfigError(f"the noise of {path} was built for {key}={got}, the data set {dm.name} has {key}={want}")
+    why = sm.misfit(q=dm.q, dim=dm.dim)
+    if why is not None:
+        raise ConfigError(f"the noise of {path} {why}, the data set {dm.name} has q={dm.q}, dim={dm.dim}")
     with torch.no_grad():
         try:
             out = module.model.eval()(torch.full((1, *dm.shape), 0.5))
@@ -223,7 +222,7 @@ def _from_levine2021(cfg: DictConfig, path: Path, given: dict):
         "method": smoothing.name,
         "sigma": smoothing.sigma,
         "q": dm.q,
-        "seed": int(getattr(smoothing, "seed", cfg.seed)),
+        "seed": int(smoothing.describe().get("seed", cfg.seed)),
         "dataset": dm.name,
         "training": training,
         "denoiser": "none",

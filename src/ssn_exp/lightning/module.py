@@ -220,7 +220,7 @@ class SmoothedTraining(pl.LightningModule):
             "method": sm.name,
             "sigma": float(sm.sigma),
             "q": int(hp.data["q"]),
-            "seed": int(getattr(sm, "seed", hp.seed)),
+            "seed": int(sm.describe().get("seed", hp.seed)),  # DSSN: the seed of its fixed vector v
             "dataset": hp.data["name"],
             "training": hp.training["name"],
             "denoiser": hp.denoiser["name"],
