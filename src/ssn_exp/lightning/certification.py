@@ -213,7 +213,7 @@ class ShardCertifier:
         # one generator per example: reproducible whatever the batching or sharding (unused by exact procedures)
         generators = [torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xCE27, idx)) for idx in chunk]
         try:
-            cert = self._certify(x, generators)
+            cert = self._certify(x, generators, [int(y) for y in ys])
         except (torch.OutOfMemoryError, RuntimeError) as exc:  # an allocation the memory check could not foresee
             if not isinstance(exc, torch.OutOfMemoryError) and not _is_allocation_failure(exc):
                 raise
@@ -235,8 +235,8 @@ class ShardCertifier:
         append_rows(self.path, self.columns, rows)  # never through a symbolic link
         self.done.update(chunk)
 
-    def _certify(self, x, generators):
-        kw = dict(noise_batch=self.noise_batch, generator=generators)
+    def _certify(self, x, generators, labels):
+        kw = dict(noise_batch=self.noise_batch, generator=generators, labels=labels)
         if self.autocast_dtype is None:
             return self.procedure.certify(self.forward, x, self.smoothing, self.num_classes, **kw)
         with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
