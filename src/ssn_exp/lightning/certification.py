@@ -186,7 +186,9 @@ class ShardCertifier:
                     f"{path} holds a JSON {type(old).__name__}, not the settings object ssn_exp writes; "
                     "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
                 )
-            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+            # both ways: a setting the old certificates had and these lack (procedure=sequential's, say) differs too
+            keys = [*settings, *(k for k in old if k not in settings)]
+            diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys if old.get(k) != settings.get(k)]
             if diff:
                 raise ResultsFileError(
                     f"{self.out_dir} holds certificates made with other settings ({'; '.join(diff)}); "
