@@ -154,6 +154,11 @@ def test_select_label_tests_the_label_without_selection_samples(tmp_path, refere
         assert int(r[SAMPLES_COLUMN]) in test.checkpoints  # no n0 samples
         if float(r["radius"]) >= 0:
             assert r["prediction"] == r["label"]  # a certified radius is the label's
+        else:  # elsewhere the majority of the test's votes (lowest class on ties), not the label
+            votes = dict(item.split(":") for item in r["counts"].split())
+            most = max(int(v) for v in votes.values())
+            assert int(r["prediction"]) == min(int(c) for c, v in votes.items() if int(v) == most)
+    assert any(r["correct"] == "0" for r in rows)  # clean accuracy is not the label's by construction
     ref = {r["index"]: r for r in reference[1]}
     certified = [r for r in rows if float(r["radius"]) >= 0.25]
     assert certified and all(ref[r["index"]]["correct"] == "1" for r in certified)
