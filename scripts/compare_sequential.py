@@ -133,7 +133,11 @@ def main(argv=None) -> None:
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--fixed-skip", type=int, default=1, help="fixed certifies every k-th test image (1: all 360)")
     p.add_argument("--sequential-skip", type=int, default=1)
-    p.add_argument("--radii", default="0,0.25,0.5,0.75,1.0,1.25,1.5", help="radii of the table")
+    p.add_argument(
+        "--radii",
+        default="0,0.25,0.5,0.75,1.0,1.5",
+        help="radii of the table (certify.radii, which sequential decides)",
+    )
     p.add_argument("--python", default=sys.executable)
     args = p.parse_args(argv)
     out = Path(args.out).resolve()
