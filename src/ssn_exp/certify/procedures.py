@@ -13,6 +13,8 @@ report never ask which procedure or noise they hold.
 - :class:`FixedSample`: the paper's protocol for a :class:`~ssn_exp.noises.SampledNoise`: n0 samples select the
   class A, n fresh samples give the Clopper-Pearson lower bound p_lower on p_A at level alpha, and the radius is
   the noise's function of p_lower.
+- :class:`~ssn_exp.certify.procedures_sequential.Sequential` (``procedure=sequential``, its own module): as
+  fixed, but each example stops sampling as soon as its certificate is decided (docs/method.md section 13).
 """
 
 from __future__ import annotations
@@ -84,8 +86,9 @@ class Procedure:
         """The most noisy copies of one example that exist at once (bounds the memory of a certification step)."""
         raise NotImplementedError
 
-    def forward_passes(self, noise: Noise) -> int:
-        """Base-classifier forward passes per certified example."""
+    def forward_passes(self, noise: Noise) -> int | None:
+        """Base-classifier forward passes per certified example; None where it depends on the data (each row then
+        holds its own count in the ``samples`` column, :data:`ssn_exp.certify.record.SAMPLES_COLUMN`)."""
         raise NotImplementedError
 
     def exact_denominator(self, noise: Noise) -> int | None:
@@ -102,9 +105,11 @@ class Procedure:
         noise_batch: int = 1024,
         generator: torch.Generator | list[torch.Generator] | None = None,
         progress: Callable[[int], None] | None = None,
+        labels=None,
     ) -> Certificates:
         """Certificates of the batch x. ``generator``: one for the whole batch, or a list of one per example (results
-        then depend neither on batching nor on sharding)."""
+        then depend neither on batching nor on sharding). ``labels``: the examples' labels where known (a procedure
+        may test them, e.g. ``procedure=sequential select=label``; the others ignore them)."""
         raise NotImplementedError
 
     def check_row(self, values: dict[str, str], counts: np.ndarray, prediction: int, radius: float, noise) -> None:
@@ -132,7 +137,7 @@ class Exact(Procedure):
     def exact_denominator(self, noise: EnumeratedNoise) -> int:
         return noise.q
 
-    def certify(self, model, x, noise, num_classes, *, noise_batch=1024, generator=None, progress=None):
+    def certify(self, model, x, noise, num_classes, *, noise_batch=1024, generator=None, progress=None, labels=None):
         self.check(noise)
         counts = count_predictions(
             model, x, noise, noise.support, num_classes, noise_batch=noise_batch, progress=progress
@@ -188,7 +193,7 @@ class FixedSample(Procedure):
     def forward_passes(self, noise) -> int:
         return self.n0 + self.n
 
-    def certify(self, model, x, noise, num_classes, *, noise_batch=1024, generator=None, progress=None):
+    def certify(self, model, x, noise, num_classes, *, noise_batch=1024, generator=None, progress=None, labels=None):
         self.check(noise)
         if isinstance(generator, list | tuple):  # one generator per example
             if len(generator) != x.shape[0]:

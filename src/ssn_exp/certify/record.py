@@ -3,8 +3,11 @@ how it is written from :class:`~ssn_exp.certify.core.Certificates` and how a row
 
 Columns: ``index,label,prediction,correct,radius,seconds``, then the procedure's own columns
 (:meth:`~ssn_exp.certify.procedures.Procedure.columns`: ``k`` for exact certificates, rho = k / q; ``p_lower`` and
-the noise's further radii such as ``radius_box`` for sampled ones), then ``counts``: the base classifier's votes as
-``class:count`` pairs (nonzero only).
+the noise's further radii such as ``radius_box`` for sampled ones; sequential certificates add ``samples``, the
+forward passes spent on the example), then ``counts``: the base classifier's votes as ``class:count`` pairs
+(nonzero only): over all L copies (exact), over the n estimation samples (fixed), over the test's samples of a
+sequential certificate (every class, the n0 selection samples excluded: they sum to ``samples`` - n0, or to
+``samples`` when the label is tested).
 
 A new field is one change here (or in the procedure / noise that computes it). The run files
 (:mod:`ssn_exp.lightning.results`), the report and wandb read rows through this module.
@@ -20,6 +23,7 @@ import numpy as np
 __all__ = [
     "BASE_COLUMNS",
     "EXACT_COLUMN",
+    "SAMPLES_COLUMN",
     "EXTRA_RADIUS_PREFIX",
     "CertificateRecord",
     "format_counts",
@@ -30,6 +34,9 @@ __all__ = [
 BASE_COLUMNS = ["index", "label", "prediction", "correct", "radius", "seconds"]
 #: The column of exact certificates: the integer k of rho = k / q (q in metrics.json).
 EXACT_COLUMN = "k"
+#: The forward passes spent on one example, where a procedure spends a data-dependent number (sequential); the
+#: run's ``forward_passes_per_example`` is then their mean.
+SAMPLES_COLUMN = "samples"
 #: Further certified radii of the same example (``radius_box``: the box-constrained radius) start with this.
 EXTRA_RADIUS_PREFIX = "radius_"
 

@@ -553,6 +553,7 @@ class SequentialCertificates:
     p_upper: np.ndarray  # float64: the upper bound at stopping (level beta; only used for stopping)
     successes: np.ndarray  # int64: samples of the test predicted as A
     samples: np.ndarray  # int64: forward passes spent on the example (selection + test)
+    counts: np.ndarray  # int64 (batch, classes): the test's votes per class (counts[i, A] = successes[i])
     counts_n0: np.ndarray | None  # int64 (batch, classes): the selection counts (None with labels)
     forward_batches: int  # forward passes of the model (calls), all examples together
 
@@ -600,6 +601,7 @@ def certify_sequential(
     sched = PackingScheduler(noise_batch)
     state = test.start(n_img)
     samples = np.zeros(n_img, dtype=np.int64)
+    counts = np.zeros((n_img, num_classes), dtype=np.int64)  # the test's votes (selection samples excluded)
     if labels is not None:
         pred = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
         if pred.shape != (n_img,) or np.any(pred < 0) or np.any(pred >= num_classes):
@@ -658,7 +660,9 @@ def certify_sequential(
                 if selecting[i]:
                     counts0[i] += np.bincount(piece, minlength=num_classes)
                 else:
-                    got[i] += int(np.count_nonzero(piece == pred[i]))
+                    votes = np.bincount(piece, minlength=num_classes)
+                    counts[i] += votes
+                    got[i] += int(votes[pred[i]])
             finished = [i for i, _ in sched.finished]
             for i in finished:
                 del pending[i]
@@ -680,6 +684,7 @@ def certify_sequential(
         p_upper=state.upper.copy(),
         successes=state.successes.copy(),
         samples=samples,
+        counts=counts,
         counts_n0=counts0,
         forward_batches=forward_batches,
     )

@@ -186,7 +186,9 @@ class ShardCertifier:
                     f"{path} holds a JSON {type(old).__name__}, not the settings object ssn_exp writes; "
                     "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
                 )
-            diff = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in settings.items() if old.get(k) != v]
+            # both ways: a setting the old certificates had and these lack (procedure=sequential's, say) differs too
+            keys = [*settings, *(k for k in old if k not in settings)]
+            diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys if old.get(k) != settings.get(k)]
             if diff:
                 raise ResultsFileError(
                     f"{self.out_dir} holds certificates made with other settings ({'; '.join(diff)}); "
@@ -213,7 +215,7 @@ class ShardCertifier:
         # one generator per example: reproducible whatever the batching or sharding (unused by exact procedures)
         generators = [torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xCE27, idx)) for idx in chunk]
         try:
-            cert = self._certify(x, generators)
+            cert = self._certify(x, generators, [int(y) for y in ys])
         except (torch.OutOfMemoryError, RuntimeError) as exc:  # an allocation the memory check could not foresee
             if not isinstance(exc, torch.OutOfMemoryError) and not _is_allocation_failure(exc):
                 raise
@@ -235,8 +237,8 @@ class ShardCertifier:
         append_rows(self.path, self.columns, rows)  # never through a symbolic link
         self.done.update(chunk)
 
-    def _certify(self, x, generators):
-        kw = dict(noise_batch=self.noise_batch, generator=generators)
+    def _certify(self, x, generators, labels):
+        kw = dict(noise_batch=self.noise_batch, generator=generators, labels=labels)
         if self.autocast_dtype is None:
             return self.procedure.certify(self.forward, x, self.smoothing, self.num_classes, **kw)
         with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):

@@ -28,6 +28,7 @@ from ssn_exp.certify.metrics import average_certified_radius, certified_accuracy
 from ssn_exp.certify.record import (
     BASE_COLUMNS,
     EXACT_COLUMN,
+    SAMPLES_COLUMN,
     CertificateRecord,
     extra_radius_columns,
     format_counts,
@@ -272,6 +273,7 @@ def summarize(
         c[len("radius_") :]: np.array([float(rows[i][c]) for i in order]) for c in extra_radius_columns(record.fields)
     }
     seconds = float(np.mean([float(rows[i]["seconds"]) for i in order]))
+    passes = _forward_passes(record, [rows[i] for i in order])
     acc = certified_accuracy(correct, radius, radii, q=q)
     metrics = {
         "method": noise.name,
@@ -290,7 +292,7 @@ def summarize(
         "certified_accuracy": {f"{r:g}": a for r, a in acc.items()},
         "acr": average_certified_radius(correct, radius, q=q),
         "seconds_per_example": seconds,
-        "forward_passes_per_example": record.procedure.forward_passes(noise),
+        **passes,
     }
     for name, values in extra.items():
         metrics[f"certified_accuracy_{name}"] = {
@@ -309,6 +311,25 @@ def summarize(
 
         plot_run_curve(correct, radius, q, metrics, out_dir / "certified_accuracy.png", extra=extra)
     return metrics
+
+
+def _forward_passes(record: CertificateRecord, rows: Sequence[dict]) -> dict:
+    """``forward_passes_per_example`` (mean), ``forward_passes_median`` and ``forward_passes_p90``: the procedure's
+    fixed count, or, where that depends on the data (None), the statistics of the rows' ``samples`` column."""
+    fixed = record.procedure.forward_passes(record.noise)
+    if fixed is not None:
+        return {"forward_passes_per_example": fixed, "forward_passes_median": fixed, "forward_passes_p90": fixed}
+    if SAMPLES_COLUMN not in record.fields:
+        raise ValueError(
+            f"{type(record.procedure).__name__}.forward_passes gives no count and its rows have no "
+            f"{SAMPLES_COLUMN} column"
+        )
+    samples = np.array([int(r[SAMPLES_COLUMN]) for r in rows], dtype=np.int64)
+    return {
+        "forward_passes_per_example": float(samples.mean()),
+        "forward_passes_median": float(np.median(samples)),
+        "forward_passes_p90": float(np.percentile(samples, 90)),
+    }
 
 
 def format_table(metrics: dict) -> str:

@@ -1,0 +1,241 @@
+"""The sequential certificate procedure (``procedure=sequential``, docs/method.md section 13): the statistical core
+of :mod:`ssn_exp.certify.sequential` behind the :class:`~ssn_exp.certify.procedures.Procedure` interface, so the
+driver, the record, the run files and the report certify with it without knowing it. Plain torch + numpy (layer 1).
+
+Per example: n0 selection samples pick class A (or, ``select="label"``, the label is tested directly); then
+batches of 32, 64, ..., ``max_batch`` fresh samples until every radius of ``radii`` is decided (or, with
+``tolerance``, the radius is known within it), or the cap ``n``. The lower bound on p_A holds at every look at
+once, so the certified radius R(p_lower) at the stopping time keeps the 1 - alpha guarantee of the fixed protocol.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Sequence
+
+import numpy as np
+
+from ssn_exp.certify.core import Certificates, input_dtype, top_class
+from ssn_exp.certify.procedures import Procedure, ProcedureError, _count
+from ssn_exp.certify.record import SAMPLES_COLUMN
+from ssn_exp.certify.sequential import BOUNDS, Schedule, SequentialTest, certify_sequential, thresholds_for_radii
+from ssn_exp.noises import SampledNoise
+
+__all__ = ["Sequential", "SELECT"]
+
+#: How class A is chosen: ``top`` (the most frequent of n0 selection samples, the paper's) or ``label``.
+SELECT = ("top", "label")
+#: The radii the stopping rule decides by default: certify.radii's default (conf/certify/default.yaml).
+DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
+
+
+def _level(name: str, value, allow_none: bool = False) -> float | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise ProcedureError(f"procedure.{name} must lie in (0, 1), got {value!r}")
+    return float(value)
+
+
+class Sequential(Procedure):
+    """Sequential certification: stop sampling an example as soon as its certificate is decided.
+
+    ``n0``: selection samples (unused with ``select="label"``); ``n``: the cap on the test's samples (the fixed
+    protocol's n); ``alpha``: the level (P(p_lower > p_A) <= alpha per example); ``radii``: the radii the
+    stopping rule decides (each certified or refuted); ``tolerance``: also stop when R(upper) - R(lower) <= it;
+    ``bound``: the lower-bound family (``union``, ``kt``, ``kt+final``); ``beta``: the level of the upper bound
+    that only decides when to give up (default alpha); ``final_share``: the share of alpha spent at the cap;
+    ``first_batch``, ``growth``, ``max_batch``: the per-example schedule (32, 64, ..., 1024, then 1024 at a time).
+
+    Result columns: ``p_lower`` (the running maximum of the lower bound at the stopping time), ``samples``
+    (forward passes spent on the example: selection + test) and the noise's further radii from the same p_lower;
+    ``counts`` holds the test's votes (every class; selection samples not included). With ``select="label"`` the
+    prediction is the label where the label is certified (radius >= 0), else the majority of the test's votes.
+    """
+
+    name = "sequential"
+    noise_type = SampledNoise
+    requirement = "it samples the noise and needs its radius as a function of p_lower, and this noise is enumerated"
+
+    def __init__(
+        self,
+        n0: int = 64,
+        n: int = 100_000,
+        alpha: float = 0.001,
+        radii: Sequence[float] | None = DEFAULT_RADII,
+        tolerance: float | None = None,
+        select: str = "top",
+        bound: str = "union",
+        beta: float | None = None,
+        final_share: float = 0.5,
+        first_batch: int = 32,
+        growth: int = 2,
+        max_batch: int = 1024,
+    ):
+        self.n0 = _count("procedure.n0", n0)
+        self.n = _count("procedure.n", n)
+        self.alpha = _level("alpha", alpha)
+        self.beta = _level("beta", beta, allow_none=True)
+        self.final_share = _level("final_share", final_share)
+        if select not in SELECT:
+            raise ProcedureError(f"procedure.select must be one of {list(SELECT)}, got {select!r}")
+        self.select = select
+        if bound not in BOUNDS:
+            raise ProcedureError(f"procedure.bound must be one of {list(BOUNDS)}, got {bound!r}")
+        self.bound = bound
+        radii = [] if radii is None else list(radii)
+        if any(isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r < 0 for r in radii):
+            raise ProcedureError(f"procedure.radii must be finite radii >= 0, got {radii!r}")
+        self.radii = sorted({float(r) for r in radii})
+        if tolerance is not None and (
+            isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 < tolerance < math.inf
+        ):
+            raise ProcedureError(f"procedure.tolerance must be a positive radius or null, got {tolerance!r}")
+        self.tolerance = None if tolerance is None else float(tolerance)
+        first_batch = _count("procedure.first_batch", first_batch)
+        growth = _count("procedure.growth", growth)
+        max_batch = _count("procedure.max_batch", max_batch)
+        if max_batch < first_batch:
+            raise ProcedureError(f"procedure.max_batch ({max_batch}) must be >= procedure.first_batch ({first_batch})")
+        self.schedule = Schedule(first=first_batch, growth=growth, max_batch=max_batch, cap=self.n)
+        self._tests: dict[str, SequentialTest] = {}
+
+    # -- what the certificates depend on ------------------------------------------------------------------
+    @property
+    def _n_select(self) -> int:
+        """Selection samples per example (0 when the label is tested)."""
+        return 0 if self.select == "label" else self.n0
+
+    def settings(self, seed: int) -> dict:
+        return {"procedure": self.name, **self.describe(), "seed": int(seed)}
+
+    def describe(self) -> dict:
+        s = self.schedule
+        return {
+            "n0": self.n0,
+            "n": self.n,
+            "alpha": self.alpha,
+            "select": self.select,
+            "radii": list(self.radii),
+            "tolerance": self.tolerance,
+            "bound": self.bound,
+            "beta": self.beta,
+            "final_share": self.final_share,
+            "first_batch": s.first,
+            "growth": s.growth,
+            "max_batch": s.max_batch,
+        }
+
+    def columns(self, noise: SampledNoise) -> list[str]:
+        return ["p_lower", SAMPLES_COLUMN, *noise.extra_columns]
+
+    def samples_per_example(self, noise) -> int:
+        return max(self._n_select, min(self.schedule.max_batch, self.n))
+
+    def forward_passes(self, noise) -> None:
+        return None  # data dependent: each row's samples column
+
+    def test(self, noise: SampledNoise) -> SequentialTest:
+        """The sequential test for ``noise``: the thresholds p*(r) of :attr:`radii` under the noise's radius."""
+        key = repr(sorted(noise.describe().items()))
+        if key not in self._tests:
+            thresholds = thresholds_for_radii(noise.radius, self.radii) if self.radii else ()
+            self._tests[key] = SequentialTest(
+                thresholds,
+                alpha=self.alpha,
+                beta=self.beta,
+                schedule=self.schedule,
+                bound=self.bound,
+                final_share=self.final_share,
+                tolerance=self.tolerance,
+                radius_fn=noise.radius,
+            )
+        return self._tests[key]
+
+    # -- certifying ---------------------------------------------------------------------------------------
+    def certify(
+        self, model, x, noise, num_classes, *, noise_batch=1024, generator=None, progress=None, labels=None
+    ) -> Certificates:
+        self.check(noise)
+        test = self.test(noise)
+        if self.select == "label":
+            if labels is None:
+                raise ProcedureError(
+                    "procedure.select=label tests each example's label, and no labels were given; "
+                    "use procedure.select=top to certify inputs without labels"
+                )
+            labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, dtype=np.int64).reshape(-1)
+        dtype = input_dtype(model, x)
+        if isinstance(generator, list | tuple):  # one generator per example: independent of batching and sharding
+            if len(generator) != x.shape[0]:
+                raise ValueError(f"{len(generator)} generators for {x.shape[0]} examples")
+            draws = [noise.copies(x[j : j + 1], dtype, g) for j, g in enumerate(generator)]
+
+            def noise_fn(i: int, m: int):
+                return draws[i](0, 1, 0, m)[0]
+        else:
+            draw = noise.copies(x, dtype, generator)
+
+            def noise_fn(i: int, m: int):
+                return draw(i, i + 1, 0, m)[0]
+
+        out = certify_sequential(
+            model,
+            x,
+            noise_fn,
+            num_classes,
+            test,
+            n0=self.n0,
+            labels=labels if self.select == "label" else None,
+            noise_batch=noise_batch,
+        )
+        radius = np.asarray(noise.radius(out.p_lower), dtype=np.float64)
+        prediction = out.prediction
+        if self.select == "label":  # the label where it is certified, else the majority of the test's votes
+            majority = top_class(out.counts) if len(out.counts) else out.prediction
+            prediction = np.where(radius >= 0, out.prediction, majority)
+        values = {"p_lower": out.p_lower, SAMPLES_COLUMN: out.samples, **noise.extra_radii(x, out.p_lower)}
+        missing = [c for c in noise.extra_columns if c not in values]
+        if missing:
+            raise ValueError(f"{type(noise).__name__}.extra_radii gives no {', '.join(missing)}")
+        return Certificates(
+            method=noise.name,
+            prediction=np.asarray(prediction, dtype=np.int64),
+            radius=radius,
+            counts=out.counts,
+            forward_passes=int(out.samples.max()) if len(out.samples) else 0,  # the most any example took
+            values=values,
+            counts_n0=out.counts_n0,
+        )
+
+    # -- checking a row read back -------------------------------------------------------------------------
+    def check_row(self, values, counts, prediction, radius, noise) -> None:
+        p = float(values["p_lower"])
+        samples = int(values[SAMPLES_COLUMN])
+        if not 0.0 <= p <= 1.0 or not math.isclose(
+            radius, float(noise.radius(np.array([p]))[0]), rel_tol=1e-9, abs_tol=1e-9
+        ):
+            raise ValueError("p_lower and radius disagree")
+        if not 1 <= samples <= self._n_select + self.n:
+            raise ValueError(f"samples {samples} outside [1, {self._n_select + self.n}]")
+        t = int(counts.sum())
+        if t != samples - self._n_select:
+            raise ValueError(f"counts sum to {t}, not samples - n0 = {samples - self._n_select}")
+        test = self.test(noise)
+        looks = np.flatnonzero(test.checkpoints == t)
+        if len(looks) == 0:
+            raise ValueError(f"the test's {t} samples are not a check point of the schedule")
+        tau = int(looks[0])
+        a = int(counts[prediction])
+        tested = self.select == "top" or radius >= 0  # the prediction is the class the test ran on
+        if not tested and prediction != int(top_class(counts[None, :])[0]):
+            raise ValueError("the prediction is neither a certified label nor the majority of the counts")
+        # the running maximum over the looks: at look i the successes were at most min(a, t_i)
+        steps = np.arange(tau + 1)
+        most = float(np.max(test.lower_at(np.minimum(a, test.checkpoints[: tau + 1]), steps)))
+        if p > most:
+            raise ValueError("p_lower is above what the counts of the prediction allow")
+        if tested and p < float(test.lower_at(a, tau)):
+            raise ValueError("p_lower is below the bound of the counts of the prediction at the last look")
+        noise.check_extra({c: float(values[c]) for c in noise.extra_columns}, radius)

@@ -1,0 +1,365 @@
+"""procedure=sequential (issue 18) through the one certification driver: in-process ShardCertifier runs (equal
+results whatever the batching, sharding or resuming; every row read back checked), the exact validity of the
+implemented stopping rule and schedule, the forward-pass statistics of metrics.json, and one CLI run."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from helpers import read_csv, run_cli
+from ssn_exp.certify.core import NonFiniteLogitsError
+from ssn_exp.certify.procedures import FixedSample, ProcedureError
+from ssn_exp.certify.procedures_sequential import Sequential
+from ssn_exp.certify.record import SAMPLES_COLUMN, CertificateRecord
+from ssn_exp.certify.sequential import false_certificate_probability
+from ssn_exp.lightning.certification import ShardCertifier
+from ssn_exp.lightning.results import ResultsFileError, merge_shards, summarize
+from ssn_exp.noises import DSSN, SSN, Uniform
+
+N_EX = 10
+
+
+def _data(n=N_EX, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 17, (n, 1, 8, 8), generator=g).double() / 16
+    y = torch.randint(0, 10, (n,), generator=g)
+    with torch.no_grad():
+        y[::2] = _model()(x[::2]).argmax(dim=1)  # half the labels are the model's: some certificates are correct
+    return TensorDataset(x, y)
+
+
+def _model():
+    """A fixed linear classifier in float64 (no batch-dependent rounding), sharp enough that examples stop at
+    different sample counts."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).double().eval()
+    with torch.no_grad():
+        net[1].weight.mul_(5.0)
+    return net
+
+
+def _procedure(**kw):
+    kw = {"n0": 16, "n": 600, "alpha": 0.01, "radii": [0.0, 0.25, 0.5], "first_batch": 16, "max_batch": 128, **kw}
+    return Sequential(**kw)
+
+
+def _certifier(out, noise=None, procedure=None, **kw):
+    kw = {"num_classes": 10, "noise_batch": 100, "batch_size": 4, **kw}
+    return ShardCertifier(
+        kw.pop("model", None) or _model(),
+        noise or Uniform(0.5),
+        kw.pop("ds", None) or _data(),
+        out,
+        procedure=procedure or _procedure(),
+        **kw,
+    )
+
+
+def _rows(path):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_csv(path)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The certificates of all examples, one process, the default batching."""
+    out = tmp_path_factory.mktemp("ref")
+    _certifier(out).run("cpu", progress=False)
+    return out, _rows(out / "certificates.csv")
+
+
+def test_rows_have_the_samples_column_and_examples_stop_at_different_counts(reference):
+    _, rows = reference
+    assert list(rows[0]) == [
+        "index",
+        "label",
+        "prediction",
+        "correct",
+        "radius",
+        "p_lower",
+        SAMPLES_COLUMN,
+        "radius_box",
+        "counts",
+    ]
+    samples = [int(r[SAMPLES_COLUMN]) for r in rows]
+    test = _procedure().test(Uniform(0.5))
+    assert len(set(samples)) > 2 and min(samples) < 16 + 600 and max(samples) <= 16 + 600
+    assert all(s - 16 in test.checkpoints for s in samples)  # selection + a check point of the schedule
+    assert any(float(r["radius"]) >= 0.25 for r in rows) and any(float(r["radius"]) < 0 for r in rows)
+
+
+@pytest.mark.parametrize("batch_size,noise_batch", [(1, 37), (10, 1000)])
+def test_certificates_do_not_depend_on_batching(tmp_path, reference, batch_size, noise_batch):
+    _certifier(tmp_path, batch_size=batch_size, noise_batch=noise_batch).run("cpu", progress=False)
+    assert _rows(tmp_path / "certificates.csv") == reference[1]
+
+
+def test_sharded_certification_merges_to_the_single_process_result(tmp_path, reference):
+    for rank in range(3):
+        _certifier(tmp_path, rank=rank, world_size=3).run("cpu", progress=False)
+    merge_shards(tmp_path, 3, CertificateRecord(Uniform(0.5), _procedure()))
+    assert _rows(tmp_path / "certificates.csv") == reference[1]
+
+
+def test_resume_certifies_exactly_the_missing_examples(tmp_path, reference):
+    first = _certifier(tmp_path)
+    first.run_chunk(first.chunks()[0], torch.device("cpu"))  # then the job dies
+    again = _certifier(tmp_path)  # every row read back is checked by the procedure
+    assert again.todo == list(range(4, N_EX))
+    again.run("cpu", progress=False)
+    assert _rows(tmp_path / "certificates.csv") == reference[1]
+
+
+def test_metrics_report_the_forward_passes_of_the_samples_column(tmp_path, reference):
+    out, rows = reference
+    samples = np.array([int(r[SAMPLES_COLUMN]) for r in rows])
+    m = summarize(out, CertificateRecord(Uniform(0.5), _procedure()), {}, [0.0, 0.25], plot=False)
+    assert m["forward_passes_per_example"] == pytest.approx(samples.mean())
+    assert m["forward_passes_median"] == pytest.approx(np.median(samples))
+    assert m["forward_passes_p90"] == pytest.approx(np.percentile(samples, 90))
+    assert json.loads((out / "metrics.json").read_text())["forward_passes_per_example"] == pytest.approx(samples.mean())
+    fixed = FixedSample(n0=16, n=600)
+    assert fixed.forward_passes(Uniform(0.5)) == 616 and _procedure().forward_passes(Uniform(0.5)) is None
+
+
+def test_settings_are_recorded_and_other_settings_refused(tmp_path, reference):
+    out, _ = reference
+    settings = json.loads((out / "certify_settings.json").read_text())
+    assert settings["procedure"] == "sequential" and settings["radii"] == [0.0, 0.25, 0.5]
+    assert (settings["bound"], settings["first_batch"], settings["max_batch"]) == ("union", 16, 128)
+    with pytest.raises(ResultsFileError, match="other settings.*radii"):
+        _certifier(out, procedure=_procedure(radii=[0.0, 0.5]))
+    # the fixed protocol's certificates and the sequential ones never share a directory, either way round
+    before = (out / "certify_settings.json").read_text()
+    with pytest.raises(ResultsFileError, match="other settings.*procedure: 'sequential' -> None"):
+        ShardCertifier(_model(), Uniform(0.5), _data(), out, num_classes=10, n0=16, n=600, alpha=0.01)
+    assert (out / "certify_settings.json").read_text() == before  # the refused attempt wrote nothing
+    fixed = tmp_path / "fixed"
+    ShardCertifier(_model(), Uniform(0.5), _data(3), fixed, num_classes=10, n0=16, n=600, alpha=0.01).run(
+        "cpu", progress=False
+    )
+    with pytest.raises(ResultsFileError, match="other settings.*procedure: None -> 'sequential'"):
+        _certifier(fixed, ds=_data(3))
+
+
+def test_select_label_tests_the_label_without_selection_samples(tmp_path, reference):
+    _certifier(tmp_path, procedure=_procedure(select="label")).run("cpu", progress=False)
+    rows = read_csv(tmp_path / "certificates.csv")
+    test = _procedure().test(Uniform(0.5))
+    for r in rows:
+        assert int(r[SAMPLES_COLUMN]) in test.checkpoints  # no n0 samples
+        if float(r["radius"]) >= 0:
+            assert r["prediction"] == r["label"]  # a certified radius is the label's
+        else:  # elsewhere the majority of the test's votes (lowest class on ties), not the label
+            votes = dict(item.split(":") for item in r["counts"].split())
+            most = max(int(v) for v in votes.values())
+            assert int(r["prediction"]) == min(int(c) for c, v in votes.items() if int(v) == most)
+    assert any(r["correct"] == "0" for r in rows)  # clean accuracy is not the label's by construction
+    ref = {r["index"]: r for r in reference[1]}
+    certified = [r for r in rows if float(r["radius"]) >= 0.25]
+    assert certified and all(ref[r["index"]]["correct"] == "1" for r in certified)
+    with pytest.raises(ProcedureError, match="no labels were given"):
+        _procedure(select="label").certify(_model(), _data()[0][0][None], Uniform(0.5), 10)
+
+
+def _tamper(out, reference, column, value, procedure=None, row=1):
+    import shutil
+
+    src = reference[0]
+    shutil.copy(src / "certify_settings.json", out / "certify_settings.json")
+    lines = (src / "certificates.csv").read_text().splitlines(keepends=True)
+    header = lines[0].strip().split(",")
+    cells = lines[row].rstrip("\n").split(",")
+    for c, v in [(column, value)] if isinstance(column, str) else zip(column, value, strict=True):
+        cells[header.index(c)] = v(cells[header.index(c)]) if callable(v) else v
+    lines[row] = ",".join(cells) + "\n"
+    (out / "certificates.csv").write_text("".join(lines))
+    with pytest.raises(ResultsFileError) as info:
+        _certifier(out, procedure=procedure)
+    assert "\n" not in str(info.value) and "certificates.csv line" in str(info.value)
+    return str(info.value)
+
+
+def _lower_certified_row(reference):
+    """A row whose radius is certified >= 0 and that stopped before the cap (index in the file, row)."""
+    for j, r in enumerate(reference[1], start=1):
+        if float(r["radius"]) > 0 and int(r[SAMPLES_COLUMN]) < 16 + 600:
+            return j, r
+    raise AssertionError("no such row")
+
+
+def test_rows_read_back_are_checked(tmp_path, reference):
+    j, _ = _lower_certified_row(reference)
+    lam = Uniform(0.5).lam
+    # p_lower and radius raised together: the counts do not allow it
+    up = repr(2 * lam * 0.499)
+    msg = _tamper(tmp_path, reference, ("p_lower", "radius", "radius_box"), ("0.999", up, up), row=j)
+    assert "above what the counts" in msg
+    # lowered together: below the bound of the counts at the last look
+    down = repr(-lam)
+    msg = _tamper(tmp_path, reference, ("p_lower", "radius", "radius_box"), ("0.0", down, down), row=j)
+    assert "below the bound" in msg
+    assert "disagree" in _tamper(tmp_path, reference, "radius", "0.01", row=j)
+    assert "samples" in _tamper(tmp_path, reference, SAMPLES_COLUMN, lambda v: str(int(v) + 1), row=j)
+    assert "outside" in _tamper(tmp_path, reference, SAMPLES_COLUMN, "0", row=j)
+    # one more sample and one more vote: consistent, but not a check point of the schedule
+    msg = _tamper(
+        tmp_path, reference, (SAMPLES_COLUMN, "counts"), (lambda v: str(int(v) + 1), lambda c: _add_vote(c, 9)), row=j
+    )
+    assert "check point" in msg
+    assert "box" in _tamper(tmp_path, reference, "radius_box", "-5.0", row=j)
+    # a row of the fixed protocol (no samples column) is refused for a sequential certification
+    assert "columns" in _tamper_header(tmp_path, reference)
+
+
+def _add_vote(counts: str, cls: int) -> str:
+    votes = dict(item.split(":") for item in counts.split())
+    votes[str(cls)] = str(int(votes.get(str(cls), "0")) + 1)
+    return " ".join(f"{c}:{v}" for c, v in sorted(votes.items(), key=lambda kv: int(kv[0])))
+
+
+def _tamper_header(out, reference):
+    import shutil
+
+    shutil.copy(reference[0] / "certify_settings.json", out / "certify_settings.json")
+    text = (reference[0] / "certificates.csv").read_text().replace(f",{SAMPLES_COLUMN},", ",n,", 1)
+    (out / "certificates.csv").write_text(text)
+    with pytest.raises(ResultsFileError) as info:
+        _certifier(out)
+    return str(info.value)
+
+
+def test_label_rows_are_checked(tmp_path):
+    out = tmp_path / "label"
+    proc = _procedure(select="label")
+    _certifier(out, procedure=proc).run("cpu", progress=False)
+    rows = read_csv(out / "certificates.csv")
+    j = next(i for i, r in enumerate(rows, start=1) if float(r["radius"]) < 0)
+    lines = (out / "certificates.csv").read_text().splitlines(keepends=True)
+    header = lines[0].strip().split(",")
+    cells = lines[j].rstrip("\n").split(",")
+    counts = dict(item.split(":") for item in cells[header.index("counts")].split())
+    other = next(c for c in map(str, range(10)) if c != cells[header.index("prediction")] and c in counts)
+    cells[header.index("prediction")] = other  # not the majority of the votes, and not certified
+    cells[header.index("correct")] = str(int(other == cells[header.index("label")]))
+    lines[j] = ",".join(cells) + "\n"
+    (out / "certificates.csv").write_text("".join(lines))
+    with pytest.raises(ResultsFileError, match="majority of the counts"):
+        _certifier(out, procedure=proc)
+
+
+def test_nan_logits_name_the_test_example(tmp_path):
+    class NanOnBright(torch.nn.Module):
+        def forward(self, x):
+            out = _model()(x)
+            out[x.reshape(x.shape[0], -1).mean(dim=1) > 0.8] = float("nan")
+            return out
+
+    ds = _data()
+    ds.tensors[0][6] = 1.0  # example 6 is white: its noisy copies average ~1
+    with pytest.raises(NonFiniteLogitsError, match=r"test example\(s\) \[6\]"):
+        _certifier(tmp_path, ds=ds, model=NanOnBright()).run("cpu", progress=False)
+    assert [int(r["index"]) for r in read_csv(tmp_path / "certificates.csv")] == [0, 1, 2, 3]  # nothing lost
+
+
+def test_bad_settings_and_enumerated_noises_are_refused_in_one_line():
+    with pytest.raises(ProcedureError, match="procedure=sequential cannot certify dssn noise"):
+        _certifier("/nonexistent/never", noise=DSSN(0.5, q=16, dim=64))
+    for kw, match in [
+        ({"alpha": 0.0}, "alpha"),
+        ({"n": 0}, "procedure.n must"),
+        ({"select": "top1"}, "procedure.select"),
+        ({"bound": "hoeffding"}, "procedure.bound"),
+        ({"radii": [0.5, float("nan")]}, "procedure.radii"),
+        ({"radii": [-1.0]}, "procedure.radii"),
+        ({"tolerance": 0}, "procedure.tolerance"),
+        ({"first_batch": 64, "max_batch": 32}, "max_batch"),
+        ({"beta": 1.5}, "beta"),
+    ]:
+        with pytest.raises(ProcedureError, match=match) as info:
+            Sequential(**kw)
+        assert "\n" not in str(info.value)
+
+
+def test_ssn_is_certified_too(tmp_path):
+    _certifier(tmp_path, noise=SSN(0.5), batch_size=10).run("cpu", progress=False)
+    rows = read_csv(tmp_path / "certificates.csv")
+    assert len(rows) == N_EX and all(float(r["radius_box"]) >= float(r["radius"]) for r in rows)
+
+
+# -- validity of what is implemented -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("alpha", [0.001, 0.05])
+@pytest.mark.parametrize("sigma", [0.5, 1.0])
+def test_the_default_procedure_never_certifies_falsely_with_probability_above_alpha(alpha, sigma):
+    """The exact DP over the counts on the procedure's own test (default schedule 32 ... 1024, cap 100,000, bound,
+    thresholds of the default radii under the noise's radius): the probability that a stream with p exactly on a
+    threshold, or just below it, ever reaches a certificate there. It bounds every stopping rule on this schedule,
+    the default 'decide every radius' included."""
+    proc = Sequential(alpha=alpha)
+    noise = Uniform(sigma)
+    test = proc.test(noise)
+    assert (test.schedule.first, test.schedule.max_batch, test.schedule.cap, test.bound) == (32, 1024, 100_000, "union")
+    finite = test.thresholds[np.isfinite(test.thresholds)]
+    assert len(finite) >= 3  # radii 0, 0.25, 0.5 (and more at sigma = 1) are reachable
+    for p_star in finite:
+        for p in (float(p_star), float(p_star) - 1e-6):
+            hit, err = false_certificate_probability(p, float(p_star), test)
+            assert hit + err <= alpha, (p_star, p, hit, err)
+
+
+# -- the config group and the CLI ------------------------------------------------------------------------------
+
+
+def _compose(overrides):
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    from ssn_exp.cli.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    with read_write(cfg.hydra):
+        cfg.hydra.runtime.output_dir = "outputs/test-config"
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
+def test_the_config_builds_the_procedure_from_the_certify_settings():
+    from ssn_exp.cli.common import build_noise, build_procedure
+    from ssn_exp.cli.config import ConfigError
+
+    cfg = _compose(["method=uniform", "procedure=sequential", "certify.n=5000", "certify.radii=[0.0,0.5]"])
+    proc = build_procedure(cfg, build_noise(cfg.method))
+    assert isinstance(proc, Sequential)
+    assert (proc.n0, proc.n, proc.alpha, proc.radii, proc.select) == (64, 5000, 0.001, [0.0, 0.5], "top")
+    assert (proc.schedule.first, proc.schedule.max_batch, proc.bound, proc.tolerance) == (32, 1024, "union", None)
+    cfg = _compose(["method=uniform", "procedure=sequential", "procedure.select=nearest"])
+    with pytest.raises(ConfigError, match="procedure.select must be one of") as info:
+        build_procedure(cfg, build_noise(cfg.method))
+    assert "\n" not in str(info.value)
+    cfg = _compose(["method=dssn", "procedure=sequential"])
+    with pytest.raises(ConfigError, match="procedure=sequential cannot certify dssn noise"):
+        build_procedure(cfg, build_noise(cfg.method))
+
+
+@pytest.mark.slow
+def test_a_run_certifies_sequentially_end_to_end(tmp_path):
+    run_dir = tmp_path / "run"
+    p = run_cli("ssn_exp", "method=uniform", "procedure=sequential", "debug=fast", f"hydra.run.dir={run_dir}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    rows = read_csv(run_dir / "certificates.csv")
+    assert len(rows) == 8 and SAMPLES_COLUMN in rows[0]
+    samples = np.array([int(r[SAMPLES_COLUMN]) for r in rows])
+    assert np.all((samples > 64) & (samples <= 64 + 256))  # debug=fast: certify.n = 256 is the cap
+    m = json.loads((run_dir / "metrics.json").read_text())
+    assert m["forward_passes_per_example"] == pytest.approx(samples.mean())
+    assert m["forward_passes_p90"] == pytest.approx(np.percentile(samples, 90))
+    settings = json.loads((run_dir / "certify_settings.json").read_text())
+    assert (settings["procedure"], settings["n"], settings["radii"][:3]) == ("sequential", 256, [0.0, 0.25, 0.5])
