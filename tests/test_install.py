@@ -75,7 +75,7 @@ def test_the_installed_package_is_the_one_imported(installed):
 def test_installed_sweep_and_report_find_their_definitions_and_data(installed):
     site, _, tmp = installed
     p = _run(installed, "-m", "ssn_exp.sweep", "smoke", "--dry-run")
-    assert p.returncode == 0 and "9 jobs" in p.stdout and "[8]" in p.stdout, p.stderr
+    assert p.returncode == 0 and "12 jobs" in p.stdout and "[11]" in p.stdout, p.stderr
     out = tmp / "report"
     p = _run(installed, "-m", "ssn_exp.report", "--published", "levine2021", "--no-plots", "--out", str(out))
     assert p.returncode == 0, p.stderr

@@ -138,7 +138,7 @@ def test_bad_input_gets_one_clear_line(tmp_path):
         "error: sigma must be a positive finite number, got -1"
     ]
     assert p2.returncode == 2 and p2.stderr.strip().splitlines() == [
-        "error: In 'config': Could not find 'method/gauss' (available options in 'method': dssn, ssn, uniform)"
+        "error: In 'config': Could not find 'method/gauss' (available options in 'method': dssn, laplace, ssn, uniform)"
     ]
     assert p3.returncode == 2
     (line,) = p3.stderr.strip().splitlines()

@@ -37,7 +37,7 @@ from ssn_exp.certify.core import (
 from ssn_exp.exceptions import UserError
 from ssn_exp.noises import EnumeratedNoise, Noise, SampledNoise, check_unit_box
 
-__all__ = ["Procedure", "Exact", "FixedSample", "ProcedureError", "default_procedure"]
+__all__ = ["Procedure", "Exact", "FixedSample", "NoiseDefault", "ProcedureError", "default_procedure"]
 
 
 class ProcedureError(UserError, ValueError):
@@ -59,6 +59,12 @@ class Procedure:
     noise_type: ClassVar[type] = Noise
     #: Why another noise cannot be certified this way (completes the error message).
     requirement: ClassVar[str] = ""
+
+    def for_noise(self, noise: Noise) -> Procedure:
+        """The procedure that certifies ``noise``: this one, after :meth:`check` (:class:`NoiseDefault` picks the
+        noise's own)."""
+        self.check(noise)
+        return self
 
     def check(self, noise: Noise) -> None:
         """Raise :class:`ProcedureError` (one line) unless this procedure can certify ``noise``."""
@@ -242,6 +248,20 @@ class FixedSample(Procedure):
         if abs(p - float(clopper_pearson_lower(int(counts[prediction]), self.n, self.alpha))) > 1e-12:
             raise ValueError("p_lower does not follow from the counts of the prediction")
         noise.check_extra({c: float(values[c]) for c in noise.extra_columns}, radius)
+
+
+class NoiseDefault(Procedure):
+    """``procedure=auto`` (the default): the noise's own procedure, chosen when the noise is known (after training
+    starts, or from a checkpoint): :class:`Exact` for an enumerated noise, :class:`FixedSample` with (n0, n, alpha)
+    for a sampled one. It certifies nothing itself: :meth:`for_noise` returns the procedure that does."""
+
+    name = "auto"
+
+    def __init__(self, n0: int = 64, n: int = 100_000, alpha: float = 0.001):
+        self.n0, self.n, self.alpha = n0, n, alpha
+
+    def for_noise(self, noise: Noise) -> Procedure:
+        return default_procedure(noise, n0=self.n0, n=self.n, alpha=self.alpha).for_noise(noise)
 
 
 def default_procedure(noise: Noise, *, n0: int = 64, n: int = 100_000, alpha: float = 0.001) -> Procedure:

@@ -258,7 +258,7 @@ def run_certify(cfg: DictConfig) -> dict:
         if n is not None:  # the sample count of the checkpoint's data set, for the procedure too
             with open_dict(cfg):
                 cfg.certify.n = n
-        procedure = build_procedure(cfg, smoothing, chosen="procedure" in given)
+        procedure = build_procedure(cfg, smoothing)  # procedure=auto (default): the checkpoint noise's own
         run_seed = meta.pop("run_seed", None)
         if run_seed is not None and "seed" not in given:  # the same certification noise as the run's own
             settings["seed"] = run_seed

@@ -139,21 +139,14 @@ def build_noise(node: DictConfig, group: str = "method"):
     return noise
 
 
-def build_procedure(cfg: DictConfig, noise, chosen: bool = True):
-    """The certificate procedure of the ``procedure`` config, checked against the noise it is to certify: a noise it
-    cannot certify (procedure=fixed for dssn, say) is refused in one line before anything is trained or loaded.
+def build_procedure(cfg: DictConfig, noise):
+    """The certificate procedure of the ``procedure`` config for ``noise`` (``procedure=auto``, the default: the noise's
+    own, :class:`ssn_exp.certify.procedures.NoiseDefault`), checked against it: a noise the procedure cannot certify
+    (procedure=fixed for dssn, say) is refused in one line before anything is trained or loaded."""
+    from ssn_exp.certify.procedures import Procedure, ProcedureError
 
-    ``chosen=False`` (a checkpoint certified without ``procedure=`` on the command line): the noise's own procedure
-    (:func:`ssn_exp.certify.procedures.default_procedure`: exact for an enumerated noise such as DSSN, fixed with the
-    ``certify.n0 / n / alpha`` settings for a sampled one), since the noise comes from the checkpoint, not the config.
-    """
-    from ssn_exp.certify.procedures import Procedure, ProcedureError, default_procedure
-
-    if not chosen:
-        c = cfg.certify
-        return default_procedure(noise, n0=int(c.n0), n=int(c.n), alpha=float(c.alpha))
     if "procedure" not in cfg:
-        raise ConfigError("the config has no procedure group: add `- procedure: fixed` to its defaults list")
+        raise ConfigError("the config has no procedure group: add `- procedure: auto` to its defaults list")
     procedure = build(cfg.procedure, "procedure")
     if not isinstance(procedure, Procedure):
         raise ConfigError(
@@ -161,10 +154,9 @@ def build_procedure(cfg: DictConfig, noise, chosen: bool = True):
             "(ssn_exp.certify.procedures.Procedure)"
         )
     try:
-        procedure.check(noise)
+        return procedure.for_noise(noise)
     except ProcedureError as exc:
         raise ConfigError(str(exc)) from None
-    return procedure
 
 
 def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, settings: dict, meta: dict, logger):

@@ -278,6 +278,7 @@ def summarize(
     metrics = {
         "method": noise.name,
         "label": noise.label,  # the noise's display name (the report's tables and curves, wandb)
+        "procedure": record.procedure.name,  # how the certificates were computed (exact, fixed, sequential, ...)
         "sigma": noise.sigma,
         "lambda": noise.lam,
         "q": meta.get("q"),
