@@ -174,8 +174,7 @@ def laplace_run(tmp_path_factory):
     return state
 
 
-@pytest.mark.slow
-def test_method_laplace_trains_and_certifies_with_its_radius(laplace_run):
+def _method_laplace_trains_and_certifies_with_its_radius(laplace_run):
     run = laplace_run["run"]
     assert run.parent.name == "laplace-standard-none"
     with open(run / "certificates.csv", newline="") as fh:
@@ -194,8 +193,7 @@ def test_method_laplace_trains_and_certifies_with_its_radius(laplace_run):
     assert m["acr"] == pytest.approx(np.mean(correct * np.maximum(radius, 0.0)))
 
 
-@pytest.mark.slow
-def test_method_laplace_resumes_with_its_rows_accepted(laplace_run):
+def _method_laplace_resumes_with_its_rows_accepted(laplace_run):
     p = laplace_run["again"]
     assert p.returncode == 0, p.stderr[-3000:]
     run = laplace_run["run"]
@@ -204,11 +202,18 @@ def test_method_laplace_resumes_with_its_rows_accepted(laplace_run):
     assert read_metrics(run) == laplace_run["metrics"]
 
 
-@pytest.mark.slow
-def test_method_laplace_is_in_the_report(laplace_run):
+def _method_laplace_is_in_the_report(laplace_run):
     p = laplace_run["report"]
     assert p.returncode == 0, p.stderr[-3000:]
     rep = laplace_run["report_dir"]
     assert {r["method"] for r in read_csv(rep / "best_over_sigma.csv")} == {"laplace"}
     assert "| laplace |" in (rep / "best_over_sigma.md").read_text()
     assert (rep / "curves_digits_standard_none.png").stat().st_size > 5000
+
+
+@pytest.mark.slow
+def test_method_laplace_end_to_end(laplace_run):
+    """One test over the shared CLI runs (a module fixture used by several tests would run once per xdist worker)."""
+    _method_laplace_trains_and_certifies_with_its_radius(laplace_run)
+    _method_laplace_resumes_with_its_rows_accepted(laplace_run)
+    _method_laplace_is_in_the_report(laplace_run)

@@ -117,8 +117,7 @@ def _follow_its_formula(rows: list[dict]) -> None:
         assert abs(float(r["radius_half"]) - 0.5 * float(r["radius"])) <= 1e-12
 
 
-@pytest.mark.slow
-def test_a_user_noise_trains_and_certifies_with_its_own_radius(user_noise):
+def _a_user_noise_trains_and_certifies_with_its_own_radius(user_noise):
     run = user_noise["run"]
     assert run.parent.name == "mynoise-standard-none"
     with open(run / "certificates.csv", newline="") as fh:
@@ -139,8 +138,7 @@ def test_a_user_noise_trains_and_certifies_with_its_own_radius(user_noise):
     assert "radius_box" not in header and "certified_accuracy_box" not in m
 
 
-@pytest.mark.slow
-def test_a_user_noise_resumes_and_its_rows_are_checked_on_read_back(user_noise, monkeypatch):
+def _a_user_noise_resumes_and_its_rows_are_checked_on_read_back(user_noise, monkeypatch):
     # the same command again: every row accepted as it is, nothing recomputed (the seconds column included)
     p = user_noise["again"]
     assert p.returncode == 0, p.stderr[-3000:]
@@ -176,8 +174,7 @@ def test_a_user_noise_resumes_and_its_rows_are_checked_on_read_back(user_noise, 
     sys.modules.pop("mynoise", None)
 
 
-@pytest.mark.slow
-def test_a_user_noise_checkpoint_is_certified_by_the_certify_entry_point(user_noise):
+def _a_user_noise_checkpoint_is_certified_by_the_certify_entry_point(user_noise):
     p = user_noise["cert"]
     assert p.returncode == 0, p.stderr[-3000:]
     out = user_noise["cert_dir"]
@@ -188,8 +185,7 @@ def test_a_user_noise_checkpoint_is_certified_by_the_certify_entry_point(user_no
     assert m["method"] == "mynoise" and "certified_accuracy_half" in m
 
 
-@pytest.mark.slow
-def test_a_user_noise_is_in_the_report(user_noise):
+def _a_user_noise_is_in_the_report(user_noise):
     p = user_noise["report"]
     assert p.returncode == 0, p.stderr[-3000:]
     rep = user_noise["report_dir"]
@@ -200,11 +196,20 @@ def test_a_user_noise_is_in_the_report(user_noise):
     assert (rep / "curves_digits_standard_none.png").stat().st_size > 5000
 
 
-@pytest.mark.slow
-def test_a_user_noise_is_in_the_wandb_summary(user_noise):
+def _a_user_noise_is_in_the_wandb_summary(user_noise):
     wb, m = user_noise["wandb"], user_noise["metrics"]
     assert wb["name"] == f"mynoise-sigma{SIGMA}-seed0"
     for key in ("method", "sigma", "clean_accuracy", "acr", "acr_half", "n_examples"):
         assert wb["summary"][key] == m[key], key
     for r, acc in m["certified_accuracy"].items():
         assert wb["summary"][f"certified_accuracy/{r}"] == acc
+
+
+@pytest.mark.slow
+def test_a_user_noise_end_to_end(user_noise, monkeypatch):
+    """One test over the shared CLI runs (a module fixture used by several tests would run once per xdist worker)."""
+    _a_user_noise_trains_and_certifies_with_its_own_radius(user_noise)
+    _a_user_noise_resumes_and_its_rows_are_checked_on_read_back(user_noise, monkeypatch)
+    _a_user_noise_checkpoint_is_certified_by_the_certify_entry_point(user_noise)
+    _a_user_noise_is_in_the_report(user_noise)
+    _a_user_noise_is_in_the_wandb_summary(user_noise)
