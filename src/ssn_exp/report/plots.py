@@ -337,6 +337,6 @@ def plot_all_samples(records: Iterable[RunRecord], out_dir) -> list[Path]:
             name = f"{stem}_{k}.png"
         used.add(name)
         title = f"{pretty(rec.dataset)}, {rec.label}, σ = {sigma_label(rec.sigma)}, seed {rec.seed}"
-        title += f": mean {float(np.mean(rec.samples)):.0f} forward passes per image"
+        title += f"\nmean {float(np.mean(rec.samples)):.0f} forward passes per image"
         paths.append(_save(samples_figure(rec, title), Path(out_dir) / name))
     return paths
