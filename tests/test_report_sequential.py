@@ -251,7 +251,7 @@ def test_the_bench_has_a_sequential_line_beside_plain_forward_passes():
     from ssn_exp import bench
 
     case = bench.CASES["digits_cnn"]
-    sz = {**case.quick_sizes, "seq_images": 3, "n": 96}
+    sz = {**case.quick_sizes, "seq_images": 3, "seq_n": 96}
     (seq_case,) = bench.sequential_cases(case, sz)
     assert seq_case.procedure.forward_passes(seq_case.noise) is None and seq_case.rounds == ()
     _, model = bench._prepare(case, torch.device("cpu"), bench._parser().parse_args([]))
