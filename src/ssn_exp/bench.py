@@ -1,8 +1,8 @@
 """Throughput benchmark of the certification path: ``python -m ssn_exp.bench`` (``make bench``).
 
-For each model and each certificate (DSSN, and randomized uniform noise), three ways of doing the
-same number of base-classifier forward passes are timed side by side in one process, interleaved,
-``--repeats`` times (medians are reported):
+For each model and each certificate (DSSN, randomized uniform noise from n0 + n samples, and uniform noise
+certified sequentially), three ways of doing the same number of base-classifier forward passes are timed side
+by side in one process, interleaved, ``--repeats`` times (medians are reported):
 
 - ``cert``     -- the library: :func:`ssn_exp.certify.certify_batch` (noise made on the device,
   DSSN from its integer table, counts by ``bincount``);
@@ -11,6 +11,14 @@ same number of base-classifier forward passes are timed side by side in one proc
 - ``baseline`` -- the straightforward way of the published code: every noisy sample of one image
   is materialised (DSSN: the L copies built with the float split formula; randomized: ``torch.rand``
   per batch), forwarded in batches and counted with ``F.one_hot(pred, C).sum(0)``.
+
+A sequential certificate spends a data-dependent number of forward passes per image (``samples``), packing the
+samples of many images into forward passes of ``noise_batch``. Its forward passes are counted in a warm-up run
+(every run of it draws the same noise: a generator per image, seeded alike each run); ``forward`` then does that
+many plain forward passes in batches of ``noise_batch``, and ``baseline`` certifies the images one at a time with
+the same procedure and noise (the same forward passes, unpacked). The line printed below the table gives its
+forward passes per second as a ratio of plain batched forward passes of the same model (issue 18 asks for at
+least 0.90) and the forward passes it spent per image.
 
 Throughput is forward passes per second; the ratios cert/forward and cert/baseline are reported
 per model. ``train_noise_overhead`` is the extra time noise sampling (``smoothing.sample``) adds to
@@ -36,15 +44,18 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
 from ssn_exp.certify.core import _chunks
 from ssn_exp.certify.procedures import Exact, FixedSample, Procedure
+from ssn_exp.certify.procedures_sequential import Sequential
+from ssn_exp.certify.record import SAMPLES_COLUMN
 from ssn_exp.models import DigitsCNN, WideResNet, normalized
 from ssn_exp.noises import DSSN, SSN, Noise, Uniform
 
-__all__ = ["ModelCase", "CASES", "CertCase", "cert_cases", "train_noises", "run_bench", "main"]
+__all__ = ["ModelCase", "CASES", "CertCase", "cert_cases", "sequential_cases", "train_noises", "run_bench", "main"]
 
 
 @dataclass(frozen=True)
@@ -59,7 +70,8 @@ class ModelCase:
     num_classes: int = 10
     dssn_sigma: float = 0.5
     rand_sigma: float = 0.5
-    # per device ("cpu", "cuda"): images certified per repeat, noise_batch, randomized n
+    # per device ("cpu", "cuda"): images certified per repeat, noise_batch, randomized n0 and n (the sequential
+    # certificate's cap), images certified from n0 + n samples and sequentially
     sizes: dict = field(default_factory=dict)
     quick_sizes: dict = field(default_factory=dict)
     cuda_only: bool = False
@@ -90,10 +102,10 @@ CASES: dict[str, ModelCase] = {
         q=16,
         # L = 27 offsets: 37 images per chunk of noise_batch 1024 (999 inputs)
         sizes={
-            "cpu": dict(images=740, noise_batch=1024, n0=64, n=2048, rand_images=16),
-            "cuda": dict(images=7400, noise_batch=4096, n0=64, n=8192, rand_images=64),
+            "cpu": dict(images=740, noise_batch=1024, n0=64, n=2048, rand_images=16, seq_images=64),
+            "cuda": dict(images=7400, noise_batch=4096, n0=64, n=8192, rand_images=64, seq_images=512),
         },
-        quick_sizes=dict(images=74, noise_batch=1024, n0=64, n=1024, rand_images=2),
+        quick_sizes=dict(images=74, noise_batch=1024, n0=64, n=1024, rand_images=2, seq_images=4, seq_n=128),
     ),
     "wrn40_2": ModelCase(
         "wrn40_2",
@@ -103,10 +115,10 @@ CASES: dict[str, ModelCase] = {
         q=255,
         # L = 441 offsets. On a CPU small batches are faster per image (cache), so 3 chunks of 147.
         sizes={
-            "cpu": dict(images=1, noise_batch=147, n0=64, n=441, rand_images=1),
-            "cuda": dict(images=36, noise_batch=4096, n0=64, n=8192, rand_images=4),
+            "cpu": dict(images=1, noise_batch=147, n0=64, n=441, rand_images=1, seq_images=2),
+            "cuda": dict(images=36, noise_batch=4096, n0=64, n=8192, rand_images=4, seq_images=32),
         },
-        quick_sizes=dict(images=1, noise_batch=147, n0=16, n=147, rand_images=1),
+        quick_sizes=dict(images=1, noise_batch=147, n0=16, n=147, rand_images=1, seq_images=1),
     ),
     "resnet50": ModelCase(
         "resnet50",
@@ -115,8 +127,8 @@ CASES: dict[str, ModelCase] = {
         (3, 224, 224),
         q=255,
         num_classes=1000,
-        sizes={"cuda": dict(images=8, noise_batch=2048, n0=64, n=4096, rand_images=1)},
-        quick_sizes=dict(images=1, noise_batch=441, n0=64, n=441, rand_images=1),
+        sizes={"cuda": dict(images=8, noise_batch=2048, n0=64, n=4096, rand_images=1, seq_images=8)},
+        quick_sizes=dict(images=1, noise_batch=441, n0=64, n=441, rand_images=1, seq_images=1),
         cuda_only=True,
     ),
 }
@@ -134,9 +146,19 @@ class CertCase:
     noise: Noise
     procedure: Procedure
     baseline: Callable
-    rounds: tuple[int, ...]  # noisy copies per image in each counting round (as the procedure makes them)
+    # noisy copies per image in each counting round (as the procedure makes them); () when the procedure decides
+    # per image how many it needs (counted in a warm-up run, then done in plain batches of noise_batch)
+    rounds: tuple[int, ...]
     images: int  # images certified per repeat
     info: dict  # what else the results record about the case
+    # the generator(s) of one run, made afresh for each run: (device, images) -> a generator or one per image
+    generator: Callable = field(default=lambda device, images: torch.Generator(device=device).manual_seed(0))
+
+
+def _per_image_generators(device, images: int) -> list[torch.Generator]:
+    """One generator per image, seeded alike in every run: each run of a case draws the same noise per image,
+    however the images are packed into forward passes (so a sequential test spends the same passes each time)."""
+    return [torch.Generator(device=device).manual_seed(i) for i in range(images)]
 
 
 # ---------------------------------------------------------------------------------------- helpers
@@ -218,6 +240,16 @@ def _baseline_uniform(model, x, case: CertCase, num_classes: int, noise_batch: i
     return torch.stack(out).cpu()
 
 
+def _baseline_one_at_a_time(model, x, case: CertCase, num_classes: int, noise_batch: int, generator):
+    """The case's own procedure, one image at a time (no packing of images into a forward pass), from the same
+    per-image generators: the same noise and forward passes as the packed run."""
+    out = [
+        case.procedure.certify(model, x[j : j + 1], case.noise, num_classes, noise_batch=noise_batch, generator=[g])
+        for j, g in enumerate(generator)
+    ]
+    return torch.from_numpy(np.concatenate([c.counts for c in out]))
+
+
 # ---------------------------------------------------------------------------------------- runners
 def _cpu_name() -> str:
     try:
@@ -263,31 +295,85 @@ def cert_cases(case: ModelCase, sz: dict) -> list[CertCase]:
     ]
 
 
+def sequential_cases(case: ModelCase, sz: dict) -> list[CertCase]:
+    """The certificates whose forward passes per image the procedure decides as it goes: uniform noise certified
+    sequentially (n0 selection samples, the cap n of the fixed case unless ``seq_n`` is given, the procedure's
+    default radii), beside the same procedure run one image at a time."""
+    uni = Uniform(case.rand_sigma)
+    n = sz.get("seq_n", sz["n"])  # the cap: the fixed case's n unless the sizes give another (--quick: smaller)
+    seq = Sequential(n0=sz["n0"], n=n)
+    return [
+        CertCase(
+            key=seq.name,
+            row=f"{uni.name} {seq.name}",
+            noise=uni,
+            procedure=seq,
+            baseline=_baseline_one_at_a_time,
+            rounds=(),
+            images=sz["seq_images"],
+            info={"n0": sz["n0"], "n": n, "noise": uni.name, "sigma": case.rand_sigma, "procedure": seq.name},
+            generator=_per_image_generators,
+        )
+    ]
+
+
 def train_noises(case: ModelCase) -> list[Noise]:
     """The noises whose sampling cost in a training step is measured on one model."""
     d = math.prod(case.shape)
     return [Uniform(case.rand_sigma), SSN(case.rand_sigma), DSSN(case.dssn_sigma, q=case.q, dim=d, seed=0)]
 
 
-def _bench_certification(case: ModelCase, model, device, sz: dict, repeats: int, ctx, log) -> dict:
-    """Interleaved timings of cert / forward / baseline for every certificate of :func:`cert_cases` on one model."""
+def _record_batches(model) -> tuple[list[int], Callable[[], None]]:
+    """The batch size of every forward pass of ``model`` from now on, and the function that stops recording."""
+    seen: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _module, args: seen.append(int(args[0].shape[0])))
+    return seen, handle.remove
+
+
+def _bench_certification(
+    case: ModelCase, model, device, sz: dict, repeats: int, ctx, log, cases: list[CertCase] | None = None
+) -> dict:
+    """Interleaved timings of cert / forward / baseline for every certificate of ``cases`` on one model (default:
+    :func:`cert_cases` and :func:`sequential_cases`)."""
     gen_dev = torch.Generator(device=device).manual_seed(0)
     gen_cpu = torch.Generator().manual_seed(0)
     nb = sz["noise_batch"]
-    cases = cert_cases(case, sz)
+    if cases is None:
+        cases = cert_cases(case, sz) + sequential_cases(case, sz)
     xs = {c.key: _quantized_images(c.images, case.shape, case.q, device, gen_cpu) for c in cases}
-    sizes = {c.key: [b for m in c.rounds for b in _chunk_sizes(len(xs[c.key]), m, nb)] for c in cases}
-    passes = {m: sum(s) for m, s in sizes.items()}
-    buf = torch.rand(max(max(s) for s in sizes.values()), *case.shape, generator=gen_dev, device=device)
     C = case.num_classes
 
+    def certify(c: CertCase):
+        gen = c.generator(device, len(xs[c.key]))
+        with ctx():
+            return c.procedure.certify(model, xs[c.key], c.noise, C, noise_batch=nb, generator=gen)
+
+    # the forward passes of a case whose procedure decides them per image: counted in a run of it
+    sizes, counted = {}, {}
+    for c in cases:
+        if c.rounds:
+            sizes[c.key] = [b for m in c.rounds for b in _chunk_sizes(len(xs[c.key]), m, nb)]
+            continue
+        seen, stop = _record_batches(model)
+        try:
+            cert = certify(c)
+        finally:
+            stop()
+        total = sum(seen)
+        sizes[c.key] = [nb] * (total // nb) + ([total % nb] if total % nb else [])
+        counted[c.key] = {"cert_forward_calls": len(seen), "cert_mean_batch": total / max(len(seen), 1)}
+        if SAMPLES_COLUMN in cert.values:  # the forward passes spent per image, as certificates.csv records them
+            counted[c.key]["samples"] = [int(v) for v in cert.values[SAMPLES_COLUMN]]
+    passes = {m: sum(s) for m, s in sizes.items()}
+    buf = torch.rand(max(max(s) for s in sizes.values()), *case.shape, generator=gen_dev, device=device)
+
     def run(c: CertCase, variant: str):
+        if variant == "cert":
+            return certify(c).counts
         with ctx():
             if variant == "forward":
                 return _forward_limit(model, sizes[c.key], buf)
-            if variant == "cert":
-                return c.procedure.certify(model, xs[c.key], c.noise, C, noise_batch=nb, generator=gen_dev).counts
-            return c.baseline(model, xs[c.key], c, C, nb, gen_dev)
+            return c.baseline(model, xs[c.key], c, C, nb, c.generator(device, len(xs[c.key])))
 
     # warm-up (and, with --compile, compilation for every batch size)
     for c in cases:
@@ -311,6 +397,7 @@ def _bench_certification(case: ModelCase, model, device, sz: dict, repeats: int,
             "row": c.row,
             "images": len(xs[c.key]),
             **c.info,
+            **counted.get(c.key, {}),
         }
     out["noise_batch"] = nb
     return out
@@ -456,13 +543,16 @@ def _cert_keys(cert: dict) -> list[str]:
 
 
 def format_table(result: dict) -> str:
+    rows = [raw["certification"][k]["row"] for raw in result["raw"].values() for k in _cert_keys(raw["certification"])]
+    w = max([10, *map(len, rows)])  # the method column fits the longest row label
     lines = [
         f"device: {result['device']} ({result['device_type']}), torch {result['torch']}, "
         f"{result['threads']} threads; forward passes per second, medians of {result['options']['repeats']} repeats",
         "",
-        f"{'model':<11} {'method':<10} {'passes':>7} {'batch':>9} {'cert':>10} {'forward':>10} {'baseline':>10}"
+        f"{'model':<11} {'method':<{w}} {'passes':>7} {'batch':>9} {'cert':>10} {'forward':>10} {'baseline':>10}"
         f" {'cert/fwd':>9} {'cert/base':>9}",
     ]
+    per_image = []  # the cases that spent a data-dependent number of forward passes per image
     for name, raw in result["raw"].items():
         cert = raw["certification"]
         for key in _cert_keys(cert):
@@ -471,9 +561,24 @@ def format_table(result: dict) -> str:
             bs = "/".join(str(b) for b in c["batch_sizes"])
             label = c["row"]
             lines.append(
-                f"{name:<11} {label:<10} {c['forward_passes']:>7} {bs:>9} {pps['cert']:>10.0f} {pps['forward']:>10.0f}"
+                f"{name:<11} {label:<{w}} {c['forward_passes']:>7} {bs:>9} {pps['cert']:>10.0f} {pps['forward']:>10.0f}"
                 f" {pps['baseline']:>10.0f} {pps['cert'] / pps['forward']:>9.3f} {pps['cert'] / pps['baseline']:>9.2f}"
             )
+            if c.get("samples"):
+                per_image.append((name, c))
+    for name, c in per_image:
+        pps, samples = c["passes_per_second"], np.asarray(c["samples"])
+        median, p90 = np.median(samples), np.percentile(samples, 90)  # as metrics.json computes them
+        lines += [
+            "",
+            f"{c.get('procedure', c['row'])} certification ({c['row']}) on {name}: {pps['cert']:.0f} forward passes/s"
+            f" vs {pps['forward']:.0f} of plain batched forward passes of the same model: ratio "
+            f"{pps['cert'] / pps['forward']:.3f} (issue 18: within 10%, >= 0.90); "
+            f"{pps['cert'] / pps['baseline']:.2f}x one image at a time",
+            f"  forward passes per image over {len(samples)} images: mean {sum(samples) / len(samples):.0f}, "
+            f"median {median:.0f}, p90 {p90:.0f} (cap n0 + n = {c['n0'] + c['n']}); "
+            f"{c['cert_forward_calls']} forward calls of {c['cert_mean_batch']:.0f} inputs on average",
+        ]
     lines += ["", "training step (batch 64, forward + backward + SGD): extra time from noise sampling"]
     for i, (name, raw) in enumerate(result["raw"].items()):
         t = raw["training"]

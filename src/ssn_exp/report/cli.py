@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ssn_exp.certify.metrics import PAPER_RADII
 from ssn_exp.report.missing import find_missing
-from ssn_exp.report.records import PUBLISHED, load_paths, published_dir, sigma_label
+from ssn_exp.report.records import PUBLISHED, load_paths, published_dir, sigma_label, tell_procedures_apart
 from ssn_exp.report.tables import (
     acr_rows,
     build_best_tables,
@@ -18,12 +18,15 @@ from ssn_exp.report.tables import (
     format_acr_markdown,
     format_latex,
     format_markdown,
+    format_passes_markdown,
     format_seed_latex,
     format_seed_markdown,
     method_ranks,
+    passes_rows,
     seed_table,
     write_acr_csv,
     write_csv,
+    write_passes_csv,
 )
 
 __all__ = ["main", "build_parser"]
@@ -46,6 +49,9 @@ certificates (a k column, e.g. DSSN's) are compared exactly as integers k/q. Eve
 column radius_<name> of a run's certificates gives the rows "<method> (<name>)", e.g.
 "uniform (box)": the box-constrained certificate of the same samples. Methods are shown by their
 label (metrics.json's "label", index.csv's label column; else the method name) and ordered by it.
+Runs of one method certified by different procedures (metrics.json's "procedure", e.g. fixed and
+sequential) are kept apart: where a report holds more than one procedure for a method, its rows
+and lines are named "<method> [<procedure>]", e.g. "uniform [sequential]".
 """
 
 EPILOG = """\
@@ -60,6 +66,10 @@ Printed to stdout (Markdown) and written into --out:
                                 seeds uses its smallest seed here.
   acr.md/.csv                   one row per run: origin, dataset, method, training, denoiser, sigma,
                                 seed, n, clean accuracy (%), ACR (average certified radius).
+  passes.md/.csv                one row per run whose metrics.json counts its forward passes per image:
+                                identity, clean and certified accuracy (%) at each radius, ACR, and
+                                beside them the forward passes per image (mean; median and 90th
+                                percentile where recorded). Not written when no run has them.
   seeds.md/.tex                 seed robustness: standard training, no denoiser, one
                                 best-over-sigma row per (dataset, method, origin, seed).
   curves_<dataset>_<training>_<denoiser>.png
@@ -68,6 +78,11 @@ Printed to stdout (Markdown) and written into --out:
                                 the report's methods; published runs dashed, ours solid, further
                                 radii (box-constrained certificates) dash-dotted in their method's
                                 colour (the paper's Figures 10-14).
+  samples_<dataset>_<training>_<denoiser>_<method>_sigma<s>_seed<k>.png
+                                for every run whose certificates.csv has a samples column (forward
+                                passes spent per image, e.g. procedure=sequential): forward passes per
+                                image (log scale) against certified radius, one point per image, with
+                                vertical lines at the radii of the run's metrics.json.
   missing.txt                   Hydra job dirs without metrics.json (with their overrides and, for a
                                 failed job, its error.txt line), jobs of a sweep without any job dir
                                 (from the sweep's job list: sweep_jobs.json, written by
@@ -121,7 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="R",
         help="radii of the tables (default: the paper's 0.5 1.0 ... 4.0)",
     )
-    parser.add_argument("--no-plots", action="store_true", help="skip the certified-accuracy curves")
+    parser.add_argument(
+        "--no-plots", action="store_true", help="skip the certified-accuracy curves and samples-vs-radius plots"
+    )
     parser.add_argument(
         "--allow-missing",
         action="store_true",
@@ -222,7 +239,7 @@ def _main(argv=None) -> int:
         detail = f" ({problems[0]})" if problems else ""
         return _error(f"no results found in {' '.join(args.paths)}{detail}{extra}")
     unreadable = len(problems)
-    records, dup_notes = dedupe_records(records)
+    records, dup_notes = dedupe_records(tell_procedures_apart(records))
     problems = problems + dup_notes
 
     out.mkdir(parents=True, exist_ok=True)
@@ -248,6 +265,12 @@ def _main(argv=None) -> int:
     write("acr.md", acr_md)
     write("acr.csv", write_acr_csv(acr))
 
+    passes = passes_rows(records, args.radii)
+    passes_md = format_passes_markdown(passes) if passes else ""
+    if passes:
+        write("passes.md", passes_md)
+        write("passes.csv", write_passes_csv(passes))
+
     seeds = seed_table(records, args.radii)
     seeds_md = format_seed_markdown(seeds)
     write("seeds.md", seeds_md)
@@ -255,10 +278,11 @@ def _main(argv=None) -> int:
 
     curves: list[Path] = []
     if not args.no_plots:
-        from ssn_exp.report.plots import plot_all_curves, plot_all_denoisers
+        from ssn_exp.report.plots import plot_all_curves, plot_all_denoisers, plot_all_samples
 
         curves = plot_all_curves(records, out)
         curves += plot_all_denoisers(records, out)
+        curves += plot_all_samples(records, out)
         written.extend(curves)
 
     den_md = format_denoiser_markdown(records, args.radii)
@@ -296,6 +320,18 @@ def _main(argv=None) -> int:
         "",
         acr_md,
         "",
+    ]
+    if passes_md:
+        parts += [
+            "## Certified accuracy and forward passes per image",
+            "",
+            "Certified accuracy % per run at each radius, ACR, and the forward passes spent per image "
+            "(mean; median and 90th percentile where the run recorded them).",
+            "",
+            passes_md,
+            "",
+        ]
+    parts += [
         "## Seed robustness (standard training, no denoiser)",
         "",
         seeds_md,

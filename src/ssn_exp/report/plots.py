@@ -7,7 +7,10 @@ methods of the report (:func:`method_colors`), its further-radius records (e.g. 
 
 from __future__ import annotations
 
+import io
 import math
+import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,6 +28,9 @@ __all__ = [
     "plot_curves",
     "plot_all_curves",
     "curve_filename",
+    "samples_figure",
+    "samples_filename",
+    "plot_all_samples",
 ]
 
 #: The methods' colours, in the sorted order of their names (repeating after ten methods).
@@ -91,9 +97,21 @@ def curve_filename(dataset: str, training: str, denoiser: str) -> str:
 
 
 def _save(fig, path) -> Path:
+    """The figure as a PNG at ``path``, written atomically (a temporary file and a rename): a reader never sees
+    half a file, and a symbolic link at ``path`` is replaced, never written through."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    buf = io.BytesIO()
+    fig.savefig(buf, dpi=110, format="png")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return path
 
 
@@ -260,4 +278,65 @@ def plot_all_denoisers(records: Iterable[RunRecord], out_dir) -> list[Path]:
         p = plot_denoisers(recs, Path(out_dir) / f"denoisers_{dataset}_{training}.png", title, colors=colors)
         if p is not None:
             paths.append(p)
+    return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes against certified radius (runs whose certificates have a samples column)
+
+
+def samples_filename(rec: RunRecord) -> str:
+    """``samples_<dataset>_<training>_<denoiser>_<method>_sigma<s>_seed<k>.png``; in each part, characters other
+    than letters, digits, ``.``, ``-`` and ``_`` (from the result files) become ``_`` and dots and underscores at
+    its ends go, so the name stays in the output folder ("uniform [sequential]" -> "uniform_sequential")."""
+    parts = [rec.dataset, rec.training, rec.denoiser, rec.method, f"sigma{sigma_label(rec.sigma)}", f"seed{rec.seed}"]
+    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", str(p)).strip("._") or "_" for p in parts]
+    return "samples_" + "_".join(parts) + ".png"
+
+
+def samples_figure(rec: RunRecord, title: str | None = None):
+    """A matplotlib ``Figure``: forward passes spent on each example (log scale) against its certified radius,
+    correct and misclassified examples apart (an abstention, radius < 0, is drawn at 0), with a vertical line at
+    each radius of the run's own metrics (the radii a sequential test decides)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    if rec.samples is None or len(rec.samples) == 0:
+        raise ValueError(f"{rec.source}: no forward passes per example to plot")
+    fig = Figure(figsize=(5.0, 3.6), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
+    rho = np.maximum(rec.rho, 0.0)
+    for mask, color, name in ((rec.correct, "tab:blue", "correct"), (~rec.correct, "tab:red", "misclassified")):
+        if mask.any():
+            ax.scatter(rho[mask], rec.samples[mask], s=9, alpha=0.6, color=color, label=f"{name} ({int(mask.sum())})")
+    for radius in rec.metric_radii:
+        ax.axvline(radius, color="tab:gray", linewidth=0.7, alpha=0.6)
+    ax.set_yscale("log")
+    ax.set_xlabel("certified ℓ1 radius")
+    ax.set_ylabel("forward passes per image")
+    ax.grid(alpha=0.3, which="both")
+    mean = float(np.mean(rec.samples))
+    ax.set_title(_plain(title or f"{rec.label}, σ = {sigma_label(rec.sigma)}: mean {mean:.0f} passes"), fontsize=9)
+    ax.legend(fontsize=8)
+    return fig
+
+
+def plot_all_samples(records: Iterable[RunRecord], out_dir) -> list[Path]:
+    """A samples-vs-radius PNG (:func:`samples_figure`) into ``out_dir`` for every run whose certificates record
+    the forward passes spent per example (its own certificate; a further radius shares the run's passes)."""
+    records, _ = dedupe_records([r for r in records if r.samples is not None and not r.variant])
+    ranks = method_ranks(records)
+    records.sort(key=lambda r: (sort_key(r.origin, *r.group, ranks=ranks), float(r.sigma), int(r.seed)))
+    paths, used = [], set()
+    for rec in records:
+        name = samples_filename(rec)
+        stem, k = name.removesuffix(".png"), 1
+        while name in used:  # two runs whose names differ only in characters replaced above
+            k += 1
+            name = f"{stem}_{k}.png"
+        used.add(name)
+        title = f"{pretty(rec.dataset)}, {rec.label}, σ = {sigma_label(rec.sigma)}, seed {rec.seed}"
+        title += f"\nmean {float(np.mean(rec.samples)):.0f} forward passes per image"
+        paths.append(_save(samples_figure(rec, title), Path(out_dir) / name))
     return paths

@@ -26,12 +26,15 @@ import numpy as np
 
 from ssn_exp.certify.core import exact_certificate
 from ssn_exp.certify.metrics import PAPER_RADII, average_certified_radius, certified_accuracy
-from ssn_exp.certify.record import EXACT_COLUMN, EXTRA_RADIUS_PREFIX, extra_radius_columns
+from ssn_exp.certify.record import EXACT_COLUMN, EXTRA_RADIUS_PREFIX, SAMPLES_COLUMN, extra_radius_columns
 
 __all__ = [
     "RunRecord",
     "PUBLISHED",
     "variant_suffix",
+    "procedure_suffix",
+    "FORWARD_PASS_KEYS",
+    "tell_procedures_apart",
     "published_dir",
     "load_reference",
     "RunFileError",
@@ -44,6 +47,15 @@ __all__ = [
 
 #: Published results shipped with the package (``ssn_exp/published/<name>``).
 PUBLISHED = ("levine2021",)
+
+
+#: The forward-pass statistics of metrics.json a run's record keeps (in ``extra``), where the file has them.
+FORWARD_PASS_KEYS = ("forward_passes_per_example", "forward_passes_median", "forward_passes_p90")
+
+
+def procedure_suffix(procedure: str) -> str:
+    """Appended to the method and label of a run when a report holds runs of its method by several procedures."""
+    return f" [{procedure}]"
 
 
 def variant_suffix(name: str) -> str:
@@ -79,6 +91,10 @@ class RunRecord:
     extra: dict = field(default_factory=dict)
     label: str = ""  # the display name (metrics.json / index.csv "label"); the method when empty
     variant: str = ""  # <name> of the further radius radius_<name> this record holds; "" for the certificate itself
+    procedure: str = ""  # how the certificates were computed (metrics.json "procedure"); "" when not recorded
+    samples: np.ndarray | None = None  # forward passes spent per example (certificates.csv "samples"), if recorded
+    metric_radii: tuple[float, ...] = ()  # the radii of the run's own metrics (metrics.json certified_accuracy)
+    tag: str = ""  # appended to method and label to tell procedures apart (:func:`tell_procedures_apart`)
 
     def __post_init__(self):
         if not self.label:
@@ -92,6 +108,11 @@ class RunRecord:
     @property
     def base_label(self) -> str:
         return self.label.removesuffix(variant_suffix(self.variant)) if self.variant else self.label
+
+    @property
+    def noise_method(self) -> str:
+        """The method as its result file names it: without the further radius' and the procedure's suffixes."""
+        return self.base_method.removesuffix(self.tag) if self.tag else self.base_method
 
     @property
     def n(self) -> int:
@@ -231,17 +252,36 @@ def read_metrics(run_dir: str | Path) -> dict:
     out["n_examples"] = _integer(meta.get("n_examples"), f"{path}: 'n_examples'")
     out["seed"] = _integer(meta.get("seed", 0), f"{path}: 'seed'")
     out["q"] = meta.get("q")  # checked where certificates.csv holds exact certificates k (rho = k / q)
-    for key in ("acr", "seconds_per_example", "forward_passes_per_example"):
+    # how the certificates were computed: absent in files written before procedures were recorded
+    out["procedure"] = _text(meta, "procedure", path) if "procedure" in meta else ""
+    for key in ("acr", "seconds_per_example"):
         value = meta.get(key)
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[key] = value
+    for key in FORWARD_PASS_KEYS:  # optional, but a value that is there must be a count
+        if key in meta:
+            out[key] = _finite(meta[key], f"{path}: {key!r}")
+            if out[key] < 0:
+                raise RunFileError(f"{path}: {key!r} must be >= 0, got {meta[key]!r}")
+    acc = meta.get("certified_accuracy")
+    radii = []
+    if isinstance(acc, dict):
+        for key in acc:
+            try:
+                radius = float(key)
+            except ValueError:
+                continue
+            if math.isfinite(radius) and radius >= 0:
+                radii.append(radius)
+    out["metric_radii"] = tuple(sorted(set(radii)))
     return out
 
 
 def read_run_certificates(run_dir: str | Path) -> tuple[list[dict], bool, list[str]]:
     """The rows of ``certificates.csv``, checked and sorted by example index: index, label, prediction (integers
-    >= 0, indices unique), ``k`` (an exact certificate rho = k / q, integer) or ``radius`` (finite), and every
-    further radius ``radius_<name>`` (finite); whether the file holds exact certificates (a ``k`` column); and the
+    >= 0, indices unique), ``k`` (an exact certificate rho = k / q, integer) or ``radius`` (finite), every
+    further radius ``radius_<name>`` (finite) and, where the file has the column, ``samples`` (forward passes
+    spent on the example, an integer >= 1); whether the file holds exact certificates (a ``k`` column); and the
     further radius columns (``extra_radius_columns`` of the header, in file order)."""
     path = Path(run_dir) / "certificates.csv"
     rows = []
@@ -275,6 +315,8 @@ def read_run_certificates(run_dir: str | Path) -> tuple[list[dict], bool, list[s
                 )
                 for c in extra:
                     rec[c] = _finite(row[c], f"{line}: {c}")
+                if SAMPLES_COLUMN in header:
+                    rec[SAMPLES_COLUMN] = _integer(row[SAMPLES_COLUMN], f"{line}: {SAMPLES_COLUMN}", minimum=1)
                 rows.append(rec)
     except UnicodeDecodeError:
         raise RunFileError(f"{path}: not UTF-8 text") from None
@@ -313,8 +355,13 @@ def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
         q=q,
         seed=meta["seed"],
         source=str(run_dir),
-        extra={k: meta[k] for k in ("acr", "seconds_per_example", "forward_passes_per_example") if k in meta},
+        extra={k: meta[k] for k in ("acr", "seconds_per_example", *FORWARD_PASS_KEYS) if k in meta},
         label=meta["label"],
+        procedure=meta["procedure"],
+        samples=np.asarray([r[SAMPLES_COLUMN] for r in rows], dtype=np.int64)
+        if rows and SAMPLES_COLUMN in rows[0]
+        else None,
+        metric_radii=meta["metric_radii"],
     )
     records = [rec]
     for column in extra_columns:
@@ -331,6 +378,27 @@ def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
             )
         )
     return records
+
+
+def tell_procedures_apart(records: list[RunRecord]) -> list[RunRecord]:
+    """The records, where runs of one method were certified by more than one procedure (e.g. fixed and
+    sequential) with the procedure appended to method and label (:func:`procedure_suffix`: "uniform [sequential]",
+    "uniform [sequential] (box)"), so that tables, legends and deduplication keep them apart. Every other record is
+    returned as it is (a report of one procedure per method looks as it did before procedures were recorded)."""
+    procedures: dict[tuple[str, str], set[str]] = {}
+    for r in records:
+        procedures.setdefault((r.origin, r.noise_method), set()).add(r.procedure)
+    out = []
+    for r in records:
+        if len(procedures[(r.origin, r.noise_method)]) < 2 or not r.procedure or r.tag:
+            out.append(r)
+            continue
+        tag = procedure_suffix(r.procedure)
+        variant = variant_suffix(r.variant) if r.variant else ""
+        out.append(
+            dataclasses.replace(r, method=r.base_method + tag + variant, label=r.base_label + tag + variant, tag=tag)
+        )
+    return out
 
 
 def find_runs(path: str | Path) -> list[Path]:

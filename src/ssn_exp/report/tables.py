@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ssn_exp.certify.metrics import PAPER_RADII, BestRow, best_over_sigma
-from ssn_exp.report.records import RunRecord, sigma_label
+from ssn_exp.report.records import FORWARD_PASS_KEYS, RunRecord, sigma_label
 
 __all__ = [
     "BEST_CSV_COLUMNS",
@@ -33,6 +33,10 @@ __all__ = [
     "acr_rows",
     "format_acr_markdown",
     "write_acr_csv",
+    "PASSES_COLUMNS",
+    "passes_rows",
+    "format_passes_markdown",
+    "write_passes_csv",
     "sort_key",
     "method_ranks",
     "method_labels",
@@ -146,11 +150,11 @@ def radius_label(r: float) -> str:
 
 
 def _identity(rec: RunRecord) -> tuple:
-    return (rec.origin, *rec.group, round(float(rec.sigma), 6), int(rec.seed))
+    return (rec.origin, *rec.group, round(float(rec.sigma), 6), int(rec.seed), rec.procedure)
 
 
 def dedupe_records(records: Iterable[RunRecord]) -> tuple[list[RunRecord], list[str]]:
-    """Drop repeated runs (same origin, group, sigma and seed); return the kept ones and notes.
+    """Drop repeated runs (same origin, group, sigma, seed and procedure); return the kept ones and notes.
 
     The same source read twice (a path given twice) is dropped silently; a second, different run
     with the same identity is dropped with a note (best-over-sigma would otherwise pick the better
@@ -163,9 +167,10 @@ def dedupe_records(records: Iterable[RunRecord]) -> tuple[list[RunRecord], list[
         if key in seen:
             first = seen[key]
             if Path(first.source).resolve() != Path(rec.source).resolve():
+                procedure = f", procedure={rec.procedure}" if rec.procedure else ""
                 notes.append(
                     f"{rec.source}: duplicate of {first.source} (same {'/'.join(rec.group)}, "
-                    f"sigma={sigma_label(rec.sigma)}, seed={rec.seed}); ignored"
+                    f"sigma={sigma_label(rec.sigma)}, seed={rec.seed}{procedure}); ignored"
                 )
             continue
         seen[key] = rec
@@ -446,3 +451,83 @@ def format_acr_markdown(rows: Sequence[dict]) -> str:
 
 def write_acr_csv(rows: Sequence[dict], path=None) -> str:
     return _write(rows, ACR_CSV_COLUMNS, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes per run
+
+#: The columns of the per-run table of certified accuracy and forward passes, before one column per radius
+#: (``ρ=<r>``) and after them (ACR and the forward passes per image: mean, median, 90th percentile).
+PASSES_COLUMNS = (
+    "origin",
+    "dataset",
+    "method",
+    "training",
+    "denoiser",
+    "sigma",
+    "seed",
+    "n",
+    "clean_accuracy",
+)
+_PASSES_TAIL = ("acr", "forward_passes", "forward_passes_median", "forward_passes_p90")
+
+
+def _passes(value) -> str:
+    """A forward-pass count as written in the table: an integer as one, a mean to one decimal; "" when unknown."""
+    if value is None:
+        return ""
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def passes_rows(records: Iterable[RunRecord], radii: Iterable[float] = PAPER_RADII) -> list[dict[str, str]]:
+    """One row per run whose metrics.json records forward passes per image: identity, clean and certified
+    accuracy (%) at each radius, ACR, and the forward passes per image beside them (mean; median and 90th
+    percentile where recorded, else empty), in paper order. Runs without the statistics (published arrays, files
+    of earlier versions) have no row."""
+    radii = [float(r) for r in radii]
+    records = [r for r in records if FORWARD_PASS_KEYS[0] in r.extra]
+    ranks = method_ranks(records)
+    recs = sorted(records, key=lambda r: (sort_key(r.origin, *r.group, ranks=ranks), float(r.sigma), int(r.seed)))
+    rows = []
+    for r in recs:
+        acc = r.certified_accuracy(radii)
+        row = {
+            "origin": r.origin,
+            "dataset": r.dataset,
+            "method": r.method,
+            "training": r.training,
+            "denoiser": r.denoiser,
+            "sigma": sigma_label(r.sigma),
+            "seed": str(r.seed),
+            "n": str(r.n),
+            "clean_accuracy": pct(r.clean_accuracy),
+        }
+        row.update({f"ρ={radius_label(x)}": pct(acc[x]) for x in radii})
+        row["acr"] = f"{r.acr():.4f}"
+        for column, key in zip(_PASSES_TAIL[1:], FORWARD_PASS_KEYS, strict=True):
+            row[column] = _passes(r.extra.get(key))
+        rows.append(row)
+    return rows
+
+
+def _passes_columns(rows: Sequence[dict]) -> list[str]:
+    return list(rows[0]) if rows else [*PASSES_COLUMNS, *_PASSES_TAIL]
+
+
+def format_passes_markdown(rows: Sequence[dict]) -> str:
+    if not rows:
+        return "_no runs with forward-pass counts_"
+    columns = _passes_columns(rows)
+    header = [c if c not in _PASSES_TAIL[1:] else _PASSES_HEADER[c] for c in columns]
+    return _md_table(header, [[row[c] for c in columns] for row in rows])
+
+
+_PASSES_HEADER = {
+    "forward_passes": "forward passes / image",
+    "forward_passes_median": "median",
+    "forward_passes_p90": "p90",
+}
+
+
+def write_passes_csv(rows: Sequence[dict], path=None) -> str:
+    return _write(rows, _passes_columns(rows), path)
