@@ -1,4 +1,4 @@
-"""Smoothing noises for l1 certification (docs/method.md sections 1-3, 15; docs/extending.md).
+"""Smoothing noises for l1 certification (docs/method.md sections 1-3 and 14; docs/extending.md).
 
 Plain torch + numpy: no Lightning, no Hydra, no I/O. Every noise works on any device (noise is made where
 the input lives) and on NCHW or flat inputs.
