@@ -3,7 +3,6 @@ the Laplace distribution, reproducible draws, and ``method=laplace`` end to end 
 
 from __future__ import annotations
 
-import csv
 import math
 import warnings
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import read_csv, read_metrics, run_cli
 from ssn_exp.certify.procedures import FixedSample
 from ssn_exp.certify.record import CertificateRecord
 from ssn_exp.noises import InputDomainError, Laplace
@@ -150,70 +148,33 @@ def test_certificates_are_independent_of_the_batch_and_the_chunks_with_per_examp
     assert np.array_equal(together.radius, noise.radius(p))
 
 
-# -- method=laplace end to end ---------------------------------------------------------------------------------------
-
-SIGMA = 0.5
-
-
-@pytest.fixture(scope="module")
-def laplace_run(tmp_path_factory):
-    """python -m ssn_exp method=laplace (debug=fast), then the same command again and the report over the run."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    base = tmp_path_factory.mktemp("laplace")
-    runs, report = base / "runs", base / "report"
-    train = ("ssn_exp", "method=laplace", "debug=fast", f"sigma={SIGMA}", f"run_root={runs}")
-    first = run_cli(*train, cwd=base)
-    assert first.returncode == 0, first.stderr[-3000:]
-    (run,) = [m.parent for m in runs.rglob("metrics.json")]
-    state = {"run": run, "csv": (run / "certificates.csv").read_bytes(), "metrics": read_metrics(run)}
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        again = pool.submit(run_cli, *train, cwd=base)
-        rep = pool.submit(run_cli, "ssn_exp.report", str(runs), "--out", str(report), cwd=base)
-        state.update(again=again.result(), report=rep.result(), report_dir=report)
-    return state
+# -- method=laplace end to end: tests/test_sweeps.py's smoke sweep trains, certifies (rows checked against the formula
+# above), logs to wandb, reports and resumes laplace jobs beside the other noises; one more CLI run here would only
+# repeat it.
 
 
-def _method_laplace_trains_and_certifies_with_its_radius(laplace_run):
-    run = laplace_run["run"]
-    assert run.parent.name == "laplace-standard-none"
-    with open(run / "certificates.csv", newline="") as fh:
-        header = next(csv.reader(fh))
-    assert header == [*"index label prediction correct radius seconds p_lower counts".split()]  # no radius_box
-    rows = read_csv(run / "certificates.csv")
-    assert len(rows) == 8
-    p = np.array([float(r["p_lower"]) for r in rows])
-    radius = np.array([float(r["radius"]) for r in rows])
-    assert np.all((p >= 0) & (p < 1))
-    assert np.all(np.abs(radius - rs4a_radius(SIGMA, p).numpy()) <= 1e-12)
-    m = laplace_run["metrics"]
-    assert m["method"] == "laplace" and m["sigma"] == SIGMA and m["lambda"] == SIGMA / math.sqrt(2.0)
-    assert not any(k.endswith("_box") for k in m)
-    correct = np.array([int(r["correct"]) for r in rows])
-    assert m["acr"] == pytest.approx(np.mean(correct * np.maximum(radius, 0.0)))
+def test_a_laplace_certification_resumes_with_its_rows_accepted_and_a_wrong_radius_refused(tmp_path):
+    """In-process: the rows a Laplace certification wrote are read back through its own radius on resume."""
+    from torch.utils.data import TensorDataset
 
+    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.results import ResultsFileError
 
-def _method_laplace_resumes_with_its_rows_accepted(laplace_run):
-    p = laplace_run["again"]
-    assert p.returncode == 0, p.stderr[-3000:]
-    run = laplace_run["run"]
-    assert (run / "certificates.csv").read_bytes() == laplace_run["csv"]  # nothing recomputed, seconds included
-    assert "resuming from" in (run / "ssn_exp.log").read_text()
-    assert read_metrics(run) == laplace_run["metrics"]
-
-
-def _method_laplace_is_in_the_report(laplace_run):
-    p = laplace_run["report"]
-    assert p.returncode == 0, p.stderr[-3000:]
-    rep = laplace_run["report_dir"]
-    assert {r["method"] for r in read_csv(rep / "best_over_sigma.csv")} == {"laplace"}
-    assert "| laplace |" in (rep / "best_over_sigma.md").read_text()
-    assert (rep / "curves_digits_standard_none.png").stat().st_size > 5000
-
-
-@pytest.mark.slow
-def test_method_laplace_end_to_end(laplace_run):
-    """One test over the shared CLI runs (a module fixture used by several tests would run once per xdist worker)."""
-    _method_laplace_trains_and_certifies_with_its_radius(laplace_run)
-    _method_laplace_resumes_with_its_rows_accepted(laplace_run)
-    _method_laplace_is_in_the_report(laplace_run)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3)).eval()
+    g = torch.Generator().manual_seed(0)
+    data = TensorDataset(torch.rand(6, 1, 4, 4, generator=g), torch.randint(0, 3, (6,), generator=g))
+    kw = dict(num_classes=3, n0=8, n=64, noise_batch=32, batch_size=2, max_examples=4)
+    ShardCertifier(model, Laplace(0.5), data, tmp_path, **kw).run("cpu", progress=False)
+    path = tmp_path / "certificates.csv"
+    first = path.read_bytes()
+    again = ShardCertifier(model, Laplace(0.5), data, tmp_path, **{**kw, "max_examples": 6})
+    assert sorted(again.done) == [0, 1, 2, 3] and again.todo == [4, 5]  # the 4 rows accepted as they are
+    assert path.read_bytes() == first
+    lines = first.decode().splitlines()
+    header, row = lines[0].split(","), lines[1].split(",")
+    p_lower = float(row[header.index("p_lower")])
+    row[header.index("radius")] = repr(2.0 * math.sqrt(3.0) * 0.5 * (p_lower - 0.5))  # uniform noise's radius
+    path.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
+    with pytest.raises(ResultsFileError, match="p_lower and radius disagree"):
+        ShardCertifier(model, Laplace(0.5), data, tmp_path, **kw)

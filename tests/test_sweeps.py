@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -80,6 +81,18 @@ def test_smoke_sweep_multirun_with_wandb_and_report(tmp_path):
         assert {"data", "method", "sigma", "certify"} <= wb["config"]
         assert wb["history"] > 0  # training curves
     assert len(names) == 8 and "dssn-sigma1.0-seed0" in names
+    # Laplace noise's rows follow its own radius, -lambda log(2 (1 - p_lower)) with lambda = sigma / sqrt(2), and
+    # carry no box-constrained radius
+    for r in runs:
+        m = read_metrics(r)
+        if m["method"] != "laplace":
+            continue
+        with open(r / "certificates.csv", newline="") as fh:
+            cert_rows = list(csv.DictReader(fh))
+        assert cert_rows and "radius_box" not in cert_rows[0] and m["lambda"] == m["sigma"] / 2**0.5
+        for row in cert_rows:
+            p_lower = float(row["p_lower"])
+            assert abs(float(row["radius"]) + m["lambda"] * math.log(2.0 * (1.0 - p_lower))) <= 1e-12
     # the report over the sweep: tables and figures
     rep = out / "report"
     with open(rep / "best_over_sigma.csv", newline="") as fh:
