@@ -162,3 +162,28 @@ def start_cli(module: str, *overrides: str, stderr: bool = True) -> subprocess.P
         env=env,
         start_new_session=True,
     )
+
+
+#: CLI arguments of a quick run (the run-directory tests).
+FAST = ["debug=fast", "trainer.enable_progress_bar=false"]
+
+
+def tree(root: Path) -> dict[str, bytes | str | None]:
+    """Every path under ``root`` (relative) -> its bytes, a link's target, or None for a folder."""
+    out = {}
+    for p in sorted(root.rglob("*")):
+        rel = str(p.relative_to(root))
+        out[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else (None if p.is_dir() else p.read_bytes())
+    return out
+
+
+def hydra_start(out: Path | str, log_name: str = "ssn_exp.log") -> None:
+    """What Hydra's run_job does before the task, with the path as Hydra has it (``..`` and all): make the folder,
+    open the job log, write .hydra/*.yaml."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    out = Path(os.path.abspath(out))
+    with open(out / log_name, "a") as fh:
+        fh.write("[INFO] a new start\n")
+    (out / ".hydra").mkdir(exist_ok=True)
+    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
+        (out / ".hydra" / name).write_text(f"new {name}\n")

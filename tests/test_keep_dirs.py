@@ -20,7 +20,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import one_error_line, run_cli_many
+from helpers import FAST, hydra_start, one_error_line, run_cli_many, tree
 from ssn_exp.cli.run_dir import (
     RunDirGuard,
     RunLock,
@@ -31,28 +31,6 @@ from ssn_exp.cli.run_dir import (
     _SweepRecord,
 )
 from ssn_exp.exceptions import UserError
-
-FAST = ["debug=fast", "trainer.enable_progress_bar=false"]
-
-
-def tree(root: Path) -> dict[str, bytes | str | None]:
-    """Every path under ``root`` (relative) -> its bytes, a link's target, or None for a folder."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else (None if p.is_dir() else p.read_bytes())
-    return out
-
-
-def hydra_start(out: Path | str, log_name: str = "ssn_exp.log") -> None:
-    """What Hydra's run_job does before the task, with the path as Hydra has it (``..`` and all)."""
-    Path(out).mkdir(parents=True, exist_ok=True)
-    out = Path(os.path.abspath(out))
-    with open(out / log_name, "a") as fh:
-        fh.write("[INFO] a new start\n")
-    (out / ".hydra").mkdir(exist_ok=True)
-    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-        (out / ".hydra" / name).write_text(f"new {name}\n")
 
 
 def failed_start(out: Path | str) -> None:

@@ -12,29 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import run_cli, run_cli_many
+from helpers import FAST, hydra_start, run_cli, run_cli_many, tree
 from ssn_exp.cli.run_dir import LinkedRunFileError, RunDirGuard, RunLock, RunLockedError, _StartRecord
-
-FAST = ["debug=fast", "trainer.enable_progress_bar=false"]
-
-
-def tree(root: Path) -> dict[str, bytes | str | None]:
-    """Every path under ``root`` (relative) -> its bytes, a link's target, or None for a folder."""
-    out = {}
-    for p in sorted(root.rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = f"-> {os.readlink(p)}" if p.is_symlink() else (None if p.is_dir() else p.read_bytes())
-    return out
-
-
-def hydra_start(out: Path, log_name: str = "ssn_exp.log") -> None:
-    """What Hydra's run_job does before the task: make the folder, open the job log, write .hydra/*.yaml."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / log_name, "a") as fh:
-        fh.write("[INFO] a new start\n")
-    (out / ".hydra").mkdir(exist_ok=True)
-    for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
-        (out / ".hydra" / name).write_text(f"new {name}\n")
 
 
 def record(out: Path) -> _StartRecord:
