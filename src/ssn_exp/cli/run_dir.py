@@ -18,6 +18,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from ssn_exp.atomic import replace_file
 from ssn_exp.cli.errors import is_user_error, one_line
 from ssn_exp.exceptions import LinkedRunFileError, UserError
 
@@ -33,20 +34,8 @@ class RunLockedError(UserError, RuntimeError):
     """Another process is running in the same run directory."""
 
 
-def _write_new_file(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` without following a symbolic link there (a link is replaced, not written through)."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(tmp)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode() if isinstance(text, str) else text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+#: (the atomic writer of run files this module restores: a link at the path is replaced, never written through)
+_write_new_file = replace_file
 
 
 #: The files Hydra writes into .hydra/ before the task starts.

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from ssn_exp.atomic import replace_file
 from ssn_exp.report.records import RunRecord, sigma_label
 from ssn_exp.report.tables import dedupe_records, method_ranks, pretty, select_seed, sort_key
 
@@ -103,15 +103,7 @@ def _save(fig, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, format="png")
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_file(path, buf.getvalue())
     return path
 
 

@@ -458,17 +458,7 @@ def write_acr_csv(rows: Sequence[dict], path=None) -> str:
 
 #: The columns of the per-run table of certified accuracy and forward passes, before one column per radius
 #: (``ρ=<r>``) and after them (ACR and the forward passes per image: mean, median, 90th percentile).
-PASSES_COLUMNS = (
-    "origin",
-    "dataset",
-    "method",
-    "training",
-    "denoiser",
-    "sigma",
-    "seed",
-    "n",
-    "clean_accuracy",
-)
+PASSES_COLUMNS = ACR_CSV_COLUMNS[: ACR_CSV_COLUMNS.index("acr")]  # a run's identity and clean accuracy
 _PASSES_TAIL = ("acr", "forward_passes", "forward_passes_median", "forward_passes_p90")
 
 
