@@ -4,7 +4,8 @@ are gathered. Plain torch + numpy + scipy (layer 1).
 A procedure is one class, chosen in the config (``procedure=fixed|exact``, ``conf/procedure/*.yaml``) and built
 from its ``_target_``. It says which noises it certifies (:meth:`Procedure.check`), what its certificates depend
 on (:meth:`Procedure.settings`), what it adds to a result row (:meth:`Procedure.columns`) and how such a row is
-checked when it is read back (:meth:`Procedure.check_row`), and it certifies a batch (:meth:`Procedure.certify`).
+checked when it is read back (:meth:`Procedure.check_row`), and it certifies a batch (:meth:`Procedure.certify`) or
+a stream of batches (:meth:`Procedure.certify_batches`, what the driver calls).
 The driver (:mod:`ssn_exp.lightning.certification`), the result record (:mod:`ssn_exp.certify.record`) and the
 report never ask which procedure or noise they hold.
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import ClassVar
 
 import numpy as np
@@ -117,6 +118,33 @@ class Procedure:
         then depend neither on batching nor on sharding). ``labels``: the examples' labels where known (a procedure
         may test them, e.g. ``procedure=sequential select=label``; the others ignore them)."""
         raise NotImplementedError
+
+    def certify_batches(
+        self,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        batches: Iterable[tuple[torch.Tensor, list[torch.Generator], list[int] | None]],
+        noise: Noise,
+        num_classes: int,
+        *,
+        noise_batch: int = 1024,
+        progress: Callable[[int], None] | None = None,
+    ) -> Iterator[tuple[list[int], Certificates]]:
+        """Certify a stream of batches ``(x, generators, labels)`` (one generator per example): yields
+        ``(positions, certificates)`` as examples are certified, ``positions`` numbering the stream's examples from
+        0 in the order given (a :class:`NonFiniteLogitsError` names such positions too). Batches are read lazily.
+
+        This default certifies one batch at a time with :meth:`certify`. A procedure whose examples finish at
+        different times overrides it to keep its forward passes full across batches (``sequential``: an example
+        that finishes is replaced at once by the next of the stream)."""
+        start = 0
+        for x, generators, labels in batches:
+            kw = dict(noise_batch=noise_batch, generator=generators, progress=progress, labels=labels)
+            try:
+                cert = self.certify(model, x, noise, num_classes, **kw)
+            except NonFiniteLogitsError as exc:
+                raise NonFiniteLogitsError(str(exc), positions=[start + p for p in exc.positions]) from None
+            yield list(range(start, start + x.shape[0])), cert
+            start += x.shape[0]
 
     def check_row(self, values: dict[str, str], counts: np.ndarray, prediction: int, radius: float, noise) -> None:
         """Raise ``ValueError`` unless a row read back (its :meth:`columns` as text, its counts, prediction and radius)

@@ -10,16 +10,25 @@ once, so the certified radius R(p_lower) at the stopping time keeps the 1 - alph
 
 from __future__ import annotations
 
+import itertools
 import math
 import numbers
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 from ssn_exp.certify.core import Certificates, input_dtype, top_class
 from ssn_exp.certify.procedures import Procedure, ProcedureError, _count
 from ssn_exp.certify.record import SAMPLES_COLUMN
-from ssn_exp.certify.sequential import BOUNDS, Schedule, SequentialTest, certify_sequential, thresholds_for_radii
+from ssn_exp.certify.sequential import (
+    BOUNDS,
+    Schedule,
+    SequentialStream,
+    SequentialTest,
+    sequential_certificates,
+    thresholds_for_radii,
+)
 from ssn_exp.noises import SampledNoise
 
 __all__ = ["Sequential", "SELECT"]
@@ -157,42 +166,88 @@ class Sequential(Procedure):
     def certify(
         self, model, x, noise, num_classes, *, noise_batch=1024, generator=None, progress=None, labels=None
     ) -> Certificates:
+        """Certificates of the batch x, all of its examples in flight at once."""
+        found = {}
+        for group, _, _ in self._finished(model, [(x, generator, labels)], noise, num_classes, noise_batch):
+            found.update((r.key, r) for r in group)
+        labels = self._labels(labels, x.shape[0])
+        return self._certificates([found[i] for i in range(x.shape[0])], x, noise, num_classes, labels)
+
+    def certify_batches(self, model, batches, noise, num_classes, *, noise_batch=1024, progress=None):
+        """Certify a stream of batches with ``certify.batch_size`` examples in flight (the first batch's size): an
+        example that finishes is replaced at once by the next of the stream, so the forward passes stay full
+        until the stream runs dry. Yields the examples that finish after each forward pass."""
+        for group, x, labels in self._finished(model, batches, noise, num_classes, noise_batch):
+            yield [r.key for r in group], self._certificates(group, x, noise, num_classes, labels)
+
+    def _finished(self, model, batches, noise, num_classes, noise_batch):
+        """Run the stream; yield, per forward pass that finishes examples, their results, inputs and labels."""
         self.check(noise)
         test = self.test(noise)
-        if self.select == "label":
-            if labels is None:
-                raise ProcedureError(
-                    "procedure.select=label tests each example's label, and no labels were given; "
-                    "use procedure.select=top to certify inputs without labels"
-                )
-            labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, dtype=np.int64).reshape(-1)
-        dtype = input_dtype(model, x)
-        if isinstance(generator, list | tuple):  # one generator per example: independent of batching and sharding
-            if len(generator) != x.shape[0]:
-                raise ValueError(f"{len(generator)} generators for {x.shape[0]} examples")
-            draws = [noise.copies(x[j : j + 1], dtype, g) for j, g in enumerate(generator)]
+        batches = iter(batches)
+        first = next(batches, None)
+        if first is None:
+            return
+        rows: dict[int, tuple[torch.Tensor, int | None]] = {}  # position in flight -> (x row, label)
+        dtype = input_dtype(model, first[0])
 
-            def noise_fn(i: int, m: int):
-                return draws[i](0, 1, 0, m)[0]
-        else:
-            draw = noise.copies(x, dtype, generator)
+        def examples():
+            pos = 0
+            for x, generators, labels in itertools.chain([first], batches):
+                labels = self._labels(labels, x.shape[0])
+                for j, fn in enumerate(self._noise_fns(x, noise, dtype, generators)):
+                    label = None if labels is None else int(labels[j])
+                    rows[pos] = (x[j : j + 1], label)
+                    yield pos, tuple(x.shape[1:]), fn, label
+                    pos += 1
 
-            def noise_fn(i: int, m: int):
-                return draw(i, i + 1, 0, m)[0]
-
-        out = certify_sequential(
+        stream = SequentialStream(
             model,
-            x,
-            noise_fn,
             num_classes,
             test,
             n0=self.n0,
-            labels=labels if self.select == "label" else None,
+            use_labels=self.select == "label",
             noise_batch=noise_batch,
+            capacity=max(1, first[0].shape[0]),
+            dtype=dtype,
         )
+        for group in stream.run(examples()):
+            taken = [rows.pop(r.key) for r in group]
+            labels = None if self.select == "top" else np.array([label for _, label in taken], dtype=np.int64)
+            yield group, torch.cat([row for row, _ in taken]), labels
+
+    def _labels(self, labels, size: int) -> np.ndarray | None:
+        """The labels the test runs on (select=label), else None."""
+        if self.select != "label":
+            return None
+        if labels is None:
+            raise ProcedureError(
+                "procedure.select=label tests each example's label, and no labels were given; "
+                "use procedure.select=top to certify inputs without labels"
+            )
+        labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, dtype=np.int64).reshape(-1)
+        if labels.shape != (size,):
+            raise ValueError(f"{labels.shape[0]} labels for {size} examples")
+        return labels
+
+    @staticmethod
+    def _noise_fns(x, noise: SampledNoise, dtype, generator) -> list:
+        """Per example of x: fn(m), its next m noisy copies. One generator per example (results independent of
+        batching and sharding) or one for the batch (drawn per example in turn)."""
+        if isinstance(generator, list | tuple):
+            if len(generator) != x.shape[0]:
+                raise ValueError(f"{len(generator)} generators for {x.shape[0]} examples")
+            draws = [noise.copies(x[j : j + 1], dtype, g) for j, g in enumerate(generator)]
+            return [lambda m, d=d: d(0, 1, 0, m)[0] for d in draws]
+        draw = noise.copies(x, dtype, generator)
+        return [lambda m, j=j: draw(j, j + 1, 0, m)[0] for j in range(x.shape[0])]
+
+    def _certificates(self, group, x, noise: SampledNoise, num_classes: int, labels) -> Certificates:
+        """The certificates of examples x that finished with the results ``group`` (their labels with select=label)."""
+        out = sequential_certificates(group, num_classes, with_selection=self.select == "top")
         radius = np.asarray(noise.radius(out.p_lower), dtype=np.float64)
         prediction = out.prediction
-        if self.select == "label":  # the label where it is certified, else the majority of the test's votes
+        if labels is not None:  # select=label: the label where it is certified, else the majority of the votes
             majority = top_class(out.counts) if len(out.counts) else out.prediction
             prediction = np.where(radius >= 0, out.prediction, majority)
         values = {"p_lower": out.p_lower, SAMPLES_COLUMN: out.samples, **noise.extra_radii(x, out.p_lower)}

@@ -11,8 +11,9 @@ Plain numpy + scipy + torch: no Lightning, no Hydra, no I/O. The pieces, bottom 
   or know the radius within ``tolerance``, or reach the cap) and the precomputed integer decision thresholds;
 - :func:`false_certificate_probability`: the exact (dynamic programming over the counts) probability that
   a stream whose true p sits on or below a threshold ever gets certified at it;
-- :class:`PackingScheduler` and :func:`certify_sequential`: pack the next samples of many images into forward
-  passes of at most ``noise_batch`` inputs, for any model callable.
+- :class:`PackingScheduler`, :class:`SequentialStream` and :func:`certify_sequential`: pack the next samples of
+  many images into forward passes of at most ``noise_batch`` inputs, for any model callable; a stream keeps a
+  fixed number of images in flight, replacing each as soon as it finishes.
 
 The guarantee is per image: P(p_lower > p_A) <= alpha, whatever the stopping time, so R(p_lower) is a
 certified radius with probability >= 1 - alpha, as for the fixed-n Clopper-Pearson protocol.
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -47,7 +48,10 @@ __all__ = [
     "simulate",
     "PackingScheduler",
     "SequentialCertificates",
+    "SequentialExample",
+    "SequentialStream",
     "certify_sequential",
+    "sequential_certificates",
     "smoothing_noise",
 ]
 
@@ -220,6 +224,11 @@ class SequentialState:
     lower: np.ndarray  # float64: running max of the lower bound (the certified p_lower)
     upper: np.ndarray  # float64: running min of the upper bound
     done: np.ndarray  # bool
+
+    def reset(self, i: int) -> None:
+        """Start image ``i`` afresh (a place reused for the next image of a stream)."""
+        self.step[i], self.trials[i], self.successes[i] = 0, 0, 0
+        self.lower[i], self.upper[i], self.done[i] = 0.0, 1.0, False
 
 
 class SequentialTest:
@@ -573,6 +582,178 @@ def smoothing_noise(smoothing, x: torch.Tensor, seed: int = 0) -> Callable[[int,
     return noise_fn
 
 
+@dataclass
+class SequentialExample:
+    """One example's result from :class:`SequentialStream` (as :class:`SequentialCertificates`, for one example)."""
+
+    key: object  # the key the example was given with
+    prediction: int
+    p_lower: float
+    p_upper: float
+    successes: int
+    samples: int
+    counts: np.ndarray  # int64 (classes,)
+    counts_n0: np.ndarray | None  # int64 (classes,); None with labels
+
+
+class SequentialStream:
+    """Certify a stream of examples sequentially, ``capacity`` of them in flight at once, packing the next samples
+    of every example in flight into forward passes of at most ``noise_batch`` inputs.
+
+    :meth:`run` takes an iterable of ``(key, shape, noise_fn, label)``: ``noise_fn(n)`` returns n fresh noisy
+    copies of the example, shape (n, *shape); ``label`` is tested directly when ``use_labels`` (else ignored).
+    It yields, after every forward pass that finishes some examples, the list of their
+    :class:`SequentialExample` in the order they finished, and takes the next examples of the stream into the
+    freed places, so forward passes stay full until the stream runs dry. ``noise_fn`` is called once per batch of
+    the schedule (and once for the n0 selection samples), in the same order for an example whatever ``capacity``,
+    ``noise_batch`` or the other examples are, so per-example generators make each result independent of the
+    packing. Selection: class A is the most frequent of n0 fresh samples (ties: lowest index).
+    """
+
+    def __init__(
+        self,
+        model: Callable[[torch.Tensor], torch.Tensor],
+        num_classes: int,
+        test: SequentialTest,
+        *,
+        n0: int = 64,
+        use_labels: bool = False,
+        noise_batch: int = 1024,
+        capacity: int = 1,
+        dtype: torch.dtype | None = None,
+    ):
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not use_labels and (isinstance(n0, bool) or not isinstance(n0, int) or n0 < 1):
+            raise ValueError(f"n0 must be an integer >= 1 (or give labels), got {n0!r}")
+        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity must be an integer >= 1, got {capacity!r}")
+        self.model, self.num_classes, self.test = model, num_classes, test
+        self.n0, self.use_labels, self.capacity, self.dtype = n0, use_labels, capacity, dtype
+        self.sched = PackingScheduler(noise_batch)
+        self.forward_batches = 0  # forward passes of the model (calls) so far
+
+    def run(self, examples) -> Iterator[list[SequentialExample]]:
+        test, sched, k = self.test, self.sched, self.num_classes
+        cap = self.capacity
+        state = test.start(cap)  # one place ("slot") per example in flight
+        samples = np.zeros(cap, dtype=np.int64)
+        counts = np.zeros((cap, k), dtype=np.int64)  # the test's votes (selection samples excluded)
+        counts0 = np.zeros((cap, k), dtype=np.int64)
+        pred = np.zeros(cap, dtype=np.int64)
+        got = np.zeros(cap, dtype=np.int64)  # successes so far in the current request
+        selecting = np.zeros(cap, dtype=bool)
+        keys: list = [None] * cap
+        shapes: list = [None] * cap
+        fns: list = [None] * cap
+        pending: dict[int, list] = {}  # slot -> [noisy copies of the current request, next index]
+        free = deque(range(cap))
+        feed = iter(examples)
+
+        def take() -> None:  # the next examples of the stream into the free slots
+            while free:
+                try:
+                    key, shape, fn, label = next(feed)
+                except StopIteration:
+                    return
+                s = free.popleft()
+                state.reset(s)
+                samples[s], got[s] = 0, 0
+                counts[s], counts0[s] = 0, 0
+                keys[s], shapes[s], fns[s] = key, tuple(shape), fn
+                if self.use_labels:
+                    if isinstance(label, bool) or not isinstance(label, int | np.integer) or not 0 <= label < k:
+                        raise ValueError(f"labels must be integers in [0, {k}), got {label!r} for example {key!r}")
+                    pred[s], selecting[s] = int(label), False
+                    sched.add(s, int(test.next_batch(state, [s])[0]))
+                else:
+                    selecting[s] = True
+                    sched.add(s, self.n0)
+
+        def result(s: int) -> SequentialExample:
+            return SequentialExample(
+                key=keys[s],
+                prediction=int(pred[s]),
+                p_lower=float(state.lower[s]),
+                p_upper=float(state.upper[s]),
+                successes=int(state.successes[s]),
+                samples=int(samples[s]),
+                counts=counts[s].copy(),
+                counts_n0=None if self.use_labels else counts0[s].copy(),
+            )
+
+        take()
+        with torch.inference_mode():
+            while len(sched):
+                pieces = sched.next_forward()
+                inputs = []
+                for s, m in pieces:
+                    if s not in pending:
+                        size = self.n0 if selecting[s] else int(test.next_batch(state, [s])[0])
+                        noisy = fns[s](size)
+                        if tuple(noisy.shape) != (size, *shapes[s]):
+                            raise ValueError(
+                                f"noise_fn of example {keys[s]!r} returned shape {tuple(noisy.shape)} for {size} "
+                                f"copies; expected {(size, *shapes[s])}"
+                            )
+                        pending[s] = [noisy, 0]
+                    buf = pending[s]
+                    inputs.append(buf[0][buf[1] : buf[1] + m])
+                    buf[1] += m
+                batch = torch.cat(inputs)
+                logits = self.model(batch if self.dtype is None else batch.to(self.dtype))
+                self.forward_batches += 1
+                rows = sum(m for _, m in pieces)
+                if logits.dim() != 2 or tuple(logits.shape) != (rows, k):
+                    raise ValueError(
+                        f"the model gives logits of shape {tuple(logits.shape)} for {rows} inputs; "
+                        f"expected ({rows}, num_classes={k})"
+                    )
+                finite = torch.isfinite(logits).all(dim=1).cpu().numpy()
+                out = logits.argmax(dim=1).cpu().numpy()
+                pos = 0
+                for s, m in pieces:
+                    if not finite[pos : pos + m].all():
+                        raise NonFiniteLogitsError(
+                            f"the model returned NaN or infinite logits for example {keys[s]!r}: "
+                            "no certificate is computed",
+                            positions=[keys[s]],
+                        )
+                    piece = out[pos : pos + m]
+                    pos += m
+                    samples[s] += m
+                    if selecting[s]:
+                        counts0[s] += np.bincount(piece, minlength=k)
+                    else:
+                        votes = np.bincount(piece, minlength=k)
+                        counts[s] += votes
+                        got[s] += int(votes[pred[s]])
+                finished = [s for s, _ in sched.finished]
+                for s in finished:
+                    del pending[s]
+                sel = [s for s in finished if selecting[s]]
+                if sel:
+                    pred[sel] = top_class(counts0[sel])
+                    selecting[sel] = False
+                tested = np.asarray([s for s in finished if s not in sel], dtype=np.int64)
+                done_now: list[int] = []
+                if len(tested):
+                    done = test.update(state, tested, got[tested])
+                    got[tested] = 0
+                    for s in tested[~done]:
+                        sched.add(int(s), int(test.next_batch(state, [s])[0]))
+                    done_now = [int(s) for s in tested[done]]
+                for s in sel:
+                    sched.add(int(s), int(test.next_batch(state, [s])[0]))
+                if done_now:
+                    results = [result(s) for s in done_now]
+                    for s in done_now:
+                        keys[s] = shapes[s] = fns[s] = None
+                    free.extend(done_now)
+                    yield results
+                    take()
+
+
 def certify_sequential(
     model: Callable[[torch.Tensor], torch.Tensor],
     x: torch.Tensor,
@@ -584,7 +765,7 @@ def certify_sequential(
     labels=None,
     noise_batch: int = 1024,
 ) -> SequentialCertificates:
-    """Certify every example of x sequentially, packing the samples of many examples into each forward pass.
+    """Certify every example of x sequentially, all of them in flight at once (:class:`SequentialStream`).
 
     ``noise_fn(i, n)`` returns n fresh noisy copies of example i, shape (n, *x.shape[1:]); it is called once per
     batch of the schedule (and once for the n0 selection samples), in the same order for an example whatever
@@ -593,98 +774,53 @@ def certify_sequential(
     test is run on the label directly and no selection samples are drawn (valid for certified accuracy on a
     labelled set, docs/method.md section 13.1). Forward passes hold at most ``noise_batch`` inputs.
     """
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
     n_img = x.shape[0]
-    if labels is None and (isinstance(n0, bool) or not isinstance(n0, int) or n0 < 1):
-        raise ValueError(f"n0 must be an integer >= 1 (or give labels), got {n0!r}")
-    sched = PackingScheduler(noise_batch)
-    state = test.start(n_img)
-    samples = np.zeros(n_img, dtype=np.int64)
-    counts = np.zeros((n_img, num_classes), dtype=np.int64)  # the test's votes (selection samples excluded)
     if labels is not None:
-        pred = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
-        if pred.shape != (n_img,) or np.any(pred < 0) or np.any(pred >= num_classes):
+        labels = np.asarray(labels.cpu() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64).reshape(-1)
+        if labels.shape != (n_img,) or np.any(labels < 0) or np.any(labels >= num_classes):
             raise ValueError(f"labels must be {n_img} integers in [0, {num_classes})")
-        counts0 = None
-        selecting = np.zeros(n_img, dtype=bool)
-        for i in range(n_img):
-            sched.add(i, int(test.next_batch(state, [i])[0]))
-    else:
-        pred = np.zeros(n_img, dtype=np.int64)
-        counts0 = np.zeros((n_img, num_classes), dtype=np.int64)
-        selecting = np.ones(n_img, dtype=bool)
-        for i in range(n_img):
-            sched.add(i, n0)
-    dtype = input_dtype(model, x)
-    pending: dict[int, list] = {}  # image -> [noisy copies of the current request, next index]
-    got = np.zeros(n_img, dtype=np.int64)  # successes (or nothing) so far in the current request
-    forward_batches = 0
-    with torch.inference_mode():
-        while len(sched):
-            pieces = sched.next_forward()
-            inputs = []
-            for i, m in pieces:
-                if i not in pending:
-                    size = n0 if selecting[i] else int(test.next_batch(state, [i])[0])
-                    noisy = noise_fn(i, size)
-                    if tuple(noisy.shape) != (size, *x.shape[1:]):
-                        raise ValueError(
-                            f"noise_fn({i}, {size}) returned shape {tuple(noisy.shape)}; "
-                            f"expected {(size, *x.shape[1:])}"
-                        )
-                    pending[i] = [noisy, 0]
-                buf = pending[i]
-                inputs.append(buf[0][buf[1] : buf[1] + m])
-                buf[1] += m
-            logits = model(torch.cat(inputs).to(dtype))
-            forward_batches += 1
-            rows = sum(m for _, m in pieces)
-            if logits.dim() != 2 or tuple(logits.shape) != (rows, num_classes):
-                raise ValueError(
-                    f"the model gives logits of shape {tuple(logits.shape)} for {rows} inputs; "
-                    f"expected ({rows}, num_classes={num_classes})"
-                )
-            finite = torch.isfinite(logits).all(dim=1).cpu().numpy()
-            out = logits.argmax(dim=1).cpu().numpy()
-            pos = 0
-            for i, m in pieces:
-                if not finite[pos : pos + m].all():
-                    raise NonFiniteLogitsError(
-                        f"the model returned NaN or infinite logits for example {i}: no certificate is computed",
-                        positions=[i],
-                    )
-                piece = out[pos : pos + m]
-                pos += m
-                samples[i] += m
-                if selecting[i]:
-                    counts0[i] += np.bincount(piece, minlength=num_classes)
-                else:
-                    votes = np.bincount(piece, minlength=num_classes)
-                    counts[i] += votes
-                    got[i] += int(votes[pred[i]])
-            finished = [i for i, _ in sched.finished]
-            for i in finished:
-                del pending[i]
-            sel = [i for i in finished if selecting[i]]
-            if sel:
-                pred[sel] = top_class(counts0[sel])
-                selecting[sel] = False
-            tested = np.asarray([i for i in finished if i not in sel], dtype=np.int64)
-            if len(tested):
-                done = test.update(state, tested, got[tested])
-                got[tested] = 0
-                for i in tested[~done]:
-                    sched.add(int(i), int(test.next_batch(state, [i])[0]))
-            for i in sel:
-                sched.add(int(i), int(test.next_batch(state, [i])[0]))
+    stream = SequentialStream(
+        model,
+        num_classes,
+        test,
+        n0=n0,
+        use_labels=labels is not None,
+        noise_batch=noise_batch,
+        capacity=max(1, n_img),
+        dtype=input_dtype(model, x),
+    )
+    shape = tuple(x.shape[1:])
+    examples = (
+        (i, shape, (lambda n, i=i: noise_fn(i, n)), None if labels is None else int(labels[i])) for i in range(n_img)
+    )
+    found = {r.key: r for group in stream.run(examples) for r in group}
+    rs = [found[i] for i in range(n_img)]
+    return sequential_certificates(
+        rs, num_classes, with_selection=labels is None, forward_batches=stream.forward_batches
+    )
+
+
+def sequential_certificates(
+    results: list[SequentialExample], num_classes: int, *, with_selection: bool, forward_batches: int = 0
+) -> SequentialCertificates:
+    """The results of :class:`SequentialStream` for some examples, as arrays in the order given."""
+
+    def ints(name):
+        return np.array([getattr(r, name) for r in results], dtype=np.int64)
+
+    def floats(name):
+        return np.array([getattr(r, name) for r in results], dtype=np.float64)
+
+    def table(name):
+        return np.array([getattr(r, name) for r in results], dtype=np.int64).reshape(len(results), num_classes)
+
     return SequentialCertificates(
-        prediction=pred,
-        p_lower=state.lower.copy(),
-        p_upper=state.upper.copy(),
-        successes=state.successes.copy(),
-        samples=samples,
-        counts=counts,
-        counts_n0=counts0,
+        prediction=ints("prediction"),
+        p_lower=floats("p_lower"),
+        p_upper=floats("p_upper"),
+        successes=ints("successes"),
+        samples=ints("samples"),
+        counts=table("counts"),
+        counts_n0=table("counts_n0") if with_selection else None,
         forward_batches=forward_batches,
     )

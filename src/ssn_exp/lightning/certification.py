@@ -11,6 +11,7 @@ Resuming skips the examples already certified, after checking every row read bac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -138,6 +139,7 @@ class ShardCertifier:
         selected = certify_indices(len(dataset), skip, max_examples)
         self.shard = shard_indices(selected, rank, world_size)
         check = dict(record=self.record, labels=lambda idx: dataset_labels(dataset, idx), num_classes=num_classes)
+        self._check = check
         if world_size == 1:
             done = read_certificates(self.path, allowed=self.shard, **check)
             keep = done
@@ -155,6 +157,8 @@ class ShardCertifier:
             (self.out_dir / "metrics.json").unlink(missing_ok=True)
         # rewrite the shard file cleanly (drops a torn line, keeps every finished row)
         write_rows_atomic(self.path, self.columns, [keep[i] for i in sorted(keep)])
+        self._allowed = self.shard if world_size == 1 else selected  # the rows this rank's file may hold
+        self._sorted, self._last = True, max(keep, default=-1)  # the file's rows are in index order, up to _last
         self.done = set(done)
         self.todo = [i for i in self.shard if i not in self.done]
 
@@ -206,43 +210,8 @@ class ShardCertifier:
         return [self.todo[i : i + self.batch_size] for i in range(0, len(self.todo), self.batch_size)]
 
     def run_chunk(self, chunk: list[int], device: torch.device) -> None:
-        """Certify the examples of ``chunk`` and append (and flush) their rows."""
-        xs, ys = zip(*(self.dataset[i] for i in chunk), strict=True)
-        x = torch.stack([torch.as_tensor(v) for v in xs]).to(device)
-        if self.channels_last and x.dim() == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        t0 = time.perf_counter()
-        # one generator per example: reproducible whatever the batching or sharding (unused by exact procedures)
-        generators = [torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xCE27, idx)) for idx in chunk]
-        try:
-            cert = self._certify(x, generators, [int(y) for y in ys])
-        except (torch.OutOfMemoryError, RuntimeError) as exc:  # an allocation the memory check could not foresee
-            if not isinstance(exc, torch.OutOfMemoryError) and not _is_allocation_failure(exc):
-                raise
-            raise MemoryLimitError(
-                f"out of memory certifying test example(s) {chunk[:10]} on {device} with "
-                f"certify.noise_batch={self.noise_batch}: set a smaller certify.noise_batch"
-            ) from None
-        except NonFiniteLogitsError as exc:  # name the data set's examples, not positions in a batch
-            examples = [chunk[p] for p in exc.positions]
-            raise NonFiniteLogitsError(
-                f"the model returned NaN or infinite logits for test example(s) {examples[:10]}"
-                f"{' ...' if len(examples) > 10 else ''}: no certificate is computed from them",
-                positions=examples,
-            ) from None
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        seconds = (time.perf_counter() - t0) / len(chunk)
-        rows = self.record.rows(chunk, [int(y) for y in ys], cert, seconds)
-        append_rows(self.path, self.columns, rows)  # never through a symbolic link
-        self.done.update(chunk)
-
-    def _certify(self, x, generators, labels):
-        kw = dict(noise_batch=self.noise_batch, generator=generators, labels=labels)
-        if self.autocast_dtype is None:
-            return self.procedure.certify(self.forward, x, self.smoothing, self.num_classes, **kw)
-        with torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype):
-            return self.procedure.certify(self.forward, x, self.smoothing, self.num_classes, **kw)
+        """Certify the examples of ``chunk`` only (and append their rows)."""
+        self._certify_stream([chunk], torch.device(device), lambda _k: None)
 
     def run(self, device, progress: bool = True) -> Path:
         device = torch.device(device)
@@ -251,12 +220,79 @@ class ShardCertifier:
             len(self.shard), len(self.shard) - len(self.todo), self.smoothing, enabled=progress and self.rank == 0
         )
         try:
-            for chunk in self.chunks():
-                self.run_chunk(chunk, device)
-                bar(len(chunk))
+            self._certify_stream(self.chunks(), device, bar)
         finally:
             bar(0, close=True)
         return self.path
+
+    def _certify_stream(self, chunks: list[list[int]], device: torch.device, bar: Callable) -> None:
+        """Certify the examples of ``chunks`` as one stream (:meth:`Procedure.certify_batches`: a chunk at a time, or
+        examples in flight across chunks) and append (and flush) each example's row as soon as it is certified, so
+        a killed run loses only the examples in flight. The rows are put in index order at the end."""
+        order = [i for chunk in chunks for i in chunk]
+        loaded: dict[int, int] = {}  # position in ``order`` -> label, for the examples loaded and not yet written
+        kw = dict(noise_batch=self.noise_batch)
+        with self._autocast(device):
+            stream = self.procedure.certify_batches(
+                self.forward, self._batches(chunks, device, loaded), self.smoothing, self.num_classes, **kw
+            )
+            t0 = time.perf_counter()
+            for positions, cert in self._named(stream, order, loaded, device):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                now = time.perf_counter()
+                seconds, t0 = (now - t0) / max(1, len(positions)), now
+                indices = [order[p] for p in positions]
+                rows = self.record.rows(indices, [loaded.pop(p) for p in positions], cert, seconds)
+                append_rows(self.path, self.columns, rows)  # never through a symbolic link
+                self.done.update(indices)
+                self._sorted = self._sorted and indices == sorted(indices) and indices[0] > self._last
+                self._last = max(self._last, *indices)
+                bar(len(indices))
+        if not self._sorted:  # index order, as a resumed run writes them (a sequential stream finishes out of order)
+            rows = read_certificates(self.path, allowed=self._allowed, **self._check)
+            write_rows_atomic(self.path, self.columns, [rows[i] for i in sorted(rows)])
+            self._sorted = True
+
+    def _batches(self, chunks, device: torch.device, loaded: dict[int, int]):
+        """The chunks as ``(x, generators, labels)`` batches, read when the stream asks for them."""
+        start = 0
+        for chunk in chunks:
+            xs, ys = zip(*(self.dataset[i] for i in chunk), strict=True)
+            x = torch.stack([torch.as_tensor(v) for v in xs]).to(device)
+            if self.channels_last and x.dim() == 4:
+                x = x.contiguous(memory_format=torch.channels_last)
+            # one generator per example: reproducible whatever the batching or sharding (unused by exact procedures)
+            generators = [torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xCE27, i)) for i in chunk]
+            labels = [int(y) for y in ys]
+            loaded.update(zip(range(start, start + len(chunk)), labels, strict=True))
+            start += len(chunk)
+            yield x, generators, labels
+
+    def _named(self, stream, order: list[int], loaded: dict[int, int], device: torch.device):
+        """``stream``, with its errors naming the data set's examples (not positions in the stream)."""
+        try:
+            yield from stream
+        except (torch.OutOfMemoryError, RuntimeError) as exc:  # an allocation the memory check could not foresee
+            if not isinstance(exc, torch.OutOfMemoryError) and not _is_allocation_failure(exc):
+                raise
+            flight = [order[p] for p in sorted(loaded)]
+            raise MemoryLimitError(
+                f"out of memory certifying test example(s) {flight[:10]} on {device} with "
+                f"certify.noise_batch={self.noise_batch}: set a smaller certify.noise_batch"
+            ) from None
+        except NonFiniteLogitsError as exc:
+            examples = [order[p] for p in exc.positions]
+            raise NonFiniteLogitsError(
+                f"the model returned NaN or infinite logits for test example(s) {examples[:10]}"
+                f"{' ...' if len(examples) > 10 else ''}: no certificate is computed from them",
+                positions=examples,
+            ) from None
+
+    def _autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
 
 
 def _is_allocation_failure(exc: BaseException) -> bool:
