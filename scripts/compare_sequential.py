@@ -1,12 +1,14 @@
 """Fixed-sample against sequential certification on the same trained models (issue 18, README "Sequential
 certification"): forward passes per image, certification time, certified accuracy and ACR, side by side.
 
-    python scripts/compare_sequential.py [--out outputs/compare_sequential] [--procedures fixed,sequential]
+    python scripts/compare_sequential.py [--out outputs/compare_sequential] [--procedures fixed,sequential,...]
 
 For every (method, sigma) it trains a digits model once (``python -m ssn_exp method=M sigma=S
 certify.enabled=false``, default epochs; an existing run is resumed, i.e. reused) and certifies all 360 test
 images of that one checkpoint with each procedure (``python -m ssn_exp.certify ckpt=... procedure=P
-certify.n=N certify.alpha=A``), each into its own directory. Everything goes through the ordinary entry points,
+certify.n=N certify.alpha=A``), each into its own directory. ``sequential@0.5`` is the sequential procedure
+deciding only the radii listed (``certify.radii=[0.5]``; radii joined by ``:``): the table shows its certified
+accuracy at those radii only, the others being undecided. Everything goes through the ordinary entry points,
 so a run cut short resumes where it stopped when the script is run again, and finished certifications are read
 back, not redone. The Markdown table is printed at the end (and written to OUT/table.md).
 
@@ -54,8 +56,16 @@ def train(py: str, out: Path, method: str, sigma: float, log) -> Path:
     return ckpt
 
 
-def certify(py, out: Path, ckpt: Path, method, sigma, procedure, n, alpha, skip, log) -> dict:
-    d = out / "certify" / (f"{method}-sigma{sigma}-{procedure}-n{n}" + ("" if skip == 1 else f"-skip{skip}"))
+def parse_procedure(spec: str) -> tuple[str, list[float] | None]:
+    """``sequential@0.25:0.5`` -> ("sequential", [0.25, 0.5]); ``fixed`` -> ("fixed", None)."""
+    name, _, radii = spec.partition("@")
+    return name, ([float(r) for r in radii.split(":")] if radii else None)
+
+
+def certify(py, out: Path, ckpt: Path, method, sigma, spec, n, alpha, skip, log) -> dict:
+    procedure, radii = parse_procedure(spec)
+    tag = "" if radii is None else "-radii" + "_".join(f"{r:g}" for r in radii)
+    d = out / "certify" / (f"{method}-sigma{sigma}-{procedure}-n{n}" + tag + ("" if skip == 1 else f"-skip{skip}"))
     if not (d / "metrics.json").is_file():
         _run(
             [
@@ -67,6 +77,7 @@ def certify(py, out: Path, ckpt: Path, method, sigma, procedure, n, alpha, skip,
                 f"certify.n={n}",
                 f"certify.alpha={alpha}",
                 f"certify.skip={skip}",
+                *([] if radii is None else [f"certify.radii=[{','.join(f'{r:g}' for r in radii)}]"]),
                 "certify.progress=false",
                 "logger=none",
                 f"hydra.run.dir={d}",
@@ -76,7 +87,7 @@ def certify(py, out: Path, ckpt: Path, method, sigma, procedure, n, alpha, skip,
     metrics = json.loads((d / "metrics.json").read_text())
     with open(d / "certificates.csv", newline="") as fh:
         rows = {int(r["index"]): r for r in csv.DictReader(fh)}
-    return {"procedure": procedure, "metrics": metrics, "rows": rows, "skip": skip}
+    return {"procedure": spec, "radii": radii, "metrics": metrics, "rows": rows, "skip": skip}
 
 
 def _stats(run: dict, indices: list[int], radii: list[float]) -> dict:
@@ -113,12 +124,12 @@ def table(results, radii: list[float]) -> str:
         for run, idx in groups:
             s = _stats(run, idx, radii)
             n = s["samples"]
+            decided = run["radii"]  # None: every radius of the table (fixed, or sequential's default grid)
+            acc = [f"{100 * a:.1f}" if decided is None or r in decided else "–" for r, a in zip(radii, s["acc"])]
             lines.append(
                 f"| {method} σ={sigma:g} | {run['procedure']} | {len(idx)} | {n.mean():,.0f} | {np.median(n):,.0f} | "
                 f"{np.percentile(n, 90):,.0f} | {base / n.mean():.1f}× | {s['seconds']:.0f} | "
-                f"{n.sum() / s['seconds']:,.0f} | "
-                + " | ".join(f"{100 * a:.1f}" for a in s["acc"])
-                + f" | {s['acr']:.3f} |"
+                f"{n.sum() / s['seconds']:,.0f} | " + " | ".join(acc) + f" | {s['acr']:.3f} |"
             )
     return "\n".join(lines)
 
@@ -128,14 +139,18 @@ def main(argv=None) -> None:
     p.add_argument("--out", default="outputs/compare_sequential", help="where runs and certifications go")
     p.add_argument("--methods", default="uniform,ssn")
     p.add_argument("--sigmas", default="0.5,1.0")
-    p.add_argument("--procedures", default="fixed,sequential")
+    p.add_argument(
+        "--procedures",
+        default="fixed,sequential,sequential@0.5,sequential@0.25:0.5:0.75:1:1.25:1.5",
+        help="procedure=NAME runs; NAME@r1:r2 decides only those radii (certify.radii)",
+    )
     p.add_argument("--n", type=int, default=100_000, help="certify.n: fixed's sample count, sequential's cap")
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--fixed-skip", type=int, default=1, help="fixed certifies every k-th test image (1: all 360)")
     p.add_argument("--sequential-skip", type=int, default=1)
     p.add_argument(
         "--radii",
-        default="0,0.25,0.5,0.75,1.0,1.5",
+        default="0,0.25,0.5,0.75,1.0,1.25,1.5",
         help="radii of the table (certify.radii, which sequential decides)",
     )
     p.add_argument("--python", default=sys.executable)
@@ -153,7 +168,7 @@ def main(argv=None) -> None:
             ckpt = train(args.python, out, method, sigma, log)
             runs = []
             for proc in args.procedures.split(","):
-                skip = args.fixed_skip if proc == "fixed" else args.sequential_skip
+                skip = args.fixed_skip if parse_procedure(proc)[0] == "fixed" else args.sequential_skip
                 runs.append(certify(args.python, out, ckpt, method, sigma, proc, args.n, args.alpha, skip, log))
             results.append((method, sigma, runs))
             log("\n" + table(results[-1:], radii))
