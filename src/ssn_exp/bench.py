@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from ssn_exp.certify.core import _chunks
+from ssn_exp.certify.core import Certificates, _chunks
 from ssn_exp.certify.procedures import Exact, FixedSample, Procedure
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.certify.record import SAMPLES_COLUMN
@@ -134,6 +134,8 @@ CASES: dict[str, ModelCase] = {
 }
 
 VARIANTS = ("cert", "forward", "baseline")
+#: Images in flight in the sequential case: certify.batch_size's default (conf/certify/default.yaml), as a run has.
+SEQ_IN_FLIGHT = 16
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,8 @@ class CertCase:
     info: dict  # what else the results record about the case
     # the generator(s) of one run, made afresh for each run: (device, images) -> a generator or one per image
     generator: Callable = field(default=lambda device, images: torch.Generator(device=device).manual_seed(0))
+    # images handed to the procedure per batch, as the driver does (certify.batch_size); None: all in one batch
+    batch_size: int | None = None
 
 
 def _per_image_generators(device, images: int) -> list[torch.Generator]:
@@ -298,7 +302,8 @@ def cert_cases(case: ModelCase, sz: dict) -> list[CertCase]:
 def sequential_cases(case: ModelCase, sz: dict) -> list[CertCase]:
     """The certificates whose forward passes per image the procedure decides as it goes: uniform noise certified
     sequentially (n0 selection samples, the cap n of the fixed case unless ``seq_n`` is given, the procedure's
-    default radii), beside the same procedure run one image at a time."""
+    default radii; certify.batch_size's default of images in flight), beside the same procedure run one image at a
+    time."""
     uni = Uniform(case.rand_sigma)
     n = sz.get("seq_n", sz["n"])  # the cap: the fixed case's n unless the sizes give another (--quick: smaller)
     seq = Sequential(n0=sz["n0"], n=n)
@@ -311,8 +316,16 @@ def sequential_cases(case: ModelCase, sz: dict) -> list[CertCase]:
             baseline=_baseline_one_at_a_time,
             rounds=(),
             images=sz["seq_images"],
-            info={"n0": sz["n0"], "n": n, "noise": uni.name, "sigma": case.rand_sigma, "procedure": seq.name},
+            info={
+                "n0": sz["n0"],
+                "n": n,
+                "noise": uni.name,
+                "sigma": case.rand_sigma,
+                "procedure": seq.name,
+                "in_flight": SEQ_IN_FLIGHT,
+            },
             generator=_per_image_generators,
+            batch_size=SEQ_IN_FLIGHT,
         )
     ]
 
@@ -343,10 +356,15 @@ def _bench_certification(
     xs = {c.key: _quantized_images(c.images, case.shape, case.q, device, gen_cpu) for c in cases}
     C = case.num_classes
 
-    def certify(c: CertCase):
-        gen = c.generator(device, len(xs[c.key]))
+    def certify(c: CertCase) -> Certificates:
+        """As the driver certifies: a stream of batches (:meth:`Procedure.certify_batches`), here in memory."""
+        x = xs[c.key]
+        gen = c.generator(device, len(x))
+        k = c.batch_size or len(x)
+        batches = ((x[i : i + k], gen[i : i + k] if isinstance(gen, list) else gen, None) for i in range(0, len(x), k))
         with ctx():
-            return c.procedure.certify(model, xs[c.key], c.noise, C, noise_batch=nb, generator=gen)
+            parts = [cert for _, cert in c.procedure.certify_batches(model, batches, c.noise, C, noise_batch=nb)]
+        return Certificates.concat(parts)
 
     # the forward passes of a case whose procedure decides them per image: counted in a run of it
     sizes, counted = {}, {}
