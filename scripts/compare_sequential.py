@@ -7,8 +7,8 @@ For every (method, sigma) it trains a digits model once (``python -m ssn_exp met
 certify.enabled=false``, default epochs; an existing run is resumed, i.e. reused) and certifies all 360 test
 images of that one checkpoint with each procedure (``python -m ssn_exp.certify ckpt=... procedure=P
 certify.n=N certify.alpha=A``), each into its own directory. ``sequential@0.5`` is the sequential procedure
-deciding only the radii listed (``certify.radii=[0.5]``; radii joined by ``:``): the table shows its certified
-accuracy at those radii only, the others being undecided. Everything goes through the ordinary entry points,
+deciding only the radii listed (``certify.radii=[0.5]``; radii joined by ``:``). The table shows a sequential
+run's certified accuracy only at the radii it decided (its certify.radii), "–" elsewhere. Everything goes through the ordinary entry points,
 so a run cut short resumes where it stopped when the script is run again, and finished certifications are read
 back, not redone. The Markdown table is printed at the end (and written to OUT/table.md).
 
@@ -87,7 +87,9 @@ def certify(py, out: Path, ckpt: Path, method, sigma, spec, n, alpha, skip, log)
     metrics = json.loads((d / "metrics.json").read_text())
     with open(d / "certificates.csv", newline="") as fh:
         rows = {int(r["index"]): r for r in csv.DictReader(fh)}
-    return {"procedure": spec, "radii": radii, "metrics": metrics, "rows": rows, "skip": skip}
+    # the radii the stopping rule decided (sequential records them; fixed decides every radius: None)
+    decided = json.loads((d / "certify_settings.json").read_text()).get("radii")
+    return {"procedure": spec, "radii": decided, "metrics": metrics, "rows": rows, "skip": skip}
 
 
 def _stats(run: dict, indices: list[int], radii: list[float]) -> dict:
@@ -124,7 +126,7 @@ def table(results, radii: list[float]) -> str:
         for run, idx in groups:
             s = _stats(run, idx, radii)
             n = s["samples"]
-            decided = run["radii"]  # None: every radius of the table (fixed, or sequential's default grid)
+            decided = run["radii"]  # None: every radius (fixed); "–": a radius the sequential test did not decide
             acc = [f"{100 * a:.1f}" if decided is None or r in decided else "–" for r, a in zip(radii, s["acc"])]
             lines.append(
                 f"| {method} σ={sigma:g} | {run['procedure']} | {len(idx)} | {n.mean():,.0f} | {np.median(n):,.0f} | "
