@@ -201,6 +201,21 @@ def test_a_label_is_drawn_as_written_not_as_mathtext(runs, tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [r"Zeta \$\frac\$ (ours)"]
 
 
+def test_the_legend_of_many_methods_fits_in_the_figure():
+    """Six lines with long labels under three sigma panels (the smoke sweep's digits figure): a legend in one row
+    ran past the figure's right edge and cut the last entry off."""
+    one = np.array([0])
+    records = [
+        RunRecord("digits", f"method{m}", "standard", "none", s, one, one, np.array([0.5]), label=f"Noise number {m}")
+        for m in range(6)
+        for s in (0.25, 0.5, 1.0)
+    ]
+    fig = curves_figure(records, title="digits")
+    fig.canvas.draw()
+    box, edge = fig.legends[0].get_window_extent(), fig.bbox
+    assert edge.x0 <= box.x0 and box.x1 <= edge.x1 and edge.y0 <= box.y0, (box, edge)
+
+
 def test_a_methods_further_radii_follow_it_whatever_the_other_labels():
     """Sorting by the full label would put "Wobble & Co" ('&' < '(') between "Wobble" and "Wobble (tight)"."""
 

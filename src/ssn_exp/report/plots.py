@@ -96,6 +96,14 @@ def curve_filename(dataset: str, training: str, denoiser: str) -> str:
     return f"curves_{dataset}_{training}_{denoiser}.png"
 
 
+def _legend_columns(handles, panels: int) -> int:
+    """Columns of a figure legend below ``panels`` panels side by side: at most three entries per two panels'
+    widths, in rows of near-equal length (6 entries under 3 panels: 2 rows of 3), so no entry is cut off."""
+    most = max(2, (3 * panels) // 2)
+    rows = math.ceil(len(handles) / most)
+    return max(1, math.ceil(len(handles) / max(rows, 1)))
+
+
 def _save(fig, path) -> Path:
     """The figure as a PNG at ``path``, written atomically (a temporary file and a rename): a reader never sees
     half a file, and a symbolic link at ``path`` is replaced, never written through."""
@@ -177,7 +185,7 @@ def curves_figure(
         axes[j // ncols][j % ncols].set_visible(False)
     if title:
         fig.suptitle(_plain(title))
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(6, len(handles)))
+    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=_legend_columns(handles, ncols))
     return fig
 
 
@@ -252,7 +260,8 @@ def plot_denoisers(
     if title:
         fig.suptitle(_plain(title))
     if handles:
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=min(6, len(handles)))
+        ncols = _legend_columns(handles, len(sigmas))
+        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols)
     return _save(fig, path)
 
 
