@@ -423,24 +423,29 @@ def write_csv(tables: Sequence[GroupBest], path=None) -> str:
 
 def acr_rows(records: Iterable[RunRecord]) -> list[dict[str, str]]:
     """One row per run: identity, n, clean accuracy (%) and ACR, in paper order."""
+    return [{**_run_identity(r), "acr": f"{r.acr():.4f}"} for r in _paper_order(records)]
+
+
+def _paper_order(records: Iterable[RunRecord]) -> list[RunRecord]:
+    """Runs in paper order: origin, data set, training, denoiser and method ranks, then sigma and seed."""
     records = list(records)
     ranks = method_ranks(records)
-    recs = sorted(records, key=lambda r: (sort_key(r.origin, *r.group, ranks=ranks), float(r.sigma), int(r.seed)))
-    return [
-        {
-            "origin": r.origin,
-            "dataset": r.dataset,
-            "method": r.method,
-            "training": r.training,
-            "denoiser": r.denoiser,
-            "sigma": sigma_label(r.sigma),
-            "seed": str(r.seed),
-            "n": str(r.n),
-            "clean_accuracy": pct(r.clean_accuracy),
-            "acr": f"{r.acr():.4f}",
-        }
-        for r in recs
-    ]
+    return sorted(records, key=lambda r: (sort_key(r.origin, *r.group, ranks=ranks), float(r.sigma), int(r.seed)))
+
+
+def _run_identity(r: RunRecord) -> dict[str, str]:
+    """A run's identity, n and clean accuracy (%): the first columns of the ACR and forward-pass tables."""
+    return {
+        "origin": r.origin,
+        "dataset": r.dataset,
+        "method": r.method,
+        "training": r.training,
+        "denoiser": r.denoiser,
+        "sigma": sigma_label(r.sigma),
+        "seed": str(r.seed),
+        "n": str(r.n),
+        "clean_accuracy": pct(r.clean_accuracy),
+    }
 
 
 def format_acr_markdown(rows: Sequence[dict]) -> str:
@@ -476,22 +481,10 @@ def passes_rows(records: Iterable[RunRecord], radii: Iterable[float] = PAPER_RAD
     of earlier versions) have no row."""
     radii = [float(r) for r in radii]
     records = [r for r in records if FORWARD_PASS_KEYS[0] in r.extra]
-    ranks = method_ranks(records)
-    recs = sorted(records, key=lambda r: (sort_key(r.origin, *r.group, ranks=ranks), float(r.sigma), int(r.seed)))
     rows = []
-    for r in recs:
+    for r in _paper_order(records):
         acc = r.certified_accuracy(radii)
-        row = {
-            "origin": r.origin,
-            "dataset": r.dataset,
-            "method": r.method,
-            "training": r.training,
-            "denoiser": r.denoiser,
-            "sigma": sigma_label(r.sigma),
-            "seed": str(r.seed),
-            "n": str(r.n),
-            "clean_accuracy": pct(r.clean_accuracy),
-        }
+        row = _run_identity(r)
         row.update({f"ρ={radius_label(x)}": pct(acc[x]) for x in radii})
         row["acr"] = f"{r.acr():.4f}"
         for column, key in zip(_PASSES_TAIL[1:], FORWARD_PASS_KEYS, strict=True):
