@@ -14,11 +14,11 @@ TEST_WORKERS ?= 2
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-22s %s\n", $$1, $$2}'
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	@echo "installing ssn_exp and its dependencies into $(VENV) (the first time: PyTorch's wheels, several GB; see README)"
-	$(PY) -m pip install --progress-bar off -e '.[dev]' | grep -E '^(Collecting|Successfully installed)' || true
+	$(PY) -m pip install --progress-bar off -c constraints.txt -e '.[dev]' | grep -E '^(Collecting|Successfully installed)' || true
 	$(PY) -c "import ssn_exp, torch"
 	touch $(STAMP)
 
