@@ -8,6 +8,7 @@ checkpoint (a :class:`SmoothedTraining` saved in-process) and refused with no si
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import pickle
 import sys
@@ -139,12 +140,14 @@ def test_a_planted_payload_is_refused_in_one_line_with_no_side_effect(tmp_path, 
         load_checkpoint(ckpt)
     msg = str(err.value)
     assert "\n" not in msg and f"cannot rebuild the model of {ckpt}" in msg, msg
-    assert "_target_=" in msg and "trust_targets=[" in msg, msg
+    assert "_target_=" in msg, msg
+    assert "trust_targets=[" not in msg, msg  # stdlib / library code: trusting its module is never suggested
     assert "hyper_parameters." in msg  # names the key
     assert not (tmp_path / name).exists()
 
 
 def test_aliases_are_resolved_to_the_object_they_name():
+    importlib.import_module("ssn_exp.cli.errors")  # imported: an alias inside it resolves (and is refused)
     trust = Trust()
     with pytest.raises(UntrustedTarget, match=r"ssn_exp\.models\.torch\.hub\.load"):
         trust.check({"_target_": "ssn_exp.models.torch.hub.load"}, "x")
@@ -170,6 +173,37 @@ def test_a_module_named_only_by_a_file_is_not_imported(tmp_path, monkeypatch):
     Trust(modules=["evil_ssn_mod"]).check(node, "x")  # the user trusts their package: imported and allowed
     assert (tmp_path / "imported").exists()
     monkeypatch.delitem(sys.modules, "evil_ssn_mod")
+
+
+def test_a_submodule_of_a_trusted_package_is_not_imported_because_a_file_names_it(capsys):
+    """Issue 23 §2: importing torch.utils.model_dump.__main__ runs a command-line tool (usage text, exit 2); a file
+    naming it is refused before any import. Only modules on a trusted target's path, or trust_targets', are imported."""
+    name = "torch.utils.model_dump.__main__"
+    assert name not in sys.modules and importlib.util.find_spec("torch.utils.model_dump") is not None  # it exists
+    with pytest.raises(UntrustedTarget, match=r"imports no module a file names$"):
+        Trust().check({"_target_": f"{name}.main"}, "x")
+    with pytest.raises(UntrustedTarget, match="imports no module a file names"):
+        Trust().check({"_target_": "torch.utils.model_dump.main"}, "x")
+    assert "torch.utils.model_dump" not in sys.modules and name not in sys.modules
+    assert capsys.readouterr().out == ""
+
+
+def test_a_trusted_package_s_submodule_is_imported_when_the_user_names_the_package(tmp_path, monkeypatch):
+    pkg = tmp_path / "evil_ssn_pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text(
+        "import torch\nclass Net(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(64, 10)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    node = {"_target_": "evil_ssn_pkg.sub.Net"}
+    with pytest.raises(UntrustedTarget, match=r"trust_targets=\[evil_ssn_pkg\.sub\]"):  # user code: the hint
+        Trust().check(node, "x")
+    assert "evil_ssn_pkg" not in sys.modules
+    Trust(modules=["evil_ssn_pkg"]).check(node, "x")
+    assert "evil_ssn_pkg.sub" in sys.modules
+    for mod in ("evil_ssn_pkg.sub", "evil_ssn_pkg"):
+        monkeypatch.delitem(sys.modules, mod)
 
 
 def test_interpolations_and_non_names_are_refused():
@@ -212,8 +246,8 @@ def test_a_model_of_the_users_own_loads_once_trusted(tmp_path):
     hp = {**copy.deepcopy(HPARAMS), "model": USER_MODEL}
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "user.ckpt", hp, SmoothedTraining(**hp).state_dict())
-    with pytest.raises(CheckpointError, match=r"torch\.nn\.Sequential.*trust_targets=\[torch\.nn\]"):
-        load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match=r"torch\.nn\.Sequential.*optimizers and schedulers are\)$"):
+        load_checkpoint(ckpt)  # (a library's module is never suggested for trust_targets)
     assert load_checkpoint(ckpt, trust=Trust(modules=["torch.nn"])).identity()["model"] == "torch.nn.Sequential"
     # or the same model config in the run's own config (model=user_mlp on the command line)
     cfg = OmegaConf.create({"model": USER_MODEL, "trust_targets": []})
@@ -434,5 +468,25 @@ def test_certify_refuses_a_planted_checkpoint_in_one_line(tmp_path, weights):
     assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
     assert lines[0].startswith(f"error: cannot rebuild the model of {ckpt}: hyper_parameters."), lines
     assert "'os.system'" in lines[0] or "'pathlib.Path.write_text'" in lines[0]
-    assert "trust_targets=[" in lines[0]
+    assert "trust_targets=[" not in lines[0]  # never suggests trusting posix or pathlib
     assert not (tmp_path / "os_system").exists() and not out.exists()
+
+
+def test_a_pickle_payload_is_named_as_what_it_is(tmp_path):
+    """Issue 23 §7: a checkpoint holding pickled objects is said to be one (refused by weights_only loading), as
+    torch.save and a bare pickle write it; bytes that are no pickle at all stay 'not a torch checkpoint'."""
+    from ssn_exp.models import read_checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"state_dict": Payload()}, tmp_path / "saved.ckpt")
+    (tmp_path / "bare.ckpt").write_bytes(pickle.dumps({"state_dict": Payload()}))
+    (tmp_path / "noise.ckpt").write_bytes(bytes(range(7, 256)) * 4)
+    for name, words in [("saved", r"holds a pickled Python object \(posix\.system\), which ssn_exp refuses"),
+                        ("bare", "holds pickled Python objects, which ssn_exp refuses to load"),
+                        ("noise", "not a torch checkpoint$")]:  # fmt: skip
+        with pytest.raises(CheckpointError, match=words):
+            read_checkpoint(tmp_path / f"{name}.ckpt")
+    assert not (tmp_path / "ran").exists()
