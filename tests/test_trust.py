@@ -8,6 +8,7 @@ checkpoint (a :class:`SmoothedTraining` saved in-process) and refused with no si
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
 import pickle
 import sys
@@ -139,12 +140,14 @@ def test_a_planted_payload_is_refused_in_one_line_with_no_side_effect(tmp_path, 
         load_checkpoint(ckpt)
     msg = str(err.value)
     assert "\n" not in msg and f"cannot rebuild the model of {ckpt}" in msg, msg
-    assert "_target_=" in msg and "trust_targets=[" in msg, msg
+    assert "_target_=" in msg, msg
+    assert "trust_targets=[" not in msg, msg  # stdlib / library code: trusting its module is never suggested
     assert "hyper_parameters." in msg  # names the key
     assert not (tmp_path / name).exists()
 
 
 def test_aliases_are_resolved_to_the_object_they_name():
+    importlib.import_module("ssn_exp.cli.errors")  # imported: an alias inside it resolves (and is refused)
     trust = Trust()
     with pytest.raises(UntrustedTarget, match=r"ssn_exp\.models\.torch\.hub\.load"):
         trust.check({"_target_": "ssn_exp.models.torch.hub.load"}, "x")
@@ -170,6 +173,37 @@ def test_a_module_named_only_by_a_file_is_not_imported(tmp_path, monkeypatch):
     Trust(modules=["evil_ssn_mod"]).check(node, "x")  # the user trusts their package: imported and allowed
     assert (tmp_path / "imported").exists()
     monkeypatch.delitem(sys.modules, "evil_ssn_mod")
+
+
+def test_a_submodule_of_a_trusted_package_is_not_imported_because_a_file_names_it(capsys):
+    """Issue 23 §2: importing torch.utils.model_dump.__main__ runs a command-line tool (usage text, exit 2); a file
+    naming it is refused before any import. Only modules on a trusted target's path, or trust_targets', are imported."""
+    name = "torch.utils.model_dump.__main__"
+    assert name not in sys.modules and importlib.util.find_spec("torch.utils.model_dump") is not None  # it exists
+    with pytest.raises(UntrustedTarget, match=r"imports no module a file names$"):
+        Trust().check({"_target_": f"{name}.main"}, "x")
+    with pytest.raises(UntrustedTarget, match="imports no module a file names"):
+        Trust().check({"_target_": "torch.utils.model_dump.main"}, "x")
+    assert "torch.utils.model_dump" not in sys.modules and name not in sys.modules
+    assert capsys.readouterr().out == ""
+
+
+def test_a_trusted_package_s_submodule_is_imported_when_the_user_names_the_package(tmp_path, monkeypatch):
+    pkg = tmp_path / "evil_ssn_pkg"
+    (pkg / "sub").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "sub" / "__init__.py").write_text(
+        "import torch\nclass Net(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(64, 10)\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    node = {"_target_": "evil_ssn_pkg.sub.Net"}
+    with pytest.raises(UntrustedTarget, match=r"trust_targets=\[evil_ssn_pkg\.sub\]"):  # user code: the hint
+        Trust().check(node, "x")
+    assert "evil_ssn_pkg" not in sys.modules
+    Trust(modules=["evil_ssn_pkg"]).check(node, "x")
+    assert "evil_ssn_pkg.sub" in sys.modules
+    for mod in ("evil_ssn_pkg.sub", "evil_ssn_pkg"):
+        monkeypatch.delitem(sys.modules, mod)
 
 
 def test_interpolations_and_non_names_are_refused():
@@ -212,8 +246,8 @@ def test_a_model_of_the_users_own_loads_once_trusted(tmp_path):
     hp = {**copy.deepcopy(HPARAMS), "model": USER_MODEL}
     torch.manual_seed(0)
     ckpt = save_checkpoint(tmp_path / "user.ckpt", hp, SmoothedTraining(**hp).state_dict())
-    with pytest.raises(CheckpointError, match=r"torch\.nn\.Sequential.*trust_targets=\[torch\.nn\]"):
-        load_checkpoint(ckpt)
+    with pytest.raises(CheckpointError, match=r"torch\.nn\.Sequential.*optimizers and schedulers are\)$"):
+        load_checkpoint(ckpt)  # (a library's module is never suggested for trust_targets)
     assert load_checkpoint(ckpt, trust=Trust(modules=["torch.nn"])).identity()["model"] == "torch.nn.Sequential"
     # or the same model config in the run's own config (model=user_mlp on the command line)
     cfg = OmegaConf.create({"model": USER_MODEL, "trust_targets": []})
@@ -434,5 +468,148 @@ def test_certify_refuses_a_planted_checkpoint_in_one_line(tmp_path, weights):
     assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
     assert lines[0].startswith(f"error: cannot rebuild the model of {ckpt}: hyper_parameters."), lines
     assert "'os.system'" in lines[0] or "'pathlib.Path.write_text'" in lines[0]
-    assert "trust_targets=[" in lines[0]
+    assert "trust_targets=[" not in lines[0]  # never suggests trusting posix or pathlib
     assert not (tmp_path / "os_system").exists() and not out.exists()
+
+
+def test_a_pickle_payload_is_named_as_what_it_is(tmp_path):
+    """Issue 23 §7: a checkpoint holding pickled objects is said to be one (refused by weights_only loading), as
+    torch.save and a bare pickle write it; bytes that are no pickle at all stay 'not a torch checkpoint'."""
+    from ssn_exp.models import read_checkpoint
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {tmp_path / 'ran'}",))
+
+    torch.save({"state_dict": Payload()}, tmp_path / "saved.ckpt")
+    (tmp_path / "bare.ckpt").write_bytes(pickle.dumps({"state_dict": Payload()}))
+    (tmp_path / "noise.ckpt").write_bytes(bytes(range(7, 256)) * 4)
+    for name, words in [("saved", r"holds a pickled Python object \(posix\.system\), which ssn_exp refuses"),
+                        ("bare", "holds pickled Python objects, which ssn_exp refuses to load"),
+                        ("noise", "not a torch checkpoint$")]:  # fmt: skip
+        with pytest.raises(CheckpointError, match=words):
+            read_checkpoint(tmp_path / f"{name}.ckpt")
+    assert not (tmp_path / "ran").exists()
+
+
+# -- the training state a resume restores (issue 23 §1) ---------------------------------------------------------------
+RESUME = ["debug=fast", "trainer.enable_progress_bar=false", "certify.enabled=false", "training.epochs=2"]
+
+
+def _forge(path, edit) -> None:
+    ckpt = torch.load(path, weights_only=True)
+    edit(ckpt)
+    target = os.path.realpath(path)  # last.ckpt links to the epoch checkpoint: rewrite that file
+    torch.save(ckpt, target)
+
+
+def _paths_everywhere(victim, link):
+    def edit(ckpt):
+        (state,) = ckpt["callbacks"].values()
+        state.update(best_model_path=f"{link.parent}/{os.path.relpath(victim, link.parent)}", last_model_path=str(victim),
+                     kth_best_model_path=str(link), best_k_models={str(victim): torch.tensor(0.0), str(link): torch.tensor(1.0)},
+                     dirpath=str(victim.parent))  # fmt: skip
+
+    return edit
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A real run stopped after epoch 0 of 2 (what a killed run leaves)."""
+    first = tmp_path_factory.mktemp("resume") / "first"
+    p = run_cli("ssn_exp", *RESUME, "trainer.max_epochs=1", f"hydra.run.dir={first}")
+    assert p.returncode == 0, p.stderr[-3000:]
+    return first
+
+
+@pytest.mark.slow
+def test_a_resume_removes_nothing_a_checkpoint_names(tmp_path, stopped_run):
+    """The attack of issue 23 §1 (ModelCheckpoint's best_model_path = <checkpoints>/../../victim made Lightning delete
+    ``victim`` recursively on resume), with every path of the callback state forged at once (relative ``..``, absolute,
+    a link inside the folder pointing out, best_k_models keys): the run resumes exactly as an untouched copy does and
+    nothing outside the run is removed."""
+    import shutil
+
+    from helpers import run_cli_many
+
+    victim = tmp_path / "victim"
+    (victim / "inner").mkdir(parents=True)
+    (victim / "inner" / "precious.ckpt").write_text("keep")
+    runs = {name: tmp_path / name for name in ("control", "paths")}
+    for run in runs.values():
+        shutil.copytree(stopped_run, run, symlinks=True)
+    link = runs["paths"] / "checkpoints" / "outside.ckpt"
+    link.symlink_to(victim / "inner" / "precious.ckpt")
+    _forge(runs["paths"] / "checkpoints" / "last.ckpt", _paths_everywhere(victim, link))
+    done = run_cli_many([("ssn_exp", [*RESUME, f"hydra.run.dir={run}"]) for run in runs.values()], workers=2)
+    assert (victim / "inner" / "precious.ckpt").is_file() and link.is_symlink()
+    for (name, run), p in zip(runs.items(), done, strict=True):
+        assert p.returncode == 0, p.stderr[-3000:]
+        assert sorted(os.listdir(run / "checkpoints")) == sorted(
+            ["epoch001.ckpt", "last.ckpt"] + (["outside.ckpt"] if name == "paths" else [])
+        )
+    control, forged = (torch.load(run / "checkpoints" / "last.ckpt", weights_only=True) for run in runs.values())
+    assert all(torch.equal(control["state_dict"][k], forged["state_dict"][k]) for k in control["state_dict"])
+    assert control["optimizer_states"][0]["param_groups"] == forged["optimizer_states"][0]["param_groups"]
+    assert control["lr_schedulers"] == forged["lr_schedulers"] and control["loops"] == forged["loops"]
+
+
+IMPOSSIBLE = {
+    "epoch": (lambda c: c.update(epoch=10**9), "its epoch / global_step"),
+    "loops": (lambda c: c["loops"]["fit_loop"]["epoch_progress"]["current"].update(completed=10**9), "its loop state"),
+    "steps": (lambda c: c["loops"]["fit_loop"]["epoch_loop.state_dict"].update(x=-1), "its loop state"),
+    "momentum": (lambda c: c["optimizer_states"][0]["state"][0].update(momentum_buffer=torch.zeros(3)), "optimizer"),
+    "nan": (lambda c: c["optimizer_states"][0]["state"][1].update(momentum_buffer=torch.tensor(float("nan"))),
+            "optimizer state does not fit"),
+    "scheduler": (lambda c: c["lr_schedulers"][0].update(last_epoch=2**40), "its scheduler has made"),
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_a_resume_refuses_a_training_state_no_run_could_save(tmp_path, stopped_run):
+    """Loop counters, optimizer and scheduler state that the run could not have saved: one CheckpointError from
+    Lightning's restore (before anything trains), the rest rebuilt from the run's config (the learning rate a forged
+    file holds is not used)."""
+    import pytorch_lightning as pl
+    from hydra.utils import instantiate
+
+    from ssn_exp.lightning.callbacks import epoch_checkpoint
+
+    good = torch.load(stopped_run / "checkpoints" / "last.ckpt", weights_only=True)
+    for name, (edit, words) in IMPOSSIBLE.items():
+        ckpt = copy.deepcopy(good)
+        edit(ckpt)
+        folder = tmp_path / name / "checkpoints"
+        folder.mkdir(parents=True)
+        torch.save(ckpt, folder / "last.ckpt")
+        module = SmoothedTraining(**good["hyper_parameters"])
+        data = instantiate({**good["hyper_parameters"]["data"], "num_workers": 0})
+        trainer = pl.Trainer(max_epochs=2, callbacks=[epoch_checkpoint(folder)], logger=False, limit_train_batches=1,
+                             limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+        with pytest.raises(CheckpointError, match=f"cannot resume from {folder / 'last.ckpt'}: .*{words}"):
+            trainer.fit(module, datamodule=data, ckpt_path=str(folder / "last.ckpt"), weights_only=True)
+        assert sorted(os.listdir(folder)) == ["last.ckpt"], name
+
+
+def test_checking_a_checkpoint_costs_at_most_a_multiple_of_its_size(tmp_path, weights):
+    """Issue 23 §7: a small file whose model is a WideResNet of depth 10^6 was built (on the meta device, but module by
+    module: 5.5 GB after 4 minutes) to compare its sizes; the build now stops once it outgrows the stored tensors."""
+    import time
+
+    hp = copy.deepcopy(HPARAMS)
+    hp["model"] = {"_target_": "ssn_exp.models.WideResNet", "depth": 10**6, "widen": 1, "num_classes": 10,
+                   "in_channels": 1}  # fmt: skip
+    ckpt = save_checkpoint(tmp_path / "deep.ckpt", hp, weights)
+    start = time.monotonic()
+    with pytest.raises(CheckpointError, match=r"the model config builds a network of more modules and tensors than"):
+        load_checkpoint(ckpt)
+    assert time.monotonic() - start < 10
+    from ssn_exp.lightning.denoiser_stages import StageModule, load_stage  # a stage checkpoint: the same bound
+
+    stage_hp = {"kind": "clean", "model": HPARAMS["model"], "data": HPARAMS["data"], "method": None,
+                "denoiser_net": None, "optimizer": None, "denoiser_lr": 1e-3, "seed": 0}  # fmt: skip
+    sd = StageModule(**stage_hp).state_dict()
+    torch.save({"hyper_parameters": {**stage_hp, "model": hp["model"]}, "state_dict": sd}, tmp_path / "stage.ckpt")
+    with pytest.raises(CheckpointError, match=r"the model config builds a network of more modules and tensors than"):
+        load_stage(tmp_path / "stage.ckpt")
+    assert time.monotonic() - start < 20

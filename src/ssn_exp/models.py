@@ -167,13 +167,16 @@ def read_checkpoint(path, map_location="cpu") -> dict:
     except pickle.UnpicklingError as exc:
         import re
 
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(exc))
-        if found:
-            raise CheckpointError(
-                f"{path} holds a pickled Python object ({found.group(1)}), which ssn_exp refuses to load "
-                "(weights_only=True: it could run code); a checkpoint must hold tensors and plain containers only"
-            ) from None
-        raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint") from None
+        found = re.search(r"unsupported (?:global: )?GLOBAL ([\w.]+)", str(exc), re.IGNORECASE)
+        with open(path, "rb") as fh:
+            head = fh.read(4)
+        if not found and not (head[:1] == b"\x80" or head == b"PK\x03\x04"):  # neither a pickle nor torch's zip
+            raise CheckpointError(f"cannot read checkpoint {path}: not a torch checkpoint") from None
+        what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python objects"
+        raise CheckpointError(
+            f"{path} holds {what}, which ssn_exp refuses to load (weights_only=True: unpickling it could run "
+            "code); a checkpoint must hold tensors and plain containers only"
+        ) from None
     except Exception as exc:  # noqa: BLE001 - whatever a damaged file makes torch.load raise
         raise CheckpointError(
             f"cannot read checkpoint {path}: truncated or not a torch checkpoint ({_first_line(str(exc))})"

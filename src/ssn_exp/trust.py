@@ -12,9 +12,11 @@ included) and requires every ``_target_`` to resolve to an allowed callable:
 - any callable defined in a module the user names in ``trust_targets`` (e.g. ``trust_targets=[mypkg.models]``).
 
 Targets are compared as resolved objects (identity), not as strings, so an alias such as
-``ssn_exp.models.torch.hub.load`` is refused. Resolving a name imports no module that a file alone names: only
-modules already imported, or inside a trusted package (ssn_exp's own targets' packages, the user's config's and
-``trust_targets``), are looked up. Strings holding ``${`` interpolations are refused too (the stored configs are
+``ssn_exp.models.torch.hub.load`` is refused. Resolving a name imports no module that a file alone names: a module is
+looked up only if it is already imported, or is named by a trusted target itself (a module on the path of one of
+ssn_exp's own targets or of the user's config's, e.g. ``torch.optim`` for ``torch.optim.SGD``), or is a
+``trust_targets`` module or inside one. Any other module of an installed package (``torch.utils.model_dump.__main__``,
+whose import runs a command-line tool) is refused before it is imported. Strings holding ``${`` interpolations are refused too (the stored configs are
 resolved; an interpolation would be evaluated by ``instantiate`` after this check).
 """
 
@@ -82,8 +84,24 @@ def own_targets() -> frozenset[str]:
     return frozenset(found)
 
 
-def _root(name: str) -> str:
-    return name.split(".", 1)[0]
+#: Libraries that are nobody's own model code: a target in them is never suggested for ``trust_targets``.
+_LIBRARIES = frozenset({"torch", "torchvision", "numpy", "scipy", "hydra", "omegaconf", "pytorch_lightning",
+                        "lightning", "lightning_fabric", "ssn_exp", "wandb", "yaml", "pandas", "matplotlib"})  # fmt: skip
+
+
+def _hint(module: str) -> str:
+    """How to trust ``module``, only where it may be the user's own code: never a standard-library or system module
+    (``posix`` for ``os.system``) or one of the libraries ssn_exp runs on, whose other callables a file may not name."""
+    root = module.split(".", 1)[0]
+    if root in sys.stdlib_module_names or root in sys.builtin_module_names or root in _LIBRARIES:
+        return ""
+    return f"; if it is your own code, trust it with trust_targets=[{module}] or name it in your own config"
+
+
+def _prefixes(name: str) -> list[str]:
+    """``a``, ``a.b``, ``a.b.c`` for ``a.b.c``."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts) + 1)]
 
 
 def _matches(name: str, prefix: str) -> bool:
@@ -100,8 +118,9 @@ class Trust:
     def __init__(self, targets: Iterable[str] = (), modules: Iterable[str] = ()):
         self.modules = tuple(self._checked_modules(modules))
         self.targets = frozenset(own_targets() | {t for t in targets if isinstance(t, str) and _DOTTED.fullmatch(t)})
-        #: packages whose modules may be imported to resolve a name (their code is trusted anyway)
-        self.importable = frozenset(_root(t) for t in self.targets) | {_root(m) for m in self.modules}
+        #: modules that may be imported to resolve a name: those on the path of a trusted target, and the trust_targets
+        #: modules with what is inside them (never a sibling module of a package that a file names)
+        self.importable = frozenset(p for t in self.targets | set(self.modules) for p in _prefixes(t))
         self._resolved: dict[str, object] = {}
 
     @staticmethod
@@ -137,10 +156,13 @@ class Trust:
         return cls((v for _, v in targets_in(plain)), modules)
 
     # -- resolution ----------------------------------------------------------------------
+    def _may_import(self, name: str) -> bool:
+        return name in self.importable or any(_matches(name, m) for m in self.modules)
+
     def _module(self, name: str):
-        """The module ``name`` if it is imported or inside a trusted package (then imported), else None."""
+        """The module ``name`` if it is imported or named by what is trusted (then imported), else None."""
         module = sys.modules.get(name)
-        if module is not None or _root(name) not in self.importable:
+        if module is not None or not self._may_import(name):
             return module
         try:
             return importlib.import_module(name)
@@ -155,7 +177,7 @@ class Trust:
         parts = name.split(".")
         obj = self._module(parts[0])
         if obj is None:
-            why = "is not installed" if parts[0] in self.importable else "is not imported and not trusted"
+            why = "is not installed" if self._may_import(parts[0]) else "is not imported and not trusted"
             raise LookupError(f"module {parts[0]!r} {why}")
         for i, part in enumerate(parts[1:], start=2):
             if not isinstance(obj, (types.ModuleType, type)):
@@ -232,8 +254,8 @@ class Trust:
                 obj = self.resolve(value)
             except LookupError as exc:
                 raise UntrustedTarget(
-                    f"{where}: {key}={value!r} cannot be resolved ({exc}); ssn_exp imports no module a file names: "
-                    f"if it is your own code, trust it with trust_targets=[{value.rsplit('.', 1)[0]}]"
+                    f"{where}: {key}={value!r} cannot be resolved ({exc}); ssn_exp imports no module a file "
+                    f"names{_hint(value.rsplit('.', 1)[0])}"
                 ) from None
             if not self._allowed(value, obj):
                 named = value.rsplit(".", 1)[0]
@@ -241,6 +263,5 @@ class Trust:
                 module = named if not isinstance(module, str) or _matches(module, named) else module
                 raise UntrustedTarget(
                     f"{where}: {key}={value!r} is not a class or function ssn_exp builds from a file (only its own "
-                    f"models, noises, data sets, denoisers, optimizers and schedulers are); if you trust it, pass "
-                    f"trust_targets=[{module}] or name it in your own config"
+                    f"models, noises, data sets, denoisers, optimizers and schedulers are){_hint(module)}"
                 )

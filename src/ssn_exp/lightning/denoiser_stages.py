@@ -26,7 +26,7 @@ from torch.nn import functional as F
 from ssn_exp.exceptions import _first_line, instantiation_message
 from ssn_exp.lightning.callbacks import epoch_checkpoint
 from ssn_exp.lightning.data import mix_seed
-from ssn_exp.lightning.module import CheckpointError, build_classifier, read_checkpoint
+from ssn_exp.lightning.module import CheckpointError, build_classifier, check_sizes, read_checkpoint
 from ssn_exp.noises import Noise
 from ssn_exp.trust import Trust, UntrustedTarget
 
@@ -112,7 +112,8 @@ def load_stage(path: Path, trust: Trust | None = None) -> StageModule:
     ckpt = read_checkpoint(path)
     hp = ckpt.get("hyper_parameters") if isinstance(ckpt, dict) else None
     sd = ckpt.get("state_dict") if isinstance(ckpt, dict) else None
-    if not isinstance(hp, dict) or hp.get("kind") not in KINDS or not isinstance(sd, dict):
+    tensors = isinstance(sd, dict) and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items())
+    if not isinstance(hp, dict) or hp.get("kind") not in KINDS or not tensors:
         raise CheckpointError(f"{path} is not a denoiser-stage checkpoint of ssn_exp")
     unknown = sorted(str(k) for k in hp if k not in _STAGE_HPARAMS)
     if unknown:
@@ -124,6 +125,10 @@ def load_stage(path: Path, trust: Trust | None = None) -> StageModule:
         (trust or Trust()).check(hp, f"cannot rebuild the stage of {path}", "hyper_parameters")
     except UntrustedTarget as exc:
         raise CheckpointError(str(exc)) from None
+    parts = [("model", hp["model"], "classifier.1.")] if hp["kind"] in ("clean", "denoiser_stability") else []
+    check_sizes(
+        parts + ([("denoiser_net", hp["denoiser_net"], "denoiser.")] if hp["kind"] != "clean" else []), sd, path
+    )
     try:
         module = StageModule(**hp)
         module.load_state_dict(sd)

@@ -40,6 +40,7 @@ __all__ = [
     "CheckpointError",
     "CheckpointMismatch",
     "build_classifier",
+    "check_sizes",
     "current_layout",
     "semantic_data",
     "stability_loss",
@@ -369,7 +370,11 @@ def load_checkpoint(path: str | Path, expect: dict | None = None, trust: Trust |
 
     ckpt = read_checkpoint(path)
     hp = checked_hparams(ckpt, path, trust)
-    _check_sizes(hp, ckpt["state_dict"], path)
+    den_net = hp["denoiser"].get("net")
+    parts = [("model", hp["model"], "model.1." if den_net is None else "model.classifier.1.")]
+    if den_net is not None:
+        parts.append(("denoiser.net", den_net, "model.denoiser."))
+    check_sizes(parts, ckpt["state_dict"], path)
     try:
         module = SmoothedTraining(**hp)
     except InstantiationException as exc:
@@ -397,19 +402,61 @@ def load_checkpoint(path: str | Path, expect: dict | None = None, trust: Trust |
     return module.eval()
 
 
-def _check_sizes(hp: dict, state_dict: dict, path) -> None:
-    """Build the networks of the stored configs on the meta device (no memory) and compare their weights' shapes with
+class _Budget:
+    """While active, every module, parameter and buffer created is counted (torch's global registration hooks); past
+    the budget the build is stopped (:class:`OverflowError` from the hook). The budget comes from the file: the number
+    of tensors it stores for the network, so checking a file costs at most a multiple of its size (on the meta device
+    a tensor's size costs nothing; the number of modules and tensors does)."""
+
+    def __init__(self, tensors: int):
+        self.limits = (2 * tensors + 64, 16 * tensors + 1024)
+        self.counts = [0, 0]
+        self.exceeded = False
+
+    def _add(self, i: int) -> None:
+        self.counts[i] += 1
+        if self.counts[i] > self.limits[i]:
+            self.exceeded = True
+            raise OverflowError("the network is larger than the weights stored for it")
+
+    def _tensor(self, module, name, tensor):
+        self._add(0)
+
+    def _module(self, module, name, submodule):
+        self._add(1)
+
+    def __enter__(self):
+        from torch.nn.modules import module as m
+
+        self._handles = [
+            m.register_module_parameter_registration_hook(self._tensor),
+            m.register_module_buffer_registration_hook(self._tensor),
+            m.register_module_module_registration_hook(self._module),
+        ]
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self._handles:
+            handle.remove()
+
+
+def check_sizes(parts, state_dict: dict, path) -> None:
+    """Build the networks of the stored configs (``parts``: (key, config, state-dict prefix of its weights)) on the meta device (no memory) and compare their weights' shapes with
     the file's: a config that asks for a network larger than the weights it comes with is refused before anything is
-    allocated (the file's size bounds what loading it costs)."""
-    den_net = hp["denoiser"].get("net")
-    parts = [("model", hp["model"], "model.1." if den_net is None else "model.classifier.1.")]
-    if den_net is not None:
-        parts.append(("denoiser.net", den_net, "model.denoiser."))
+    allocated, and its build is stopped once it outgrows them (:class:`_Budget`: a WideResNet of depth 10^6 in a
+    584 KB file), so the file's size bounds what checking and loading it costs."""
     for key, cfg, prefix in parts:
+        stored = [t for name, t in state_dict.items() if name.startswith(prefix)]
+        budget = _Budget(len(stored))
         try:
-            with torch.device("meta"):
+            with torch.device("meta"), budget:
                 net = instantiate(cfg)
         except Exception:  # noqa: BLE001 - built for real next, where its error is reported
+            if budget.exceeded:
+                raise CheckpointError(
+                    f"the weights in {path} do not fit its model: the {key} config builds a network of more modules "
+                    f"and tensors than the {len(stored)} tensors stored for it"
+                ) from None
             continue
         if not isinstance(net, nn.Module):
             continue
