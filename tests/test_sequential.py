@@ -315,6 +315,36 @@ def test_the_reported_lower_bound_is_the_running_max_over_the_checks():
     assert state.lower[0] == max(seen) and state.done[0]
 
 
+@pytest.mark.parametrize("bound", BOUNDS)
+@pytest.mark.parametrize("radii,tolerance", [([0.0, 0.25, 0.5, 0.75], None), ([0.3], 0.1)])
+def test_every_stop_of_a_run_is_one_the_row_check_accepts(bound, radii, tolerance):
+    """stopped_with (the check of a sequential row read back) accepts what every simulated run ends with, those whose
+    running maximum came from an earlier look included; one ulp more, or an earlier stop, it refuses."""
+    noise = Uniform(0.5)
+    test = SequentialTest(
+        thresholds_for_radii(noise.radius, radii),
+        alpha=0.05,
+        schedule=Schedule(first=8, max_batch=64, cap=500),
+        bound=bound,
+        tolerance=tolerance,
+        radius_fn=noise.radius,
+    )
+    rng = np.random.default_rng(1)
+    state = simulate(test, np.concatenate([rng.uniform(0.3, 1.0, 40), [0.0, 1.0]]), rng)
+    earlier, later, refused = 0, 0, 0
+    for a, step, lower in zip(state.successes, state.step - 1, state.lower, strict=True):
+        assert test.stopped_with(int(a), int(step), float(lower)) is None
+        assert test.stopped_with(int(a), int(step), float(np.nextafter(lower, 2.0))) is not None
+        earlier += bool(lower != test.lower_at(a, step))
+        if step + 1 < len(test.checkpoints) and a in (0, test.checkpoints[step]):
+            # one path only (all successes or all failures), and it stopped: one more batch like it is impossible
+            more = 0 if a == 0 else int(a + test.schedule.batches[step + 1])
+            later += 1
+            refused += bool(test.stopped_with(more, int(step + 1), float(test.lower_at(more, step + 1))))
+    assert earlier > 0  # the case where p_lower is not the last look's bound is exercised
+    assert refused == later > 0, (refused, later)
+
+
 def test_update_refuses_inconsistent_input():
     test = SequentialTest([0.5], schedule=Schedule(cap=100))
     state = test.start(2)

@@ -243,6 +243,20 @@ def test_rows_read_back_are_checked(tmp_path, reference):
     assert "columns" in _tamper_header(tmp_path, reference)
 
 
+def test_a_raised_p_lower_is_refused_on_every_row(reference):
+    """p_lower is one of the test's own bounds on a path that stops at the row's samples: raised by 1e-6 (radius and
+    radius_box along with it, so only the counts can tell), it is refused on every row."""
+    noise, proc = Uniform(0.5), _procedure()
+    record = CertificateRecord(noise, proc)
+    for row in reference[1]:
+        record.check({**row, "seconds": "0.1"}, 10)
+        p = float(row["p_lower"]) + 1e-6
+        radius = repr(float(noise.radius(np.array([p]))[0]))
+        forged = {**row, "seconds": "0.1", "p_lower": repr(p), "radius": radius, "radius_box": radius}
+        with pytest.raises(ValueError, match="p_lower"):
+            record.check(forged, 10)
+
+
 def _add_vote(counts: str, cls: int) -> str:
     votes = dict(item.split(":") for item in counts.split())
     votes[str(cls)] = str(int(votes.get(str(cls), "0")) + 1)

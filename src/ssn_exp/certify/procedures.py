@@ -147,8 +147,9 @@ class Procedure:
             start += x.shape[0]
 
     def check_row(self, values: dict[str, str], counts: np.ndarray, prediction: int, radius: float, noise) -> None:
-        """Raise ``ValueError`` unless a row read back (its :meth:`columns` as text, its counts, prediction and radius)
-        is one this procedure would have written."""
+        """Raise ``ValueError`` unless a row read back (its :meth:`columns` and its ``label`` as text, its counts,
+        prediction and radius) is one this procedure would have written: what follows from the row is recomputed,
+        the rest bounded from both sides."""
         raise NotImplementedError
 
 

@@ -281,16 +281,15 @@ class Sequential(Procedure):
         looks = np.flatnonzero(test.checkpoints == t)
         if len(looks) == 0:
             raise ValueError(f"the test's {t} samples are not a check point of the schedule")
-        tau = int(looks[0])
-        a = int(counts[prediction])
-        tested = self.select == "top" or radius >= 0  # the prediction is the class the test ran on
-        if not tested and prediction != int(top_class(counts[None, :])[0]):
-            raise ValueError("the prediction is neither a certified label nor the majority of the counts")
-        # the running maximum over the looks: at look i the successes were at most min(a, t_i)
-        steps = np.arange(tau + 1)
-        most = float(np.max(test.lower_at(np.minimum(a, test.checkpoints[: tau + 1]), steps)))
-        if p > most:
-            raise ValueError("p_lower is above what the counts of the prediction allow")
-        if tested and p < float(test.lower_at(a, tau)):
-            raise ValueError("p_lower is below the bound of the counts of the prediction at the last look")
+        tested = prediction  # the class the test ran on: the prediction, or with select=label the label
+        if self.select == "label":
+            tested = int(values["label"])
+            if radius >= 0 and prediction != tested:
+                raise ValueError("a certified row of select=label predicts its label")
+            if radius < 0 and prediction != int(top_class(counts[None, :])[0]):
+                raise ValueError("the prediction is neither a certified label nor the majority of the counts")
+        # p_lower is recomputed as far as the counts allow: one of the test's own bounds, on a path that stops here
+        why = test.stopped_with(int(counts[tested]), int(looks[0]), p)
+        if why:
+            raise ValueError(why)
         noise.check_extra({c: float(values[c]) for c in noise.extra_columns}, radius)

@@ -329,22 +329,25 @@ class SequentialTest:
         return self._bound(a, step, self.levels_upper, False)
 
     def _search(self, fn, p) -> np.ndarray:
-        """Per check point i and threshold j: the smallest a in [0, t_i + 1] with fn(a, i) >= p[j] (t_i + 1: none).
-
-        A binary search over a, vectorised over (i, j); fn is non-decreasing in a.
-        """
+        """Per check point i and threshold j: the smallest a in [0, t_i + 1] with fn(a, i) >= p[j] (t_i + 1: none)."""
         k, nj = len(self.checkpoints), len(p)
         steps = np.repeat(np.arange(k), nj)
-        target = np.tile(p, k)
         t = self.checkpoints[steps]
-        lo = np.zeros(k * nj, dtype=np.int64)  # invariant: the answer lies in [lo, hi]
-        hi = t + 1
+        return self._least(fn, steps, np.tile(p, k), np.zeros(k * nj, dtype=np.int64), t).reshape(k, nj)
+
+    @staticmethod
+    def _least(fn, steps, target, lo, top) -> np.ndarray:
+        """Per entry: the smallest a in [lo, top + 1] with fn(a, step) >= target (top + 1: none). A binary search
+        over a, vectorised; fn is non-decreasing in a."""
+        lo, hi, top = np.asarray(lo, dtype=np.int64), np.asarray(top, dtype=np.int64) + 1, np.asarray(top)
+        lo, hi = np.broadcast_arrays(lo, hi)
+        lo, hi = lo.copy(), hi.copy()  # invariant: the answer lies in [lo, hi]
         while np.any(lo < hi):
             mid = (lo + hi) // 2
-            good = (fn(np.minimum(mid, t), steps) >= target) & (mid <= t)
+            good = (np.asarray(fn(np.minimum(mid, top), steps)) >= target) & (mid <= top)
             hi = np.where(good, mid, hi)
             lo = np.where(good, lo, mid + 1)
-        return lo.reshape(k, nj)
+        return lo
 
     def _certify_counts(self, p) -> np.ndarray:
         return self._search(self.lower_at, p)
@@ -394,6 +397,46 @@ class SequentialTest:
         done = self.decided(state.lower[images], state.upper[images]) | (state.step[images] >= len(self.checkpoints))
         state.done[images] = done
         return done
+
+    def stopped_with(self, a: int, step: int, lower: float) -> str | None:
+        """Why no run of this test stops after the check at schedule index ``step`` with ``a`` successes and the
+        running lower bound ``lower`` (None: some run does). Checks a row read back (``procedure=sequential``).
+
+        Only the final count is known, so the successes at look i lie in [a - (t_step - t_i), min(a, t_i)]; the
+        bounds are non-decreasing in the count and :meth:`decided` is monotone, so each look gets the least running
+        lower and the most running upper bound any path allows. ``lower`` must be exactly the bound of some look
+        j <= step at a count its range allows (the running maximum is one of the computed bounds), no look before
+        ``step`` may have decided (the test would have stopped there), and ``step`` must decide or be the cap.
+        """
+        t = self.checkpoints[: step + 1]
+        steps = np.arange(step + 1)
+        hi = np.minimum(a, t)
+        lo = np.maximum(a - (t[-1] - t), 0)
+        at_hi = np.asarray(self.lower_at(hi, steps), dtype=np.float64)
+        at_lo = np.asarray(self.lower_at(lo, steps), dtype=np.float64)
+        least = np.maximum.accumulate(at_lo)
+        most_up = np.minimum.accumulate(np.asarray(self.upper_at(hi, steps), dtype=np.float64))
+        least_up = np.minimum.accumulate(np.asarray(self.upper_at(lo, steps), dtype=np.float64))
+        if not lower <= at_hi.max():
+            return "p_lower is above what the counts of the prediction allow"
+        if lower < least[-1]:
+            return "p_lower is below the bound of the counts of the prediction at the last look"
+        if step + 1 < len(self.checkpoints) and not self.decided([lower], [least_up[-1]])[0]:
+            return "the test would not have stopped at these samples: its bounds decide nothing new there"
+        open_least = ~self.decided(least, most_up)  # look i undecided on some path
+        open_at = ~self.decided(np.maximum(least, lower), most_up)  # ... with the running lower already at `lower`
+        if not np.all(open_least[:-1]):
+            return "an earlier look would have decided every radius: the test stops there, not at these samples"
+
+        if at_lo[-1] == lower:  # the bound of the last look (lo = hi = a there): the usual case
+            return None
+        # else the bound of an earlier look j at a count its range allows, and no look from j on decided
+        j = steps[:-1]
+        a_j = np.minimum(self._least(self.lower_at, j, lower, lo[j], hi[j]), hi[j])
+        reached = np.asarray(self.lower_at(a_j, j), dtype=np.float64) == lower
+        if any(reached[i] and np.all(open_at[i:step]) for i in j):
+            return None
+        return "p_lower is not a bound the test computes from the counts of the prediction"
 
     def decided(self, lower, upper) -> np.ndarray:
         """The stopping rule, given running lower and upper bounds (arrays)."""
