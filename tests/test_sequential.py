@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.special import betaln
+from scipy.special import betainc, betaln
 from scipy.stats import binom
 
 from ssn_exp.certify.core import NonFiniteLogitsError, randomized_radius
@@ -119,6 +120,21 @@ def test_cp_bounds_are_safe_against_the_binomial_tail(alpha):
 def test_bad_arguments_are_refused(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("alpha", [1e-100, 1e-200, 1e-300])
+def test_cp_lower_bound_guards_its_own_inversion(alpha):
+    """Where scipy's beta.ppf does not converge (tiny alpha: NaN, or a point above the quantile, with a warning), the
+    bound falls back to bisection on the CDF: always a number whose tail is at most alpha, silently."""
+    a = np.array([1, 2, 3, 9, 90, 10_000, 999_999])
+    t = np.array([32, 100, 1_000_000, 10, 100, 100_000, 1_000_000])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lower = cp_lower_bound(a, t, alpha)
+        tail = betainc(a, t - a + 1, lower)
+    assert np.all(np.isfinite(lower)) and np.all((lower > 0) & (lower < a / t))
+    assert np.all(tail <= alpha), tail / alpha
+    assert np.all(tail >= alpha * 1e-6)  # and still a bound, not 0 (bisection finds the quantile)
 
 
 def test_schedule_grows_then_stays_and_ends_at_the_cap():

@@ -322,10 +322,18 @@ def test_bad_settings_and_enumerated_noises_are_refused_in_one_line():
         ({"tolerance": 0}, "procedure.tolerance"),
         ({"first_batch": 64, "max_batch": 32}, "max_batch"),
         ({"beta": 1.5}, "beta"),
+        # every level a look spends is a normal float: alpha / 101 underflows here
+        ({"alpha": 5e-324}, "procedure.alpha=5e-324 is too small"),
+        ({"alpha": 1e-306}, "procedure.alpha=1e-306 is too small"),
+        ({"beta": 5e-324}, "procedure.beta=5e-324 is too small"),
+        # a schedule too long to precompute is refused before it is built (at once, whatever n)
+        ({"n": 2**60}, "looks of batches up to 1024, more than"),
+        ({"n": 10**12}, "looks of batches up to 1024, more than"),
     ]:
         with pytest.raises(ProcedureError, match=match) as info:
             Sequential(**kw)
         assert "\n" not in str(info.value)
+    Sequential(alpha=1e-300)  # tiny but every level normal: accepted (the bounds guard their own inversion)
 
 
 def test_ssn_is_certified_too(tmp_path):

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ssn_exp.certify.core import Certificates, input_dtype, top_class
+from ssn_exp.certify.core import Certificates, check_level, input_dtype, top_class
 from ssn_exp.certify.procedures import Procedure, ProcedureError, _count
 from ssn_exp.certify.record import SAMPLES_COLUMN
 from ssn_exp.certify.sequential import (
@@ -26,6 +26,7 @@ from ssn_exp.certify.sequential import (
     Schedule,
     SequentialStream,
     SequentialTest,
+    least_share,
     sequential_certificates,
     thresholds_for_radii,
 )
@@ -39,12 +40,10 @@ SELECT = ("top", "label")
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
 
-def _level(name: str, value, allow_none: bool = False) -> float | None:
+def _level(name: str, value, allow_none: bool = False, share: float = 1.0) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
-        raise ProcedureError(f"procedure.{name} must lie in (0, 1), got {value!r}")
-    return float(value)
+    return check_level(f"procedure.{name}", value, share=share, error=ProcedureError)
 
 
 class Sequential(Procedure):
@@ -107,7 +106,13 @@ class Sequential(Procedure):
         max_batch = _count("procedure.max_batch", max_batch)
         if max_batch < first_batch:
             raise ProcedureError(f"procedure.max_batch ({max_batch}) must be >= procedure.first_batch ({first_batch})")
-        self.schedule = Schedule(first=first_batch, growth=growth, max_batch=max_batch, cap=self.n)
+        try:
+            self.schedule = Schedule(first=first_batch, growth=growth, max_batch=max_batch, cap=self.n)
+        except ValueError as exc:
+            raise ProcedureError(f"procedure.n: {exc}") from None
+        share = least_share(self.bound, self.final_share, len(self.schedule))  # every look's level is a normal float
+        _level("alpha", self.alpha, share=share)
+        _level("beta", self.beta, allow_none=True, share=share)
         self._tests: dict[str, SequentialTest] = {}
 
     # -- what the certificates depend on ------------------------------------------------------------------
