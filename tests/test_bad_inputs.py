@@ -78,6 +78,7 @@ def _cfg(**certify):
         ("n", "100000000000000000000", "certify.n must be an integer in [1, 9007199254740992]"),
         ("noise_batch", "9223372036854775808", "certify.noise_batch must be an integer in [1, 2147483647]"),
         ("alpha", "nan", "certify.alpha must lie in (0, 1), got nan"),
+        ("alpha", "5e-324", "certify.alpha=5e-324 is too small"),  # alpha / 2 of the two-sided bound underflows
         ("compile", "maybe", "certify.compile must be true or false, got 'maybe'"),
         ("n", "'${nope}'", "certify.n: Interpolation key 'nope' not found"),
     ],

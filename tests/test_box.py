@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssn_exp.certify.box import box_radius
+from ssn_exp.certify.box import box_radius, largest_box_radius
 
 # ---------------------------------------------------------------- helpers
 
@@ -234,6 +234,41 @@ def test_prop_at_least_standard_and_matches_reference(case):
     assert rho[0] >= standard(p, lam) - 1e-12
     assert rho[0] <= max(room(x[None])[0].sum(), standard(p, lam)) + 1e-12
     assert rho[0] == pytest.approx(reference(x, p, lam)[0], rel=1e-11, abs=1e-12)
+
+
+@PROPS
+@given(example(max_d=40), st.floats(min_value=0.5, max_value=1.0))
+def test_prop_never_above_the_largest_box_radius(case, half):
+    """largest_box_radius bounds every input (a radius_box read back above it is refused); with rooms of 1/2 and
+    enough pixels the bound is reached within one pixel's room."""
+    x, p, lam = case
+    x = np.where(x > half, x, 1.0 - x) if half > 0.9 else x  # also inputs whose every room is large
+    rho, most = box_radius(x[None], [p], lam)[0], largest_box_radius(p, lam)
+    assert rho <= most + 1e-9 * abs(most) + 1e-12
+    if p > 0.5 and lam > 0.25:  # the extreme input: 1/2 in every pixel, enough pixels
+        extreme = box_radius(np.full((1, 2 * int(np.ceil(most)) + 2), 0.5), [p], lam)[0]
+        assert extreme <= most + 1e-9 * most and most - extreme <= 1.5
+
+
+def test_the_largest_box_radius_is_sound_and_within_a_pixel_for_wide_noise():
+    for lam, p in ((20.0, 1.0), (20.0, 0.8), (3.0, 0.99), (0.6, 0.99)):
+        most = largest_box_radius(p, lam)
+        extreme = box_radius(np.full((1, 2 * int(np.ceil(most)) + 2), 0.5), [p], lam)[0]
+        assert most - 1.5 <= extreme <= most, (lam, p)
+
+
+def test_the_noise_refuses_a_radius_box_out_of_bounds():
+    from ssn_exp.noises import SSN, Uniform
+
+    for noise in (Uniform(0.5), SSN(2.0)):
+        x = torch.rand(3, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+        p = np.array([0.3, 0.9, 1.0])
+        radius = noise.radius(p)
+        for r, box in zip(radius, noise.extra_radii(x, p)["radius_box"], strict=True):
+            noise.check_extra({"radius_box": float(box)}, float(r))  # what was computed passes
+            for bad in (50.0, 1e308, float("inf"), float("nan"), float(r) - 1e-6):
+                with pytest.raises(ValueError, match="radius_box"):
+                    noise.check_extra({"radius_box": bad}, float(r))
 
 
 @PROPS

@@ -375,7 +375,7 @@ def test_uniform_rows_with_votes_for_class_0_and_prediction_0_are_accepted(tmp_p
         uniform_row(u, 0, 0, [N, 0, 0]),  # every vote for class 0: p_lower > 1/2
         uniform_row(u, 1, 1, [30, 20, 0]),  # prediction 0, wrong
         uniform_row(u, 2, 2, [10, 5, 35], box_extra=0.0),  # radius_box == radius is fine
-        uniform_row(u, 3, 1, [0, 25, 25], box_extra=0.3),  # a tie, p_lower < 1/2: negative radius
+        uniform_row(u, 3, 1, [0, 25, 25]),  # a tie, p_lower < 1/2: negative radius (radius_box the same)
     ]
     assert rows[3]["radius"] < 0
     p = write(tmp_path / "certificates.csv", u, rows)
@@ -440,13 +440,14 @@ def test_radius_box_may_equal_radius_and_be_a_hair_below(tmp_path):
     u = Uniform(0.5)
     row = uniform_row(u, 0, 0, [40, 10])
     p = tmp_path / "certificates.csv"
-    for delta, ok in ((0.0, True), (-5e-13, True), (-1e-12, True), (-2e-12, False), (1.0, True)):
+    cases = ((0.0, True), (-5e-13, True), (-1e-12, True), (-2e-12, False), (0.3, True), (1.0, False), (1e308, False))
+    for delta, ok in cases:
         row["radius_box"] = row["radius"] + delta  # -1e-12: the edge itself, exactly
         write(p, u, [row])
         if ok:
             assert sorted(read(p, u)) == [0], delta
-        else:
-            with pytest.raises(ResultsFileError, match="radius_box is below radius"):
+        else:  # bounded from both sides: above, by the most the box certificate gives for this p_lower
+            with pytest.raises(ResultsFileError, match="radius_box is below radius|radius_box .* is above"):
                 read(p, u)
 
 

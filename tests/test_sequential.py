@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from scipy.special import betaln
+from scipy.special import betainc, betaln
 from scipy.stats import binom
 
 from ssn_exp.certify.core import NonFiniteLogitsError, randomized_radius
@@ -119,6 +120,21 @@ def test_cp_bounds_are_safe_against_the_binomial_tail(alpha):
 def test_bad_arguments_are_refused(call):
     with pytest.raises(ValueError):
         call()
+
+
+@pytest.mark.parametrize("alpha", [1e-100, 1e-200, 1e-300])
+def test_cp_lower_bound_guards_its_own_inversion(alpha):
+    """Where scipy's beta.ppf does not converge (tiny alpha: NaN, or a point above the quantile, with a warning), the
+    bound falls back to bisection on the CDF: always a number whose tail is at most alpha, silently."""
+    a = np.array([1, 2, 3, 9, 90, 10_000, 999_999])
+    t = np.array([32, 100, 1_000_000, 10, 100, 100_000, 1_000_000])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lower = cp_lower_bound(a, t, alpha)
+        tail = betainc(a, t - a + 1, lower)
+    assert np.all(np.isfinite(lower)) and np.all((lower > 0) & (lower < a / t))
+    assert np.all(tail <= alpha), tail / alpha
+    assert np.all(tail >= alpha * 1e-6)  # and still a bound, not 0 (bisection finds the quantile)
 
 
 def test_schedule_grows_then_stays_and_ends_at_the_cap():
@@ -313,6 +329,36 @@ def test_the_reported_lower_bound_is_the_running_max_over_the_checks():
         seen.append(float(test.lower_at(state.successes[0], step)))
     assert seen[0] > seen[-1] > 0 or seen[-1] == 0
     assert state.lower[0] == max(seen) and state.done[0]
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+@pytest.mark.parametrize("radii,tolerance", [([0.0, 0.25, 0.5, 0.75], None), ([0.3], 0.1)])
+def test_every_stop_of_a_run_is_one_the_row_check_accepts(bound, radii, tolerance):
+    """stopped_with (the check of a sequential row read back) accepts what every simulated run ends with, those whose
+    running maximum came from an earlier look included; one ulp more, or an earlier stop, it refuses."""
+    noise = Uniform(0.5)
+    test = SequentialTest(
+        thresholds_for_radii(noise.radius, radii),
+        alpha=0.05,
+        schedule=Schedule(first=8, max_batch=64, cap=500),
+        bound=bound,
+        tolerance=tolerance,
+        radius_fn=noise.radius,
+    )
+    rng = np.random.default_rng(1)
+    state = simulate(test, np.concatenate([rng.uniform(0.3, 1.0, 40), [0.0, 1.0]]), rng)
+    earlier, later, refused = 0, 0, 0
+    for a, step, lower in zip(state.successes, state.step - 1, state.lower, strict=True):
+        assert test.stopped_with(int(a), int(step), float(lower)) is None
+        assert test.stopped_with(int(a), int(step), float(np.nextafter(lower, 2.0))) is not None
+        earlier += bool(lower != test.lower_at(a, step))
+        if step + 1 < len(test.checkpoints) and a in (0, test.checkpoints[step]):
+            # one path only (all successes or all failures), and it stopped: one more batch like it is impossible
+            more = 0 if a == 0 else int(a + test.schedule.batches[step + 1])
+            later += 1
+            refused += bool(test.stopped_with(more, int(step + 1), float(test.lower_at(more, step + 1))))
+    assert earlier > 0  # the case where p_lower is not the last look's bound is exercised
+    assert refused == later > 0, (refused, later)
 
 
 def test_update_refuses_inconsistent_input():

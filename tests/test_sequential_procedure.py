@@ -243,6 +243,20 @@ def test_rows_read_back_are_checked(tmp_path, reference):
     assert "columns" in _tamper_header(tmp_path, reference)
 
 
+def test_a_raised_p_lower_is_refused_on_every_row(reference):
+    """p_lower is one of the test's own bounds on a path that stops at the row's samples: raised by 1e-6 (radius and
+    radius_box along with it, so only the counts can tell), it is refused on every row."""
+    noise, proc = Uniform(0.5), _procedure()
+    record = CertificateRecord(noise, proc)
+    for row in reference[1]:
+        record.check({**row, "seconds": "0.1"}, 10)
+        p = float(row["p_lower"]) + 1e-6
+        radius = repr(float(noise.radius(np.array([p]))[0]))
+        forged = {**row, "seconds": "0.1", "p_lower": repr(p), "radius": radius, "radius_box": radius}
+        with pytest.raises(ValueError, match="p_lower"):
+            record.check(forged, 10)
+
+
 def _add_vote(counts: str, cls: int) -> str:
     votes = dict(item.split(":") for item in counts.split())
     votes[str(cls)] = str(int(votes.get(str(cls), "0")) + 1)
@@ -308,10 +322,18 @@ def test_bad_settings_and_enumerated_noises_are_refused_in_one_line():
         ({"tolerance": 0}, "procedure.tolerance"),
         ({"first_batch": 64, "max_batch": 32}, "max_batch"),
         ({"beta": 1.5}, "beta"),
+        # every level a look spends is a normal float: alpha / 101 underflows here
+        ({"alpha": 5e-324}, "procedure.alpha=5e-324 is too small"),
+        ({"alpha": 1e-306}, "procedure.alpha=1e-306 is too small"),
+        ({"beta": 5e-324}, "procedure.beta=5e-324 is too small"),
+        # a schedule too long to precompute is refused before it is built (at once, whatever n)
+        ({"n": 2**60}, "looks of batches up to 1024, more than"),
+        ({"n": 10**12}, "looks of batches up to 1024, more than"),
     ]:
         with pytest.raises(ProcedureError, match=match) as info:
             Sequential(**kw)
         assert "\n" not in str(info.value)
+    Sequential(alpha=1e-300)  # tiny but every level normal: accepted (the bounds guard their own inversion)
 
 
 def test_ssn_is_certified_too(tmp_path):

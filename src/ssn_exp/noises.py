@@ -243,8 +243,14 @@ class _BoxConstrained(SampledNoise):
         return {"radius_box": box_radius(x, p_lower, self.lam)}
 
     def check_extra(self, values, radius) -> None:
-        if not values["radius_box"] >= radius - 1e-12:
+        from ssn_exp.certify.box import largest_box_radius
+
+        box = values["radius_box"]
+        if not box >= radius - 1e-12:
             raise ValueError("radius_box is below radius")
+        most = largest_box_radius(radius / (2.0 * self.lam) + 0.5, self.lam)
+        if not box <= most + 1e-9 * abs(most) + 1e-12:  # NaN and inf too
+            raise ValueError(f"radius_box {box!r} is above what the box certificate gives for this p_lower ({most!r})")
 
 
 class Uniform(_BoxConstrained):

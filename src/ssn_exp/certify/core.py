@@ -7,11 +7,15 @@ callable ``f(N, C, H, W) -> logits`` and noise is made on the input's device.
 from __future__ import annotations
 
 import itertools
+import numbers
+import sys
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
+from scipy.special import betainc
 from scipy.stats import beta
 
 from ssn_exp.exceptions import UserError
@@ -23,6 +27,9 @@ __all__ = [
     "top_class",
     "exact_certificate",
     "clopper_pearson_lower",
+    "check_level",
+    "beta_quantile_below",
+    "MIN_LEVEL",
     "randomized_radius",
     "count_predictions",
     "input_dtype",
@@ -48,15 +55,61 @@ class NonFiniteLogitsError(UserError, ValueError):
         self.positions = list(positions or [])
 
 
+#: The smallest level a bound is computed at: the smallest positive normal float.
+MIN_LEVEL = sys.float_info.min
+
+
+def check_level(name: str, value, *, share: float = 1.0, error: type[Exception] = ValueError):
+    """The one check of a confidence level (alpha, beta, final_share; a float or an array of them): a real number in
+    (0, 1) whose every derived level (``value * share``: alpha / 2 of a two-sided bound, the part of alpha one look
+    of a sequential test spends) is a positive normal float, so no level underflows. ``error``: the exception raised
+    (one line)."""
+    if np.ndim(value):
+        v = np.asarray(value, dtype=np.float64)
+        if not np.all((v * share >= MIN_LEVEL) & (v < 1)):
+            raise error(f"{name} must lie in [{MIN_LEVEL!r}, 1)")
+        return v
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+        raise error(f"{name} must lie in (0, 1), got {value!r}")
+    if not float(value) * share >= MIN_LEVEL:
+        raise error(
+            f"{name}={value!r} is too small: a bound would be computed at {float(value) * share!r}, below the "
+            f"smallest normal float {MIN_LEVEL!r}"
+        )
+    return float(value)
+
+
+def beta_quantile_below(level, a, b) -> np.ndarray:
+    """beta.ppf(level, a, b) (a, b >= 1), never above the quantile: where scipy's inversion does not converge (tiny
+    levels: NaN, or a point whose CDF exceeds the level) the largest float q with betainc(a, b, q) <= level, by
+    bisection over the floats."""
+    level, a, b = np.broadcast_arrays(np.asarray(level, dtype=np.float64), np.asarray(a), np.asarray(b))
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore")  # scipy/boost warns where its root finding fails; that is checked below
+        q = np.asarray(beta.ppf(level, a, b), dtype=np.float64)
+        bad = ~(np.isfinite(q) & (betainc(a, b, np.where(np.isfinite(q), q, 0.0)) <= level * (1.0 + 1e-9)))
+        if np.any(bad):
+            la, lb, lv = a[bad], b[bad], level[bad]
+            lo = np.zeros(len(lv), dtype=np.int64)  # bit patterns of floats in [0, 1], ordered like the floats
+            hi = np.full(len(lv), np.array(1.0).view(np.int64))
+            while np.any(lo < hi):
+                mid = lo + (hi - lo + 1) // 2
+                ok = betainc(la, lb, mid.view(np.float64)) <= lv
+                lo = np.where(ok, mid, lo)
+                hi = np.where(ok, hi, mid - 1)
+            q = q.copy()
+            q[bad] = lo.view(np.float64)
+    return q[()] if q.ndim == 0 else q
+
+
 def clopper_pearson_lower(n_a, n, alpha: float = 0.001) -> np.ndarray:
     """Two-sided Clopper-Pearson lower bound at level alpha: beta.ppf(alpha/2, n_A, N - n_A + 1)."""
     n_a = np.asarray(n_a, dtype=np.int64)
     if np.any(n_a < 0) or np.any(n_a > n):
         raise ValueError("n_A must lie in [0, N]")
-    if not 0 < alpha < 1:
-        raise ValueError(f"alpha must lie in (0, 1), got {alpha!r}")
+    alpha = check_level("alpha", alpha, share=0.5)
     safe = np.maximum(n_a, 1)
-    lb = beta.ppf(alpha / 2, safe, n - safe + 1)
+    lb = beta_quantile_below(alpha / 2, safe, n - safe + 1)
     return np.where(n_a == 0, 0.0, lb)
 
 

@@ -31,6 +31,7 @@ import torch
 from ssn_exp.certify.core import (
     Certificates,
     NonFiniteLogitsError,
+    check_level,
     clopper_pearson_lower,
     count_predictions,
     top_class,
@@ -147,8 +148,9 @@ class Procedure:
             start += x.shape[0]
 
     def check_row(self, values: dict[str, str], counts: np.ndarray, prediction: int, radius: float, noise) -> None:
-        """Raise ``ValueError`` unless a row read back (its :meth:`columns` as text, its counts, prediction and radius)
-        is one this procedure would have written."""
+        """Raise ``ValueError`` unless a row read back (its :meth:`columns` and its ``label`` as text, its counts,
+        prediction and radius) is one this procedure would have written: what follows from the row is recomputed,
+        the rest bounded from both sides."""
         raise NotImplementedError
 
 
@@ -208,9 +210,7 @@ class FixedSample(Procedure):
     def __init__(self, n0: int = 64, n: int = 100_000, alpha: float = 0.001):
         self.n0 = _count("n0", n0)
         self.n = _count("n", n)
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
-            raise ProcedureError(f"alpha must lie in (0, 1), got {alpha!r}")
-        self.alpha = float(alpha)
+        self.alpha = check_level("alpha", alpha, share=0.5, error=ProcedureError)  # two-sided: alpha / 2
 
     def settings(self, seed: int) -> dict:
         return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "seed": int(seed)}

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ssn_exp.certify.core import Certificates, input_dtype, top_class
+from ssn_exp.certify.core import Certificates, check_level, input_dtype, top_class
 from ssn_exp.certify.procedures import Procedure, ProcedureError, _count
 from ssn_exp.certify.record import SAMPLES_COLUMN
 from ssn_exp.certify.sequential import (
@@ -26,6 +26,7 @@ from ssn_exp.certify.sequential import (
     Schedule,
     SequentialStream,
     SequentialTest,
+    least_share,
     sequential_certificates,
     thresholds_for_radii,
 )
@@ -39,12 +40,10 @@ SELECT = ("top", "label")
 DEFAULT_RADII = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0)
 
 
-def _level(name: str, value, allow_none: bool = False) -> float | None:
+def _level(name: str, value, allow_none: bool = False, share: float = 1.0) -> float | None:
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
-        raise ProcedureError(f"procedure.{name} must lie in (0, 1), got {value!r}")
-    return float(value)
+    return check_level(f"procedure.{name}", value, share=share, error=ProcedureError)
 
 
 class Sequential(Procedure):
@@ -107,7 +106,13 @@ class Sequential(Procedure):
         max_batch = _count("procedure.max_batch", max_batch)
         if max_batch < first_batch:
             raise ProcedureError(f"procedure.max_batch ({max_batch}) must be >= procedure.first_batch ({first_batch})")
-        self.schedule = Schedule(first=first_batch, growth=growth, max_batch=max_batch, cap=self.n)
+        try:
+            self.schedule = Schedule(first=first_batch, growth=growth, max_batch=max_batch, cap=self.n)
+        except ValueError as exc:
+            raise ProcedureError(f"procedure.n: {exc}") from None
+        share = least_share(self.bound, self.final_share, len(self.schedule))  # every look's level is a normal float
+        _level("alpha", self.alpha, share=share)
+        _level("beta", self.beta, allow_none=True, share=share)
         self._tests: dict[str, SequentialTest] = {}
 
     # -- what the certificates depend on ------------------------------------------------------------------
@@ -281,16 +286,15 @@ class Sequential(Procedure):
         looks = np.flatnonzero(test.checkpoints == t)
         if len(looks) == 0:
             raise ValueError(f"the test's {t} samples are not a check point of the schedule")
-        tau = int(looks[0])
-        a = int(counts[prediction])
-        tested = self.select == "top" or radius >= 0  # the prediction is the class the test ran on
-        if not tested and prediction != int(top_class(counts[None, :])[0]):
-            raise ValueError("the prediction is neither a certified label nor the majority of the counts")
-        # the running maximum over the looks: at look i the successes were at most min(a, t_i)
-        steps = np.arange(tau + 1)
-        most = float(np.max(test.lower_at(np.minimum(a, test.checkpoints[: tau + 1]), steps)))
-        if p > most:
-            raise ValueError("p_lower is above what the counts of the prediction allow")
-        if tested and p < float(test.lower_at(a, tau)):
-            raise ValueError("p_lower is below the bound of the counts of the prediction at the last look")
+        tested = prediction  # the class the test ran on: the prediction, or with select=label the label
+        if self.select == "label":
+            tested = int(values["label"])
+            if radius >= 0 and prediction != tested:
+                raise ValueError("a certified row of select=label predicts its label")
+            if radius < 0 and prediction != int(top_class(counts[None, :])[0]):
+                raise ValueError("the prediction is neither a certified label nor the majority of the counts")
+        # p_lower is recomputed as far as the counts allow: one of the test's own bounds, on a path that stops here
+        why = test.stopped_with(int(counts[tested]), int(looks[0]), p)
+        if why:
+            raise ValueError(why)
         noise.check_extra({c: float(values[c]) for c in noise.extra_columns}, radius)

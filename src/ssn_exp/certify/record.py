@@ -117,5 +117,6 @@ class CertificateRecord:
         if not math.isfinite(radius) or not math.isfinite(seconds) or seconds < 0:
             raise ValueError("radius and seconds must be finite")
         counts = parse_counts(row["counts"], num_classes or max(pred, label, 1) + 1 + 4096)
-        self.procedure.check_row({name: row[name] for name in self.fields}, counts, pred, radius, self.noise)
+        values = {name: row[name] for name in ("label", *self.fields)}
+        self.procedure.check_row(values, counts, pred, radius, self.noise)
         return index

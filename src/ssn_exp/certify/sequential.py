@@ -29,10 +29,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from scipy.special import betaln
-from scipy.stats import beta as beta_dist
 from scipy.stats import binom
 
-from ssn_exp.certify.core import NonFiniteLogitsError, input_dtype, top_class
+from ssn_exp.certify.core import NonFiniteLogitsError, beta_quantile_below, check_level, input_dtype, top_class
 
 __all__ = [
     "BOUNDS",
@@ -55,6 +54,9 @@ __all__ = [
     "smoothing_noise",
 ]
 
+#: The most check points a schedule may have (each is a bound per threshold, precomputed; a cap beyond needs a larger
+#: max_batch): n = 100,000 with batches of up to 1024 takes 102.
+MAX_LOOKS = 1024
 #: The lower-bound families :class:`SequentialTest` knows (docs/method.md section 13.2).
 BOUNDS = ("kt", "kt+final", "union")
 
@@ -80,22 +82,6 @@ def _counts(a, t) -> tuple[np.ndarray, np.ndarray]:
     return a, t
 
 
-def _check_level(name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float | np.floating) or not 0 < value < 1:
-        raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
-    return float(value)
-
-
-def _check_levels(name: str, value) -> np.ndarray | float:
-    """A level or an array of levels, each in (0, 1)."""
-    if np.ndim(value) == 0:
-        return _check_level(name, value)
-    v = np.asarray(value, dtype=np.float64)
-    if not np.all((v > 0) & (v < 1)):
-        raise ValueError(f"{name} must lie in (0, 1)")
-    return v
-
-
 def kt_lower_bound(a, t, alpha: float) -> np.ndarray:
     """Lower end L_t of the KT-mixture confidence sequence after ``a`` successes in ``t`` trials.
 
@@ -105,7 +91,7 @@ def kt_lower_bound(a, t, alpha: float) -> np.ndarray:
     log M_t(p) = log(1/alpha) is found by bisection and returned from below (never above the true infimum).
     L_t = 0 when a = 0 (or t = 0).
     """
-    alpha = _check_levels("alpha", alpha)
+    alpha = check_level("alpha", alpha)
     a, t = _counts(a, t)
     af, tf = a.astype(np.float64), t.astype(np.float64)
     bf = tf - af
@@ -135,12 +121,13 @@ def cp_lower_bound(a, t, alpha: float) -> np.ndarray:
     """One-sided Clopper-Pearson lower bound at level alpha: beta.ppf(alpha, a, t - a + 1) (0 when a = 0).
 
     alpha is shrunk by a relative 1e-9 and the result moved one ulp down, so scipy's inversion error can only
-    make the bound smaller.
+    make the bound smaller; where the inversion does not converge (tiny alpha), :func:`beta_quantile_below` falls
+    back to bisection on the CDF, so the bound is never above the quantile.
     """
-    alpha = _check_levels("alpha", alpha)
+    alpha = check_level("alpha", alpha)
     a, t = _counts(a, t)
     safe = np.maximum(a, 1)
-    q = beta_dist.ppf(alpha * (1.0 - 1e-9), safe, t - safe + 1)
+    q = beta_quantile_below(alpha * (1.0 - 1e-9), safe, t - safe + 1)
     return np.where(a > 0, np.maximum(np.nextafter(q, 0.0), 0.0), 0.0)
 
 
@@ -148,6 +135,29 @@ def cp_upper_bound(a, t, alpha: float) -> np.ndarray:
     """One-sided Clopper-Pearson upper bound: the mirror of :func:`cp_lower_bound` on failures."""
     a, t = _counts(a, t)
     return 1.0 - cp_lower_bound(t - a, t, alpha)
+
+
+def level_shares(bound: str, final_share: float, looks: int) -> tuple[np.ndarray, np.ndarray]:
+    """The share of the level each of ``looks`` check points spends: on its main bound, and on the extra cap look
+    (nan: none). ``kt``: all of it at every look (a confidence sequence); ``kt+final``: 1 - final_share at every look
+    and final_share on a Clopper-Pearson bound at the cap; ``union``: final_share at the cap, the rest split equally
+    over the other looks."""
+    w = final_share
+    main = np.ones(looks)
+    extra = np.full(looks, np.nan)
+    if bound == "kt+final":
+        main[:] = 1 - w
+        extra[-1] = w
+    elif bound == "union" and looks > 1:
+        main[:-1] = (1 - w) / (looks - 1)
+        main[-1] = w
+    return main, extra
+
+
+def least_share(bound: str, final_share: float, looks: int) -> float:
+    """The smallest share of the level one bound of the test is computed at (:func:`level_shares`)."""
+    main, extra = level_shares(bound, final_share, looks)
+    return float(np.nanmin(np.concatenate([main, extra])))
 
 
 @dataclass(frozen=True)
@@ -171,6 +181,15 @@ class Schedule:
                 raise ValueError(f"schedule {name} must be an integer >= 1, got {value!r}")
         if self.max_batch < self.first:
             raise ValueError(f"schedule max_batch ({self.max_batch}) must be >= first ({self.first})")
+        looks, total, b = 0, 0, self.first  # counted before anything is built: a huge cap is refused at once
+        while total < self.cap and b < self.max_batch and self.growth > 1:
+            looks, total, b = looks + 1, total + b, min(b * self.growth, self.max_batch)
+        looks += -(-max(self.cap - total, 0) // b)
+        if looks > MAX_LOOKS:
+            raise ValueError(
+                f"a cap of {self.cap} samples takes {looks} looks of batches up to {self.max_batch}, more than "
+                f"{MAX_LOOKS}: lower the cap (n) or raise max_batch"
+            )
         batches, total, b = [], 0, self.first
         while total < self.cap:
             take = min(b, self.cap - total)
@@ -262,15 +281,15 @@ class SequentialTest:
         tolerance: float | None = None,
         radius_fn: Callable[[np.ndarray], np.ndarray] | None = None,
     ):
-        self.alpha = _check_level("alpha", alpha)
-        self.beta = self.alpha if beta is None else _check_level("beta", beta)
+        self.alpha = check_level("alpha", alpha)
+        self.beta = self.alpha if beta is None else check_level("beta", beta)
         self.schedule = Schedule() if schedule is None else schedule
         if not isinstance(self.schedule, Schedule):
             raise ValueError(f"schedule must be a Schedule, got {type(self.schedule).__name__}")
         if bound not in BOUNDS:
             raise ValueError(f"unknown bound {bound!r}; choose one of {list(BOUNDS)}")
         self.bound = bound
-        self.final_share = _check_level("final_share", final_share)
+        self.final_share = check_level("final_share", final_share)
         p = np.asarray(thresholds, dtype=np.float64).reshape(-1)
         if np.any(np.isnan(p)) or np.any(p < 0):
             raise ValueError("thresholds must be probabilities >= 0 (inf for an unreachable radius)")
@@ -280,6 +299,9 @@ class SequentialTest:
         self.tolerance = None if tolerance is None else float(tolerance)
         self.radius_fn = radius_fn if radius_fn is not None else (lambda q: np.asarray(q, dtype=np.float64))
         self.checkpoints = self.schedule.checkpoints
+        share = least_share(self.bound, self.final_share, len(self.checkpoints))
+        check_level("alpha", self.alpha, share=share)
+        check_level("beta", self.beta, share=share)
         self.levels_lower = self._levels(self.alpha)
         self.levels_upper = self._levels(self.beta)
         #: certify_counts[i, j]: the smallest a with lower(a, i) >= thresholds[j] (t_i + 1: never).
@@ -290,17 +312,8 @@ class SequentialTest:
     # -- the bounds at check point i --------------------------------------------------------------------
     def _levels(self, level: float) -> tuple[np.ndarray, np.ndarray]:
         """Per check point: the level of the main bound and of the extra cap look (nan: none)."""
-        k = len(self.checkpoints)
-        w = self.final_share
-        main = np.full(k, level)
-        extra = np.full(k, np.nan)
-        if self.bound == "kt+final":
-            main[:] = level * (1 - w)
-            extra[-1] = level * w
-        elif self.bound == "union" and k > 1:
-            main[:-1] = level * (1 - w) / (k - 1)
-            main[-1] = level * w
-        return main, extra
+        main, extra = level_shares(self.bound, self.final_share, len(self.checkpoints))
+        return level * main, level * extra
 
     def _bound(self, a, step, levels, lower: bool) -> np.ndarray:
         step = np.asarray(step, dtype=np.int64)
@@ -329,22 +342,25 @@ class SequentialTest:
         return self._bound(a, step, self.levels_upper, False)
 
     def _search(self, fn, p) -> np.ndarray:
-        """Per check point i and threshold j: the smallest a in [0, t_i + 1] with fn(a, i) >= p[j] (t_i + 1: none).
-
-        A binary search over a, vectorised over (i, j); fn is non-decreasing in a.
-        """
+        """Per check point i and threshold j: the smallest a in [0, t_i + 1] with fn(a, i) >= p[j] (t_i + 1: none)."""
         k, nj = len(self.checkpoints), len(p)
         steps = np.repeat(np.arange(k), nj)
-        target = np.tile(p, k)
         t = self.checkpoints[steps]
-        lo = np.zeros(k * nj, dtype=np.int64)  # invariant: the answer lies in [lo, hi]
-        hi = t + 1
+        return self._least(fn, steps, np.tile(p, k), np.zeros(k * nj, dtype=np.int64), t).reshape(k, nj)
+
+    @staticmethod
+    def _least(fn, steps, target, lo, top) -> np.ndarray:
+        """Per entry: the smallest a in [lo, top + 1] with fn(a, step) >= target (top + 1: none). A binary search
+        over a, vectorised; fn is non-decreasing in a."""
+        lo, hi, top = np.asarray(lo, dtype=np.int64), np.asarray(top, dtype=np.int64) + 1, np.asarray(top)
+        lo, hi = np.broadcast_arrays(lo, hi)
+        lo, hi = lo.copy(), hi.copy()  # invariant: the answer lies in [lo, hi]
         while np.any(lo < hi):
             mid = (lo + hi) // 2
-            good = (fn(np.minimum(mid, t), steps) >= target) & (mid <= t)
+            good = (np.asarray(fn(np.minimum(mid, top), steps)) >= target) & (mid <= top)
             hi = np.where(good, mid, hi)
             lo = np.where(good, lo, mid + 1)
-        return lo.reshape(k, nj)
+        return lo
 
     def _certify_counts(self, p) -> np.ndarray:
         return self._search(self.lower_at, p)
@@ -394,6 +410,46 @@ class SequentialTest:
         done = self.decided(state.lower[images], state.upper[images]) | (state.step[images] >= len(self.checkpoints))
         state.done[images] = done
         return done
+
+    def stopped_with(self, a: int, step: int, lower: float) -> str | None:
+        """Why no run of this test stops after the check at schedule index ``step`` with ``a`` successes and the
+        running lower bound ``lower`` (None: some run does). Checks a row read back (``procedure=sequential``).
+
+        Only the final count is known, so the successes at look i lie in [a - (t_step - t_i), min(a, t_i)]; the
+        bounds are non-decreasing in the count and :meth:`decided` is monotone, so each look gets the least running
+        lower and the most running upper bound any path allows. ``lower`` must be exactly the bound of some look
+        j <= step at a count its range allows (the running maximum is one of the computed bounds), no look before
+        ``step`` may have decided (the test would have stopped there), and ``step`` must decide or be the cap.
+        """
+        t = self.checkpoints[: step + 1]
+        steps = np.arange(step + 1)
+        hi = np.minimum(a, t)
+        lo = np.maximum(a - (t[-1] - t), 0)
+        at_hi = np.asarray(self.lower_at(hi, steps), dtype=np.float64)
+        at_lo = np.asarray(self.lower_at(lo, steps), dtype=np.float64)
+        least = np.maximum.accumulate(at_lo)
+        most_up = np.minimum.accumulate(np.asarray(self.upper_at(hi, steps), dtype=np.float64))
+        least_up = np.minimum.accumulate(np.asarray(self.upper_at(lo, steps), dtype=np.float64))
+        if not lower <= at_hi.max():
+            return "p_lower is above what the counts of the prediction allow"
+        if lower < least[-1]:
+            return "p_lower is below the bound of the counts of the prediction at the last look"
+        if step + 1 < len(self.checkpoints) and not self.decided([lower], [least_up[-1]])[0]:
+            return "the test would not have stopped at these samples: its bounds decide nothing new there"
+        open_least = ~self.decided(least, most_up)  # look i undecided on some path
+        open_at = ~self.decided(np.maximum(least, lower), most_up)  # ... with the running lower already at `lower`
+        if not np.all(open_least[:-1]):
+            return "an earlier look would have decided every radius: the test stops there, not at these samples"
+
+        if at_lo[-1] == lower:  # the bound of the last look (lo = hi = a there): the usual case
+            return None
+        # else the bound of an earlier look j at a count its range allows, and no look from j on decided
+        j = steps[:-1]
+        a_j = np.minimum(self._least(self.lower_at, j, lower, lo[j], hi[j]), hi[j])
+        reached = np.asarray(self.lower_at(a_j, j), dtype=np.float64) == lower
+        if any(reached[i] and np.all(open_at[i:step]) for i in j):
+            return None
+        return "p_lower is not a bound the test computes from the counts of the prediction"
 
     def decided(self, lower, upper) -> np.ndarray:
         """The stopping rule, given running lower and upper bounds (arrays)."""

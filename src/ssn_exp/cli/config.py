@@ -220,10 +220,9 @@ def check_certify_config(cfg: DictConfig, n: int | None = None, shape=None) -> d
     if precision is not None and (isinstance(precision, bool) or not isinstance(precision, str | int)):
         raise ConfigError(f"trainer.precision must be a string such as 32-true or bf16-mixed, got {precision!r}")
     settings["precision"] = None if precision is None else str(precision)
-    alpha = get("alpha")
-    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
-        raise ConfigError(f"certify.alpha must lie in (0, 1), got {alpha!r}")
-    settings["alpha"] = float(alpha)
+    from ssn_exp.certify.core import check_level
+
+    settings["alpha"] = check_level("certify.alpha", get("alpha"), share=0.5, error=ConfigError)  # two-sided
     autocast = settings["autocast"]
     if not (autocast is None or (isinstance(autocast, str) and autocast in ("none", "bf16", "fp16"))):
         raise ConfigError(f"certify.autocast must be null, bf16 or fp16, got {autocast!r}")
