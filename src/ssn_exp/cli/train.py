@@ -17,12 +17,21 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ssn_exp.cli.common import build_noise, build_procedure, certify_model, check_network, finish_wandb, run_trust
+from ssn_exp.cli.common import (
+    build_noise,
+    build_procedure,
+    certify_model,
+    check_network,
+    finish_wandb,
+    refuse_other_certificates,
+    run_trust,
+)
 from ssn_exp.cli.config import (
     CONF_DIR,
     ConfigError,
     build,
     check_certify_config,
+    check_one_value,
     check_positive_int,
     check_seed,
     check_sigma,
@@ -62,6 +71,12 @@ def build_parts(cfg: DictConfig):
         )
     dm.check("fit")  # missing data fails here, before anything is written
     smoothing = build_noise(cfg.method)
+    why = smoothing.misfit(q=dm.q, dim=dm.dim)  # (a method.q or method.dim of its own: the records say the data's)
+    if why is not None:
+        raise ConfigError(
+            f"the noise of {config_source('method')} {why}, the data set {dm.name} has q={dm.q}, dim={dm.dim}: "
+            "leave method.q and method.dim to the data set"
+        )
     check_network(normalized(build(cfg.model, "model"), dm.mean, dm.std), dm, "model")
     if "objective" not in cfg.training:
         raise ConfigError(
@@ -147,6 +162,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     check_sigma(cfg.sigma)  # the cheap checks come before the heavy imports
     seed = check_seed(cfg.seed)
+    check_one_value(cfg)  # the run folder's sigma and seed are the ones the run uses
     check_tag(cfg.tag)
     run_trust(cfg)  # a bad trust_targets value is refused before anything starts
     check_positive_int(cfg.training.epochs, "training.epochs")
@@ -176,6 +192,9 @@ def run_train(cfg: DictConfig) -> dict | None:
         module = variant.prepare(
             module, dm, ckpt_dir=ckpt_dir, resume_from=ckpt_path, make_trainer=_make_trainer(cfg), trust=run_trust(cfg)
         )
+        if cfg.certify.enabled:  # every refusal comes before the first write: a refused rerun changes nothing
+            model = None if variant.trains else module.model
+            refuse_other_certificates(out_dir, model, module.smoothing, procedure, settings)
         logger = build(cfg.logger, "logger")
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
