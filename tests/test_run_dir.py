@@ -235,7 +235,8 @@ def test_a_refused_rerun_of_a_finished_run_leaves_every_file_byte_identical(tmp_
     """Issue 23 §5: a finished ``debug=fast method=uniform`` run, and its checkpoint certified by
     ``python -m ssn_exp.certify``, then the same commands with other certify settings (and other training
     settings): refused in one line before anything is logged or trained, and both folders stay byte-identical
-    (``.hydra/``, ``csv/hparams.yaml``, ``ssn_exp.log``, the checkpoints, the certificates, metrics.json)."""
+    (``.hydra/``, ``csv/hparams.yaml``, ``ssn_exp.log``, the checkpoints, the certificates, metrics.json). A rerun
+    that would train further (``trainer.max_epochs``) would certify other weights: refused before training too."""
     run, cert = tmp_path / "run", tmp_path / "cert"
     train = ["debug=fast", "method=uniform", "certify.max_examples=4", f"hydra.run.dir={run}"]
     assert run_cli("ssn_exp", *train).returncode == 0
@@ -245,9 +246,11 @@ def test_a_refused_rerun_of_a_finished_run_leaves_every_file_byte_identical(tmp_
     before = {d: tree(d) for d in (run, cert)}
     assert {"csv/hparams.yaml", "ssn_exp.log", ".hydra/config.yaml", "certificates.csv"} <= set(before[run])
     calls = [("ssn_exp", [*train, "certify.n=300"]), ("ssn_exp.certify", [*recertify, "certify.n=300"])]
-    refused = [*run_cli_many(calls, workers=2), run_cli("ssn_exp", *train, "training.epochs=2")]
+    refused = [*run_cli_many(calls, workers=2)]
+    refused += [run_cli("ssn_exp", *train, more) for more in ("training.epochs=2", "trainer.max_epochs=2")]
     for d, t in before.items():
         assert tree(d) == t, d
-    for p, text in zip(refused, ["other settings (n: 256 -> 300)"] * 2 + ["different settings"], strict=True):
+    texts = ["other settings (n: 256 -> 300)"] * 2 + ["different settings (scheduler.T_max)", "more training"]
+    for p, text in zip(refused, texts, strict=True):
         errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
         assert p.returncode == 2 and len(errors) == 1 and text in errors[0], p.stderr[-3000:]

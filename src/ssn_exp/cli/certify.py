@@ -248,7 +248,7 @@ def run_certify(cfg: DictConfig) -> dict:
     if not path.is_file():  # before torch is imported: a mistyped path is answered at once
         what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
         raise ConfigError(f"checkpoint {path} {what}: give ckpt=PATH to a .ckpt (or the authors' .pth) file")
-    from ssn_exp.lightning.results import format_table
+    from ssn_exp.lightning.results import format_table, model_fingerprint
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     given = _explicit_overrides()
@@ -269,7 +269,7 @@ def run_certify(cfg: DictConfig) -> dict:
         run_seed = meta.pop("run_seed", None)
         if run_seed is not None and "seed" not in given:  # the same certification noise as the run's own
             settings["seed"] = run_seed
-        refuse_other_certificates(out_dir, model, smoothing, procedure, settings)  # before anything is written
+        refuse_other_certificates(out_dir, model_fingerprint(model), smoothing, procedure, settings)  # before writing
         logger = build(cfg.logger, "logger")
         if logger:
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "checkpoint_identity": meta})

@@ -148,6 +148,22 @@ def _resume_point(cfg: DictConfig, out_dir: Path, hparams: dict, identity: dict)
     return str(last)
 
 
+def _weights_to_certify(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> str | None:
+    """The fingerprint of the weights a training run will certify, where it is known before training (so that
+    certificates of other weights are refused before anything is written): its checkpoint's when training is done,
+    a note when the run is about to train further (which changes them). None (compared after training) for a run
+    that trains from scratch or a folder without certificates (the checkpoint is then not read again)."""
+    from ssn_exp.lightning.module import load_checkpoint, read_checkpoint
+    from ssn_exp.lightning.results import model_fingerprint
+
+    if ckpt_path is None or not any(out_dir.glob("certificates*.csv")):
+        return None
+    epoch, max_epochs = read_checkpoint(ckpt_path).get("epoch"), cfg.trainer.get("max_epochs")
+    if isinstance(epoch, int) and isinstance(max_epochs, int) and epoch + 1 < max_epochs:
+        return f"those of more training (epoch {epoch + 1} -> {max_epochs})"
+    return model_fingerprint(load_checkpoint(ckpt_path, trust=run_trust(cfg)).model)  # (checked by _resume_point)
+
+
 def _make_trainer(cfg: DictConfig):
     from ssn_exp.lightning.progress import progress_callbacks
 
@@ -178,7 +194,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     from ssn_exp.lightning.certification import CertifyCallback
     from ssn_exp.lightning.module import SmoothedTraining
     from ssn_exp.lightning.progress import progress_callbacks
-    from ssn_exp.lightning.results import format_table
+    from ssn_exp.lightning.results import format_table, model_fingerprint
 
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -193,8 +209,10 @@ def run_train(cfg: DictConfig) -> dict | None:
             module, dm, ckpt_dir=ckpt_dir, resume_from=ckpt_path, make_trainer=_make_trainer(cfg), trust=run_trust(cfg)
         )
         if cfg.certify.enabled:  # every refusal comes before the first write: a refused rerun changes nothing
-            model = None if variant.trains else module.model
-            refuse_other_certificates(out_dir, model, module.smoothing, procedure, settings)
+            weights = (
+                _weights_to_certify(cfg, out_dir, ckpt_path) if variant.trains else model_fingerprint(module.model)
+            )
+            refuse_other_certificates(out_dir, weights, module.smoothing, procedure, settings)
         logger = build(cfg.logger, "logger")
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
