@@ -28,7 +28,7 @@ def _no_results(run) -> bool:
 @pytest.mark.slow
 def test_bad_inputs_on_the_command_line_are_one_line_and_leave_nothing(tmp_path):
     """Each case in its own process, all at once: NaN radii, a noise batch no memory holds, a corrupt image in an
-    ImageFolder data root, a user model that changes its input in place."""
+    ImageFolder data root, a user model that changes its input in place, a noise of another sigma than the run's."""
     train, val = write_tiny_imagefolder(tmp_path / "train"), write_tiny_imagefolder(tmp_path / "val", seed=1)
     (val / "n00000001" / "img_2.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     conf = tmp_path / "conf" / "model"
@@ -41,6 +41,10 @@ def test_bad_inputs_on_the_command_line_are_one_line_and_leave_nothing(tmp_path)
     folder += ["data.image_size=16", "data.resize=18", "data.num_workers=0", "data.test_every=1", "model=digits_cnn"]
     cases = {
         "radii": (["certify.radii=[nan,0.5]"], ["certify.radii must be a list of non-negative finite numbers"]),
+        "sigma": (
+            ["method.sigma=2.0", "sigma=0.5"],
+            ["error: method.sigma=2.0 conflicts with sigma=0.5; set sigma=2.0"],
+        ),
         "noise_batch": (["certify.noise_batch=2000000000"], ["certify.noise_batch=2000000000 needs at least", "GiB"]),
         "image": (folder, ["cannot read image", "img_2.png", "remove or replace the file"]),
         "inplace": (

@@ -175,3 +175,38 @@ def test_trainer_logger_and_denoiser_configs_build():
     assert isinstance(instantiate(cfg.denoiser.net), DnCNN)
     opt = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["method.sigma=2.0", "sigma=0.5"], "method.sigma=2.0 conflicts with sigma=0.5; set sigma=2.0"),
+        (["method=uniform", "method.sigma=0.25"], "method.sigma=0.25 conflicts with sigma=0.5; set sigma=0.25"),
+        (["method.seed=1"], "method.seed=1 conflicts with seed=0; set seed=1"),
+        (["method=laplace", "seed=2", "data.seed=3"], "data.seed=3 conflicts with seed=2; set seed=3"),
+        (["method.sigma=0.50", "seed=4", "method.seed=4"], None),  # the same value, written otherwise
+        (["method=uniform", "sigma=1.0", "seed=7"], None),  # a noise without a seed
+    ],
+)
+def test_a_run_has_one_sigma_and_one_seed(overrides, message):
+    """Issue 23 §6: the run folder is named sigma<sigma>-seed<seed>; a group key set to another value (the noise's
+    sigma or seed, the data order's seed) is refused in one line, before anything starts."""
+    from ssn_exp.cli.config import ConfigError, check_one_value
+
+    cfg = _compose(overrides)
+    if message is None:
+        check_one_value(cfg)
+    else:
+        with pytest.raises(ConfigError) as info:
+            check_one_value(cfg)
+        assert str(info.value) == message
+
+
+def test_a_noise_built_for_another_grid_than_the_data_is_refused_before_training():
+    """The records name the data set's q (and dim): a noise of another q (method.q=32 on the digits' 16, whose
+    values also lie on the finer grid, so that nothing else would notice) is refused when the parts are built."""
+    from ssn_exp.cli.config import ConfigError
+    from ssn_exp.cli.train import build_parts
+
+    with pytest.raises(ConfigError, match=r"was built for q=32, dim=64, the data set digits has q=16, dim=64"):
+        build_parts(_compose(["method.q=32"]))

@@ -228,3 +228,29 @@ def test_refused_starts_change_nothing_of_the_users(tmp_path):
     for d, t in before.items():
         assert tree(d) == t, d
     assert outside.read_bytes() == b"precious\n"
+
+
+@pytest.mark.slow
+def test_a_refused_rerun_of_a_finished_run_leaves_every_file_byte_identical(tmp_path):
+    """Issue 23 §5: a finished ``debug=fast method=uniform`` run, and its checkpoint certified by
+    ``python -m ssn_exp.certify``, then the same commands with other certify settings (and other training
+    settings): refused in one line before anything is logged or trained, and both folders stay byte-identical
+    (``.hydra/``, ``csv/hparams.yaml``, ``ssn_exp.log``, the checkpoints, the certificates, metrics.json). A rerun
+    that would train further (``trainer.max_epochs``) would certify other weights: refused before training too."""
+    run, cert = tmp_path / "run", tmp_path / "cert"
+    train = ["debug=fast", "method=uniform", "certify.max_examples=4", f"hydra.run.dir={run}"]
+    assert run_cli("ssn_exp", *train).returncode == 0
+    ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
+    recertify = [ckpt, "certify.max_examples=2", "certify.n=256", "certify.progress=false", f"hydra.run.dir={cert}"]
+    assert run_cli("ssn_exp.certify", *recertify).returncode == 0
+    before = {d: tree(d) for d in (run, cert)}
+    assert {"csv/hparams.yaml", "ssn_exp.log", ".hydra/config.yaml", "certificates.csv"} <= set(before[run])
+    calls = [("ssn_exp", [*train, "certify.n=300"]), ("ssn_exp.certify", [*recertify, "certify.n=300"])]
+    refused = [*run_cli_many(calls, workers=2)]
+    refused += [run_cli("ssn_exp", *train, more) for more in ("training.epochs=2", "trainer.max_epochs=2")]
+    for d, t in before.items():
+        assert tree(d) == t, d
+    texts = ["other settings (n: 256 -> 300)"] * 2 + ["different settings (scheduler.T_max)", "more training"]
+    for p, text in zip(refused, texts, strict=True):
+        errors = [ln for ln in p.stderr.splitlines() if ln.startswith("error:")]
+        assert p.returncode == 2 and len(errors) == 1 and text in errors[0], p.stderr[-3000:]

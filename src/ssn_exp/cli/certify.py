@@ -20,7 +20,14 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ssn_exp.cli.common import build_noise, build_procedure, certify_model, finish_wandb, run_trust
+from ssn_exp.cli.common import (
+    build_noise,
+    build_procedure,
+    certify_model,
+    finish_wandb,
+    refuse_other_certificates,
+    run_trust,
+)
 from ssn_exp.cli.config import (
     CONF_DIR,
     ConfigError,
@@ -241,7 +248,7 @@ def run_certify(cfg: DictConfig) -> dict:
     if not path.is_file():  # before torch is imported: a mistyped path is answered at once
         what = "is a directory, not a checkpoint file" if path.is_dir() else "does not exist"
         raise ConfigError(f"checkpoint {path} {what}: give ckpt=PATH to a .ckpt (or the authors' .pth) file")
-    from ssn_exp.lightning.results import format_table
+    from ssn_exp.lightning.results import format_table, model_fingerprint
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     given = _explicit_overrides()
@@ -262,6 +269,7 @@ def run_certify(cfg: DictConfig) -> dict:
         run_seed = meta.pop("run_seed", None)
         if run_seed is not None and "seed" not in given:  # the same certification noise as the run's own
             settings["seed"] = run_seed
+        refuse_other_certificates(out_dir, model_fingerprint(model), smoothing, procedure, settings)  # before writing
         logger = build(cfg.logger, "logger")
         if logger:
             logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "checkpoint_identity": meta})

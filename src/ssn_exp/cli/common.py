@@ -22,6 +22,7 @@ __all__ = [
     "run_trust",
     "build_noise",
     "build_procedure",
+    "refuse_other_certificates",
     "certify_model",
 ]
 
@@ -157,6 +158,25 @@ def build_procedure(cfg: DictConfig, noise):
         return procedure.for_noise(noise)
     except ProcedureError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def refuse_other_certificates(out_dir: Path, weights: str | None, noise, procedure, settings: dict) -> None:
+    """Refuse now, before anything is trained, logged or written, a run directory that holds certificates made with
+    other settings: the check the certification makes again before it writes its first row
+    (:func:`ssn_exp.lightning.certification.check_settings`), so that a refused rerun leaves the run as it was.
+    ``settings``: :func:`ssn_exp.cli.config.check_certify_config`'s; ``weights``: the fingerprint of the weights to
+    certify (:func:`ssn_exp.lightning.results.model_fingerprint`), or None while they are not known (a run that
+    trains from scratch: they are compared after training)."""
+    from ssn_exp.lightning.certification import certification_settings, check_settings
+
+    recorded = certification_settings(
+        noise,
+        procedure,
+        seed=settings["seed"],
+        weights=weights,
+        **{k: settings[k] for k in ("autocast", "precision", "channels_last", "compile")},
+    )
+    check_settings(out_dir, recorded, weights_known=weights is not None)
 
 
 def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, settings: dict, meta: dict, logger):

@@ -24,6 +24,7 @@ __all__ = [
     "check_positive_int",
     "check_bool",
     "check_tag",
+    "check_one_value",
     "check_certify_config",
     "container",
 ]
@@ -128,6 +129,29 @@ def check_seed(value, key: str = "seed") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < 2**32:
         raise ConfigError(f"{key} must be an integer in [0, 2**32), got {value!r}")
     return int(value)
+
+
+#: The run-level values a training run's folder is named by (``sigma<sigma>-seed<seed>``), and the keys of the groups
+#: that the configs set from them (``sigma: ${sigma}``): the run's records (metrics.json, the checkpoint) say what
+#: these keys built, so each must hold the run's one value.
+ONE_VALUE = {"sigma": ("method.sigma",), "seed": ("method.seed", "data.seed")}
+
+
+def check_one_value(cfg: DictConfig) -> None:
+    """One value of sigma and of seed per run: a key of :data:`ONE_VALUE` set to another value than the run's (an
+    override such as ``method.sigma=2.0``, or a YAML of the user's) is refused, else the run folder would be named
+    by one value and hold a run made with the other."""
+    for source, keys in ONE_VALUE.items():
+        want = _value(cfg, source, "")
+        for key in keys:
+            group, _, leaf = key.partition(".")
+            node = cfg.get(group)
+            if not isinstance(node, DictConfig) or leaf not in node:
+                continue
+            got = _value(node, leaf, f"{group}.")
+            same = isinstance(got, numbers.Real) and isinstance(want, numbers.Real) and float(got) == float(want)
+            if not same and got != want:
+                raise ConfigError(f"{key}={got} conflicts with {source}={want}; set {source}={got}")
 
 
 def check_positive_int(value, key: str, minimum: int = 1, maximum: int | None = None) -> int:

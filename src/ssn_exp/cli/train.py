@@ -17,12 +17,21 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ssn_exp.cli.common import build_noise, build_procedure, certify_model, check_network, finish_wandb, run_trust
+from ssn_exp.cli.common import (
+    build_noise,
+    build_procedure,
+    certify_model,
+    check_network,
+    finish_wandb,
+    refuse_other_certificates,
+    run_trust,
+)
 from ssn_exp.cli.config import (
     CONF_DIR,
     ConfigError,
     build,
     check_certify_config,
+    check_one_value,
     check_positive_int,
     check_seed,
     check_sigma,
@@ -62,6 +71,12 @@ def build_parts(cfg: DictConfig):
         )
     dm.check("fit")  # missing data fails here, before anything is written
     smoothing = build_noise(cfg.method)
+    why = smoothing.misfit(q=dm.q, dim=dm.dim)  # (a method.q or method.dim of its own: the records say the data's)
+    if why is not None:
+        raise ConfigError(
+            f"the noise of {config_source('method')} {why}, the data set {dm.name} has q={dm.q}, dim={dm.dim}: "
+            "leave method.q and method.dim to the data set"
+        )
     check_network(normalized(build(cfg.model, "model"), dm.mean, dm.std), dm, "model")
     if "objective" not in cfg.training:
         raise ConfigError(
@@ -133,6 +148,22 @@ def _resume_point(cfg: DictConfig, out_dir: Path, hparams: dict, identity: dict)
     return str(last)
 
 
+def _weights_to_certify(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -> str | None:
+    """The fingerprint of the weights a training run will certify, where it is known before training (so that
+    certificates of other weights are refused before anything is written): its checkpoint's when training is done,
+    a note when the run is about to train further (which changes them). None (compared after training) for a run
+    that trains from scratch or a folder without certificates (the checkpoint is then not read again)."""
+    from ssn_exp.lightning.module import load_checkpoint, read_checkpoint
+    from ssn_exp.lightning.results import model_fingerprint
+
+    if ckpt_path is None or not any(out_dir.glob("certificates*.csv")):
+        return None
+    epoch, max_epochs = read_checkpoint(ckpt_path).get("epoch"), cfg.trainer.get("max_epochs")
+    if isinstance(epoch, int) and isinstance(max_epochs, int) and epoch + 1 < max_epochs:
+        return f"those of more training (epoch {epoch + 1} -> {max_epochs})"
+    return model_fingerprint(load_checkpoint(ckpt_path, trust=run_trust(cfg)).model)  # (checked by _resume_point)
+
+
 def _make_trainer(cfg: DictConfig):
     from ssn_exp.lightning.progress import progress_callbacks
 
@@ -147,6 +178,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     check_sigma(cfg.sigma)  # the cheap checks come before the heavy imports
     seed = check_seed(cfg.seed)
+    check_one_value(cfg)  # the run folder's sigma and seed are the ones the run uses
     check_tag(cfg.tag)
     run_trust(cfg)  # a bad trust_targets value is refused before anything starts
     check_positive_int(cfg.training.epochs, "training.epochs")
@@ -162,7 +194,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     from ssn_exp.lightning.certification import CertifyCallback
     from ssn_exp.lightning.module import SmoothedTraining
     from ssn_exp.lightning.progress import progress_callbacks
-    from ssn_exp.lightning.results import format_table
+    from ssn_exp.lightning.results import format_table, model_fingerprint
 
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
@@ -176,6 +208,11 @@ def run_train(cfg: DictConfig) -> dict | None:
         module = variant.prepare(
             module, dm, ckpt_dir=ckpt_dir, resume_from=ckpt_path, make_trainer=_make_trainer(cfg), trust=run_trust(cfg)
         )
+        if cfg.certify.enabled:  # every refusal comes before the first write: a refused rerun changes nothing
+            weights = (
+                _weights_to_certify(cfg, out_dir, ckpt_path) if variant.trains else model_fingerprint(module.model)
+            )
+            refuse_other_certificates(out_dir, weights, module.smoothing, procedure, settings)
         logger = build(cfg.logger, "logger")
         if logger:
             logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))

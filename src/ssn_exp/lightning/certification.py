@@ -44,6 +44,8 @@ __all__ = [
     "certify_indices",
     "shard_indices",
     "ShardCertifier",
+    "certification_settings",
+    "check_settings",
     "certify_dataset",
     "CertifyCallback",
     "CertifyTask",
@@ -62,6 +64,67 @@ def certify_indices(dataset_len: int, skip: int = 1, max_examples: int | None = 
 def shard_indices(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     """Rank ``rank``'s share of ``indices``: ``indices[rank::world_size]`` (every index exactly once overall)."""
     return list(indices)[rank::world_size]
+
+
+def certification_settings(
+    smoothing: Noise,
+    procedure: Procedure,
+    *,
+    seed: int,
+    weights: str | None,
+    autocast: str | None = None,
+    precision: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> dict:
+    """What a directory's certificates depend on (``certify_settings.json``): the noise, the procedure's settings
+    (e.g. n0/n/alpha/seed of ``fixed``), the weights (:func:`model_fingerprint`) and how the base classifier is run
+    (which changes its logits, hence the certificates)."""
+    settings = dict(smoothing.describe())
+    settings.update(procedure.settings(seed))  # exact (DSSN): nothing; fixed: n0, n, alpha, seed
+    settings["weights"] = weights
+    settings.update(
+        autocast=autocast if autocast not in (None, "none") else None,
+        precision=None if precision is None else str(precision),
+        channels_last=bool(channels_last),
+        compile=bool(compile),
+    )
+    return settings
+
+
+def check_settings(out_dir: str | Path, settings: dict, *, weights_known: bool = True) -> None:
+    """Refuse (:class:`ResultsFileError`) a directory that holds certificates made with other ``settings``
+    (:func:`certification_settings`), or certificates without the ``certify_settings.json`` that explains them.
+    Reads only: the entry points call it before they train or write anything (``weights_known=False``: the weights
+    are not known before training and are compared when the certification itself checks again)."""
+    out_dir = Path(out_dir)
+    path = out_dir / "certify_settings.json"
+    if not any(out_dir.glob("certificates*.csv")):
+        return
+    if not path.is_file():
+        raise ResultsFileError(
+            f"{out_dir} holds certificates but no certify_settings.json, so how they were made is unknown; "
+            "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
+        )
+    try:
+        old = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ResultsFileError(f"{path} is unreadable ({exc}); certify into another directory") from None
+    if not isinstance(old, dict):
+        raise ResultsFileError(
+            f"{path} holds a JSON {type(old).__name__}, not the settings object ssn_exp writes; "
+            "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
+        )
+    # both ways: a setting the old certificates had and these lack (procedure=sequential's, say) differs too
+    keys = [*settings, *(k for k in old if k not in settings)]
+    if not weights_known:
+        keys = [k for k in keys if k != "weights"]
+    diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys if old.get(k) != settings.get(k)]
+    if diff:
+        raise ResultsFileError(
+            f"{out_dir} holds certificates made with other settings ({'; '.join(diff)}); "
+            "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
+        )
 
 
 class ShardCertifier:
@@ -122,14 +185,16 @@ class ShardCertifier:
             per_example = procedure.samples_per_example(smoothing)
             check_batch_memory(torch.as_tensor(dataset[0][0]).shape, per_example, noise_batch, self.batch_size, device)
         self._check_settings(
-            {
-                **self._settings(seed),
-                # how the base classifier is run changes its logits, hence the certificates
-                "autocast": autocast if autocast not in (None, "none") else None,
-                "precision": None if precision is None else str(precision),
-                "channels_last": self.channels_last,
-                "compile": bool(compile),
-            },
+            certification_settings(
+                smoothing,
+                procedure,
+                seed=seed,
+                weights=model_fingerprint(model),
+                autocast=autocast,
+                precision=precision,
+                channels_last=self.channels_last,
+                compile=compile,
+            ),
             barrier,
         )
         if self.channels_last:
@@ -162,47 +227,19 @@ class ShardCertifier:
         self.done = set(done)
         self.todo = [i for i in self.shard if i not in self.done]
 
-    def _settings(self, seed) -> dict:
-        settings = dict(self.smoothing.describe())
-        settings.update(self.procedure.settings(seed))  # exact (DSSN): nothing; fixed: n0, n, alpha, seed
-        settings["weights"] = model_fingerprint(self.model)
-        return settings
-
     def _check_settings(self, settings: dict, barrier: Callable[[str], None] | None) -> None:
-        """Refuse a directory of certificates made otherwise, then (rank 0) record ``settings``.
+        """Refuse a directory of certificates made otherwise (:func:`check_settings`), then (rank 0) record
+        ``settings``.
 
         Ranks that run concurrently pass ``barrier``: every rank checks before any rank writes a file
         (a shard file written by a fast rank must not look like an unexplained certificate to a slow one).
         """
-        path = self.out_dir / "certify_settings.json"
-        if not path.is_file() and any(self.out_dir.glob("certificates*.csv")):
-            raise ResultsFileError(
-                f"{self.out_dir} holds certificates but no certify_settings.json, so how they were made is unknown; "
-                "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
-            )
-        if path.is_file() and any(self.out_dir.glob("certificates*.csv")):
-            try:
-                old = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise ResultsFileError(f"{path} is unreadable ({exc}); certify into another directory") from None
-            if not isinstance(old, dict):
-                raise ResultsFileError(
-                    f"{path} holds a JSON {type(old).__name__}, not the settings object ssn_exp writes; "
-                    "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
-                )
-            # both ways: a setting the old certificates had and these lack (procedure=sequential's, say) differs too
-            keys = [*settings, *(k for k in old if k not in settings)]
-            diff = [f"{k}: {old.get(k)!r} -> {settings.get(k)!r}" for k in keys if old.get(k) != settings.get(k)]
-            if diff:
-                raise ResultsFileError(
-                    f"{self.out_dir} holds certificates made with other settings ({'; '.join(diff)}); "
-                    "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
-                )
+        check_settings(self.out_dir, settings)
         concurrent = barrier is not None and self.world_size > 1
         if concurrent:
             barrier("certify settings checked")
         if self.rank == 0:
-            write_json_atomic(path, settings)
+            write_json_atomic(self.out_dir / "certify_settings.json", settings)
         if concurrent:  # no shard file exists without the settings that explain it, even if a rank is killed here
             barrier("certify settings written")
 
