@@ -1,5 +1,6 @@
-"""Jobs on a real Slurm cluster (hydra/launcher=slurm, hydra-submitit-launcher's sbatch/srun): the one-node cluster
-of ``scripts/slurm_local.sh``, which ``.ci/run`` starts; skipped where none answers (tests/conftest.py)."""
+"""hydra/launcher=slurm: what a job asks Slurm for, and jobs on a real Slurm cluster (hydra-submitit-launcher's
+sbatch/srun; the tests marked ``slurm``): the one-node cluster of ``scripts/slurm_local.sh``, which ``.ci/run``
+starts; they skip where none answers (tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import certificate_columns, read_csv, read_metrics, run_cli, run_cli_many
-
-pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+from helpers import certificate_columns, one_error_line, read_csv, read_metrics, run_cli, run_cli_many
+from test_config import _compose
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 # small jobs that fit the local cluster (2 CPUs, no GPU, no accounting); the job's 2 processes share its CPU
@@ -34,6 +34,31 @@ def _same_metrics(a: Path, b: Path) -> None:
     }
 
 
+@pytest.mark.parametrize(
+    "overrides,gpus",
+    [([], 0), (["trainer=gpu"], 1), (["trainer=ddp", "trainer.devices=4"], 4), (["trainer=ddp", *DDP[1:]], 0)],
+)
+def test_the_launcher_asks_for_the_trainers_devices(overrides, gpus):
+    cfg = _compose(["hydra/launcher=slurm", *overrides])
+    assert cfg.hydra.launcher.gpus_per_node == gpus and cfg.hydra.launcher.tasks_per_node == 1
+
+
+def test_a_device_count_slurm_cannot_ask_for_is_one_line(tmp_path):
+    """Needs no cluster: the launcher's config is resolved before anything is submitted, and nothing is made."""
+    calls = [["trainer=ddp"], ["trainer.accelerator=cpu", "+trainer.num_nodes=2"]]
+    outs = [tmp_path / str(i) for i in range(len(calls))]
+    results = run_cli_many(
+        [("ssn_exp", ["--multirun", "hydra/launcher=slurm", *c, f"hydra.sweep.dir={o}"]) for c, o in zip(calls, outs)],
+        workers=2,
+    )
+    lines = [one_error_line(p) for p in results]
+    assert "give it as a number (e.g. trainer.devices=4), not -1" in lines[0]
+    assert "trainer.num_nodes=2 is not supported" in lines[1]
+    assert not any(o.exists() for o in outs)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
 def test_ddp_under_slurm_trains_and_certifies_like_one_process(tmp_path):
     """trainer=ddp trainer.devices=2 through Slurm: one job whose task spawns 2 gloo processes (the launcher asks
     for the trainer's devices). Its certificates, and those of ``python -m ssn_exp.certify`` of its checkpoint as
