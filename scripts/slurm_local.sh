@@ -113,10 +113,12 @@ CONF
     ln -sfn "$CONF" "$ETC_CONF"
 
     rm -f "$DIR"/slurmctld.pid "$DIR"/slurmd.pid
-    /usr/sbin/slurmctld
-    echo "slurmctld $(wait_pidfile "$DIR"/slurmctld.pid || die "slurmctld did not start; see $DIR/log/slurmctld.log")" >>"$PIDS"
-    /usr/sbin/slurmd
-    echo "slurmd $(wait_pidfile "$DIR"/slurmd.pid || die "slurmd did not start; see $DIR/log/slurmd.log")" >>"$PIDS"
+    local daemon pid
+    for daemon in slurmctld slurmd; do
+        /usr/sbin/$daemon || die "$daemon did not start; see $DIR/log/$daemon.log"
+        pid=$(wait_pidfile "$DIR/$daemon.pid") || die "$daemon did not start; see $DIR/log/$daemon.log"
+        echo "$daemon $pid" >>"$PIDS"
+    done
 
     local i
     for i in $(seq 30); do
