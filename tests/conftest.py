@@ -36,6 +36,34 @@ for _var, _sub in (("WANDB_DATA_DIR", "data"), ("WANDB_CACHE_DIR", "cache"), ("W
     os.environ.setdefault(_var, os.path.join(_WANDB_HOME, _sub))
 
 
+def _slurm_missing() -> str | None:
+    """Why the tests marked ``slurm`` cannot run here (None: a Slurm cluster answers with a usable node)."""
+    import subprocess
+
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return "no Slurm here (sbatch/sinfo not found; scripts/slurm_local.sh start installs and starts one)"
+    try:
+        p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+    except subprocess.TimeoutExpired:
+        return "Slurm does not answer (sinfo timed out; scripts/slurm_local.sh start)"
+    states = p.stdout.split()
+    if p.returncode != 0 or not any(s.rstrip("*~#") in ("idle", "mixed", "allocated") for s in states):
+        why = (p.stderr.strip().splitlines() or [f"node states {states}"])[-1]
+        return f"no Slurm cluster is up ({why}; scripts/slurm_local.sh start)"
+    return None
+
+
+_SLURM_MISSING: list = []
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("slurm") is not None:
+        if not _SLURM_MISSING:
+            _SLURM_MISSING.append(_slurm_missing())
+        if _SLURM_MISSING[0]:
+            pytest.skip(_SLURM_MISSING[0])
+
+
 @pytest.fixture(scope="session")
 def reference_dir() -> Path:
     """The authors' published certificate arrays, as the package ships them."""

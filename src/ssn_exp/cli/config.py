@@ -67,8 +67,30 @@ def _numel(shape) -> int:
     return int(math.prod(int(s) for s in shape))
 
 
+def _slurm_gpus(accelerator, devices, num_nodes) -> int:
+    """``${slurm_gpus:${trainer.accelerator},${trainer.devices},...}`` (hydra/launcher=slurm): the GPUs a job asks
+    for per node, the trainer's device count (0 on CPU), so that the user states it once. One job is one Slurm task
+    on one node whose ddp_spawn starts the processes (conf/trainer/ddp.yaml); several nodes are refused."""
+    if num_nodes != 1:
+        raise ConfigError(
+            f"hydra/launcher=slurm runs a job on one node; trainer.num_nodes={num_nodes} is not supported "
+            "(README, Scaling out)"
+        )
+    if str(accelerator) == "cpu":
+        return 0
+    if isinstance(devices, (list, ListConfig)):
+        return len(devices)
+    if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+        raise ConfigError(
+            f"hydra/launcher=slurm asks Slurm for trainer.devices GPUs per job: give it as a number "
+            f"(e.g. trainer.devices=4), not {devices!r}"
+        )
+    return devices
+
+
 def register_resolvers() -> None:
-    for name, fn in (("path_tag", _path_tag), ("tag_suffix", _tag_suffix), ("numel", _numel)):
+    resolvers = (("path_tag", _path_tag), ("tag_suffix", _tag_suffix), ("numel", _numel), ("slurm_gpus", _slurm_gpus))
+    for name, fn in resolvers:
         if not OmegaConf.has_resolver(name):
             OmegaConf.register_new_resolver(name, fn)
 

@@ -156,6 +156,8 @@ def _quiet_known_warnings() -> None:
         # on every resume: ssn_exp itself decides whether a run directory may be continued (resume=, tag=)
         r"Checkpoint directory .* exists and is not empty",
         r".*predict returned None.*",  # certification writes its rows itself; the predict loop returns nothing
+        # wherever Slurm is installed (every login node): hydra/launcher=slurm starts the jobs through srun itself
+        r"The `srun` command is available on your system but is not used.*",
     ):
         warnings.filterwarnings("ignore", message=message)
     # spawned DDP ranks start a fresh interpreter: the same filters through the environment (a message prefix there)
