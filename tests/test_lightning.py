@@ -302,6 +302,34 @@ def test_certificates_of_other_weights_or_settings_are_not_mixed(tmp_path):
         _certifier(tmp_path, noise)
 
 
+def test_the_entry_points_check_before_writing_is_the_certifier_s_own(tmp_path):
+    """Issue 23 §5: the entry points refuse other certify settings before anything is written
+    (:func:`refuse_other_certificates`): with the settings the certifier recorded it passes (or every rerun of a
+    finished run would be refused), other ones are refused in its words, weights not yet known are not compared, and
+    nothing in the folder changes."""
+    from helpers import tree
+    from ssn_exp.certify.procedures import default_procedure
+    from ssn_exp.cli.common import refuse_other_certificates
+    from ssn_exp.lightning.results import model_fingerprint
+
+    noise = SSN(0.5)
+    _certifier(tmp_path, noise, seed=3).run("cpu", progress=False)
+    before = tree(tmp_path)
+    settings = {"seed": 3, "autocast": None, "precision": None, "channels_last": False, "compile": False}
+    weights = model_fingerprint(_model())
+    refuse_other_certificates(tmp_path, weights, noise, default_procedure(noise, n0=8, n=64), settings)
+    refuse_other_certificates(tmp_path, None, noise, default_procedure(noise, n0=8, n=64), settings)
+    with pytest.raises(ResultsFileError, match=r"other settings \(n: 64 -> 128\)"):
+        refuse_other_certificates(tmp_path, None, noise, default_procedure(noise, n0=8, n=128), settings)
+    with pytest.raises(ResultsFileError, match=r"other settings \(weights: '[0-9a-f]{16}' -> 'other'\)"):
+        refuse_other_certificates(tmp_path, "other", noise, default_procedure(noise, n0=8, n=64), settings)
+    with pytest.raises(ResultsFileError, match=r"other settings \(seed: 3 -> 4; autocast: None -> 'bf16'\)"):
+        refuse_other_certificates(
+            tmp_path, weights, noise, default_procedure(noise, n0=8, n=64), {**settings, "seed": 4, "autocast": "bf16"}
+        )
+    assert tree(tmp_path) == before
+
+
 def test_unchecked_reading_still_tolerates_a_torn_last_line(tmp_path):
     (tmp_path / "c.csv").write_text("index,label\n0,1\n1,")
     assert list(read_certificates(tmp_path / "c.csv")) == [0]
