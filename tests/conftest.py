@@ -43,7 +43,7 @@ def _slurm_missing() -> str | None:
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         return "no Slurm here (sbatch/sinfo not found; scripts/slurm_local.sh start installs and starts one)"
     try:
-        p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=20)
+        p = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True, timeout=10)
     except subprocess.TimeoutExpired:
         return "Slurm does not answer (sinfo timed out; scripts/slurm_local.sh start)"
     states = p.stdout.split()
