@@ -78,7 +78,7 @@ Printed to stdout (Markdown) and written into --out:
                                 the report's methods; published runs dashed, ours solid, further
                                 radii (box-constrained certificates) dash-dotted in their method's
                                 colour (the paper's Figures 10-14).
-  samples_<dataset>_<training>_<denoiser>_<method>_sigma<s>_seed<k>.png
+  samples_<dataset>_<training>_<denoiser>_<method>[_<procedure>]_sigma<s>_seed<k>.png
                                 for every run whose certificates.csv has a samples column (forward
                                 passes spent per image, e.g. procedure=sequential): forward passes per
                                 image (log scale) against certified radius, one point per image, with
@@ -91,6 +91,8 @@ Printed to stdout (Markdown) and written into --out:
   report.md                     everything printed to stdout.
 
 Nothing read is ever imported or instantiated: result files, overrides and sweep records are data.
+Names built from them keep letters, digits and . _ = - (a short hash where anything else was replaced),
+and every file is written inside --out, which must not be the working directory.
 
 Exit status: 0 when results were read and no job is missing or unreadable; 1 when jobs are missing
 or runs unreadable (the report is still written, and says so in its "Missing runs" section and on
