@@ -9,11 +9,12 @@ import json
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from ssn_exp.atomic import replace_file, safe_name
 from ssn_exp.report import main
-from ssn_exp.report.records import RunFileError, load_run_dir
+from ssn_exp.report.records import RunFileError, load_reference, load_run_dir
 
 EVIL = "../../../../escaped"
 
@@ -134,3 +135,20 @@ def test_a_published_index_names_files_in_its_folder_only(tmp_path):
     )
     rc, stdout, stderr = run_main([folder, "--out", tmp_path / "out"])
     assert rc == 2 and "../secret.npz" in stderr and "is not a file name in" in stderr
+
+
+def test_a_byte_order_mark_is_skipped_in_every_file_the_report_reads(tmp_path):
+    """Spreadsheet programs write UTF-8 with a BOM: it is not part of the first column's name or of the JSON."""
+    run = write_run(tmp_path / "run")
+    for name in ("certificates.csv", "metrics.json"):
+        (run / name).write_bytes(b"\xef\xbb\xbf" + (run / name).read_bytes())
+    (rec, box) = load_run_dir(run)
+    assert rec.labels.tolist() == [1, 2] and rec.samples.tolist() == [10, 20] and box.variant == "box"
+    folder = tmp_path / "published"
+    folder.mkdir()
+    np.savez(folder / "a.npz", labels=np.array([1, 2]), predicted=np.array([1, 0]), radius_l1=np.array([0.5, 0.1]))
+    (folder / "index.csv").write_bytes(
+        b"\xef\xbb\xbffile,dataset,method,training,denoiser,sigma,time_per_image_s\na.npz,x,y,standard,none,0.5,\n"
+    )
+    (published,) = load_reference(folder)
+    assert published.prediction.tolist() == [1, 0] and published.origin == "published"

@@ -27,6 +27,7 @@ import numpy as np
 from ssn_exp.certify.core import exact_certificate
 from ssn_exp.certify.metrics import PAPER_RADII, average_certified_radius, certified_accuracy
 from ssn_exp.certify.record import EXACT_COLUMN, EXTRA_RADIUS_PREFIX, SAMPLES_COLUMN, extra_radius_columns
+from ssn_exp.exceptions import describe
 
 __all__ = [
     "RunRecord",
@@ -166,7 +167,7 @@ def load_reference(folder: str | Path, q: int = 255) -> list[RunRecord]:
         with np.load(folder / "labels.npz") as z:
             shared_labels = {k: z[k].astype(np.int64) for k in z.files}
     records = []
-    with open(index, newline="") as fh:
+    with open(index, newline="", encoding="utf-8-sig") as fh:  # (a BOM, as spreadsheet programs write, is skipped)
         for row in csv.DictReader(fh):
             name = row["file"]
             if not name or Path(name).name != name or name in (".", ".."):
@@ -258,7 +259,7 @@ def read_metrics(run_dir: str | Path) -> dict:
     nothing in it is ever imported or instantiated."""
     path = Path(run_dir) / "metrics.json"
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8-sig"))  # (a UTF-8 BOM is skipped)
     except UnicodeDecodeError:
         raise RunFileError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -309,7 +310,7 @@ def read_run_certificates(run_dir: str | Path) -> tuple[list[dict], bool, list[s
     rows = []
     exact = False
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # (a UTF-8 BOM is skipped, not a column name)
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
             exact = EXACT_COLUMN in header
@@ -443,9 +444,7 @@ def load_paths(paths) -> tuple[list[RunRecord], list[str]]:
             try:
                 records.extend(load_reference(p))
             except (OSError, KeyError, ValueError, TypeError, IndexError, zipfile.BadZipFile, csv.Error) as exc:
-                problems.append(
-                    f"{p}: unreadable published arrays ({' '.join(str(exc).split()) or type(exc).__name__})"
-                )
+                problems.append(f"{p}: unreadable published arrays ({describe(exc)})")
         else:
             runs = find_runs(p)
             if not runs:
@@ -454,7 +453,7 @@ def load_paths(paths) -> tuple[list[RunRecord], list[str]]:
                 try:
                     records.extend(load_run_dir(run))
                 except (OSError, ValueError) as exc:
-                    problems.append(f"{run}: unreadable ({' '.join(str(exc).split()) or type(exc).__name__})")
+                    problems.append(f"{run}: unreadable ({describe(exc)})")
     return records, problems
 
 
