@@ -42,7 +42,7 @@ def test_certify_radii_given_as_a_string_is_refused_as_given():
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose(config_name="config", overrides=["certify.radii='0.5'"])
     with pytest.raises(
-        OptionError, match=r"^certify\.radii must be a list, e\.g\. certify\.radii=\[0\.5\]; got '0\.5'$"
+        ConfigError, match=r"^certify\.radii must be a list, e\.g\. certify\.radii=\[0\.5\]; got '0\.5'$"
     ):
         check_certify_config(cfg)
 

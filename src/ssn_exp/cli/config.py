@@ -232,7 +232,10 @@ def check_certify_config(cfg: DictConfig, n: int | None = None, shape=None) -> d
         radii = [_value(radii, i, "certify.radii.") for i in range(len(radii))]
     from ssn_exp.certify.procedures import check_radii
 
-    check_radii(radii, "certify.radii", allow_empty=False)
+    try:
+        check_radii(radii, "certify.radii", allow_empty=False)
+    except ValueError as exc:  # (every certify.* refusal here is a ConfigError)
+        raise ConfigError(str(exc)) from None
     if shape is None and "data" in cfg and isinstance(cfg.data, DictConfig) and "shape" in cfg.data:
         shape = _value(cfg.data, "shape", "data.")
     shape = _shape(shape)
