@@ -91,22 +91,25 @@ def test_a_target_that_raises_a_bare_key_error_is_named():
 def test_a_run_or_sweep_folder_that_is_a_file_is_named_as_such(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("keep")
-    for path in (afile, afile / "below"):
-        with pytest.raises(NotADirectoryError) as info:
-            _make_dirs(path)
-        assert info.value.errno == errno.ENOTDIR and info.value.filename == str(afile)
-        assert (
-            one_line(info.value)
-            == f"cannot write or read {afile}: a file is there, not a folder; give a run or sweep folder"
-        )
+    with pytest.raises(NotADirectoryError) as info:
+        _make_dirs(afile)
+    assert info.value.errno == errno.ENOTDIR and info.value.filename == str(afile)
+    message = f"cannot write or read {afile}: a file is there, not a folder; give a run or sweep folder"
+    assert one_line(info.value) == message
+    with pytest.raises(NotADirectoryError, match="Not a directory"):  # a file on the way: as mkdir says it
+        _make_dirs(afile / "below")
     assert afile.read_text() == "keep"
 
 
-def test_a_sweep_into_a_file_says_no_job_ran(tmp_path):
+def test_a_run_or_a_sweep_into_a_file_says_so_and_that_no_job_ran(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("keep")
-    line = one_error_line(run_cli("ssn_exp", "--multirun", "debug=fast", "sigma=0.5,1.0", f"hydra.sweep.dir={afile}"))
-    assert "a file is there, not a folder" in line and "other jobs ran" not in line and "File exists" not in line
+    for args in (
+        ["--multirun", "debug=fast", "sigma=0.5,1.0", f"hydra.sweep.dir={afile}"],
+        ["debug=fast", f"hydra.run.dir={afile}"],
+    ):
+        line = one_error_line(run_cli("ssn_exp", *args))
+        assert "a file is there, not a folder" in line and "other jobs ran" not in line and "File exists" not in line
     assert afile.read_text() == "keep"
 
 
