@@ -258,8 +258,9 @@ metrics_files = st.one_of(
         st.dictionaries(
             st.sampled_from(
                 ["dataset", "method", "label", "training", "denoiser", "sigma", "q", "n_examples", "seed", "acr"]
+                + ["procedure", "forward_passes_per_example"]
             ),
-            json_values | st.sampled_from([2, 0.5, 16, "dssn", "x", -1, 0, True]),
+            json_values | st.sampled_from([2, 0.5, 16, "dssn", "x", -1, 0, True, 10**30, 1e308, "../x"]),
             max_size=2,
         ),
     ),
@@ -369,6 +370,7 @@ def test_a_run_record_is_read_with_the_types_the_tables_need_or_refused(metrics,
         assert rec.labels.dtype == np.int64 and rec.prediction.dtype == np.int64
         assert len(rec.labels) == len(rec.prediction) == len(rec.radius)
         assert np.isfinite(np.asarray(rec.radius, dtype=np.float64)).all()
+        assert np.abs(np.asarray(rec.radius, dtype=np.float64)).max() <= 2**53 and rec.sigma <= 2**53
 
 
 # -- data roots -------------------------------------------------------------------------------------------------------

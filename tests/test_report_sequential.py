@@ -229,7 +229,7 @@ def test_the_samples_plot_puts_passes_against_radius_with_the_metrics_radii(runs
 def test_a_samples_plot_name_stays_in_the_output_folder(runs):
     rec = dataclasses.replace(load_run_dir(runs / "sequential")[0], method="../../evil/x", dataset="a b")
     name = samples_filename(rec)
-    assert "/" not in name and ".." not in name and name.startswith("samples_a_b_") and name.endswith(".png")
+    assert "/" not in name and ".." not in name and name.startswith("samples_a_b-") and name.endswith(".png")
 
 
 def test_a_samples_plot_replaces_a_link_and_never_writes_through_it(runs, tmp_path):

@@ -36,10 +36,10 @@ from ssn_exp.certify.core import (
     count_predictions,
     top_class,
 )
-from ssn_exp.exceptions import UserError
+from ssn_exp.exceptions import UserError, list_option
 from ssn_exp.noises import EnumeratedNoise, Noise, SampledNoise, check_unit_box
 
-__all__ = ["Procedure", "Exact", "FixedSample", "NoiseDefault", "ProcedureError", "default_procedure"]
+__all__ = ["Procedure", "Exact", "FixedSample", "NoiseDefault", "ProcedureError", "check_radii", "default_procedure"]
 
 
 class ProcedureError(UserError, ValueError):
@@ -50,6 +50,18 @@ def _count(name: str, value, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
         raise ProcedureError(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
+
+
+def check_radii(value, key: str, allow_empty: bool = True) -> list[float]:
+    """The radii of an option such as ``certify.radii`` or ``procedure.radii``: a list (tuple, ``ListConfig``) of
+    finite numbers >= 0. A string or a single number is refused as given (``procedure.radii="0.5"`` is not the list
+    of characters ['0', '.', '5']), and so is a list with a bad item (or an empty one unless ``allow_empty``)."""
+    radii = list_option(value, key, f"{key}=[0.5]")
+    if (not radii and not allow_empty) or any(
+        isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r < 0 for r in radii
+    ):
+        raise ProcedureError(f"{key} must be a list of non-negative finite numbers, got {radii!r}")
+    return [float(r) for r in radii]
 
 
 class Procedure:

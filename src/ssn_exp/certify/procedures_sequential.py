@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from ssn_exp.certify.core import Certificates, check_level, input_dtype, top_class
-from ssn_exp.certify.procedures import Procedure, ProcedureError, _count
+from ssn_exp.certify.procedures import Procedure, ProcedureError, _count, check_radii
 from ssn_exp.certify.record import SAMPLES_COLUMN
 from ssn_exp.certify.sequential import (
     BOUNDS,
@@ -92,10 +92,7 @@ class Sequential(Procedure):
         if bound not in BOUNDS:
             raise ProcedureError(f"procedure.bound must be one of {list(BOUNDS)}, got {bound!r}")
         self.bound = bound
-        radii = [] if radii is None else list(radii)
-        if any(isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r < 0 for r in radii):
-            raise ProcedureError(f"procedure.radii must be finite radii >= 0, got {radii!r}")
-        self.radii = sorted({float(r) for r in radii})
+        self.radii = sorted(set(check_radii([] if radii is None else radii, "procedure.radii")))
         if tolerance is not None and (
             isinstance(tolerance, bool) or not isinstance(tolerance, numbers.Real) or not 0 < tolerance < math.inf
         ):

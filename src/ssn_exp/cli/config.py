@@ -11,7 +11,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ssn_exp.exceptions import UserError, instantiation_message
+from ssn_exp.exceptions import UserError, describe, instantiation_message
 
 __all__ = [
     "CONF_DIR",
@@ -133,7 +133,7 @@ def build(node: DictConfig, group: str, **kwargs):
     except InstantiationException as exc:
         raise ConfigError(f"cannot build {group} from {config_source(group)}: {instantiation_message(exc)}") from None
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"cannot build {group} from {config_source(group)}: {exc}") from None
+        raise ConfigError(f"cannot build {group} from {config_source(group)}: {describe(exc)}") from None
 
 
 def container(node) -> dict:
@@ -275,14 +275,12 @@ def check_certify_config(cfg: DictConfig, n: int | None = None, shape=None) -> d
     radii = get("radii")
     if isinstance(radii, ListConfig):  # each item read on its own: a missing or broken ${...} item is named
         radii = [_value(radii, i, "certify.radii.") for i in range(len(radii))]
-    elif isinstance(radii, list | tuple):
-        radii = list(radii)
-    if (
-        not isinstance(radii, list)
-        or not radii
-        or any(isinstance(r, bool) or not isinstance(r, numbers.Real) or not math.isfinite(r) or r < 0 for r in radii)
-    ):
-        raise ConfigError(f"certify.radii must be a list of non-negative finite numbers, got {radii}")
+    from ssn_exp.certify.procedures import check_radii
+
+    try:
+        check_radii(radii, "certify.radii", allow_empty=False)
+    except ValueError as exc:  # (every certify.* refusal here is a ConfigError)
+        raise ConfigError(str(exc)) from None
     if shape is None and "data" in cfg and isinstance(cfg.data, DictConfig) and "shape" in cfg.data:
         shape = _value(cfg.data, "shape", "data.")
     shape = _shape(shape)

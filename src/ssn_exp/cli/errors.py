@@ -20,7 +20,7 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
-from ssn_exp.exceptions import UserError
+from ssn_exp.exceptions import UserError, describe
 
 __all__ = ["user_error_types", "is_user_error", "one_line", "run_entry", "guard"]
 
@@ -68,10 +68,19 @@ def is_user_error(exc: BaseException) -> bool:
 
 
 def one_line(exc: BaseException) -> str:
-    """The message of ``exc`` on one line (Hydra's option lists folded into a parenthesis)."""
+    """The message of ``exc`` on one line (Hydra's option lists folded into a parenthesis; a bare ``KeyError``, a
+    message-less exception and a missing config value made a sentence)."""
+    from omegaconf.errors import InterpolationToMissingValueError, MissingMandatoryValue, OmegaConfBaseException
+
     rank = _rank_failure(exc)
     if rank is not None:
         return rank
+    if isinstance(exc, MissingMandatoryValue | InterpolationToMissingValueError):  # (???, or a ${...} of one)
+        missing = str(exc).split("Missing mandatory value:")[-1].split()
+        if missing:
+            return f"{missing[0]} is not set: give {missing[0]}=... on the command line"
+    if isinstance(exc, KeyError) and not isinstance(exc, OmegaConfBaseException):
+        return describe(exc)
     if isinstance(exc, OSError) and exc.errno in _OS_USER_ERRNOS and exc.filename:
         return f"cannot write or read {exc.filename}: {exc.strerror}"
     text = str(exc)
@@ -85,7 +94,7 @@ def one_line(exc: BaseException) -> str:
                     break
                 opts.append(item)
             return f"{head} ({ln.rstrip(':').lower()}: {', '.join(opts)})"
-    msg = " ".join(lines) or type(exc).__name__
+    msg = " ".join(lines) or describe(exc)
     if isinstance(exc, FileNotFoundError) and exc.filename and str(exc.filename) not in msg:
         msg = f"{msg}: {exc.filename}"
     return msg

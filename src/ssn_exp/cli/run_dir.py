@@ -80,6 +80,8 @@ def _make_dirs(path: Path | str) -> list[_MadeDir]:
     while not os.path.lexists(p) and p.parent != p:  # (a file on the way fails below, as in mkdir: "Not a directory")
         missing.append(p)
         p = p.parent
+    if not missing and not os.path.isdir(p):  # the folder itself is a file (mkdir would say only "File exists")
+        raise NotADirectoryError(errno.ENOTDIR, "a file is there, not a folder; give a run or sweep folder", str(p))
     made: list[_MadeDir] = []
     try:
         for d in reversed(missing):

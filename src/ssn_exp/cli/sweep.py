@@ -43,7 +43,7 @@ def load_sweep(name: str, overrides: list[str] = ()):
     from hydra.core.global_hydra import GlobalHydra
 
     if name not in available():
-        raise SystemExit(f"error: unknown sweep {name!r}; choose one of {', '.join(available())}")
+        raise SweepError(f"unknown sweep {name!r}; choose one of {', '.join(available())}")  # (main: exit 2)
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return compose(config_name="config", overrides=[f"sweep={name}", *overrides], return_hydra_config=True)

@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
-from ssn_exp.exceptions import UserError
+from ssn_exp.exceptions import UserError, list_option
 
 __all__ = [
     "DataMissingError",
@@ -161,8 +161,9 @@ class ImageData(pl.LightningDataModule):
         super().__init__()
         self.name = str(name)
         self.q, self.num_classes = int(q), int(num_classes)
-        self.shape = tuple(int(s) for s in shape)
-        self.mean, self.std = tuple(float(m) for m in mean), tuple(float(s) for s in std)
+        self.shape = tuple(int(s) for s in list_option(shape, "data.shape", "data.shape=[3,32,32]"))
+        self.mean = tuple(float(m) for m in list_option(mean, "data.mean", "data.mean=[0.5,0.5,0.5]"))
+        self.std = tuple(float(s) for s in list_option(std, "data.std", "data.std=[0.25,0.25,0.25]"))
         self.certify_n = int(certify_n)
         for key, want in self.FIXED.items():
             got = getattr(self, key)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 from pathlib import Path
 
+from ssn_exp.atomic import replace_file
 from ssn_exp.certify.metrics import PAPER_RADII
 from ssn_exp.report.missing import find_missing
 from ssn_exp.report.records import PUBLISHED, load_paths, published_dir, sigma_label, tell_procedures_apart
@@ -78,7 +78,7 @@ Printed to stdout (Markdown) and written into --out:
                                 the report's methods; published runs dashed, ours solid, further
                                 radii (box-constrained certificates) dash-dotted in their method's
                                 colour (the paper's Figures 10-14).
-  samples_<dataset>_<training>_<denoiser>_<method>_sigma<s>_seed<k>.png
+  samples_<dataset>_<training>_<denoiser>_<method>[_<procedure>]_sigma<s>_seed<k>.png
                                 for every run whose certificates.csv has a samples column (forward
                                 passes spent per image, e.g. procedure=sequential): forward passes per
                                 image (log scale) against certified radius, one point per image, with
@@ -91,6 +91,8 @@ Printed to stdout (Markdown) and written into --out:
   report.md                     everything printed to stdout.
 
 Nothing read is ever imported or instantiated: result files, overrides and sweep records are data.
+Names built from them keep letters, digits and . _ = - (a short hash where anything else was replaced),
+and every file is written inside --out, which must not be the working directory.
 
 Exit status: 0 when results were read and no job is missing or unreadable; 1 when jobs are missing
 or runs unreadable (the report is still written, and says so in its "Missing runs" section and on
@@ -196,20 +198,6 @@ def _check_out(out: Path) -> str | None:
     return None
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and a rename: readers never see half a file, and a
-    symbolic link at ``path`` is replaced, never written through."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def main(argv=None) -> int:
     try:
         return _main(argv)
@@ -227,6 +215,8 @@ def _main(argv=None) -> int:
     args.paths = [*args.paths, *(str(published_dir(name)) for name in args.published)]
     out = Path(args.out)
     bad_out = _check_out(out)
+    if out.resolve() == Path.cwd().resolve():  # (--out '' too) the report would replace report.md & co. there
+        bad_out = f"--out {args.out!r} is the working directory; give a folder for the report (e.g. outputs/report)"
     if args.csv and not bad_out and (Path(args.csv).is_dir() or _check_out(Path(args.csv).parent)):
         bad_out = f"--csv {args.csv} cannot be written: give a file name in a folder"
     if bad_out:
@@ -247,7 +237,7 @@ def _main(argv=None) -> int:
 
     def write(name: str, text: str) -> None:
         path = out / name
-        _write_atomic(path, text if text.endswith("\n") else text + "\n")
+        replace_file(path, text if text.endswith("\n") else text + "\n", inside=out)
         written.append(path)
 
     best = build_best_tables(records, args.radii)
@@ -257,7 +247,7 @@ def _main(argv=None) -> int:
     write("best_over_sigma.csv", write_csv(best))
     if args.csv:
         Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
-        _write_atomic(Path(args.csv), write_csv(best))
+        replace_file(Path(args.csv), write_csv(best))
         written.append(Path(args.csv))
 
     acr = acr_rows(records)
@@ -366,7 +356,7 @@ def _main(argv=None) -> int:
     report_path = out / "report.md"
     parts += [f"- `{p}`" for p in [*written, report_path]]
     text = "\n".join(parts) + "\n"
-    _write_atomic(report_path, text)
+    replace_file(report_path, text, inside=out)
     sys.stdout.write(text)
     partial = bool(missing) or unreadable > 0
     if missing_lines:

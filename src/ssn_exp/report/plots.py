@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import io
 import math
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 
-from ssn_exp.atomic import replace_file
+from ssn_exp.atomic import replace_file, safe_name
 from ssn_exp.report.records import RunRecord, sigma_label
 from ssn_exp.report.tables import dedupe_records, method_ranks, pretty, select_seed, sort_key
 
@@ -93,7 +92,8 @@ def _linestyle(rec: RunRecord) -> str:
 
 
 def curve_filename(dataset: str, training: str, denoiser: str) -> str:
-    return f"curves_{dataset}_{training}_{denoiser}.png"
+    """``curves_<dataset>_<training>_<denoiser>.png``, each part a :func:`ssn_exp.atomic.safe_name`."""
+    return f"curves_{safe_name(dataset)}_{safe_name(training)}_{safe_name(denoiser)}.png"
 
 
 def _legend_columns(handles, panels: int) -> int:
@@ -104,14 +104,16 @@ def _legend_columns(handles, panels: int) -> int:
     return max(1, math.ceil(len(handles) / max(rows, 1)))
 
 
-def _save(fig, path) -> Path:
+def _save(fig, path, inside=None) -> Path:
     """The figure as a PNG at ``path``, written atomically (a temporary file and a rename): a reader never sees
-    half a file, and a symbolic link at ``path`` is replaced, never written through."""
+    half a file, and a symbolic link at ``path`` is replaced, never written through. ``inside``: the output folder
+    the file must lie in (:func:`ssn_exp.atomic.replace_file`); without it, ``path``'s folder is created."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if inside is None:
+        path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     fig.savefig(buf, dpi=110, format="png")
-    replace_file(path, buf.getvalue())
+    replace_file(path, buf.getvalue(), inside=inside)
     return path
 
 
@@ -121,9 +123,10 @@ def plot_curves(
     title: str | None = None,
     points: int = 201,
     colors: dict[str, str] | None = None,
+    inside=None,
 ) -> Path:
-    """One PNG (:func:`curves_figure`): a panel per sigma, a line per (method, origin)."""
-    return _save(curves_figure(records, title, points, colors), path)
+    """One PNG (:func:`curves_figure`): a panel per sigma, a line per (method, origin); ``inside`` as :func:`_save`."""
+    return _save(curves_figure(records, title, points, colors), path, inside)
 
 
 def curves_figure(
@@ -203,7 +206,7 @@ def plot_all_curves(records: Iterable[RunRecord], out_dir, points: int = 201) ->
     ):
         title = f"{pretty(dataset)}, {training} training, denoiser: {denoiser}"
         path = Path(out_dir) / curve_filename(dataset, training, denoiser)
-        paths.append(plot_curves(recs, path, title, points, colors))
+        paths.append(plot_curves(recs, path, title, points, colors, inside=out_dir))
     return paths
 
 
@@ -216,10 +219,11 @@ def plot_denoisers(
     title: str | None = None,
     points: int = 201,
     colors: dict[str, str] | None = None,
+    inside=None,
 ) -> Path | None:
     """The paper's Figure 9: a row per denoiser variant, a panel per sigma, a line per method.
 
-    ``colors``: method -> colour (the others: :func:`method_colors` of ``records``)."""
+    ``colors``: method -> colour (the others: :func:`method_colors` of ``records``); ``inside`` as :func:`_save`."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -262,7 +266,7 @@ def plot_denoisers(
     if handles:
         ncols = _legend_columns(handles, len(sigmas))
         fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols)
-    return _save(fig, path)
+    return _save(fig, path, inside)
 
 
 def plot_all_denoisers(records: Iterable[RunRecord], out_dir) -> list[Path]:
@@ -276,7 +280,8 @@ def plot_all_denoisers(records: Iterable[RunRecord], out_dir) -> list[Path]:
     paths = []
     for (dataset, training), recs in sorted(by_data.items()):
         title = f"{pretty(dataset)}, {training} training: denoiser variants (appendix D, Figure 9)"
-        p = plot_denoisers(recs, Path(out_dir) / f"denoisers_{dataset}_{training}.png", title, colors=colors)
+        name = f"denoisers_{safe_name(dataset)}_{safe_name(training)}.png"
+        p = plot_denoisers(recs, Path(out_dir) / name, title, colors=colors, inside=out_dir)
         if p is not None:
             paths.append(p)
     return paths
@@ -287,12 +292,12 @@ def plot_all_denoisers(records: Iterable[RunRecord], out_dir) -> list[Path]:
 
 
 def samples_filename(rec: RunRecord) -> str:
-    """``samples_<dataset>_<training>_<denoiser>_<method>_sigma<s>_seed<k>.png``; in each part, characters other
-    than letters, digits, ``.``, ``-`` and ``_`` (from the result files) become ``_`` and dots and underscores at
-    its ends go, so the name stays in the output folder ("uniform [sequential]" -> "uniform_sequential")."""
-    parts = [rec.dataset, rec.training, rec.denoiser, rec.method, f"sigma{sigma_label(rec.sigma)}", f"seed{rec.seed}"]
-    parts = [re.sub(r"[^A-Za-z0-9._-]+", "_", str(p)).strip("._") or "_" for p in parts]
-    return "samples_" + "_".join(parts) + ".png"
+    """``samples_<dataset>_<training>_<denoiser>_<method>[_<procedure>]_sigma<s>_seed<k>.png``, each part a
+    :func:`ssn_exp.atomic.safe_name` of what the result files say (a procedure where the report tells procedures
+    apart: "uniform [sequential]" -> "uniform_sequential")."""
+    parts = [rec.dataset, rec.training, rec.denoiser, rec.noise_method, *([rec.procedure] if rec.tag else [])]
+    parts += [f"sigma{sigma_label(rec.sigma)}", f"seed{rec.seed}"]
+    return "samples_" + "_".join(map(safe_name, parts)) + ".png"
 
 
 def samples_figure(rec: RunRecord, title: str | None = None):
@@ -333,11 +338,11 @@ def plot_all_samples(records: Iterable[RunRecord], out_dir) -> list[Path]:
     for rec in records:
         name = samples_filename(rec)
         stem, k = name.removesuffix(".png"), 1
-        while name in used:  # two runs whose names differ only in characters replaced above
+        while name in used:  # two runs whose sigmas print alike (0.5 and 0.5000001)
             k += 1
             name = f"{stem}_{k}.png"
         used.add(name)
         title = f"{pretty(rec.dataset)}, {rec.label}, σ = {sigma_label(rec.sigma)}, seed {rec.seed}"
         title += f"\nmean {float(np.mean(rec.samples)):.0f} forward passes per image"
-        paths.append(_save(samples_figure(rec, title), Path(out_dir) / name))
+        paths.append(_save(samples_figure(rec, title), Path(out_dir) / name, inside=out_dir))
     return paths

@@ -27,6 +27,7 @@ import numpy as np
 from ssn_exp.certify.core import exact_certificate
 from ssn_exp.certify.metrics import PAPER_RADII, average_certified_radius, certified_accuracy
 from ssn_exp.certify.record import EXACT_COLUMN, EXTRA_RADIUS_PREFIX, SAMPLES_COLUMN, extra_radius_columns
+from ssn_exp.exceptions import describe
 
 __all__ = [
     "RunRecord",
@@ -48,6 +49,10 @@ __all__ = [
 #: Published results shipped with the package (``ssn_exp/published/<name>``).
 PUBLISHED = ("levine2021",)
 
+
+#: The largest magnitude of a number read from a run's files (a count, a label, a radius, sigma): exact in float64,
+#: and any sum or mean over the examples stays finite. Larger values are refused (the run is listed as unreadable).
+MAX_NUMBER = 2**53
 
 #: The forward-pass statistics of metrics.json a run's record keeps (in ``extra``), where the file has them.
 FORWARD_PASS_KEYS = ("forward_passes_per_example", "forward_passes_median", "forward_passes_p90")
@@ -162,9 +167,12 @@ def load_reference(folder: str | Path, q: int = 255) -> list[RunRecord]:
         with np.load(folder / "labels.npz") as z:
             shared_labels = {k: z[k].astype(np.int64) for k in z.files}
     records = []
-    with open(index, newline="") as fh:
+    with open(index, newline="", encoding="utf-8-sig") as fh:  # (a BOM, as spreadsheet programs write, is skipped)
         for row in csv.DictReader(fh):
-            with np.load(folder / row["file"]) as z:
+            name = row["file"]
+            if not name or Path(name).name != name or name in (".", ".."):
+                raise ValueError(f"{index}: file {name!r} is not a file name in {folder}")
+            with np.load(folder / name) as z:
                 labels = z["labels"].astype(np.int64) if "labels" in z.files else shared_labels[row["dataset"]]
                 if "counts" in z.files:  # enumerated counts (DSSN): the exact certificate, recomputed
                     prediction, k = exact_certificate(z["counts"])
@@ -199,34 +207,49 @@ class RunFileError(ValueError):
 def _text(meta: dict, key: str, path: Path, default: str | None = None) -> str:
     value = meta.get(key, default)
     if not isinstance(value, str) or not value:
-        raise RunFileError(f"{path}: {key!r} must be a non-empty string, got {value!r}")
+        raise RunFileError(f"{path}: {key!r} must be a non-empty string, got {_short(repr(value))}")
     return value
 
 
 def _integer(value, what: str, minimum: int | None = 0) -> int:
-    """An integer from JSON (int, not bool) or a CSV cell ("12"); a RunFileError otherwise."""
+    """An integer from JSON (int, not bool) or a CSV cell ("12") within ``[minimum, MAX_NUMBER]`` (``minimum`` None:
+    ``-MAX_NUMBER``); a RunFileError otherwise."""
     if isinstance(value, bool) or value is None:
         raise RunFileError(f"{what} must be an integer, got {value!r}")
     if isinstance(value, int):
         number = value
     elif isinstance(value, str) and re.fullmatch(r"\s*[+-]?[0-9]+\s*", value):
-        number = int(value)
+        # (a cell of thousands of digits is beyond the range anyway: not converted, which Python refuses)
+        number = int(value) if len(value) < 40 else (MAX_NUMBER + 1) * (-1 if "-" in value else 1)
     else:
-        raise RunFileError(f"{what} must be an integer, got {value!r}")
+        raise RunFileError(f"{what} must be an integer, got {_short(repr(value))}")
+    if abs(number) > MAX_NUMBER:
+        raise RunFileError(f"{what} is out of range (at most 2**53 in magnitude), got {_short(str(value).strip())}")
     if minimum is not None and number < minimum:
         raise RunFileError(f"{what} must be >= {minimum}, got {number}")
     return number
 
 
+def _short(number) -> str:
+    """A number for a message: a huge integer by its magnitude, not its thousands of digits."""
+    text = str(number)
+    if len(text) <= 24:
+        return text
+    return f"{text[:8]}... ({len(text.lstrip('-'))} digits)" if text.lstrip("-").isdigit() else f"{text[:24]}..."
+
+
 def _finite(value, what: str) -> float:
+    """A finite number within ``±MAX_NUMBER`` from JSON or a CSV cell; a RunFileError otherwise."""
     if isinstance(value, bool) or value is None:
         raise RunFileError(f"{what} must be a finite number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):
-        raise RunFileError(f"{what} must be a finite number, got {value!r}") from None
-    if not math.isfinite(number):
-        raise RunFileError(f"{what} must be a finite number, got {value!r}")
+        raise RunFileError(f"{what} must be a finite number, got {_short(repr(value))}") from None
+    except OverflowError:  # an integer beyond float
+        number = math.inf
+    if not math.isfinite(number) or abs(number) > MAX_NUMBER:
+        raise RunFileError(f"{what} must be a finite number of at most 2**53 in magnitude, got {_short(value)}")
     return number
 
 
@@ -236,7 +259,7 @@ def read_metrics(run_dir: str | Path) -> dict:
     nothing in it is ever imported or instantiated."""
     path = Path(run_dir) / "metrics.json"
     try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = json.loads(path.read_text(encoding="utf-8-sig"))  # (a UTF-8 BOM is skipped)
     except UnicodeDecodeError:
         raise RunFileError(f"{path}: not UTF-8 text") from None
     except json.JSONDecodeError as exc:
@@ -271,7 +294,7 @@ def read_metrics(run_dir: str | Path) -> dict:
                 radius = float(key)
             except ValueError:
                 continue
-            if math.isfinite(radius) and radius >= 0:
+            if 0 <= radius <= MAX_NUMBER:
                 radii.append(radius)
     out["metric_radii"] = tuple(sorted(set(radii)))
     return out
@@ -287,7 +310,7 @@ def read_run_certificates(run_dir: str | Path) -> tuple[list[dict], bool, list[s
     rows = []
     exact = False
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:  # (a UTF-8 BOM is skipped, not a column name)
             reader = csv.DictReader(fh)
             header = reader.fieldnames or []
             exact = EXACT_COLUMN in header
@@ -322,6 +345,8 @@ def read_run_certificates(run_dir: str | Path) -> tuple[list[dict], bool, list[s
         raise RunFileError(f"{path}: not UTF-8 text") from None
     except csv.Error as exc:
         raise RunFileError(f"{path}: not a CSV file ({exc})") from None
+    if not rows:
+        raise RunFileError(f"{path}: no examples (a header without rows)")
     indices = [r["index"] for r in rows]
     if len(set(indices)) != len(indices):
         raise RunFileError(f"{path}: an example index occurs twice")
@@ -419,9 +444,7 @@ def load_paths(paths) -> tuple[list[RunRecord], list[str]]:
             try:
                 records.extend(load_reference(p))
             except (OSError, KeyError, ValueError, TypeError, IndexError, zipfile.BadZipFile, csv.Error) as exc:
-                problems.append(
-                    f"{p}: unreadable published arrays ({' '.join(str(exc).split()) or type(exc).__name__})"
-                )
+                problems.append(f"{p}: unreadable published arrays ({describe(exc)})")
         else:
             runs = find_runs(p)
             if not runs:
@@ -430,7 +453,7 @@ def load_paths(paths) -> tuple[list[RunRecord], list[str]]:
                 try:
                     records.extend(load_run_dir(run))
                 except (OSError, ValueError) as exc:
-                    problems.append(f"{run}: unreadable ({' '.join(str(exc).split()) or type(exc).__name__})")
+                    problems.append(f"{run}: unreadable ({describe(exc)})")
     return records, problems
 
 
