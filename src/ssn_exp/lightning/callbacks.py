@@ -199,10 +199,10 @@ def restorable_state(checkpoint: dict, trainer, pl_module, callback: RunCheckpoi
     if not _plain(loops) or not epochs_ok or (pl_module.automatic_optimization and steps != step):
         raise CheckpointError(f"{where}: its loop state is not one this run could have saved (epoch {epoch})")
     checkpoint["callbacks"] = {callback.state_key: callback.layout_state()}  # no path is read from the file
-    _rebuild_optimization(checkpoint, pl_module, where)
+    _rebuild_optimization(checkpoint, pl_module, where, min(_MAX_STEPS, max(step, max_epochs) + 1))
 
 
-def _rebuild_optimization(checkpoint: dict, pl_module, where: str) -> None:
+def _rebuild_optimization(checkpoint: dict, pl_module, where: str, max_steps: int) -> None:
     """The optimizers' settings and the schedulers' state, recomputed from the module's own ``configure_optimizers``
     (the run's config) and the number of scheduler steps stored; of the file only the per-parameter state is kept
     (momentum buffers and the like: tensors of the parameter's shape, or scalars, all finite)."""
@@ -221,7 +221,7 @@ def _rebuild_optimization(checkpoint: dict, pl_module, where: str) -> None:
                 raise CheckpointError(f"{where}: its scheduler state does not fit this run's scheduler")
             continue
         steps = stored.get("last_epoch") if isinstance(stored, dict) else None
-        if not _count(steps, _MAX_STEPS) or steps < sched.last_epoch:
+        if not _count(steps, max_steps) or steps < sched.last_epoch:
             raise CheckpointError(f"{where}: its scheduler has made {steps!r} steps, not a count this run could make")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
