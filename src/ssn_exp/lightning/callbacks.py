@@ -103,8 +103,9 @@ def epoch_checkpoint(dirpath) -> pl.Callback:
     )
 
 
-#: What a resume takes from a checkpoint besides the weights (checked by load_checkpoint / load_stage before) and the
-#: training state rebuilt below; anything else in the file (another callback's or a data module's state) is dropped.
+#: What a resume takes from a checkpoint: the weights (a run's are checked by load_checkpoint first; Lightning loads them
+#: strictly into the run's own module) and the training state rebuilt below; anything else in the file (another
+#: callback's or a data module's state) is dropped.
 _RESTORED = {"epoch", "global_step", "pytorch-lightning_version", "state_dict", "hyper_parameters", "hparams_name",
              "loops", "callbacks", "optimizer_states", "lr_schedulers"}  # fmt: skip
 #: Bound on every counter of the loops' state (and on a scheduler's steps recomputed on resume).
@@ -120,9 +121,9 @@ class RunCheckpoint(ModelCheckpoint):
     scheduler state. Before any of it is restored (:meth:`on_load_checkpoint` runs before callbacks, loops, optimizers
     and schedulers are loaded), the checkpoint is rebuilt in place by :func:`restorable_state`: this callback's state
     from its folder's own layout (:meth:`layout_state`, no path from the file), other callbacks' dropped, the counters
-    bounded, the optimizer's settings and the schedulers recomputed from the
-    run's own config, and the per-parameter optimizer state kept only where it fits the parameters. A file that does
-    not fit is refused with a :class:`CheckpointError` (one line).
+    bounded, the optimizer's settings and the schedulers recomputed from the run's own config, and the per-parameter
+    optimizer state kept only where it fits the parameters. A file that does not fit is refused with a
+    :class:`CheckpointError` (one line).
     """
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
