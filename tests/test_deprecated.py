@@ -49,11 +49,14 @@ def test_an_unknown_name_of_the_old_module_is_an_attribute_error():
     assert "DSSN" in dir(smoothing) and "Smoothing" in dir(smoothing)
 
 
-def test_an_old_checkpoint_target_resolves_to_the_same_trusted_class():
+def test_an_old_checkpoint_target_resolves_to_the_same_trusted_class(monkeypatch):
     """Checkpoints written before the move store ``ssn_exp.smoothing.DSSN``: the trust check accepts it, as the very
-    class ``ssn_exp.noises.DSSN`` names."""
+    class ``ssn_exp.noises.DSSN`` names, also where nothing imported the old module yet (a fresh process)."""
+    import sys
+
     from ssn_exp.trust import Trust
 
+    monkeypatch.delitem(sys.modules, "ssn_exp.smoothing", raising=False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         Trust().check({"_target_": "ssn_exp.smoothing.DSSN", "sigma": 0.5}, "x")

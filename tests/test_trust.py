@@ -18,7 +18,7 @@ import torch
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from helpers import run_cli
+from helpers import run_cli, run_cli_many
 from ssn_exp.lightning.module import CheckpointError, SmoothedTraining, load_checkpoint
 from ssn_exp.trust import Trust, UntrustedTarget, own_targets
 
@@ -462,8 +462,17 @@ def test_certify_refuses_a_planted_checkpoint_in_one_line(tmp_path, weights):
     hp["model"]["_args_"] = [payloads(tmp_path)["os_system"]]
     hp["data"]["_target_"] = "pathlib.Path.write_text"
     ckpt = save_checkpoint(tmp_path / "planted.ckpt", hp, weights)
+    dump = {**copy.deepcopy(HPARAMS), "model": {"_target_": "torch.utils.model_dump.__main__.main"}}  # issue 23 §2
+    dump_ckpt = save_checkpoint(tmp_path / "dump.ckpt", dump, weights)
     out = tmp_path / "out"
-    p = run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={out}")
+    p, q = run_cli_many([("ssn_exp.certify", [f"ckpt={c}", f"hydra.run.dir={d}"])
+                         for c, d in ((ckpt, out), (dump_ckpt, tmp_path / "out2"))], workers=2)  # fmt: skip
+    assert q.returncode == 2 and "usage" not in (q.stdout + q.stderr).lower(), q.stdout + q.stderr[-3000:]
+    assert q.stderr.strip().splitlines() == [
+        f"error: cannot rebuild the model of {dump_ckpt}: hyper_parameters.model._target_="
+        "'torch.utils.model_dump.__main__.main' cannot be resolved (torch.utils.model_dump does not exist or is not "
+        "trusted); ssn_exp imports no module a file names"
+    ]
     lines = p.stderr.strip().splitlines()
     assert p.returncode == 2 and len(lines) == 1, p.stderr[-3000:]
     assert lines[0].startswith(f"error: cannot rebuild the model of {ckpt}: hyper_parameters."), lines
@@ -529,8 +538,6 @@ def test_a_resume_removes_nothing_a_checkpoint_names(tmp_path, stopped_run):
     a link inside the folder pointing out, best_k_models keys): the run resumes exactly as an untouched copy does and
     nothing outside the run is removed."""
     import shutil
-
-    from helpers import run_cli_many
 
     victim = tmp_path / "victim"
     (victim / "inner").mkdir(parents=True)

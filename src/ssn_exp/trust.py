@@ -84,6 +84,8 @@ def own_targets() -> frozenset[str]:
     return frozenset(found)
 
 
+#: ssn_exp's modules kept for the targets that older checkpoints store (``ssn_exp.smoothing.DSSN``): importable too.
+_MOVED = frozenset({"ssn_exp.smoothing"})
 #: Libraries that are nobody's own model code: a target in them is never suggested for ``trust_targets``.
 _LIBRARIES = frozenset({"torch", "torchvision", "numpy", "scipy", "hydra", "omegaconf", "pytorch_lightning",
                         "lightning", "lightning_fabric", "ssn_exp", "wandb", "yaml", "pandas", "matplotlib"})  # fmt: skip
@@ -120,7 +122,7 @@ class Trust:
         self.targets = frozenset(own_targets() | {t for t in targets if isinstance(t, str) and _DOTTED.fullmatch(t)})
         #: modules that may be imported to resolve a name: those on the path of a trusted target, and the trust_targets
         #: modules with what is inside them (never a sibling module of a package that a file names)
-        self.importable = frozenset(p for t in self.targets | set(self.modules) for p in _prefixes(t))
+        self.importable = frozenset(p for t in self.targets | set(self.modules) | _MOVED for p in _prefixes(t))
         self._resolved: dict[str, object] = {}
 
     @staticmethod

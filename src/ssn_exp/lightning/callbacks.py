@@ -103,8 +103,9 @@ def epoch_checkpoint(dirpath) -> pl.Callback:
     )
 
 
-#: What a resume takes from a checkpoint besides the weights (checked by load_checkpoint / load_stage before) and the
-#: training state rebuilt below; anything else in the file (another callback's or a data module's state) is dropped.
+#: What a resume takes from a checkpoint: the weights (a run's are checked by load_checkpoint first; Lightning loads them
+#: strictly into the run's own module) and the training state rebuilt below; anything else in the file (another
+#: callback's or a data module's state) is dropped.
 _RESTORED = {"epoch", "global_step", "pytorch-lightning_version", "state_dict", "hyper_parameters", "hparams_name",
              "loops", "callbacks", "optimizer_states", "lr_schedulers"}  # fmt: skip
 #: Bound on every counter of the loops' state (and on a scheduler's steps recomputed on resume).
@@ -120,9 +121,9 @@ class RunCheckpoint(ModelCheckpoint):
     scheduler state. Before any of it is restored (:meth:`on_load_checkpoint` runs before callbacks, loops, optimizers
     and schedulers are loaded), the checkpoint is rebuilt in place by :func:`restorable_state`: this callback's state
     from its folder's own layout (:meth:`layout_state`, no path from the file), other callbacks' dropped, the counters
-    bounded, the optimizer's settings and the schedulers recomputed from the
-    run's own config, and the per-parameter optimizer state kept only where it fits the parameters. A file that does
-    not fit is refused with a :class:`CheckpointError` (one line).
+    bounded, the optimizer's settings and the schedulers recomputed from the run's own config, and the per-parameter
+    optimizer state kept only where it fits the parameters. A file that does not fit is refused with a
+    :class:`CheckpointError` (one line).
     """
 
     def on_load_checkpoint(self, trainer, pl_module, checkpoint) -> None:
@@ -199,10 +200,10 @@ def restorable_state(checkpoint: dict, trainer, pl_module, callback: RunCheckpoi
     if not _plain(loops) or not epochs_ok or (pl_module.automatic_optimization and steps != step):
         raise CheckpointError(f"{where}: its loop state is not one this run could have saved (epoch {epoch})")
     checkpoint["callbacks"] = {callback.state_key: callback.layout_state()}  # no path is read from the file
-    _rebuild_optimization(checkpoint, pl_module, where)
+    _rebuild_optimization(checkpoint, pl_module, where, min(_MAX_STEPS, max(step, max_epochs) + 1))
 
 
-def _rebuild_optimization(checkpoint: dict, pl_module, where: str) -> None:
+def _rebuild_optimization(checkpoint: dict, pl_module, where: str, max_steps: int) -> None:
     """The optimizers' settings and the schedulers' state, recomputed from the module's own ``configure_optimizers``
     (the run's config) and the number of scheduler steps stored; of the file only the per-parameter state is kept
     (momentum buffers and the like: tensors of the parameter's shape, or scalars, all finite)."""
@@ -221,7 +222,7 @@ def _rebuild_optimization(checkpoint: dict, pl_module, where: str) -> None:
                 raise CheckpointError(f"{where}: its scheduler state does not fit this run's scheduler")
             continue
         steps = stored.get("last_epoch") if isinstance(stored, dict) else None
-        if not _count(steps, _MAX_STEPS) or steps < sched.last_epoch:
+        if not _count(steps, max_steps) or steps < sched.last_epoch:
             raise CheckpointError(f"{where}: its scheduler has made {steps!r} steps, not a count this run could make")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # "lr_scheduler.step() before optimizer.step()"
