@@ -32,6 +32,7 @@ from scipy.special import betaln
 from scipy.stats import binom
 
 from ssn_exp.certify.core import NonFiniteLogitsError, beta_quantile_below, check_level, input_dtype, top_class
+from ssn_exp.noises import check_radius_function
 
 __all__ = [
     "BOUNDS",
@@ -216,10 +217,7 @@ def thresholds_for_radii(radius_fn: Callable[[np.ndarray], np.ndarray], radii) -
     r = np.asarray(radii, dtype=np.float64).reshape(-1)
     if np.any(~np.isfinite(r)):
         raise ValueError("radii must be finite")
-    grid = np.linspace(0.0, 1.0, 1025)
-    values = np.asarray(radius_fn(grid), dtype=np.float64)
-    if values.shape != grid.shape or np.any(np.diff(values) < 0) or np.any(np.isnan(values)):
-        raise ValueError("radius_fn must map an array of probabilities to a non-decreasing array of radii")
+    check_radius_function(radius_fn, "radius_fn")
     # bisect over the bit patterns of the floats in [0, 1] (ordered like the floats): the exact smallest float
     lo = np.zeros(len(r), dtype=np.int64)  # invariant: the answer's bit pattern lies in [lo, hi]
     hi = np.full(len(r), np.array(1.0).view(np.int64))
