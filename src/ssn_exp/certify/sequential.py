@@ -92,7 +92,7 @@ def kt_lower_bound(a, t, alpha: float) -> np.ndarray:
     log M_t(p) = log(1/alpha) is found by bisection and returned from below (never above the true infimum).
     L_t = 0 when a = 0 (or t = 0).
     """
-    alpha = check_level("alpha", alpha)
+    alpha = check_level("alpha", np.asarray(alpha, dtype=np.float64) if np.ndim(alpha) else alpha)
     a, t = _counts(a, t)
     af, tf = a.astype(np.float64), t.astype(np.float64)
     bf = tf - af
@@ -125,7 +125,7 @@ def cp_lower_bound(a, t, alpha: float) -> np.ndarray:
     make the bound smaller; where the inversion does not converge (tiny alpha), :func:`beta_quantile_below` falls
     back to bisection on the CDF, so the bound is never above the quantile.
     """
-    alpha = check_level("alpha", alpha)
+    alpha = check_level("alpha", np.asarray(alpha, dtype=np.float64) if np.ndim(alpha) else alpha)
     a, t = _counts(a, t)
     safe = np.maximum(a, 1)
     q = beta_quantile_below(alpha * (1.0 - 1e-9), safe, t - safe + 1)
