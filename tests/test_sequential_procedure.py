@@ -292,6 +292,19 @@ def test_label_rows_are_checked(tmp_path):
     (out / "certificates.csv").write_text("".join(lines))
     with pytest.raises(ResultsFileError, match="majority of the counts"):
         _certifier(out, procedure=proc)
+    # a certified row (the test ran on the label) moved to another class, votes and all: not what the test wrote
+    lines = [",".join(header) + "\n"] + [",".join(r[c] for c in header) + "\n" for r in rows]
+    j = next(i for i, r in enumerate(rows, start=1) if float(r["radius"]) >= 0)
+    row = dict(rows[j - 1])
+    votes = dict(item.split(":") for item in row["counts"].split())
+    other = next(c for c in map(str, range(10)) if c != row["label"] and c not in votes)
+    votes[other] = votes.pop(row["label"])
+    row.update(prediction=other, correct="0")
+    row["counts"] = " ".join(f"{c}:{v}" for c, v in sorted(votes.items(), key=lambda kv: int(kv[0])))
+    lines[j] = ",".join(row[c] for c in header) + "\n"
+    (out / "certificates.csv").write_text("".join(lines))
+    with pytest.raises(ResultsFileError, match="a certified row of select=label predicts its label"):
+        _certifier(out, procedure=proc)
 
 
 def test_nan_logits_name_the_test_example(tmp_path):
