@@ -303,7 +303,7 @@ def test_label_rows_are_checked(tmp_path):
     row["counts"] = " ".join(f"{c}:{v}" for c, v in sorted(votes.items(), key=lambda kv: int(kv[0])))
     lines[j] = ",".join(row[c] for c in header) + "\n"
     (out / "certificates.csv").write_text("".join(lines))
-    with pytest.raises(ResultsFileError, match="a certified row of select=label predicts its label"):
+    with pytest.raises(ResultsFileError, match="a certified row of select=label must predict its label"):
         _certifier(out, procedure=proc)
 
 
