@@ -445,3 +445,112 @@ def test_cifar10_data_roots_load_or_refuse_in_one_line(files):
             root=tmp, name="cifar10", q=255, num_classes=10, shape=[3, 32, 32], mean=[0.5] * 3, std=[0.5] * 3
         )
         either(dm.setup, "test")
+
+
+# -- resume read-back: edits of a finished run's rows ----------------------------------------------------------------
+
+
+def _finished_run(out: Path, kind: str):
+    """A finished certification (fixed, sequential or exact) of the sequential tests' tiny data; its metrics."""
+    from ssn_exp.lightning.results import summarize
+    from test_sequential_procedure import _certifier
+
+    cert = _certifier(out, **_RUN_KINDS[kind]())
+    cert.run("cpu", progress=False)
+    return summarize(out, cert.record, {"dataset": "digits"}, radii=[0.0, 0.25, 0.5], plot=False)
+
+
+def _fixed():
+    from ssn_exp.certify.procedures import FixedSample
+
+    return {"procedure": FixedSample(n0=16, n=64, alpha=0.01)}
+
+
+def _exact():
+    from ssn_exp.certify.procedures import Exact
+    from ssn_exp.noises import DSSN
+
+    return {"noise": DSSN(0.5, q=16, dim=64), "procedure": Exact()}
+
+
+_RUN_KINDS = {"fixed": _fixed, "sequential": dict, "exact": _exact}
+
+
+@pytest.fixture(scope="module")
+def finished_runs(tmp_path_factory):
+    return {kind: (out, _finished_run(out, kind)) for kind in _RUN_KINDS for out in [tmp_path_factory.mktemp(kind)]}
+
+
+def _same_metrics(a, b) -> bool:
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(_same_metrics(a[k], b[k]) for k in a)
+    if isinstance(a, float) and isinstance(b, float | int):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def _edit(value: str, kind: int, number: float, cls: int) -> str:
+    """A changed cell: a nudge of its number, another number, a word, or (counts) a vote moved or added."""
+    if kind == 0:  # a small nudge of a numeric cell
+        try:
+            return (
+                repr(float(value) + number * 10.0 ** -(cls % 13))
+                if "." in value or "e" in value
+                else str(int(value) + (1 if number >= 0 else -1))
+            )
+        except ValueError:
+            kind = 3
+    if kind == 1:
+        return repr(number)
+    if kind == 2:
+        return ["", "nan", "inf", "-inf", "1e308", "-0", "0x1", "1.0", "01", " 1", "5e-324"][cls % 11]
+    votes = dict(item.split(":") for item in value.split()) if ":" in value else {}
+    if votes:  # move one vote between classes, or add one
+        src = sorted(votes)[cls % len(votes)]
+        votes[src] = str(int(votes[src]) - (1 if number >= 0 else 0))
+    votes[str(cls % 10)] = str(int(votes.get(str(cls % 10), "0")) + 1)
+    return " ".join(f"{c}:{v}" for c, v in sorted(votes.items(), key=lambda kv: int(kv[0])) if v != "0")
+
+
+@settings(FUZZ, max_examples=min(30, settings.default.max_examples))
+@given(
+    kind=st.sampled_from(sorted(_RUN_KINDS)),
+    row=st.integers(0, 9),
+    column=st.integers(0, 20),
+    edit=st.integers(0, 3),
+    number=st.floats(-1e3, 1e3, allow_nan=False),
+    cls=st.integers(0, 100),
+)
+def test_an_edited_row_is_refused_in_one_line_or_changes_no_metric(finished_runs, kind, row, column, edit, number, cls):
+    """Resume reads back a finished run's rows (fixed, sequential, exact) after one random edit: refused in one line
+    (nothing certified, the file untouched), or (an edit that changes nothing a check could see, e.g. `01` for
+    `1`) the run completes to the same metrics as the untouched run (seconds aside: they are not evidence)."""
+    import shutil
+
+    from ssn_exp.lightning.results import ResultsFileError, summarize
+    from test_sequential_procedure import _certifier
+
+    src, reference = finished_runs[kind]
+    lines = (src / "certificates.csv").read_text().splitlines()
+    header = lines[0].split(",")
+    editable = [c for c in header if c != "seconds"]
+    name = editable[column % len(editable)]
+    cells = lines[1 + row].split(",")
+    cells[header.index(name)] = _edit(cells[header.index(name)], edit, number, cls)
+    lines[1 + row] = ",".join(cells)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp)
+        shutil.copy(src / "certify_settings.json", out / "certify_settings.json")
+        (out / "certificates.csv").write_text("\n".join(lines) + "\n")
+        try:
+            cert = _certifier(out, **_RUN_KINDS[kind]())
+        except ResultsFileError as exc:
+            assert_one_line_user_error(exc)
+            assert (out / "certificates.csv").read_text() == "\n".join(lines) + "\n"
+            return
+        cert.run("cpu", progress=False)  # an example whose row the edit moved away is certified again
+        metrics = summarize(out, cert.record, {"dataset": "digits"}, radii=[0.0, 0.25, 0.5], plot=False)
+    strip = {"seconds_per_example"}
+    assert _same_metrics(
+        {k: v for k, v in metrics.items() if k not in strip}, {k: v for k, v in reference.items() if k not in strip}
+    ), (name, cells)

@@ -5,6 +5,7 @@ implemented stopping rule and schedule, the forward-pass statistics of metrics.j
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -291,6 +292,19 @@ def test_label_rows_are_checked(tmp_path):
     (out / "certificates.csv").write_text("".join(lines))
     with pytest.raises(ResultsFileError, match="majority of the counts"):
         _certifier(out, procedure=proc)
+    # a certified row (the test ran on the label) moved to another class, votes and all: not what the test wrote
+    lines = [",".join(header) + "\n"] + [",".join(r[c] for c in header) + "\n" for r in rows]
+    j = next(i for i, r in enumerate(rows, start=1) if float(r["radius"]) >= 0)
+    row = dict(rows[j - 1])
+    votes = dict(item.split(":") for item in row["counts"].split())
+    other = next(c for c in map(str, range(10)) if c != row["label"] and c not in votes)
+    votes[other] = votes.pop(row["label"])
+    row.update(prediction=other, correct="0")
+    row["counts"] = " ".join(f"{c}:{v}" for c, v in sorted(votes.items(), key=lambda kv: int(kv[0])))
+    lines[j] = ",".join(row[c] for c in header) + "\n"
+    (out / "certificates.csv").write_text("".join(lines))
+    with pytest.raises(ResultsFileError, match="a certified row of select=label must predict its label"):
+        _certifier(out, procedure=proc)
 
 
 def test_nan_logits_name_the_test_example(tmp_path):
@@ -362,6 +376,40 @@ def test_the_default_procedure_never_certifies_falsely_with_probability_above_al
         for p in (float(p_star), float(p_star) - 1e-6):
             hit, err = false_certificate_probability(p, float(p_star), test)
             assert hit + err <= alpha, (p_star, p, hit, err)
+
+
+class _Threshold(torch.nn.Module):
+    """A stand-in classifier with known class probabilities: class 0 where the noisy first pixel is below 1/2. Under
+    Uniform(sigma) noise an input x gives class 0 with probability p = (1/2 - x + lam) / (2 lam) exactly."""
+
+    def forward(self, x):
+        z = x.reshape(x.shape[0], -1)[:, :1]
+        return torch.cat([0.5 - z, z - 0.5], dim=1)
+
+
+@pytest.mark.parametrize("select", ["top", "label"])
+def test_sequential_certificates_are_false_with_probability_at_most_alpha(select):
+    """End to end through the procedure (its noise draws, packing, selection, stopping and bound): images whose
+    class-0 probability p is a near-tie or exactly on a radius' threshold (they run many looks); alpha = 0.2. The
+    share of images with p_lower above the tested class's true probability stays within a binomial tolerance of
+    alpha (fixed seeds: not flaky; about 0.12 here). Draws that repeat (a generator reset per noise request:
+    about 0.4) overstate the evidence and fail it."""
+    alpha, images = 0.2, 240
+    noise = Uniform(0.25)
+    proc = Sequential(
+        n0=16, n=4096, alpha=alpha, radii=[0.0, 0.25], select=select, first_batch=16, max_batch=256, bound="union"
+    )
+    on_threshold = float(proc.test(noise).thresholds[1])  # p*(0.25)
+    p = np.resize([0.501, on_threshold, 0.499, on_threshold], images)
+    x = torch.as_tensor(0.5 + noise.lam - 2 * noise.lam * p, dtype=torch.float64).reshape(images, 1, 1, 1)
+    gens = [torch.Generator().manual_seed(1000 + i) for i in range(images)]
+    labels = torch.zeros(images, dtype=torch.long)
+    cert = proc.certify(_Threshold(), x, noise, 2, noise_batch=4096, generator=gens, labels=labels)
+    tested = np.zeros(images, dtype=np.int64) if select == "label" else cert.prediction
+    p_tested = np.where(tested == 0, p, 1 - p)
+    false = int(np.sum(cert.values["p_lower"] > p_tested))
+    assert false <= alpha * images + 3 * math.sqrt(images * alpha * (1 - alpha)), false
+    assert np.median(cert.values[SAMPLES_COLUMN]) > 1024  # the near-ties run many looks: the bound is stressed
 
 
 # -- the config group and the CLI ------------------------------------------------------------------------------

@@ -213,3 +213,67 @@ def test_a_user_noise_end_to_end(user_noise, monkeypatch):
     _a_user_noise_checkpoint_is_certified_by_the_certify_entry_point(user_noise)
     _a_user_noise_is_in_the_report(user_noise)
     _a_user_noise_is_in_the_wandb_summary(user_noise)
+
+
+# -- a user noise whose radius cannot make a certificate: refused in one line before the first row ----------------
+
+
+def _broken_noise(radius):
+    import torch
+
+    from ssn_exp.noises import SampledNoise
+
+    class Broken(SampledNoise):
+        name = "broken"
+
+        def scale(self, sigma):
+            return sigma
+
+        def _draw(self, x, generator):
+            return x + torch.rand(x.shape, generator=generator, dtype=x.dtype)
+
+    Broken.radius = lambda self, p: radius(np.asarray(p, dtype=np.float64))
+    return Broken(0.5)
+
+
+def _raises(p):
+    raise KeyError("lam")
+
+
+@pytest.mark.parametrize(
+    "radius,words",
+    [
+        (lambda p: np.where(p > 0.9, np.nan, p - 0.5), "is not finite at p = 0.900390625"),
+        (lambda p: np.where(p > 0.99, np.inf, p - 0.5), "is not finite"),
+        (lambda p: float(np.mean(p)), "gives shape ()"),
+        (_raises, "raises KeyError ('lam')"),
+        (lambda p: 0.5 - p, "is negative at some p >= 1/2"),
+        (lambda p: np.abs(p - 0.7), "decreases as p grows"),
+    ],
+)
+@pytest.mark.parametrize("procedure", ["fixed", "sequential"])
+def test_a_broken_radius_is_refused_before_the_first_row(tmp_path, radius, words, procedure):
+    import torch
+
+    from ssn_exp.certify.procedures import FixedSample
+    from ssn_exp.certify.procedures_sequential import Sequential
+    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.noises import RadiusError
+
+    data = torch.utils.data.TensorDataset(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
+    proc = FixedSample(n0=2, n=4) if procedure == "fixed" else Sequential(n0=2, n=64, first_batch=8, radii=[0.0])
+    with pytest.raises(RadiusError) as info:
+        cert = ShardCertifier(torch.nn.Flatten(), _broken_noise(radius), data, tmp_path, num_classes=16, procedure=proc)
+        cert.run("cpu", progress=False)
+    assert str(info.value).startswith("Broken.radius ") and words in str(info.value) and "\n" not in str(info.value)
+    assert not (tmp_path / "certificates.csv").exists() and not (tmp_path / "metrics.json").exists()
+
+
+def test_metrics_files_are_strict_json(tmp_path):
+    from ssn_exp.lightning.results import write_json_atomic
+
+    write_json_atomic(tmp_path / "metrics.json", {"acr": 0.5})
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="JSON compliant"):
+            write_json_atomic(tmp_path / "metrics.json", {"acr": bad})
+    assert (tmp_path / "metrics.json").read_text() == '{\n  "acr": 0.5\n}\n'  # nothing written in its place

@@ -46,6 +46,8 @@ __all__ = [
     "Laplace",
     "InputDomainError",
     "OffGridError",
+    "RadiusError",
+    "check_radius_function",
     "check_unit_box",
     "exact_table",
     "levine2021_table",
@@ -74,6 +76,38 @@ _MAX_TABLE = 2**27
 #: How DSSN's noisy values are computed: ``exact`` rounds the exact value once (default);
 #: ``levine2021`` repeats the float32 operations of the authors' code, so their values are matched bit for bit.
 ARITHMETICS = ("exact", "levine2021")
+
+
+class RadiusError(UserError, ValueError):
+    """A noise's radius function that cannot make a certificate: it raises, or gives NaN, infinity, a value of the
+    wrong shape, a negative radius at p >= 1/2, or a radius that decreases as p grows (one-line message)."""
+
+
+#: The probabilities a radius function is checked on (:func:`check_radius_function`): a grid of [0, 1).
+RADIUS_GRID = np.linspace(0.0, 1.0, 1025)[:-1]
+
+
+def check_radius_function(radius_fn, owner: str) -> None:
+    """Raise :class:`RadiusError` naming ``owner`` unless ``radius_fn`` maps an array of probabilities on
+    :data:`RADIUS_GRID` to an array of that shape of finite radii, non-decreasing, >= 0 from p = 1/2 on (negative
+    below: nothing certified). Checked once before a certification writes its first row."""
+    try:
+        values = np.asarray(radius_fn(RADIUS_GRID.copy()), dtype=np.float64)
+    except Exception as exc:  # a user's function: whatever it raises is reported in one line
+        text = " ".join(str(exc).split())
+        raise RadiusError(f"{owner} raises {type(exc).__name__} ({text}) for an array of probabilities") from None
+    problem = None
+    if values.shape != RADIUS_GRID.shape:
+        problem = f"gives shape {values.shape} for {RADIUS_GRID.shape[0]} probabilities (one radius per p expected)"
+    elif not np.all(np.isfinite(values)):
+        bad = float(RADIUS_GRID[~np.isfinite(values)][0])
+        problem = f"is not finite at p = {bad!r}"
+    elif np.any(values[RADIUS_GRID >= 0.5] < 0):
+        problem = "is negative at some p >= 1/2"
+    elif np.any(np.diff(values) < 0):
+        problem = "decreases as p grows"
+    if problem:
+        raise RadiusError(f"{owner} {problem}: a certified radius must be a finite non-decreasing function of p_lower")
 
 
 def _check_sigma(sigma) -> float:
@@ -199,8 +233,14 @@ class SampledNoise(Noise):
     extra_columns: ClassVar[tuple[str, ...]] = ()
 
     def radius(self, p_lower) -> np.ndarray:
-        """The certified l1 radius (float64 array) for lower bounds ``p_lower`` (array); negative: nothing certified."""
+        """The certified l1 radius (float64 array) for lower bounds ``p_lower`` (array); negative: nothing certified.
+        Finite, of p_lower's shape, non-decreasing and >= 0 from p_lower = 1/2 on (:meth:`check_radius`)."""
         raise NotImplementedError
+
+    def check_radius(self) -> None:
+        """Raise :class:`RadiusError` (one line, naming the class) unless :meth:`radius` is such a function on a
+        grid of p: what a procedure that certifies this noise checks before its first row."""
+        check_radius_function(self.radius, f"{type(self).__name__}.radius")
 
     def extra_radii(self, x: torch.Tensor, p_lower) -> dict[str, np.ndarray]:
         """Further certified radii of the examples x for ``p_lower``, one array per name of :attr:`extra_columns`."""

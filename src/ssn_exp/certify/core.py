@@ -64,7 +64,7 @@ def check_level(name: str, value, *, share: float = 1.0, error: type[Exception] 
     (0, 1) whose every derived level (``value * share``: alpha / 2 of a two-sided bound, the part of alpha one look
     of a sequential test spends) is a positive normal float, so no level underflows. ``error``: the exception raised
     (one line)."""
-    if np.ndim(value):
+    if isinstance(value, np.ndarray) and value.ndim:
         v = np.asarray(value, dtype=np.float64)
         if not np.all((v * share >= MIN_LEVEL) & (v < 1)):
             raise error(f"{name} must lie in [{MIN_LEVEL!r}, 1)")

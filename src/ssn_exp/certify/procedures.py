@@ -81,13 +81,16 @@ class Procedure:
         return self
 
     def check(self, noise: Noise) -> None:
-        """Raise :class:`ProcedureError` (one line) unless this procedure can certify ``noise``."""
+        """Raise :class:`ProcedureError` (one line) unless this procedure can certify ``noise`` (a sampled noise's
+        radius function is checked too: :meth:`~ssn_exp.noises.SampledNoise.check_radius`)."""
         if not isinstance(noise, self.noise_type):
             raise ProcedureError(
                 f"procedure={self.name} cannot certify {noise.name} noise: {self.requirement}; "
                 f"choose another procedure (procedure=exact for an enumerated noise such as dssn, "
                 "procedure=fixed for a sampled one)"
             )
+        if isinstance(noise, SampledNoise):
+            noise.check_radius()
 
     def settings(self, seed: int) -> dict:
         """What the certificates depend on beyond the noise and the weights (recorded in certify_settings.json; a

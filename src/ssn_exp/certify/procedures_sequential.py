@@ -287,7 +287,7 @@ class Sequential(Procedure):
         if self.select == "label":
             tested = int(values["label"])
             if radius >= 0 and prediction != tested:
-                raise ValueError("a certified row of select=label predicts its label")
+                raise ValueError("a certified row of select=label must predict its label")
             if radius < 0 and prediction != int(top_class(counts[None, :])[0]):
                 raise ValueError("the prediction is neither a certified label nor the majority of the counts")
         # p_lower is recomputed as far as the counts allow: one of the test's own bounds, on a path that stops here

@@ -32,6 +32,7 @@ from scipy.special import betaln
 from scipy.stats import binom
 
 from ssn_exp.certify.core import NonFiniteLogitsError, beta_quantile_below, check_level, input_dtype, top_class
+from ssn_exp.noises import check_radius_function
 
 __all__ = [
     "BOUNDS",
@@ -91,7 +92,7 @@ def kt_lower_bound(a, t, alpha: float) -> np.ndarray:
     log M_t(p) = log(1/alpha) is found by bisection and returned from below (never above the true infimum).
     L_t = 0 when a = 0 (or t = 0).
     """
-    alpha = check_level("alpha", alpha)
+    alpha = check_level("alpha", np.asarray(alpha, dtype=np.float64) if np.ndim(alpha) else alpha)
     a, t = _counts(a, t)
     af, tf = a.astype(np.float64), t.astype(np.float64)
     bf = tf - af
@@ -124,7 +125,7 @@ def cp_lower_bound(a, t, alpha: float) -> np.ndarray:
     make the bound smaller; where the inversion does not converge (tiny alpha), :func:`beta_quantile_below` falls
     back to bisection on the CDF, so the bound is never above the quantile.
     """
-    alpha = check_level("alpha", alpha)
+    alpha = check_level("alpha", np.asarray(alpha, dtype=np.float64) if np.ndim(alpha) else alpha)
     a, t = _counts(a, t)
     safe = np.maximum(a, 1)
     q = beta_quantile_below(alpha * (1.0 - 1e-9), safe, t - safe + 1)
@@ -216,10 +217,7 @@ def thresholds_for_radii(radius_fn: Callable[[np.ndarray], np.ndarray], radii) -
     r = np.asarray(radii, dtype=np.float64).reshape(-1)
     if np.any(~np.isfinite(r)):
         raise ValueError("radii must be finite")
-    grid = np.linspace(0.0, 1.0, 1025)
-    values = np.asarray(radius_fn(grid), dtype=np.float64)
-    if values.shape != grid.shape or np.any(np.diff(values) < 0) or np.any(np.isnan(values)):
-        raise ValueError("radius_fn must map an array of probabilities to a non-decreasing array of radii")
+    check_radius_function(radius_fn, "radius_fn")
     # bisect over the bit patterns of the floats in [0, 1] (ordered like the floats): the exact smallest float
     lo = np.zeros(len(r), dtype=np.int64)  # invariant: the answer's bit pattern lies in [lo, hi]
     hi = np.full(len(r), np.array(1.0).view(np.int64))

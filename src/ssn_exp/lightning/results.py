@@ -119,7 +119,8 @@ def append_rows(path: Path, columns: list[str], rows: Sequence[dict]) -> None:
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+    """``data`` as strict JSON (no NaN or Infinity: ``ValueError`` instead, nothing written), atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
