@@ -161,7 +161,8 @@ def build_procedure(cfg: DictConfig, noise):
 
 def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, settings: dict, meta: dict, logger):
     """Certify ``model`` without training: a Lightning predict loop (sharded over DDP ranks) that runs the one
-    certification driver (:func:`ssn_exp.lightning.certification.run_certification`) on every rank."""
+    certification driver (:func:`ssn_exp.lightning.certification.run_certification`) on every rank. None for a
+    job shard (``certify.shard``) that finished before the others."""
     import json
 
     from ssn_exp.lightning.certification import CertifyTask
@@ -178,4 +179,6 @@ def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, s
     trainer.predict(task, return_predictions=False)
     if task.metrics is not None:
         return task.metrics
+    if settings.get("num_shards", 1) > 1 and not (Path(out_dir) / "metrics.json").is_file():
+        return None  # a job shard done before the others (it said so): the last one merges
     return json.loads((Path(out_dir) / "metrics.json").read_text())  # ddp_spawn: written by rank 0's process

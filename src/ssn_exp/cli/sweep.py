@@ -56,7 +56,8 @@ def jobs(cfg, overrides: list[str] = ()) -> list[list[str]]:
 
 def jobs_from_params(params: dict[str, str], overrides: list[str] = ()) -> list[list[str]]:
     """:func:`jobs` from the sweeper's params (key -> value string) and the overrides (Hydra's multirun.yaml holds
-    both: the report reads a sweep's job list from it)."""
+    both: the report reads a sweep's job list from it). A run certified by shard jobs (``certify.shard=0,1,...``)
+    is one job: they share its directory."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
@@ -65,6 +66,7 @@ def jobs_from_params(params: dict[str, str], overrides: list[str] = ()) -> list[
         ov = parser.parse_override(item)
         if ov.is_sweep_override() or ov.get_key_element() in params:
             params[ov.get_key_element()] = item.split("=", 1)[1]
+    params.pop("certify.shard", None)  # the shard jobs of one certification share its run: one job of the sweep
     lists = []
     for key, value in params.items():
         ov = parser.parse_override(f"{key}={value}")

@@ -1,0 +1,78 @@
+"""One model's certification split over jobs (``certify.num_shards``/``certify.shard``) through the real entry
+points: shard jobs of a trained run's certification, merged by the last one, equal one job's certification."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from helpers import certificate_columns, one_error_line, read_csv, run_cli
+
+FAST = ["debug=fast", "method=ssn", "certify.n=300", "certify.max_examples=9", "logger=none", "seed=3"]
+
+
+def _same_metrics(a: dict, b: dict) -> None:
+    assert {k: v for k, v in a.items() if k != "seconds_per_example"} == {
+        k: v for k, v in b.items() if k != "seconds_per_example"
+    }
+
+
+@pytest.mark.slow
+def test_shard_jobs_of_a_trained_run_merge_to_the_single_job_result_and_a_foreign_split_is_refused(tmp_path):
+    sweep = [f"hydra.sweep.dir={tmp_path / 'sweep'}", *FAST]
+    p = run_cli("ssn_exp", "--multirun", *sweep, "certify.num_shards=3", "certify.shard=0")
+    assert p.returncode != 0 and "holds 0 of 1 epochs: train it first" in p.stderr  # nothing trained yet
+    p = run_cli("ssn_exp", "--multirun", *sweep, "certify.enabled=false")  # the training job
+    assert p.returncode == 0, p.stderr[-2000:]
+    p = run_cli("ssn_exp", "--multirun", *sweep, "certify.num_shards=3", "certify.shard=0,1,2")  # the shard jobs
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "shard 0 of 3 done; waiting for shards 1, 2" in p.stdout
+    (run,) = [d.parent for d in (tmp_path / "sweep").rglob("metrics.json")]  # the training run's one directory
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    assert sorted(x.name for x in run.glob("certificates*.csv")) == ["certificates.csv"]
+    single = tmp_path / "single"
+    p = run_cli("ssn_exp", *FAST, f"hydra.run.dir={single}")  # trains the same model and certifies it in one job
+    assert p.returncode == 0, p.stderr[-2000:]
+    rows = certificate_columns(read_csv(run / "certificates.csv"))
+    assert len(rows) == 9 and rows == certificate_columns(read_csv(single / "certificates.csv"))
+    _same_metrics(json.loads((run / "metrics.json").read_text()), json.loads((single / "metrics.json").read_text()))
+
+    # python -m ssn_exp.certify: a shard job needs its shard; a shard of another split is refused at the merge
+    out, ckpt = tmp_path / "cert", tmp_path / "model.ckpt"
+    shutil.copyfile(run / "checkpoints" / "last.ckpt", ckpt)
+    args = [f"ckpt={ckpt}", f"hydra.run.dir={out}", *FAST[2:4], "logger=none"]
+    p = run_cli("ssn_exp.certify", *args, "certify.num_shards=3", "certify.shard=1")
+    assert p.returncode == 0 and "shard 1 of 3 done; waiting for shards 0, 2" in p.stdout, p.stderr[-2000:]
+    p = run_cli("ssn_exp.certify", *args, "certify.num_shards=4", "certify.shard=0")  # another split, same folder
+    assert "certificates.shard1of3.csv is not a shard of this certification" in one_error_line(p)
+    assert not (out / "certificates.csv").exists()
+
+
+@pytest.mark.parametrize(
+    "given, error",
+    [
+        (["certify.num_shards=2"], r"certify.num_shards=2 needs certify.shard=i \(0..1\)"),
+        (["certify.shard=1"], r"certify.shard=1 needs certify.num_shards=N"),
+        (["certify.num_shards=2", "certify.shard=2"], r"certify.shard \(one of 0..1\) must be an integer"),
+        (["certify.num_shards=0", "certify.shard=0"], r"certify.num_shards must be an integer >= 1"),
+    ],
+)
+def test_shard_settings_are_checked_before_anything_starts(given, error):
+    from hydra import compose, initialize_config_dir
+
+    from ssn_exp.cli.config import CONF_DIR, ConfigError, check_certify_config, shard_lock_name
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        ok = check_certify_config(compose(config_name="config", overrides=["certify.num_shards=3", "certify.shard=2"]))
+        with pytest.raises(ConfigError, match=error):
+            check_certify_config(compose(config_name="config", overrides=given))
+    assert (ok["num_shards"], ok["shard"], shard_lock_name(ok)) == (3, 2, ".ssn_exp.shard2of3.lock")
+
+
+def test_the_shard_jobs_of_a_run_are_one_job_of_its_sweep():
+    from ssn_exp.cli.sweep import jobs_from_params
+
+    got = jobs_from_params({"method": "ssn,dssn"}, ["certify.shard=0,1,2", "certify.num_shards=3"])
+    assert got == [["method=ssn"], ["method=dssn"]]  # the report waits for two runs, not six
