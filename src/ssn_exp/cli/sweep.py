@@ -148,7 +148,19 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and the command, run nothing")
     parser.add_argument("--no-report", action="store_true", help="skip the report after the sweep")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each job's training and certification cost, hours and whether it fits the launcher's "
+        "timeout_min (slurm's unless --launcher says otherwise), then the total; needs no data, runs nothing",
+    )
+    parser.add_argument(
+        "--throughput",
+        type=float,
+        metavar="PASSES_PER_S",
+        help="for --plan: forward passes per second of your GPU (default: the authors' published times)",
+    )
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
 
     try:
         from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -164,6 +176,23 @@ def main(argv=None) -> int:
 
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    if args.plan:  # composed as the jobs would be, nothing written
+        from ssn_exp.cli.plan import plan_lines
+
+        if args.throughput is not None and not args.throughput > 0:
+            print(f"error: --throughput must be > 0 forward passes per second, got {args.throughput}", file=sys.stderr)
+            return 2
+        launcher = LAUNCHERS[args.launcher] if args.launcher != "basic" else "slurm"
+        print(f"sweep {args.name}: {cfg.sweep_info.description}; {len(all_jobs)} jobs, hydra/launcher={launcher}")
+        try:
+            lines = plan_lines(args.name, [*fixed, f"hydra/launcher={launcher}"], all_jobs, args.throughput)
+        except Exception as exc:  # noqa: BLE001 - a job whose config does not compose or check: one line
+            from ssn_exp.cli.errors import one_line
+
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        print("\n".join(lines))
+        return 0
     out_dir = (args.out or Path("outputs") / "sweeps" / args.name).absolute()
     cmd = sweep_command(args.name, args.overrides, out_dir, LAUNCHERS[args.launcher])
     print(f"sweep {args.name}: {cfg.sweep_info.description}\n{len(all_jobs)} jobs into {out_dir}")
