@@ -76,3 +76,21 @@ def test_the_shard_jobs_of_a_run_are_one_job_of_its_sweep():
 
     got = jobs_from_params({"method": "ssn,dssn"}, ["certify.shard=0,1,2", "certify.num_shards=3"])
     assert got == [["method=ssn"], ["method=dssn"]]  # the report waits for two runs, not six
+
+
+@pytest.mark.slow
+def test_a_resumed_run_continues_its_one_wandb_run_named_with_the_tag(tmp_path):
+    from helpers import read_wandb_offline
+
+    run = tmp_path / "run"
+    args = ["debug=fast", "logger=wandb", "tag=t1", f"hydra.run.dir={run}", "certify.max_examples=4"]
+    for _ in range(2):  # the second start resumes the finished run (a requeued job)
+        p = run_cli("ssn_exp", *args)
+        assert p.returncode == 0, p.stderr[-2000:]
+        assert "deprecat" not in p.stderr.lower() and "no effect" not in p.stderr, p.stderr[-2000:]
+    run_id = (run / "wandb_id").read_text().strip()
+    logs = sorted(run.glob("wandb/offline-run-*/*.wandb"))
+    assert len(logs) == 2
+    for log in logs:  # (offline, each start writes its own log; wandb sync uploads both into the one run)
+        wb = read_wandb_offline(run, log)
+        assert (wb["id"], wb["name"]) == (run_id, "dssn-sigma0.5-seed0-t1")
