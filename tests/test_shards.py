@@ -94,3 +94,65 @@ def test_a_resumed_run_continues_its_one_wandb_run_named_with_the_tag(tmp_path):
     for log in logs:  # (offline, each start writes its own log; wandb sync uploads both into the one run)
         wb = read_wandb_offline(run, log)
         assert (wb["id"], wb["name"]) == (run_id, "dssn-sigma0.5-seed0-t1")
+
+
+# small jobs that fit the local Slurm cluster (scripts/slurm_local.sh: 2 CPUs, no GPU, no accounting)
+SLURM = ["hydra/launcher=slurm", "hydra.launcher.partition=debug", "hydra.launcher.gpus_per_node=0"]
+SLURM += ["hydra.launcher.cpus_per_task=1", "hydra.launcher.mem_gb=2", "hydra.launcher.timeout_min=10"]
+
+
+def _wait_for_slurm(job_ids, timeout=600):
+    import subprocess
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        if not set(job_ids) & set(queue):
+            return
+        time.sleep(3)
+    raise AssertionError(f"Slurm jobs {job_ids} still queued after {timeout} s")
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_shard_jobs_as_a_slurm_array_merge_to_the_single_job_result(tmp_path):
+    run = tmp_path / "run"
+    p = run_cli("ssn_exp", *FAST, f"hydra.run.dir={run}", "certify.enabled=false")  # trained here, once
+    assert p.returncode == 0, p.stderr[-2000:]
+    ckpt = tmp_path / "model.ckpt"
+    shutil.copyfile(run / "checkpoints" / "last.ckpt", ckpt)
+    args = [f"ckpt={ckpt}", *FAST[2:5]]
+    single = tmp_path / "single"
+    p = run_cli("ssn_exp.certify", *args, f"hydra.run.dir={single}")
+    assert p.returncode == 0, p.stderr[-2000:]
+    sweep = tmp_path / "sweep"  # three shard jobs of one Slurm array, side by side in one run directory
+    shards = ["certify.num_shards=3", "certify.shard=0,1,2"]
+    p = run_cli("ssn_exp.certify", "--multirun", *args, *shards, f"hydra.sweep.dir={sweep}", *SLURM, timeout=600)
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+    (done,) = sweep.rglob("metrics.json")
+    assert sorted(x.name for x in done.parent.glob("certificates*.csv")) == ["certificates.csv"]
+    rows = certificate_columns(read_csv(done.parent / "certificates.csv"))
+    assert len(rows) == 9 and rows == certificate_columns(read_csv(single / "certificates.csv"))
+    _same_metrics(json.loads(done.read_text()), json.loads((single / "metrics.json").read_text()))
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_slurm_sweep_returns_once_submitted_and_the_report_follows_the_jobs(tmp_path):
+    import re
+    import time
+
+    out = tmp_path / "sweep"
+    sweep = ["smoke", "debug=fast", "sigma=0.5", "method=dssn,ssn", "certify.max_examples=4", "--out", str(out)]
+    start = time.monotonic()
+    p = run_cli("ssn_exp.sweep", *sweep, "--launcher", "slurm", *SLURM[1:])
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-2000:])
+    ids = re.search(r"submitted 2 Slurm job\(s\): (\S+) (\S+)", p.stdout).groups()
+    assert f"results go to {out}" in p.stdout and "squeue -u $USER" in p.stdout and "ssn_exp.report" in p.stdout
+    assert time.monotonic() - start < 60 and not (out / "report").exists()  # back before the jobs end
+    _wait_for_slurm(ids)
+    p = run_cli("ssn_exp.report", str(out), "--out", str(out / "report"))
+    assert p.returncode == 0, p.stderr[-2000:]  # exit 0: no job missing
+    assert (out / "report" / "missing.txt").read_text().strip() == "none"
+    assert len(list(out.glob("*/metrics.json"))) == 2

@@ -5,7 +5,9 @@ A named sweep is a Hydra config ``conf/sweep/NAME.yaml``: its settings for every
 ``python -m ssn_exp --multirun sweep=NAME ...`` into ``outputs/sweeps/NAME/`` with a job directory per
 combination, named by its overrides: jobs never overwrite each other, and running the same sweep again
 resumes every unfinished job (finished ones are quick no-ops). A command-line override of a swept key
-replaces its list. Afterwards the report (tables, curves, missing runs) is written to ``<sweep dir>/report/``.
+replaces its list. Afterwards the report (tables, curves, missing runs) is written to ``<sweep dir>/report/``;
+``--launcher slurm`` returns once the jobs are submitted (``--wait``: waits, then reports). ``--plan`` prints what
+the sweep costs and runs nothing.
 """
 
 from __future__ import annotations
@@ -149,6 +151,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and the command, run nothing")
     parser.add_argument("--no-report", action="store_true", help="skip the report after the sweep")
     parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="--launcher slurm: wait for the jobs to end, then write the report (default: return once submitted)",
+    )
+    parser.add_argument(
         "--plan",
         action="store_true",
         help="print each job's training and certification cost, hours and whether it fits the launcher's "
@@ -209,7 +216,9 @@ def main(argv=None) -> int:
 
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    proc = subprocess.Popen(cmd, env={**os.environ, "SSN_EXP_IN_SWEEP": "1"})
+    submit_only = args.launcher == "slurm" and not args.wait
+    env = {**os.environ, "SSN_EXP_IN_SWEEP": "1", "SSN_EXP_SUBMIT_ONLY": "1" if submit_only else "0"}
+    proc = subprocess.Popen(cmd, env=env)
 
     def forward_sigterm(signum, frame):  # Slurm/submitit stop the sweep: stop the jobs too, then say so
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -232,6 +241,15 @@ def main(argv=None) -> int:
         proc.wait()
         print(f"error: interrupted after {_count_done(out_dir)} of {len(all_jobs)} jobs; {resume}", file=sys.stderr)
         return 130
+    if submit_only and rc == 0:  # the jobs run on: say where their results go and how to follow them
+        report = shlex.join([sys.executable, "-m", "ssn_exp.report", str(out_dir), "--out", str(out_dir / "report")])
+        print(
+            f"submitted: results go to {out_dir}/<job>/ (Slurm logs in {out_dir}/.submitit/)\n"
+            f"follow:    squeue -u $USER\n"
+            f"report:    {report}   (lists the jobs without results while some are missing)\n"
+            f"resume:    the same command again resubmits; finished jobs are quick no-ops"
+        )
+        return 0
     done = _count_done(out_dir)
     if rc == 130 or rc == -signal.SIGINT:
         print(f"error: interrupted after {done} of {len(all_jobs)} jobs; {resume}", file=sys.stderr)
