@@ -180,5 +180,8 @@ def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, s
     if task.metrics is not None:
         return task.metrics
     if settings.get("num_shards", 1) > 1 and not (Path(out_dir) / "metrics.json").is_file():
+        if trainer.world_size > 1:  # (ddp_spawn: rank 0's log line stayed in its process)
+            print(f"shard {settings['shard']} of {settings['num_shards']} done; waiting for the other shards (the last "
+                  "to finish merges them)", flush=True)  # fmt: skip
         return None  # a job shard done before the others (it said so): the last one merges
     return json.loads((Path(out_dir) / "metrics.json").read_text())  # ddp_spawn: written by rank 0's process
