@@ -140,3 +140,8 @@ def test_plan_prints_every_job_and_the_total_and_creates_nothing(tmp_path):
     assert lines[-1].startswith(f"total: {4 * train + 3 * fixed + exact:,.1f} GPU-hours (4 jobs")
     p = run_cli("ssn_exp.sweep", "smoke", "sigma=0.5", "--plan", "--throughput", "1", cwd=tmp_path)
     assert "EXCEEDS timeout_min=1440 (certify.num_shards>=5)" in p.stdout  # 180 x 2,064 / 1 s = 103 h
+    shards = ["certify.num_shards=5", "certify.shard=0,1,2,3,4"]
+    p = run_cli(
+        "ssn_exp.sweep", "smoke", "sigma=0.5", "method=ssn", *shards, "--plan", "--throughput", "1", cwd=tmp_path
+    )
+    assert "fits timeout_min=1440 in 5 shard jobs of 20.6 h" in p.stdout, p.stdout + p.stderr

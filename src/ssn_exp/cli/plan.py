@@ -78,7 +78,9 @@ def plan_lines(name: str, fixed: list[str], all_jobs: list[list[str]], throughpu
 
     lines, total, rates = [], 0.0, {}
     for i, job in enumerate(all_jobs):
-        cfg = load_sweep(name, [*fixed, *job])
+        shard = [] if any(o.startswith("certify.shard=") for o in fixed) else ["certify.shard=0"]  # (one is enough)
+        sharded = any(o.startswith("certify.num_shards=") and o != "certify.num_shards=1" for o in fixed)
+        cfg = load_sweep(name, [*fixed, *job, *(shard if sharded else [])])
         c = _job_cost(cfg)
         if c["data"] not in rates:
             rates[c["data"]] = throughput or published_throughput(c["data"])
@@ -108,7 +110,9 @@ def plan_lines(name: str, fixed: list[str], all_jobs: list[list[str]], throughpu
             advice.append(f"training spans {math.ceil(train_h / limit_h)} time limits (requeued, it resumes)")
         lines.append(
             f"{text}; {train_h:.1f} h training + {cert_h:.1f} h certification at {rate:,.0f} passes/s: "
-            f"{verdict} timeout_min={limit_h * 60:.0f}" + (f" ({'; '.join(advice)})" if advice else "")
+            f"{verdict} timeout_min={limit_h * 60:.0f}"
+            + (f" in {c['shards']} shard jobs of {cert_h / c['shards']:.1f} h" if c["shards"] > 1 else "")
+            + (f" ({'; '.join(advice)})" if advice else "")
         )
     how = "--throughput" if throughput else "the authors' published per-image times (their 2080 Ti)"
     lines.append(f"total: {total:,.1f} GPU-hours ({len(all_jobs)} jobs; throughput from {how})")
