@@ -97,8 +97,9 @@ def write_tiny_imagefolder(root: Path, classes: int = 3, per_class: int = 4, siz
     return Path(root)
 
 
-def read_wandb_offline(run_dir: Path) -> dict:
-    """Summary keys, config keys, name and group of the offline wandb run under run_dir/wandb.
+def read_wandb_offline(run_dir: Path, path: Path | None = None) -> dict:
+    """Summary keys, config keys, name, group and id of the offline wandb run under run_dir/wandb (or of the
+    transaction log ``path``).
 
     Reads the run's transaction log (.wandb: a leveldb-style record log of protobuf Records).
     """
@@ -106,9 +107,10 @@ def read_wandb_offline(run_dir: Path) -> dict:
 
     from wandb.proto import wandb_internal_pb2 as pb
 
-    (path,) = Path(run_dir).glob("wandb/offline-run-*/*.wandb")
+    if path is None:
+        (path,) = Path(run_dir).glob("wandb/offline-run-*/*.wandb")
     data, pos, block, buf = path.read_bytes(), 7, 32768, b""
-    out = {"summary": {}, "config": set(), "name": None, "group": None, "history": 0}
+    out = {"summary": {}, "config": set(), "name": None, "group": None, "history": 0, "id": None}
     while pos + 7 <= len(data):
         left = block - pos % block
         if left < 7:
@@ -133,6 +135,7 @@ def read_wandb_offline(run_dir: Path) -> dict:
             out["config"] |= {c.key for c in rec.run.config.update}
             out["name"] = rec.run.display_name or out["name"]
             out["group"] = rec.run.run_group or out["group"]
+            out["id"] = rec.run.run_id or out["id"]
         elif which == "config":  # wandb.config.update(...), e.g. the resolved Hydra config
             out["config"] |= {c.key for c in rec.config.update}
         elif which == "history":

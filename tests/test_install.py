@@ -57,6 +57,7 @@ def test_the_wheel_carries_configs_sweeps_and_published_results(installed):
         "ssn_exp/conf/sweep/smoke.yaml",
         "ssn_exp/conf/sweep/paper_cifar10.yaml",
         "ssn_exp/conf/hydra/launcher/slurm.yaml",
+        "hydra_plugins/ssn_exp_launcher/submit.py",  # the launcher slurm.yaml names (Hydra's plugin namespace)
         "ssn_exp/published/levine2021/index.csv",
         "ssn_exp/published/levine2021/labels.npz",
         "ssn_exp/published/levine2021/cifar10_dssn_standard_none_sigma0.75.npz",

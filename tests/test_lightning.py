@@ -374,3 +374,79 @@ def test_noise_of_a_training_step_depends_only_on_seed_step_and_rank():
     assert not torch.equal(na, a.smoothing.sample(x, a._generator(1, 4, 7)))
     c = SmoothedTraining(**kw, seed=2)
     assert not torch.equal(na, c.smoothing.sample(x, c._generator(1, 3, 7)))
+
+
+# ----------------------------------------------------------------------------- certification split over jobs
+
+
+def _job_merge(out, noise, n_shards, ds=None, **sel):
+    from ssn_exp.lightning.certification import merge_job_shards
+
+    ds = ds or _data()
+    selected = certify_indices(len(ds), sel.get("skip", 1), sel.get("max_examples"))
+    check = dict(labels=lambda idx: [int(ds[i][1]) for i in idx], num_classes=10)
+    return merge_job_shards(out, _record(noise), n_shards, selected, check)
+
+
+@pytest.mark.parametrize("noise", [DSSN(0.5, q=16, dim=64), SSN(0.5)], ids=["dssn", "ssn"])
+def test_job_shards_merge_to_the_single_job_result_and_wait_for_the_missing_ones(tmp_path, noise):
+    from ssn_exp.lightning.certification import ShardsPending
+
+    single = tmp_path / "single"
+    _certifier(single, noise, skip=2).run("cpu", progress=False)
+    out = tmp_path / "sharded"
+    _certifier(out, noise, skip=2, shard=2, num_shards=3).run("cpu", progress=False)
+    for rank in range(2):  # job shard 0 runs on two DDP ranks: global shard = job shard x rank
+        _certifier(out, noise, skip=2, shard=0, num_shards=3, rank=rank, world_size=2).run("cpu", progress=False)
+    merge_shards(out, 2, _record(noise), stem="certificates.shard0of3")
+    with pytest.raises(ShardsPending) as pending:  # shard 1 has not run: nothing is merged
+        _job_merge(out, noise, 3, skip=2)
+    assert pending.value.missing == [1] and not (out / "certificates.csv").exists()
+    _certifier(out, noise, skip=2, shard=1, num_shards=3).run("cpu", progress=False)
+    _job_merge(out, noise, 3, skip=2)
+    assert sorted(p.name for p in out.glob("certificates*.csv")) == ["certificates.csv"]
+    assert _rows(out / "certificates.csv") == _rows(single / "certificates.csv")
+    _job_merge(out, noise, 3, skip=2)  # merging again (a requeued last shard) changes nothing
+    assert _rows(out / "certificates.csv") == _rows(single / "certificates.csv")
+    again = _certifier(out, noise, skip=2, shard=1, num_shards=3)  # a shard rerun after the merge: nothing to do
+    assert again.todo == [] and not list(out.glob("certificates.shard*"))
+
+
+def test_a_killed_job_shard_resumes_where_it_stopped(tmp_path):
+    noise = SSN(0.5)
+    single = tmp_path / "single"
+    _certifier(single, noise).run("cpu", progress=False)
+    out = tmp_path / "out"
+    c = _certifier(out, noise, shard=1, num_shards=2)
+    c.run_chunk(c.chunks()[0], torch.device("cpu"))  # then the job dies
+    c = _certifier(out, noise, shard=1, num_shards=2)
+    assert c.todo == list(range(1, 23, 2))[4:]
+    c.run("cpu", progress=False)
+    _certifier(out, noise, shard=0, num_shards=2).run("cpu", progress=False)
+    _job_merge(out, noise, 2)
+    assert _rows(out / "certificates.csv") == _rows(single / "certificates.csv")
+
+
+def test_the_merge_refuses_a_shard_of_another_split_and_rows_outside_a_shard(tmp_path):
+    noise = DSSN(0.5, q=16, dim=64)
+    for j in range(3):
+        _certifier(tmp_path, noise, shard=j, num_shards=3).run("cpu", progress=False)
+    (tmp_path / "certificates.shard0of3.csv").rename(tmp_path / "certificates.shard0of4.csv")
+    with pytest.raises(ResultsFileError, match=r"shard0of4.csv is not a shard of this certification"):
+        _job_merge(tmp_path, noise, 3)
+    # shard 1's rows under shard 0's name: a duplicated shard (shard 0's examples are missing)
+    (tmp_path / "certificates.shard0of4.csv").unlink()
+    (tmp_path / "certificates.shard0of3.csv").write_text((tmp_path / "certificates.shard1of3.csv").read_text())
+    with pytest.raises(ResultsFileError, match=r"shard0of3.csv line 2: example 1 is not one this certification"):
+        _job_merge(tmp_path, noise, 3)
+    assert not (tmp_path / "certificates.csv").exists()
+
+
+def test_a_job_shard_with_other_settings_is_refused_before_it_writes(tmp_path):
+    noise = DSSN(0.5, q=16, dim=64)
+    _certifier(tmp_path, noise, shard=0, num_shards=2).run("cpu", progress=False)
+    (tmp_path / "certificates.shard0of2.csv").unlink()  # even with no certificate written yet: the first job's
+    other = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 10)).eval()  # settings fix the directory
+    with pytest.raises(ResultsFileError, match="certificates made with other settings .*weights"):
+        _certifier(tmp_path, noise, shard=1, num_shards=2, model=other)
+    assert not list(tmp_path.glob("certificates*.csv"))

@@ -122,3 +122,26 @@ def test_a_failing_job_loses_nothing_and_the_report_says_what_is_missing(tmp_pat
     assert len(done) == 1 and read_metrics(done[0])["sigma"] == 0.5
     missing = (out / "report" / "missing.txt").read_text()
     assert "sigma=-1" in missing
+
+
+def test_plan_prints_every_job_and_the_total_and_creates_nothing(tmp_path):
+    from helpers import run_cli
+
+    p = run_cli("ssn_exp.sweep", "smoke", "sigma=0.5", "--plan", "--throughput", "10", cwd=tmp_path)
+    assert p.returncode == 0, p.stderr[-2000:]
+    lines = p.stdout.splitlines()
+    jobs = [line for line in lines if line.startswith("  [")]
+    assert len(jobs) == 4 and not list(tmp_path.iterdir())  # nothing written, no data read
+    # 15 epochs x 1,437 digits x 3 passes; every 2nd of 360 test images x (64 + 2,000) samples (dssn: L = 27), at 10/s
+    train, fixed, exact = 15 * 1437 * 3 / 36000, 180 * 2064 / 36000, 180 * 27 / 36000
+    want = f"train 15 ep x 1,437 ex; certify 180 ex x 2,064 passes (fixed); {train:.1f} h training + {fixed:.1f} h"
+    assert want in jobs[0] and "fits timeout_min=1440" in jobs[0]
+    assert f"certify 180 ex x 27 passes (exact); {train:.1f} h training + {exact:.1f} h" in jobs[2]
+    assert lines[-1].startswith(f"total: {4 * train + 3 * fixed + exact:,.1f} GPU-hours (4 jobs")
+    p = run_cli("ssn_exp.sweep", "smoke", "sigma=0.5", "--plan", "--throughput", "1", cwd=tmp_path)
+    assert "EXCEEDS timeout_min=1440 (certify.num_shards>=5)" in p.stdout  # 180 x 2,064 / 1 s = 103 h
+    shards = ["certify.num_shards=5", "certify.shard=0,1,2,3,4"]
+    p = run_cli(
+        "ssn_exp.sweep", "smoke", "sigma=0.5", "method=ssn", *shards, "--plan", "--throughput", "1", cwd=tmp_path
+    )
+    assert "fits timeout_min=1440 in 5 shard jobs of 20.6 h" in p.stdout, p.stdout + p.stderr

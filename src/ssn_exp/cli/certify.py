@@ -37,6 +37,7 @@ from ssn_exp.cli.config import (
     check_sigma,
     config_source,
     container,
+    shard_lock_name,
 )
 from ssn_exp.cli.errors import guard, run_entry
 from ssn_exp.cli.run_dir import RunLock
@@ -254,8 +255,8 @@ def run_certify(cfg: DictConfig) -> dict:
     given = _explicit_overrides()
     check_seed(cfg.seed)
     fmt = _detect(path, str(cfg.ckpt_format))
-    check_certify_config(cfg)  # every certify.* value checked before anything is loaded
-    with RunLock(out_dir):
+    lock = shard_lock_name(check_certify_config(cfg))  # every certify.* value checked before anything is loaded
+    with RunLock(out_dir, lock):
         if fmt == "levine2021":
             model, smoothing, dm, meta = _from_levine2021(cfg, path, given)
         else:
@@ -277,6 +278,8 @@ def run_certify(cfg: DictConfig) -> dict:
             metrics = certify_model(cfg, model, smoothing, procedure, dm, out_dir, settings, meta, logger)
         finally:
             finish_wandb()
+    if metrics is None:  # a job shard whose certification waits for the other shards (it said so)
+        return {}
     print(format_table(metrics))
     print(f"results: {out_dir}")
     return metrics

@@ -181,7 +181,8 @@ def refuse_other_certificates(out_dir: Path, weights: str | None, noise, procedu
 
 def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, settings: dict, meta: dict, logger):
     """Certify ``model`` without training: a Lightning predict loop (sharded over DDP ranks) that runs the one
-    certification driver (:func:`ssn_exp.lightning.certification.run_certification`) on every rank."""
+    certification driver (:func:`ssn_exp.lightning.certification.run_certification`) on every rank. None for a
+    job shard (``certify.shard``) that finished before the others."""
     import json
 
     from ssn_exp.lightning.certification import CertifyTask
@@ -198,4 +199,9 @@ def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, s
     trainer.predict(task, return_predictions=False)
     if task.metrics is not None:
         return task.metrics
+    if settings.get("num_shards", 1) > 1 and not (Path(out_dir) / "metrics.json").is_file():
+        if trainer.world_size > 1:  # (ddp_spawn: rank 0's log line stayed in its process)
+            print(f"shard {settings['shard']} of {settings['num_shards']} done; waiting for the other shards (the last "
+                  "to finish merges them)", flush=True)  # fmt: skip
+        return None  # a job shard done before the others (it said so): the last one merges
     return json.loads((Path(out_dir) / "metrics.json").read_text())  # ddp_spawn: written by rank 0's process

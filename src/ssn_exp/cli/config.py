@@ -225,6 +225,20 @@ def _shape(value) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape)
 
 
+def _missing_shard(num_shards: int):
+    raise ConfigError(
+        f"certify.num_shards={num_shards} needs certify.shard=i (0..{num_shards - 1}), one job per shard: "
+        f"--multirun certify.shard=0,1,...,{num_shards - 1}"
+    )
+
+
+def shard_lock_name(settings: dict) -> str:
+    """The lock file of a job's run directory: a job shard locks its own shard (shards run side by side)."""
+    if settings.get("num_shards", 1) == 1:
+        return ".ssn_exp.lock"
+    return f".ssn_exp.shard{settings['shard']}of{settings['num_shards']}.lock"
+
+
 def check_certify_config(cfg: DictConfig, n: int | None = None, shape=None) -> dict:
     """The certification settings, every value checked (before any training or certification starts).
 
@@ -256,6 +270,18 @@ def check_certify_config(cfg: DictConfig, n: int | None = None, shape=None) -> d
         "channels_last": check_bool(get("channels_last", False), "certify.channels_last"),
         "compile": check_bool(get("compile", False), "certify.compile"),
     }
+    settings["num_shards"] = check_positive_int(get("num_shards", 1), "certify.num_shards")
+    shard = get("shard")
+    if settings["num_shards"] > 1 or shard is not None:  # one job of a certification split over jobs
+        if settings["num_shards"] == 1:
+            raise ConfigError(f"certify.shard={shard} needs certify.num_shards=N (the number of shard jobs)")
+        settings["shard"] = (
+            check_positive_int(
+                shard, f"certify.shard (one of 0..{settings['num_shards'] - 1})", 0, settings["num_shards"] - 1
+            )
+            if shard is not None
+            else _missing_shard(settings["num_shards"])
+        )
     for key in ("enabled", "progress"):
         if key in c:
             check_bool(get(key), f"certify.{key}")

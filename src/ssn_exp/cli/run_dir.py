@@ -343,8 +343,8 @@ class RunLock:
     stale pid.
     """
 
-    def __init__(self, out_dir: Path):
-        self.path = Path(out_dir) / ".ssn_exp.lock"
+    def __init__(self, out_dir: Path, name: str = ".ssn_exp.lock"):
+        self.path = Path(out_dir) / name  # (a job shard's: .ssn_exp.shard{j}of{J}.lock, see shard_lock_name)
         self._fd: int | None = None
         self._created = False
 

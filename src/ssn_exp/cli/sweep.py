@@ -5,7 +5,9 @@ A named sweep is a Hydra config ``conf/sweep/NAME.yaml``: its settings for every
 ``python -m ssn_exp --multirun sweep=NAME ...`` into ``outputs/sweeps/NAME/`` with a job directory per
 combination, named by its overrides: jobs never overwrite each other, and running the same sweep again
 resumes every unfinished job (finished ones are quick no-ops). A command-line override of a swept key
-replaces its list. Afterwards the report (tables, curves, missing runs) is written to ``<sweep dir>/report/``.
+replaces its list. Afterwards the report (tables, curves, missing runs) is written to ``<sweep dir>/report/``;
+``--launcher slurm`` returns once the jobs are submitted (``--wait``: waits, then reports). ``--plan`` prints what
+the sweep costs and runs nothing.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def jobs(cfg, overrides: list[str] = ()) -> list[list[str]]:
 
 def jobs_from_params(params: dict[str, str], overrides: list[str] = ()) -> list[list[str]]:
     """:func:`jobs` from the sweeper's params (key -> value string) and the overrides (Hydra's multirun.yaml holds
-    both: the report reads a sweep's job list from it)."""
+    both: the report reads a sweep's job list from it). A run certified by shard jobs (``certify.shard=0,1,...``)
+    is one job: they share its directory."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
@@ -65,6 +68,7 @@ def jobs_from_params(params: dict[str, str], overrides: list[str] = ()) -> list[
         ov = parser.parse_override(item)
         if ov.is_sweep_override() or ov.get_key_element() in params:
             params[ov.get_key_element()] = item.split("=", 1)[1]
+    params.pop("certify.shard", None)  # the shard jobs of one certification share its run: one job of the sweep
     lists = []
     for key, value in params.items():
         ov = parser.parse_override(f"{key}={value}")
@@ -146,7 +150,24 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--dry-run", action="store_true", help="print the jobs and the command, run nothing")
     parser.add_argument("--no-report", action="store_true", help="skip the report after the sweep")
-    args = parser.parse_args(argv)
+    parser.add_argument(
+        "--wait",
+        action="store_true",
+        help="--launcher slurm: wait for the jobs to end, then write the report (default: return once submitted)",
+    )
+    parser.add_argument(
+        "--plan",
+        action="store_true",
+        help="print each job's training and certification cost, hours and whether it fits the launcher's "
+        "timeout_min (slurm's unless --launcher says otherwise), then the total; needs no data, runs nothing",
+    )
+    parser.add_argument(
+        "--throughput",
+        type=float,
+        metavar="PASSES_PER_S",
+        help="for --plan: forward passes per second of your GPU (default: the authors' published times)",
+    )
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
 
     try:
         from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -162,6 +183,23 @@ def main(argv=None) -> int:
 
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
+    if args.plan:  # composed as the jobs would be, nothing written
+        from ssn_exp.cli.plan import plan_lines
+
+        if args.throughput is not None and not args.throughput > 0:
+            print(f"error: --throughput must be > 0 forward passes per second, got {args.throughput}", file=sys.stderr)
+            return 2
+        launcher = LAUNCHERS[args.launcher] if args.launcher != "basic" else "slurm"
+        print(f"sweep {args.name}: {cfg.sweep_info.description}; {len(all_jobs)} jobs, hydra/launcher={launcher}")
+        try:
+            lines = plan_lines(args.name, [*fixed, f"hydra/launcher={launcher}"], all_jobs, args.throughput)
+        except Exception as exc:  # noqa: BLE001 - a job whose config does not compose or check: one line
+            from ssn_exp.cli.errors import one_line
+
+            print(f"error: {one_line(exc)}", file=sys.stderr)
+            return 2
+        print("\n".join(lines))
+        return 0
     out_dir = (args.out or Path("outputs") / "sweeps" / args.name).absolute()
     cmd = sweep_command(args.name, args.overrides, out_dir, LAUNCHERS[args.launcher])
     print(f"sweep {args.name}: {cfg.sweep_info.description}\n{len(all_jobs)} jobs into {out_dir}")
@@ -178,7 +216,9 @@ def main(argv=None) -> int:
 
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
-    proc = subprocess.Popen(cmd, env={**os.environ, "SSN_EXP_IN_SWEEP": "1"})
+    submit_only = args.launcher == "slurm" and not args.wait
+    env = {**os.environ, "SSN_EXP_IN_SWEEP": "1", "SSN_EXP_SUBMIT_ONLY": "1" if submit_only else "0"}
+    proc = subprocess.Popen(cmd, env=env)
 
     def forward_sigterm(signum, frame):  # Slurm/submitit stop the sweep: stop the jobs too, then say so
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -201,6 +241,15 @@ def main(argv=None) -> int:
         proc.wait()
         print(f"error: interrupted after {_count_done(out_dir)} of {len(all_jobs)} jobs; {resume}", file=sys.stderr)
         return 130
+    if submit_only and rc == 0:  # the jobs run on: say where their results go and how to follow them
+        report = shlex.join([sys.executable, "-m", "ssn_exp.report", str(out_dir), "--out", str(out_dir / "report")])
+        print(
+            f"submitted: results go to {out_dir}/<job>/ (Slurm logs in {out_dir}/.submitit/)\n"
+            f"follow:    squeue -u $USER\n"
+            f"report:    {report}   (lists the jobs without results while some are missing)\n"
+            f"resume:    the same command again resubmits; finished jobs are quick no-ops"
+        )
+        return 0
     done = _count_done(out_dir)
     if rc == 130 or rc == -signal.SIGINT:
         print(f"error: interrupted after {done} of {len(all_jobs)} jobs; {resume}", file=sys.stderr)

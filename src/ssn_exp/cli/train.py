@@ -38,6 +38,7 @@ from ssn_exp.cli.config import (
     check_tag,
     config_source,
     container,
+    shard_lock_name,
 )
 from ssn_exp.cli.errors import guard, run_entry
 from ssn_exp.cli.run_dir import RunLock
@@ -164,6 +165,23 @@ def _weights_to_certify(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -
     return model_fingerprint(load_checkpoint(ckpt_path, trust=run_trust(cfg)).model)  # (checked by _resume_point)
 
 
+def _trained(cfg: DictConfig, ckpt_path: str | None, out_dir: Path, identity: dict):
+    """The module of a finished training run in ``out_dir`` (job shards certify it side by side; none trains)."""
+    from ssn_exp.lightning.module import load_checkpoint, read_checkpoint
+
+    epochs = int(cfg.trainer.get("max_epochs", cfg.training.epochs))
+    done = 0 if ckpt_path is None else int(read_checkpoint(ckpt_path).get("epoch", -1)) + 1
+    if done < epochs or not cfg.certify.enabled:
+        raise ConfigError(
+            f"certify.shard jobs certify a trained model, and {out_dir} holds {done} of {epochs} epochs: train it "
+            "first (the same command with certify.enabled=false and without certify.shard/num_shards), then run the "
+            "shards"
+            if cfg.certify.enabled
+            else "certify.shard/num_shards with certify.enabled=false: nothing to certify"
+        )
+    return load_checkpoint(ckpt_path, expect=identity, trust=run_trust(cfg))
+
+
 def _make_trainer(cfg: DictConfig):
     from ssn_exp.lightning.progress import progress_callbacks
 
@@ -198,12 +216,20 @@ def run_train(cfg: DictConfig) -> dict | None:
 
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
-    with RunLock(out_dir):
+    with RunLock(out_dir, shard_lock_name(settings)):
         pl.seed_everything(seed, workers=True, verbose=False)
         dm, noise, variant, hparams = build_parts(cfg)
         procedure = build_procedure(cfg, noise)  # a procedure that cannot certify this noise is refused now
         module = SmoothedTraining(**hparams)
         ckpt_path = _resume_point(cfg, out_dir, hparams, module.identity())
+        if settings["num_shards"] > 1:  # one job of a certification split over jobs: of the trained model
+            module = _trained(cfg, ckpt_path, out_dir, module.identity())
+            meta = {**module.identity(), "n_classes": dm.num_classes}
+            metrics = certify_model(cfg, module.model, module.smoothing, procedure, dm, out_dir, settings, meta, None)
+            if metrics is not None:
+                print(format_table(metrics))
+                print(f"results: {out_dir}")
+            return metrics
         ckpt_dir = out_dir / "checkpoints"
         module = variant.prepare(
             module, dm, ckpt_dir=ckpt_dir, resume_from=ckpt_path, make_trainer=_make_trainer(cfg), trust=run_trust(cfg)

@@ -7,13 +7,21 @@ driver never asks which noise or procedure it holds.
 Files: see :mod:`ssn_exp.lightning.results`. Under DDP every rank certifies its own shard
 (``indices[rank::world]``, no padding) into ``certificates.rank{r}.csv``; rank 0 merges them by index.
 Resuming skips the examples already certified, after checking every row read back.
+
+A certification can also be split over jobs (``certify.num_shards=J``, ``certify.shard=j``): the same idea one level
+up. Job ``j`` certifies ``indices[j::J]`` (its ranks ``indices[j::J][r::W]``) into ``certificates.shard{j}of{J}.csv``
+(its ranks' files ``certificates.shard{j}of{J}.rank{r}.csv``, merged by its rank 0); once every job's file holds
+its examples, :func:`merge_job_shards` merges them into the one ``certificates.csv``.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
+import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -51,6 +59,9 @@ __all__ = [
     "CertifyTask",
     "run_certification",
     "finish_certification",
+    "merge_job_shards",
+    "ShardsPending",
+    "shard_stem",
     "log_metrics",
 ]
 
@@ -92,20 +103,24 @@ def certification_settings(
     return settings
 
 
-def check_settings(out_dir: str | Path, settings: dict, *, weights_known: bool = True) -> None:
+def check_settings(out_dir: str | Path, settings: dict, *, weights_known: bool = True, strict: bool = False) -> None:
     """Refuse (:class:`ResultsFileError`) a directory that holds certificates made with other ``settings``
     (:func:`certification_settings`), or certificates without the ``certify_settings.json`` that explains them.
     Reads only: the entry points call it before they train or write anything (``weights_known=False``: the weights
-    are not known before training and are compared when the certification itself checks again)."""
+    are not known before training and are compared when the certification itself checks again; ``strict``: job
+    shards, whose directory is fixed by the first job's settings even before it wrote a row)."""
     out_dir = Path(out_dir)
     path = out_dir / "certify_settings.json"
-    if not any(out_dir.glob("certificates*.csv")):
-        return
+    has_rows = any(out_dir.glob("certificates*.csv"))
     if not path.is_file():
-        raise ResultsFileError(
-            f"{out_dir} holds certificates but no certify_settings.json, so how they were made is unknown; "
-            "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
-        )
+        if has_rows:
+            raise ResultsFileError(
+                f"{out_dir} holds certificates but no certify_settings.json, so how they were made is unknown; "
+                "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
+            )
+        return
+    if not (has_rows or strict):
+        return
     try:
         old = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
@@ -125,6 +140,11 @@ def check_settings(out_dir: str | Path, settings: dict, *, weights_known: bool =
             f"{out_dir} holds certificates made with other settings ({'; '.join(diff)}); "
             "certify into another directory (tag=NAME or hydra.run.dir=DIR)"
         )
+
+
+def shard_stem(shard: int, num_shards: int) -> str:
+    """The file stem of job shard ``shard`` of ``num_shards`` (``certificates`` for an unsplit certification)."""
+    return "certificates" if num_shards == 1 else f"certificates.shard{shard}of{num_shards}"
 
 
 class ShardCertifier:
@@ -157,6 +177,8 @@ class ShardCertifier:
         seed: int = 0,
         rank: int = 0,
         world_size: int = 1,
+        shard: int | None = None,
+        num_shards: int = 1,
         autocast: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
@@ -175,6 +197,7 @@ class ShardCertifier:
         self.batch_size = max(1, int(batch_size))
         self.seed = int(seed)
         self.rank, self.world_size = rank, world_size
+        self.job_shard, self.num_shards = (0 if shard is None else int(shard)), int(num_shards)
         dtypes = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
         if autocast not in dtypes:
             raise ValueError(f"certify.autocast must be null, bf16 or fp16, got {autocast!r}")
@@ -200,29 +223,35 @@ class ShardCertifier:
         if self.channels_last:
             model.to(memory_format=torch.channels_last)
         self.forward = torch.compile(model) if compile else model
-        self.path = self.out_dir / ("certificates.csv" if world_size == 1 else f"certificates.rank{rank}.csv")
+        stem = shard_stem(self.job_shard, self.num_shards)
+        self.path = self.out_dir / (f"{stem}.csv" if world_size == 1 else f"{stem}.rank{rank}.csv")
         selected = certify_indices(len(dataset), skip, max_examples)
-        self.shard = shard_indices(selected, rank, world_size)
+        mine = shard_indices(selected, self.job_shard, self.num_shards)  # this job's examples (all: one job)
+        self.shard = shard_indices(mine, rank, world_size)
         check = dict(record=self.record, labels=lambda idx: dataset_labels(dataset, idx), num_classes=num_classes)
         self._check = check
-        if world_size == 1:
+        if world_size == 1 and self.num_shards == 1:
             done = read_certificates(self.path, allowed=self.shard, **check)
             keep = done
             complete = set(selected) <= set(done)
-        else:  # this rank's rows from the merged file and from every shard file (the world size may have changed)
+        else:  # this rank's rows from the merged files and from every rank file (the world size may have changed)
+            found: dict[int, dict] = {}
+            own = [self.out_dir / f"{stem}.csv"] if self.num_shards > 1 else []
+            for path in [*own, *sorted(self.out_dir.glob(f"{stem}.rank*.csv"))]:
+                found.update(read_certificates(path, allowed=mine, **check))
+            # read after the shard files: a job-shard merge removes them only after writing certificates.csv
             merged = read_certificates(self.out_dir / "certificates.csv", allowed=selected, **check)
-            complete = set(selected) <= set(merged)
-            found = dict(merged)
-            for path in sorted(self.out_dir.glob("certificates.rank*.csv")):
-                found.update(read_certificates(path, allowed=selected, **check))
+            complete = set(mine) <= set(merged)
+            found.update(merged)
             done = {i: found[i] for i in self.shard if i in found}
             # this rank's file keeps the rows it had (another rank may take them over) and gains the ones it found
-            keep = {**read_certificates(self.path, allowed=selected, **check), **done}
+            keep = {**read_certificates(self.path, allowed=mine, **check), **done}
         if not complete and rank == 0:  # results are being added: a metrics.json of fewer examples is stale
             (self.out_dir / "metrics.json").unlink(missing_ok=True)
-        # rewrite the shard file cleanly (drops a torn line, keeps every finished row)
-        write_rows_atomic(self.path, self.columns, [keep[i] for i in sorted(keep)])
-        self._allowed = self.shard if world_size == 1 else selected  # the rows this rank's file may hold
+        if not (complete and self.num_shards > 1):  # (a job shard already merged leaves no file behind)
+            # rewrite the shard file cleanly (drops a torn line, keeps every finished row)
+            write_rows_atomic(self.path, self.columns, [keep[i] for i in sorted(keep)])
+        self._allowed = self.shard if world_size == 1 else mine  # the rows this rank's file may hold
         self._sorted, self._last = True, max(keep, default=-1)  # the file's rows are in index order, up to _last
         self.done = set(done)
         self.todo = [i for i in self.shard if i not in self.done]
@@ -234,14 +263,16 @@ class ShardCertifier:
         Ranks that run concurrently pass ``barrier``: every rank checks before any rank writes a file
         (a shard file written by a fast rank must not look like an unexplained certificate to a slow one).
         """
-        check_settings(self.out_dir, settings)
-        concurrent = barrier is not None and self.world_size > 1
-        if concurrent:
-            barrier("certify settings checked")
-        if self.rank == 0:
-            write_json_atomic(self.out_dir / "certify_settings.json", settings)
-        if concurrent:  # no shard file exists without the settings that explain it, even if a rank is killed here
-            barrier("certify settings written")
+        jobs = self.num_shards > 1 and self.rank == 0  # other jobs may start in this directory at the same time
+        with _exclusive(self.out_dir / ".certify_settings.lock") if jobs else contextlib.nullcontext():
+            check_settings(self.out_dir, settings, strict=self.num_shards > 1)
+            concurrent = barrier is not None and self.world_size > 1
+            if concurrent:
+                barrier("certify settings checked")
+            if self.rank == 0:
+                write_json_atomic(self.out_dir / "certify_settings.json", settings)
+            if concurrent:  # no shard file exists without the settings that explain it, even if a rank is killed here
+                barrier("certify settings written")
 
     def chunks(self) -> list[list[int]]:
         return [self.todo[i : i + self.batch_size] for i in range(0, len(self.todo), self.batch_size)]
@@ -330,6 +361,18 @@ class ShardCertifier:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path):
+    """Hold an exclusive ``flock`` on ``path`` (waiting for it), never following a link: the settings of a directory
+    are checked and written by one job shard at a time."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _is_allocation_failure(exc: BaseException) -> bool:
@@ -448,8 +491,25 @@ def run_certification(
         barrier("certified")
     if rank != 0:
         return None
+    record = CertificateRecord(smoothing, procedure)
+    num_shards = int(settings.get("num_shards", 1))
+    if num_shards > 1:  # this job's part, then all jobs' parts if every one is in (else: ShardsPending)
+        if world_size > 1:
+            merge_shards(out_dir, world_size, record, stem=shard_stem(int(settings["shard"]), num_shards))
+        check = dict(labels=lambda idx: dataset_labels(dataset, idx), num_classes=datamodule.num_classes)
+        try:
+            merge_job_shards(out_dir, record, num_shards, certify_indices(len(dataset), **_selection(settings)), check)
+        except ShardsPending as pending:
+            log.info(
+                "shard %s of %d done; waiting for shards %s (the last shard to finish merges them into %s)",
+                settings["shard"],
+                num_shards,
+                ", ".join(map(str, pending.missing)),
+                Path(out_dir) / "certificates.csv",
+            )
+            return None
     metrics = finish_certification(
-        out_dir, CertificateRecord(smoothing, procedure), world_size, len(dataset), settings, meta, radii
+        out_dir, record, 1 if num_shards > 1 else world_size, len(dataset), settings, meta, radii
     )
     for logger in loggers or ():
         log_metrics(logger, metrics, Path(out_dir))
@@ -460,11 +520,58 @@ def run_certification(
 _NOT_CERTIFIER = ("n0", "n", "alpha")
 
 
+def _selection(settings: dict) -> dict:
+    return dict(skip=settings.get("skip", 1), max_examples=settings.get("max_examples"))
+
+
+class ShardsPending(Exception):
+    """Some job shards of a split certification have not finished yet (:attr:`missing`: their numbers)."""
+
+    def __init__(self, missing: list[int], num_shards: int):
+        super().__init__(f"shards {missing} of {num_shards} not finished")
+        self.missing, self.num_shards = missing, num_shards
+
+
+_JOB_FILE = re.compile(r"certificates\.shard(\d+)of(\d+)(?:\.rank\d+)?\.csv")
+
+
+def merge_job_shards(out_dir, record: CertificateRecord, num_shards: int, selected: Sequence[int], check: dict) -> Path:
+    """Merge the job shards' files ``certificates.shard{j}of{J}.csv`` into ``certificates.csv`` once every one
+    holds its examples (``selected[j::J]``); else raise :class:`ShardsPending`. Every row is checked as on resume, and
+    must be one of its shard's examples; a file of another split (another ``J``) is refused. Idempotent and atomic
+    (the merged file is written before the shard files go), so the jobs that finish last may all merge at once."""
+    out_dir = Path(out_dir)
+    files = sorted(p.name for p in out_dir.glob("certificates.shard*.csv"))
+    for name in files:
+        m = _JOB_FILE.fullmatch(name)
+        if m is None or int(m.group(2)) != num_shards or int(m.group(1)) >= num_shards:
+            raise ResultsFileError(
+                f"{out_dir / name} is not a shard of this certification (certify.num_shards={num_shards}): it "
+                "belongs to another split of the examples; remove it, or certify into another directory (tag=NAME)"
+            )
+    rows: dict[int, dict] = {}
+    for j in range(num_shards):  # the shard files first: a concurrent merge removes them after writing the result
+        rows.update(
+            read_certificates(
+                out_dir / f"{shard_stem(j, num_shards)}.csv", record, allowed=selected[j::num_shards], **check
+            )
+        )
+    rows.update(read_certificates(out_dir / "certificates.csv", record, allowed=selected, **check))
+    missing = [j for j in range(num_shards) if not set(selected[j::num_shards]) <= set(rows)]
+    if missing:
+        raise ShardsPending(missing, num_shards)
+    path = out_dir / "certificates.csv"
+    write_rows_atomic(path, record.columns, [rows[i] for i in sorted(rows)])
+    for j in range(num_shards):
+        (out_dir / f"{shard_stem(j, num_shards)}.csv").unlink(missing_ok=True)
+    return path
+
+
 def finish_certification(out_dir, record, world_size, dataset_len, settings, meta, radii) -> dict:
     """Merge the shards (if any) and write metrics.json and the curve for the selected examples."""
     if world_size > 1:
         merge_shards(out_dir, world_size, record)
-    selected = certify_indices(dataset_len, settings.get("skip", 1), settings.get("max_examples"))
+    selected = certify_indices(dataset_len, **_selection(settings))
     meta = {**meta, "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]}
     return summarize(out_dir, record, meta, radii, indices=set(selected))
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 import csv
 import io
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ __all__ = [
     "no_logger",
     "wandb_mode",
     "wandb_logger",
+    "wandb_run_id",
     "log_certification",
     "certification_summary",
     "certification_curves",
@@ -170,7 +173,7 @@ def wandb_logger(
                 group = Path(hc.sweep.dir).name
         except ValueError:  # not inside a Hydra app
             pass
-    return WandbLogger(
+    logger = WandbLogger(
         project=project,
         entity=entity,
         name=name,
@@ -179,7 +182,31 @@ def wandb_logger(
         save_dir=str(save_dir),
         mode=wandb_mode(mode),
         reinit=True,
+        id=wandb_run_id(Path(save_dir)),  # (Lightning resumes it: resume="allow")
     )
+    logger._wandb_init.pop("anonymous", None)  # Lightning passes it always; wandb >= 0.19 warns it has no effect
+    return logger
+
+
+_WANDB_ID = re.compile(r"[a-z0-9]{8,64}")
+
+
+def wandb_run_id(run_dir: Path) -> str:
+    """The wandb run id of a run directory: read from its ``wandb_id`` file, or made and written there (atomically)
+    on the first start, so every resume of the run (a requeued job) continues one wandb run."""
+    path = Path(run_dir) / "wandb_id"
+    if path.is_file() and not path.is_symlink():
+        text = path.read_text(errors="replace").strip()
+        if not _WANDB_ID.fullmatch(text):
+            raise ValueError(
+                f"{path} does not hold a wandb run id (8-64 lowercase letters and digits); remove it to start a new "
+                "wandb run"
+            )
+        return text
+    run_id = "".join(secrets.choice("abcdefghijklmnopqrstuvwxyz0123456789") for _ in range(12))
+    Path(run_dir).mkdir(parents=True, exist_ok=True)
+    _atomic_write(path, run_id + "\n")
+    return run_id
 
 
 _ACCURACY = "certified_accuracy"

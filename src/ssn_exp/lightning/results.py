@@ -222,22 +222,23 @@ def write_rows_atomic(path: Path, columns: list[str], rows: Sequence[dict]) -> N
     _replace(tmp, path)
 
 
-def merge_shards(out_dir: Path, world_size: int, record: CertificateRecord) -> Path:
-    """Merge ``certificates.rank*.csv`` (and any earlier merged file) into ``certificates.csv`` by index.
+def merge_shards(out_dir: Path, world_size: int, record: CertificateRecord, stem: str = "certificates") -> Path:
+    """Merge ``{stem}.rank*.csv`` (and any earlier merged file) into ``{stem}.csv`` by index (``stem``: a job
+    shard's, ``certificates.shard{j}of{J}``).
 
     Every rank's file must be present (an empty one for a rank without examples): a missing shard is an
     error rather than a silently shorter result.
     """
     out_dir = Path(out_dir)
-    rows = read_certificates(out_dir / "certificates.csv")
+    rows = read_certificates(out_dir / f"{stem}.csv")
     for r in range(world_size):
-        shard = out_dir / f"certificates.rank{r}.csv"
+        shard = out_dir / f"{stem}.rank{r}.csv"
         if not shard.is_file():
             raise ResultsFileError(f"{shard} is missing: rank {r} did not finish its shard")
-    shards = sorted(out_dir.glob("certificates.rank*.csv"))  # also those of an earlier run with more ranks
+    shards = sorted(out_dir.glob(f"{stem}.rank*.csv"))  # also those of an earlier run with more ranks
     for shard in shards:
         rows.update(read_certificates(shard))
-    path = out_dir / "certificates.csv"
+    path = out_dir / f"{stem}.csv"
     write_rows_atomic(path, record.columns, [rows[i] for i in sorted(rows)])
     for shard in shards:
         shard.unlink(missing_ok=True)
