@@ -535,7 +535,8 @@ def test_summarize_a_dssn_run(tmp_path, dssn):
     assert m["certified_accuracy"] == {"0": 0.75, "0.5625": 0.5, "0.6": 0.25, "1": 0.0}
     assert m["acr"] == pytest.approx((13 + 9) / 16 / 4)
     assert m["seconds_per_example"] == 0.5 and m["forward_passes_per_example"] == 27
-    assert m["levels"] == 27 and m["arithmetic"] == "exact" and m["model"] == "lenet" and m["n0"] == 10
+    assert m["levels"] == 27 and m["arithmetic"] == "exact" and m["model"] == "lenet"
+    assert "n0" not in m  # exact enumeration has no sample counts: a meta n0 is not copied into metrics.json
     assert m["checkpoint"] == "/ckpt/last.ckpt" and m["ckpt_format"] == "lightning" and "unknown" not in m
     assert "certified_accuracy_box" not in m and "acr_box" not in m
     assert json.loads((tmp_path / "metrics.json").read_text()) == m

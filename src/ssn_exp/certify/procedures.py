@@ -3,7 +3,7 @@ are gathered. Plain torch + numpy + scipy (layer 1).
 
 A procedure is one class, chosen in the config (``procedure=fixed|exact``, ``conf/procedure/*.yaml``) and built
 from its ``_target_``. It says which noises it certifies (:meth:`Procedure.check`), what its certificates depend
-on (:meth:`Procedure.settings`), what it adds to a result row (:meth:`Procedure.columns`) and how such a row is
+on (:meth:`Procedure.describe`), what it adds to a result row (:meth:`Procedure.columns`) and how such a row is
 checked when it is read back (:meth:`Procedure.check_row`), and it certifies a batch (:meth:`Procedure.certify`) or
 a stream of batches (:meth:`Procedure.certify_batches`, what the driver calls).
 The driver (:mod:`ssn_exp.lightning.certification`), the result record (:mod:`ssn_exp.certify.record`) and the
@@ -92,13 +92,10 @@ class Procedure:
         if isinstance(noise, SampledNoise):
             noise.check_radius()
 
-    def settings(self, seed: int) -> dict:
-        """What the certificates depend on beyond the noise and the weights (recorded in certify_settings.json; a
-        directory of certificates made with other values is not resumed). ``seed``: the certification seed."""
-        return {}
-
     def describe(self) -> dict:
-        """The procedure's parameters for metrics.json."""
+        """The procedure's own settings (JSON values): what its certificates depend on beyond the noise, the weights
+        and the certification seed. Recorded in certify_settings.json (a directory of certificates made with other
+        values is not resumed) and in metrics.json (so the report names what was run)."""
         return {}
 
     def columns(self, noise: Noise) -> list[str]:
@@ -226,9 +223,6 @@ class FixedSample(Procedure):
         self.n0 = _count("n0", n0)
         self.n = _count("n", n)
         self.alpha = check_level("alpha", alpha, share=0.5, error=ProcedureError)  # two-sided: alpha / 2
-
-    def settings(self, seed: int) -> dict:
-        return {"n0": self.n0, "n": self.n, "alpha": self.alpha, "seed": int(seed)}
 
     def describe(self) -> dict:
         return {"n0": self.n0, "n": self.n, "alpha": self.alpha}

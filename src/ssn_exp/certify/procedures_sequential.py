@@ -118,12 +118,10 @@ class Sequential(Procedure):
         """Selection samples per example (0 when the label is tested)."""
         return 0 if self.select == "label" else self.n0
 
-    def settings(self, seed: int) -> dict:
-        return {"procedure": self.name, **self.describe(), "seed": int(seed)}
-
     def describe(self) -> dict:
         s = self.schedule
         return {
+            "procedure": self.name,  # (certify_settings.json: not resumed as fixed with the same n0, n, alpha)
             "n0": self.n0,
             "n": self.n,
             "alpha": self.alpha,

@@ -187,7 +187,8 @@ def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, s
 
     from ssn_exp.lightning.certification import CertifyTask
 
-    task = CertifyTask(model, noise, procedure, dm, out_dir, settings, list(cfg.certify.radii), meta)
+    radii, progress = list(cfg.certify.radii), bool(cfg.certify.get("progress", True))
+    task = CertifyTask(model, noise, procedure, dm, out_dir, settings, radii, meta, progress=progress)
     trainer = build(
         cfg.trainer,
         "trainer",

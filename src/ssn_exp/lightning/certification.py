@@ -88,11 +88,11 @@ def certification_settings(
     channels_last: bool = False,
     compile: bool = False,
 ) -> dict:
-    """What a directory's certificates depend on (``certify_settings.json``): the noise, the procedure's settings
-    (e.g. n0/n/alpha/seed of ``fixed``), the weights (:func:`model_fingerprint`) and how the base classifier is run
+    """What a directory's certificates depend on (``certify_settings.json``): the noise's and the procedure's
+    ``describe()``, the certification seed (unless the noise names its own: DSSN's), the weights (:func:`model_fingerprint`) and how the base classifier is run
     (which changes its logits, hence the certificates)."""
-    settings = dict(smoothing.describe())
-    settings.update(procedure.settings(seed))  # exact (DSSN): nothing; fixed: n0, n, alpha, seed
+    settings = {**smoothing.describe(), **procedure.describe()}
+    settings.setdefault("seed", int(seed))
     settings["weights"] = weights
     settings.update(
         autocast=autocast if autocast not in (None, "none") else None,
@@ -412,7 +412,7 @@ class CertifyCallback(pl.Callback):
     """
 
     def __init__(
-        self, out_dir, datamodule, procedure, settings: dict, radii: Sequence[float], meta: dict, progress: bool = True
+        self, out_dir, datamodule, procedure, settings: dict, radii: Sequence[float], meta: dict, *, progress: bool
     ):
         self.out_dir = Path(out_dir)
         self.datamodule = datamodule
@@ -516,7 +516,7 @@ def run_certification(
     return metrics
 
 
-#: certify settings that describe the run, not the certifier (they go to metrics.json)
+#: certify settings the procedure object already holds (its own describe() goes to the result files)
 _NOT_CERTIFIER = ("n0", "n", "alpha")
 
 
@@ -572,7 +572,6 @@ def finish_certification(out_dir, record, world_size, dataset_len, settings, met
     if world_size > 1:
         merge_shards(out_dir, world_size, record)
     selected = certify_indices(dataset_len, **_selection(settings))
-    meta = {**meta, "n0": settings["n0"], "n": settings["n"], "alpha": settings["alpha"]}
     return summarize(out_dir, record, meta, radii, indices=set(selected))
 
 
@@ -580,9 +579,9 @@ class CertifyTask(pl.LightningModule):
     """Certification without training, as a Lightning predict loop (``trainer.predict(task)``): the trainer starts
     the processes (one per DDP rank) and each runs :func:`run_certification` for its own shard, once (a loader of
     one step); rank 0 logs to the trainer's loggers, and its metrics are in :attr:`metrics` afterwards (under
-    ``ddp_spawn``: in ``metrics.json``)."""
+    ``ddp_spawn``: in ``metrics.json``). ``progress``: ``certify.progress``."""
 
-    def __init__(self, model, smoothing, procedure, datamodule, out_dir, settings: dict, radii, meta: dict):
+    def __init__(self, model, smoothing, procedure, datamodule, out_dir, settings: dict, radii, meta: dict, *, progress):
         super().__init__()
         self.model = model
         self.smoothing = smoothing
@@ -592,6 +591,7 @@ class CertifyTask(pl.LightningModule):
         self.settings = settings
         self.radii = list(radii)
         self.meta = meta
+        self.progress = bool(progress)
         self.metrics: dict | None = None
 
     def predict_dataloader(self):
@@ -609,14 +609,14 @@ class CertifyTask(pl.LightningModule):
             self.procedure,
             self.datamodule_,
             self.out_dir,
-            settings={k: v for k, v in self.settings.items() if k != "progress"},
+            settings=self.settings,
             radii=self.radii,
             meta=self.meta,
             device=self.device,
             rank=self.global_rank,
             world_size=self.trainer.world_size,
             barrier=self.trainer.strategy.barrier,
-            progress=bool(self.settings.get("progress", True)),
+            progress=self.progress,
             loggers=self.trainer.loggers,
         )
 

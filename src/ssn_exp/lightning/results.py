@@ -302,9 +302,10 @@ def summarize(
             f"{r:g}": a for r, a in certified_accuracy(correct, values, radii).items()
         }
         metrics[f"acr_{name}"] = average_certified_radius(correct, values)
-    for key in ("model", "levels", "n0", "n", "alpha", "checkpoint", "ckpt_format", "arithmetic"):
+    for key in ("model", "levels", "checkpoint", "ckpt_format", "arithmetic"):
         if key in meta:
             metrics.setdefault(key, meta[key])
+    metrics.update(record.procedure.describe())  # the procedure's own settings (fixed: n0, n, alpha), as it ran
     for key, value in noise.describe().items():  # the noise's own parameters (DSSN: levels, arithmetic)
         if key not in ("method", "sigma", "lambda", "seed", "q"):
             metrics[key] = value
