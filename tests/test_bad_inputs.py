@@ -212,7 +212,7 @@ def digits():
 @pytest.mark.parametrize(
     "net,words",
     [
-        (_IntLogits(), "returns int64 values; it must return floating-point logits"),
+        (_IntLogits(), "gives int64 logits; they must be floating-point"),
         (_InPlace(), "modifies its input in place"),
         (_BatchDependent(), "gives an example a different output alone than in a batch"),
         (_Random(), "gives an example a different output alone than in a batch (or random outputs)"),
@@ -223,7 +223,7 @@ def test_bad_user_models_are_refused_in_one_line(digits, net, words):
     from ssn_exp.models import normalized
 
     for wrapped in (net, normalized(net, digits.mean, digits.std)):  # alone and inside the normalisation wrapper
-        with pytest.raises(ConfigError) as info:
+        with pytest.raises(UserError) as info:
             check_network(wrapped, digits, "model")
         assert words in str(info.value) and "\n" not in str(info.value)
         assert is_user_error(info.value)

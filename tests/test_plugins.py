@@ -60,7 +60,7 @@ WRONG_MODELS = [
         "_target_: torch.nn.Linear\nin_features: 64\nout_features: 10\nfoo: 1\n",
         ["cannot build model from", "bad1.yaml", "unexpected keyword argument 'foo'"],
     ),
-    (USER_MLP.format(in_features=64, out_features=7), ["bad2.yaml", "returns (2, 7)", "num_classes=10"]),
+    (USER_MLP.format(in_features=64, out_features=7), ["bad2.yaml", "gives 7 logits per input", "num_classes=10"]),
     (USER_MLP.format(in_features=63, out_features=10), ["bad3.yaml", "does not accept digits images", "[1, 8, 8]"]),
     ("in_features: 64\n", ["bad4.yaml has no _target_"]),
 ]

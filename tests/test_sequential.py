@@ -516,7 +516,7 @@ def test_driver_reports_bad_models(toy_setup):
 
     with pytest.raises(NonFiniteLogitsError):
         run_driver(x, smoothing, test, noise_batch=64, model=Nan())
-    with pytest.raises(ValueError, match="logits of shape"):
+    with pytest.raises(ValueError, match="gives 4 logits per input"):
         run_driver(x, smoothing, test, noise_batch=64, model=Wide())
     with pytest.raises(ValueError, match="noise_fn"):
         certify_sequential(Toy(), x, lambda i, n: torch.zeros(n, 16), 3, test, n0=4)

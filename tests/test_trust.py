@@ -369,6 +369,7 @@ def test_an_edited_data_set_does_not_certify(tmp_path, weights):
     stored data config (which an edit changes together with the data set)."""
     from ssn_exp.cli.certify import _check_data_fits
     from ssn_exp.cli.config import ConfigError
+    from ssn_exp.exceptions import UserError
     from ssn_exp.lightning.data import ImageData
 
     ckpt = save_checkpoint(tmp_path / "good.ckpt", state_dict=weights)
@@ -376,7 +377,7 @@ def test_an_edited_data_set_does_not_certify(tmp_path, weights):
     _check_data_fits(ImageData(**facts), load_checkpoint(ckpt), ckpt)  # the real data set: accepted
     module = load_checkpoint(ckpt)
     module.hparams.data["num_classes"] = 5  # stored data config and data set edited together
-    with pytest.raises(ConfigError, match=r"returns \(1, 10\) for one digits image, not \(1, num_classes=5\)"):
+    with pytest.raises(UserError, match=r"of .*good.ckpt gives 10 logits per input; expected num_classes=5"):
         _check_data_fits(ImageData(**{**facts, "num_classes": 5}), module, ckpt)
     module = load_checkpoint(ckpt)
     module.hparams.data["shape"] = [1, 16, 16]

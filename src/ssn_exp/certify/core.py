@@ -24,6 +24,7 @@ from ssn_exp.noises import Noise, exact_certificate, top_class, uniform_radius
 __all__ = [
     "ModelOutputError",
     "NonFiniteLogitsError",
+    "check_logits",
     "top_class",
     "exact_certificate",
     "clopper_pearson_lower",
@@ -42,6 +43,24 @@ __all__ = [
 
 class ModelOutputError(UserError, ValueError):
     """The base classifier's output is not (inputs, num_classes) logits (a user's model, reported in one line)."""
+
+
+def check_logits(logits, rows: int, num_classes: int, who: str = "the model") -> torch.Tensor:
+    """The one check of what a base classifier returns for ``rows`` inputs, used by every procedure and by the checks
+    of a user's or a checkpoint's model: ``(rows, num_classes)`` floating-point logits, else a
+    :class:`ModelOutputError` whose line is the same whatever the batch (``who``: the model's name). Returns which
+    rows are finite: the caller names the examples of the others (:class:`NonFiniteLogitsError`)."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows:
+        got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ModelOutputError(
+            f"{who} gives {got} for {rows} inputs; expected ({rows}, num_classes={num_classes}) logits"
+        )
+    if logits.shape[1] != num_classes:
+        raise ModelOutputError(f"{who} gives {logits.shape[1]} logits per input; expected num_classes={num_classes}")
+    if not logits.is_floating_point():
+        dtype = str(logits.dtype).removeprefix("torch.")
+        raise ModelOutputError(f"{who} gives {dtype} logits; they must be floating-point (e.g. float32)")
+    return torch.isfinite(logits).all(dim=1)
 
 
 class NonFiniteLogitsError(UserError, ValueError):
@@ -168,15 +187,7 @@ def count_predictions(
         for i0, i1, start, stop in _chunks(batch, n, noise_batch):
             rows = (i1 - i0) * (stop - start)
             logits = model(noisy(i0, i1, start, stop).reshape(-1, *shape))
-            if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape != (rows, num_classes):
-                got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                raise ModelOutputError(
-                    f"the model gives logits of shape {got} for {rows} inputs; "
-                    f"expected ({rows}, num_classes={num_classes})"
-                )
-            if logits.dtype == torch.bool or logits.is_complex():
-                raise ModelOutputError(f"the model gives {logits.dtype} logits; they must be real numbers")
-            finite[i0:i1] &= torch.isfinite(logits).all(dim=1).view(i1 - i0, stop - start).all(dim=1)
+            finite[i0:i1] &= check_logits(logits, rows, num_classes).view(i1 - i0, stop - start).all(dim=1)
             pred = logits.argmax(dim=1)
             if i1 - i0 == 1:
                 counts[i0] += torch.bincount(pred, minlength=num_classes)

@@ -31,7 +31,14 @@ import torch
 from scipy.special import betaln
 from scipy.stats import binom
 
-from ssn_exp.certify.core import NonFiniteLogitsError, beta_quantile_below, check_level, input_dtype, top_class
+from ssn_exp.certify.core import (
+    NonFiniteLogitsError,
+    beta_quantile_below,
+    check_level,
+    check_logits,
+    input_dtype,
+    top_class,
+)
 from ssn_exp.noises import check_radius_function
 
 __all__ = [
@@ -757,13 +764,7 @@ class SequentialStream:
                 batch = torch.cat(inputs)
                 logits = self.model(batch if self.dtype is None else batch.to(self.dtype))
                 self.forward_batches += 1
-                rows = sum(m for _, m in pieces)
-                if logits.dim() != 2 or tuple(logits.shape) != (rows, k):
-                    raise ValueError(
-                        f"the model gives logits of shape {tuple(logits.shape)} for {rows} inputs; "
-                        f"expected ({rows}, num_classes={k})"
-                    )
-                finite = torch.isfinite(logits).all(dim=1).cpu().numpy()
+                finite = check_logits(logits, sum(m for _, m in pieces), k).cpu().numpy()
                 out = logits.argmax(dim=1).cpu().numpy()
                 pos = 0
                 for s, m in pieces:

@@ -117,6 +117,8 @@ def _check_data_fits(dm, module, path: Path) -> None:
     come from the weights and the noise, not only from the stored data config, so an edited one is refused."""
     import torch
 
+    from ssn_exp.certify.core import check_logits
+
     stored, sm = module.hparams.data, module.smoothing
     for key in ("q", "num_classes", "shape"):
         if getattr(dm, key) != (tuple(stored[key]) if key == "shape" else stored[key]):
@@ -134,11 +136,7 @@ def _check_data_fits(dm, module, path: Path) -> None:
                 f"the model of {path} does not accept {dm.name} images of shape {list(dm.shape)}: "
                 f"{' '.join(str(exc).split()) or type(exc).__name__}"
             ) from None
-    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (1, dm.num_classes):
-        got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ConfigError(
-            f"the model of {path} returns {got} for one {dm.name} image, not (1, num_classes={dm.num_classes}) logits"
-        )
+    check_logits(out, 1, dm.num_classes, who=f"the model of {path}")
 
 
 def _from_ssn_exp(cfg: DictConfig, path: Path, given: dict):

@@ -38,13 +38,14 @@ def finish_wandb():
 def check_network(net, dm, group: str, denoiser: bool = False) -> None:
     """Run ``net`` on two blank images of the data set's shape, then on two random ones, together and one at a time.
 
-    It must return (2, num_classes) finite floating-point logits (a denoiser: images of the same shape), leave its
-    input as it was (the user's model inside the ``normalized`` wrapper included), and give each example the same
+    It must return (2, num_classes) finite floating-point logits (the check of every certification's forward passes,
+    :func:`~ssn_exp.certify.core.check_logits`; a denoiser: images of the same shape), leave its input as it was (the user's model inside the ``normalized`` wrapper included), and give each example the same
     output whatever else is in the batch (certification batches noisy copies of several examples together).
     Else a :class:`ConfigError` naming the config file.
     """
     import torch
 
+    from ssn_exp.certify.core import check_logits
     from ssn_exp.models import Normalize
 
     where = f"the {group} from {config_source(group)}"
@@ -76,17 +77,16 @@ def check_network(net, dm, group: str, denoiser: bool = False) -> None:
     try:
         x = torch.full(shape, 0.5)
         out = run(x)
-        want = shape if denoiser else (2, dm.num_classes)
-        what = "images of the same shape" if denoiser else f"(N, num_classes={dm.num_classes}) logits"
-        if not isinstance(out, torch.Tensor) or tuple(out.shape) != want:
-            got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError(f"{where} returns {got} for {list(shape)} inputs; it must return {what}")
-        if not out.is_floating_point():
+        if not denoiser:  # the check every certification makes of every forward pass
+            finite = bool(check_logits(out, 2, dm.num_classes, who=where).all())
+        elif not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or not out.is_floating_point():
+            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
             raise ConfigError(
-                f"{where} returns {str(out.dtype).replace('torch.', '')} values; it must return floating-point "
-                f"{'images' if denoiser else 'logits'} (e.g. float32)"
+                f"{where} returns {got} for {list(shape)} inputs; it must return float images of that shape"
             )
-        if not bool(torch.isfinite(out).all()):
+        else:
+            finite = bool(torch.isfinite(out).all())
+        if not finite:
             raise ConfigError(f"{where} returns NaN or infinite values")
         if changed or not bool((x == 0.5).all()):
             raise ConfigError(
