@@ -54,7 +54,8 @@ def _job_cost(cfg) -> dict:
     procedure = build_procedure(cfg, noise)
     passes, how = procedure.forward_passes(noise), procedure.name
     if passes is None:  # procedure=sequential: stops each example once decided
-        passes, how = SEQUENTIAL_SHARE * (settings["n0"] + settings["n"]), "sequential, estimated"
+        own = procedure.describe()  # its own sample counts (procedure.n given explicitly wins over certify.n)
+        passes, how = SEQUENTIAL_SHARE * (own.get("n0", 0) + own.get("n", 0)), "sequential, estimated"
     examples = None
     if test is not None:
         examples = len(range(0, test, settings["skip"]))
