@@ -46,10 +46,8 @@ class ModelOutputError(UserError, ValueError):
 
 
 def check_logits(logits, rows: int, num_classes: int, who: str = "the model") -> torch.Tensor:
-    """The one check of what a base classifier returns for ``rows`` inputs, used by every procedure and by the checks
-    of a user's or a checkpoint's model: ``(rows, num_classes)`` floating-point logits, else a
-    :class:`ModelOutputError` whose line is the same whatever the batch (``who``: the model's name). Returns which
-    rows are finite: the caller names the examples of the others (:class:`NonFiniteLogitsError`)."""
+    """The one check of a base classifier's output for ``rows`` inputs (every procedure, the model checks): ``(rows,
+    num_classes)`` floating-point logits, else :class:`ModelOutputError`. Returns which rows are finite."""
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != rows:
         got = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
         raise ModelOutputError(

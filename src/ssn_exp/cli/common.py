@@ -77,16 +77,10 @@ def check_network(net, dm, group: str, denoiser: bool = False) -> None:
     try:
         x = torch.full(shape, 0.5)
         out = run(x)
-        if not denoiser:  # the check every certification makes of every forward pass
-            finite = bool(check_logits(out, 2, dm.num_classes, who=where).all())
-        elif not isinstance(out, torch.Tensor) or tuple(out.shape) != shape or not out.is_floating_point():
-            got = f"{tuple(out.shape)} {out.dtype}" if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ConfigError(
-                f"{where} returns {got} for {list(shape)} inputs; it must return float images of that shape"
-            )
-        else:
-            finite = bool(torch.isfinite(out).all())
-        if not finite:
+        if denoiser and not (isinstance(out, torch.Tensor) and out.shape == shape and out.is_floating_point()):
+            raise ConfigError(f"{where} does not return floating-point images of the shape of its inputs {list(shape)}")
+        finite = torch.isfinite(out).all() if denoiser else check_logits(out, 2, dm.num_classes, who=where).all()
+        if not bool(finite):
             raise ConfigError(f"{where} returns NaN or infinite values")
         if changed or not bool((x == 0.5).all()):
             raise ConfigError(

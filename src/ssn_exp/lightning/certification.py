@@ -581,9 +581,7 @@ class CertifyTask(pl.LightningModule):
     one step); rank 0 logs to the trainer's loggers, and its metrics are in :attr:`metrics` afterwards (under
     ``ddp_spawn``: in ``metrics.json``). ``progress``: ``certify.progress``."""
 
-    def __init__(
-        self, model, smoothing, procedure, datamodule, out_dir, settings: dict, radii, meta: dict, *, progress
-    ):
+    def __init__(self, model, smoothing, procedure, datamodule, out_dir, settings, radii, meta, *, progress: bool):
         super().__init__()
         self.model = model
         self.smoothing = smoothing
