@@ -23,7 +23,7 @@ from ssn_exp.lightning.loggers import certification_curves, certification_summar
 from ssn_exp.lightning.results import summarize, write_rows_atomic
 from ssn_exp.noises import SampledNoise, Uniform
 from ssn_exp.report import build_best_tables, main
-from ssn_exp.report.plots import PALETTE, curves_figure, method_colors
+from ssn_exp.report.plots import curves_figure, method_color, method_colors
 from ssn_exp.report.records import RunFileError, RunRecord, load_paths, load_reference, load_run_dir
 
 SRC = Path(ssn_exp.__file__).parent
@@ -154,15 +154,16 @@ def test_the_curves_draw_a_new_noise_by_its_label_in_its_names_colour(runs):
     records, problems = load_paths([runs])
     assert problems == []
     colors = method_colors(records)
-    # by the sorted names: alpha first, wobble second; the further radius shares its method's colour
-    assert colors == {"alpha": PALETTE[0], "wobble": PALETTE[1], "wobble (tight)": PALETTE[1]}
+    # by a hash of the name; the further radius shares its method's colour
+    alpha, wobble = method_color("alpha"), method_color("wobble")
+    assert colors == {"alpha": alpha, "wobble": wobble, "wobble (tight)": wobble} and alpha != wobble
     fig = curves_figure(records)
     lines = {}
     for ax in fig.axes:
         if ax.get_title() == "σ = 0.5":
             lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines) == ["Wobble (ours)", "Wobble (tight) (ours)", "Zeta (ours)"]  # in the order of the labels
-    assert [lines[k].get_color() for k in lines] == [PALETTE[1], PALETTE[1], PALETTE[0]]
+    assert [lines[k].get_color() for k in lines] == [wobble, wobble, alpha]
     assert [lines[k].get_linestyle() for k in lines] == ["-", "-.", "-"]
     tight = lines["Wobble (tight) (ours)"]
     x, y = tight.get_xdata(), tight.get_ydata()  # the tight radii 1.2, 1.0, 0.4 of the three correct examples
@@ -172,8 +173,8 @@ def test_the_curves_draw_a_new_noise_by_its_label_in_its_names_colour(runs):
 
 
 def test_a_method_keeps_its_colour_in_every_figure_of_a_report(runs, tmp_path):
-    """Colours come from all the report's methods: wobble is orange (alpha, blue, sorts first) also in a figure
-    without alpha."""
+    """A method's colour is its name's: wobble has the same colour in a figure with alpha and in one without, and
+    in a report of other methods; the shipped methods and their procedure variants have distinct colours."""
     from matplotlib.colors import to_rgb
     from matplotlib.image import imread
 
@@ -189,8 +190,12 @@ def test_a_method_keeps_its_colour_in_every_figure_of_a_report(runs, tmp_path):
         return bool(np.any(np.all(np.abs(pixels - np.array(to_rgb(color))) < 2 / 255, axis=1)))
 
     digits = tmp_path / "curves_digits_standard_none.png"
-    assert has(digits, PALETTE[1]) and not has(digits, PALETTE[0])
-    assert has(tmp_path / "curves_cifar10_standard_none.png", PALETTE[0])
+    assert has(digits, method_color("wobble")) and not has(digits, method_color("alpha"))
+    assert has(tmp_path / "curves_cifar10_standard_none.png", method_color("alpha"))
+    others = [dataclasses.replace(r, method="zzz", label="zzz") if r.method == "alpha" else r for r in records]
+    assert method_colors(others)["wobble"] == method_colors(records)["wobble"]
+    shipped = [f"{m}{p}" for m in ("uniform", "ssn", "dssn") for p in ("", " [sequential]", " [fixed]")]
+    assert len({method_color(m) for m in shipped if m != "dssn [sequential]" and m != "dssn [fixed]"}) == 7
 
 
 def test_a_label_is_drawn_as_written_not_as_mathtext(runs, tmp_path):
@@ -201,19 +206,54 @@ def test_a_label_is_drawn_as_written_not_as_mathtext(runs, tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [r"Zeta \$\frac\$ (ours)"]
 
 
-def test_the_legend_of_many_methods_fits_in_the_figure():
-    """Six lines with long labels under three sigma panels (the smoke sweep's digits figure): a legend in one row
-    ran past the figure's right edge and cut the last entry off."""
-    one = np.array([0])
-    records = [
-        RunRecord("digits", f"method{m}", "standard", "none", s, one, one, np.array([0.5]), label=f"Noise number {m}")
-        for m in range(6)
-        for s in (0.25, 0.5, 1.0)
-    ]
-    fig = curves_figure(records, title="digits")
-    fig.canvas.draw()
-    box, edge = fig.legends[0].get_window_extent(), fig.bbox
-    assert edge.x0 <= box.x0 and box.x1 <= edge.x1 and edge.y0 <= box.y0, (box, edge)
+def _legend_records(methods: int, sigmas, denoiser="none"):
+    one = np.array([0, 1])
+    records = []
+    for m in range(methods):
+        for s in sigmas:
+            rec = RunRecord(
+                "digits",
+                f"method{m}",
+                "standard",
+                denoiser,
+                s,
+                one,
+                one,
+                np.array([0.5, -0.1]),
+                label=f"Noise number {m} with a long name",
+                samples=np.array([100, 2000]) if m == 0 and s == sigmas[0] else None,
+                metric_radii=(0.25,),
+            )
+            box = dataclasses.replace(rec, method=f"method{m} (box)", label=f"{rec.label} (box)", variant="box")
+            records += [
+                rec,
+                box,
+                dataclasses.replace(rec, origin="published"),
+                dataclasses.replace(box, origin="published"),
+            ]
+    return records
+
+
+@pytest.mark.parametrize("methods, sigmas", [(1, [0.5]), (6, [0.25, 0.5, 1.0])])
+def test_every_legend_of_every_figure_the_report_draws_fits_in_the_figure(monkeypatch, tmp_path, methods, sigmas):
+    """The single-sigma figure cut "Uniform (box) (our..." off; six lines under three panels ran past the right edge.
+    Every figure the report saves (curves, denoiser variants, samples) is checked, every legend in it."""
+    from ssn_exp.report import plots
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, *a, **kw: (figures.append(fig), save(fig, *a, **kw))[1])
+    records = _legend_records(methods, sigmas) + _legend_records(methods, sigmas, denoiser="stability")
+    plots.plot_all_curves(records, tmp_path, points=21)
+    plots.plot_all_denoisers(records, tmp_path)
+    plots.plot_all_samples(records, tmp_path)
+    assert len(figures) >= 3 and all(fig.legends or any(ax.get_legend() for ax in fig.axes) for fig in figures)
+    for fig in figures:
+        fig.canvas.draw()
+        edge = fig.bbox
+        for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]:
+            box = legend.get_window_extent()
+            assert edge.x0 <= box.x0 and box.x1 <= edge.x1 and edge.y0 <= box.y0 and box.y1 <= edge.y1, (box, edge)
 
 
 def test_a_methods_further_radii_follow_it_whatever_the_other_labels():

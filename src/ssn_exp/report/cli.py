@@ -74,8 +74,8 @@ Printed to stdout (Markdown) and written into --out:
                                 best-over-sigma row per (dataset, method, origin, seed).
   curves_<dataset>_<training>_<denoiser>.png
                                 certified accuracy (%) against l1 radius, one panel per sigma, one
-                                line per method, coloured by the sorted position of its name among
-                                the report's methods; published runs dashed, ours solid, further
+                                line per method, in its name's colour (the same in every figure
+                                and report); published runs dashed, ours solid, further
                                 radii (box-constrained certificates) dash-dotted in their method's
                                 colour (the paper's Figures 10-14).
   samples_<dataset>_<training>_<denoiser>_<method>[_<procedure>]_sigma<s>_seed<k>.png

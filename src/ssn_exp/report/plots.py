@@ -1,12 +1,13 @@
 """Certified-accuracy curves per sigma comparing the methods (the paper's Figures 10-14).
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change). Lines are named by the
-records' labels; each method gets a colour of :data:`PALETTE` by the sorted position of its name among the
-methods of the report (:func:`method_colors`), its further-radius records (e.g. box) the same colour, dash-dotted.
+records' labels; each method gets a colour of :data:`PALETTE` from a hash of its name (:func:`method_color`), the
+same in every figure and every report, its further-radius records (e.g. box) the same colour, dash-dotted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,7 @@ from ssn_exp.report.tables import dedupe_records, method_ranks, pretty, select_s
 
 __all__ = [
     "PALETTE",
+    "method_color",
     "method_colors",
     "curve",
     "radius_grid",
@@ -32,7 +34,7 @@ __all__ = [
     "plot_all_samples",
 ]
 
-#: The methods' colours, in the sorted order of their names (repeating after ten methods).
+#: The methods' colours (:func:`method_color` picks one by a hash of the method's name).
 PALETTE = (
     "tab:blue",
     "tab:orange",
@@ -47,13 +49,22 @@ PALETTE = (
 )
 
 
+#: Salt of :func:`method_color`'s hash, chosen so that the shipped methods and their procedure variants
+#: ("<method> [sequential]", "<method> [fixed]") get distinct colours (the methods themselves: none grey or olive).
+_COLOR_SALT = "colour370:"
+
+
+def method_color(method: str) -> str:
+    """The colour of a method (a base method's name, e.g. "uniform [sequential]") in every figure of every report:
+    :data:`PALETTE` at a hash of the name, so it never depends on which other methods a figure holds."""
+    digest = hashlib.sha256((_COLOR_SALT + method).encode()).digest()
+    return PALETTE[int.from_bytes(digest[:8], "big") % len(PALETTE)]
+
+
 def method_colors(records: Iterable[RunRecord]) -> dict[str, str]:
-    """A colour per method of ``records``: :data:`PALETTE` by the sorted position of its base method's name among
-    all base methods present; a further-radius record ("uniform (box)") shares its base method's colour."""
-    records = list(records)
-    bases = sorted({r.base_method for r in records})
-    color = {base: PALETTE[i % len(PALETTE)] for i, base in enumerate(bases)}
-    return {r.method: color[r.base_method] for r in records}
+    """A colour per method of ``records`` (:func:`method_color` of its base method's name): a further-radius record
+    ("uniform (box)") shares its base method's colour."""
+    return {r.method: method_color(r.base_method) for r in records}
 
 
 def _plain(text: str) -> str:
@@ -102,6 +113,23 @@ def _legend_columns(handles, panels: int) -> int:
     most = max(2, (3 * panels) // 2)
     rows = math.ceil(len(handles) / most)
     return max(1, math.ceil(len(handles) / max(rows, 1)))
+
+
+def _figure_legend(fig, handles: dict, panels: int) -> None:
+    """A legend below the panels, with as many columns as fit (:func:`_legend_columns` at most): columns are taken
+    away, then the figure widened, until the legend lies inside the figure (no entry is cut off)."""
+    ncols = _legend_columns(handles, panels)
+    while True:
+        legend = fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols)
+        fig.canvas.draw()
+        box, edge = legend.get_window_extent(), fig.bbox
+        if box.x0 >= edge.x0 and box.x1 <= edge.x1:
+            return
+        legend.remove()
+        if ncols > 1:
+            ncols -= 1
+        else:
+            fig.set_figwidth(fig.get_figwidth() * box.width / edge.width + 0.2)
 
 
 def _save(fig, path, inside=None) -> Path:
@@ -188,7 +216,7 @@ def curves_figure(
         axes[j // ncols][j % ncols].set_visible(False)
     if title:
         fig.suptitle(_plain(title))
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=_legend_columns(handles, ncols))
+    _figure_legend(fig, handles, ncols)
     return fig
 
 
@@ -264,8 +292,7 @@ def plot_denoisers(
     if title:
         fig.suptitle(_plain(title))
     if handles:
-        ncols = _legend_columns(handles, len(sigmas))
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols)
+        _figure_legend(fig, handles, len(sigmas))
     return _save(fig, path, inside)
 
 
