@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -429,3 +430,38 @@ def test_the_bench_table_prints_every_case_and_noise_it_is_given():
     assert [c.key for c in cases] == ["dssn", "randomized"] and [c.row for c in cases] == ["dssn L=27", "uniform"]
     assert [c.procedure.name for c in cases] == ["exact", "fixed"]
     assert [c.procedure.forward_passes(c.noise) for c in cases] == [sum(c.rounds) for c in cases]
+
+
+def test_runs_that_differ_by_tag_are_kept_apart_and_a_true_duplicate_fails_the_report(tmp_path):
+    """Two runs of one method, sigma and seed, one with tag=n100k: both in every table and curve, named by the tag;
+    a copy of a run (same identity and tag) is ignored, and the report says so with exit status 1."""
+    root = tmp_path / "runs"
+    write_run(root / "plain" / "sigma0.5-seed0", Wobble(0.5))
+    write_run(root / "tagged" / "sigma0.5-seed0-n100k", Wobble(0.5), radius=[1.5, 1.5, 0.1, 0.1])
+    write_run(root / "cert" / "runs-wobble-sigma0.5-seed0-last-0123abcd-n100k", Wobble(0.25))
+
+    def run(*paths, allow=False):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        argv = [*map(str, paths), "--out", str(out), "--radii", "0.5", "1.0", *(["--allow-missing"] * allow)]
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = main(argv)
+        return rc, out, stderr.getvalue()
+
+    rc, out, err = run(root)
+    assert rc == 0, err
+    acr = {(r["method"], r["sigma"]) for r in read_csv(out / "acr.csv")}
+    assert acr == {
+        ("wobble", "0.5"),
+        ("wobble (tight)", "0.5"),
+        ("wobble [tag=n100k]", "0.5"),
+        ("wobble [tag=n100k] (tight)", "0.5"),
+        ("wobble [tag=n100k]", "0.25"),
+        ("wobble [tag=n100k] (tight)", "0.25"),
+    }
+    assert (out / "missing.txt").read_text() == "none\n"
+    shutil.copytree(root / "tagged", tmp_path / "copy" / "tagged")
+    rc, out, err = run(root, tmp_path / "copy")
+    assert rc == 1 and "duplicate of" in (out / "missing.txt").read_text() and "--allow-missing" in err
+    assert "tag=n100k" in (out / "missing.txt").read_text()
+    assert run(root, tmp_path / "copy", allow=True)[0] == 0

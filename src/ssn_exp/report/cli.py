@@ -51,7 +51,8 @@ column radius_<name> of a run's certificates gives the rows "<method> (<name>)",
 label (metrics.json's "label", index.csv's label column; else the method name) and ordered by it.
 Runs of one method certified by different procedures (metrics.json's "procedure", e.g. fixed and
 sequential) are kept apart: where a report holds more than one procedure for a method, its rows
-and lines are named "<method> [<procedure>]", e.g. "uniform [sequential]".
+and lines are named "<method> [<procedure>]", e.g. "uniform [sequential]". So are runs with different
+tags (tag=NAME, read from the run directory's name sigma<s>-seed<k>-NAME): "uniform [tag=NAME]".
 """
 
 EPILOG = """\
@@ -94,8 +95,8 @@ Nothing read is ever imported or instantiated: result files, overrides and sweep
 Names built from them keep letters, digits and . _ = - (a short hash where anything else was replaced),
 and every file is written inside --out, which must not be the working directory.
 
-Exit status: 0 when results were read and no job is missing or unreadable; 1 when jobs are missing
-or runs unreadable (the report is still written, and says so in its "Missing runs" section and on
+Exit status: 0 when results were read and no job is missing or unreadable; 1 when jobs are missing,
+runs unreadable or ignored as duplicates (the report is still written, and says so in its "Missing runs" section and on
 stderr) unless --allow-missing is given; 2 on bad arguments or when no PATH holds any result.
 
 Examples:
@@ -228,7 +229,6 @@ def _main(argv=None) -> int:
         extra = f"; {len(missing)} unfinished job dir(s) found" if missing else ""
         detail = f" ({problems[0]})" if problems else ""
         return _error(f"no results found in {' '.join(args.paths)}{detail}{extra}")
-    unreadable = len(problems)
     records, dup_notes = dedupe_records(tell_procedures_apart(records))
     problems = problems + dup_notes
 
@@ -358,7 +358,7 @@ def _main(argv=None) -> int:
     text = "\n".join(parts) + "\n"
     replace_file(report_path, text, inside=out)
     sys.stdout.write(text)
-    partial = bool(missing) or unreadable > 0
+    partial = bool(missing) or bool(problems)  # jobs missing, runs unreadable or ignored as duplicates
     if missing_lines:
         summary = (
             f"partial results: {len(missing)} job(s) missing, {len(problems)} unreadable or ignored "

@@ -323,6 +323,7 @@ def samples_filename(rec: RunRecord) -> str:
     :func:`ssn_exp.atomic.safe_name` of what the result files say (a procedure where the report tells procedures
     apart: "uniform [sequential]" -> "uniform_sequential")."""
     parts = [rec.dataset, rec.training, rec.denoiser, rec.noise_method, *([rec.procedure] if rec.tag else [])]
+    parts += [f"tag={rec.run_tag}"] if rec.tag and rec.run_tag else []
     parts += [f"sigma{sigma_label(rec.sigma)}", f"seed{rec.seed}"]
     return "samples_" + "_".join(map(safe_name, parts)) + ".png"
 

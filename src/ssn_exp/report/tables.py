@@ -150,11 +150,11 @@ def radius_label(r: float) -> str:
 
 
 def _identity(rec: RunRecord) -> tuple:
-    return (rec.origin, *rec.group, round(float(rec.sigma), 6), int(rec.seed), rec.procedure)
+    return (rec.origin, *rec.group, round(float(rec.sigma), 6), int(rec.seed), rec.procedure, rec.run_tag)
 
 
 def dedupe_records(records: Iterable[RunRecord]) -> tuple[list[RunRecord], list[str]]:
-    """Drop repeated runs (same origin, group, sigma, seed and procedure); return the kept ones and notes.
+    """Drop repeated runs (same origin, group, sigma, seed, procedure and tag); return the kept ones and notes.
 
     The same source read twice (a path given twice) is dropped silently; a second, different run
     with the same identity is dropped with a note (best-over-sigma would otherwise pick the better
@@ -168,6 +168,7 @@ def dedupe_records(records: Iterable[RunRecord]) -> tuple[list[RunRecord], list[
             first = seen[key]
             if Path(first.source).resolve() != Path(rec.source).resolve():
                 procedure = f", procedure={rec.procedure}" if rec.procedure else ""
+                procedure += f", tag={rec.run_tag}" if rec.run_tag else ""
                 notes.append(
                     f"{rec.source}: duplicate of {first.source} (same {'/'.join(rec.group)}, "
                     f"sigma={sigma_label(rec.sigma)}, seed={rec.seed}{procedure}); ignored"
