@@ -18,13 +18,14 @@ import pytest
 
 import ssn_exp
 from ssn_exp import noises as noises_module
+from ssn_exp.certify.metrics import PAPER_RADII
 from ssn_exp.certify.procedures import FixedSample
 from ssn_exp.certify.record import CertificateRecord
 from ssn_exp.lightning.loggers import certification_curves, certification_summary
 from ssn_exp.lightning.results import summarize, write_rows_atomic
 from ssn_exp.noises import SampledNoise, Uniform
 from ssn_exp.report import build_best_tables, main
-from ssn_exp.report.plots import curves_figure, method_color, method_colors
+from ssn_exp.report.plots import curve, curves_figure, method_color, method_colors
 from ssn_exp.report.records import RunFileError, RunRecord, load_paths, load_reference, load_run_dir
 
 SRC = Path(ssn_exp.__file__).parent
@@ -465,3 +466,46 @@ def test_runs_that_differ_by_tag_are_kept_apart_and_a_true_duplicate_fails_the_r
     assert rc == 1 and "duplicate of" in (out / "missing.txt").read_text() and "--allow-missing" in err
     assert "tag=n100k" in (out / "missing.txt").read_text()
     assert run(root, tmp_path / "copy", allow=True)[0] == 0
+
+
+def test_the_curves_end_with_the_best_over_sigma_envelope_of_each_method(runs):
+    records, _ = load_paths([runs])
+    fig = curves_figure(records, points=41)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert list(panels) == ["σ = 0.25", "σ = 0.5", "best over σ"]
+    best = {line.get_label(): line for line in panels["best over σ"].get_lines()}
+    assert set(best) == {"alpha", "wobble", "wobble (tight)"}
+    for method, line in best.items():
+        per_sigma = [curve(r, line.get_xdata()) for r in records if r.method == method]  # each sigma's run
+        assert len(per_sigma) == (1 if method == "alpha" else 2)
+        assert np.array_equal(line.get_ydata(), np.max(per_sigma, axis=0)), method
+        assert line.get_color() == method_color(method.removesuffix(" (tight)"))
+    wobble = best["wobble"].get_ydata()  # sigma 0.25: radii 0.6, 0.3; sigma 0.5: 0.7, 0.3 (two correct of four)
+    assert wobble[0] == 50.0 and wobble[np.searchsorted(best["wobble"].get_xdata(), 0.65)] == 25.0
+
+
+def test_format_pdf_and_svg_write_vector_figures_beside_each_png_and_radii_follow_the_data(runs, tmp_path):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert main([str(runs), "--out", str(out), "--format", "pdf", "svg"]) == 0, stderr.getvalue()
+    pngs = sorted(out.glob("*.png"))
+    assert pngs and sorted(out.glob("*.pdf")) == [p.with_suffix(".pdf") for p in pngs]
+    assert sorted(out.glob("*.svg")) == [p.with_suffix(".svg") for p in pngs]
+    for png in pngs:
+        assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+        assert b"<svg" in png.with_suffix(".svg").read_bytes()[:2000]
+        assert f"`{png.with_suffix('.pdf')}`" in stdout.getvalue()
+    # no --radii on CIFAR-10: the paper's radii
+    assert [r["radius"] for r in read_csv(out / "best_over_sigma.csv") if r["method"] == "alpha"][:2] == ["0.5", "1.0"]
+
+
+def test_without_radii_the_tables_go_up_to_the_largest_certified_radius_of_other_data(runs):
+    from ssn_exp.report.tables import data_radii
+
+    records, _ = load_paths([runs])  # the largest radius certified for a correct example: alpha's 1.5
+    digits = [dataclasses.replace(r, dataset="digits") for r in records]
+    assert data_radii(digits) == (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+    assert data_radii([dataclasses.replace(r, radius=r.rho / 10) for r in digits]) == (0.05, 0.1, 0.15)
+    assert data_radii(records) == data_radii([dataclasses.replace(digits[0], origin="levine2021")]) == PAPER_RADII
+    assert data_radii([dataclasses.replace(digits[0], radius=np.array([9.0, 9.0, 0.1, 0.1]))]) == PAPER_RADII

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from ssn_exp.atomic import replace_file
-from ssn_exp.certify.metrics import PAPER_RADII
 from ssn_exp.report.missing import find_missing
 from ssn_exp.report.records import PUBLISHED, load_paths, published_dir, sigma_label, tell_procedures_apart
 from ssn_exp.report.tables import (
     acr_rows,
     build_best_tables,
+    data_radii,
     dedupe_records,
     format_acr_markdown,
     format_latex,
@@ -30,6 +30,9 @@ from ssn_exp.report.tables import (
 )
 
 __all__ = ["main", "build_parser"]
+
+#: Vector formats ``--format`` writes beside each PNG.
+FIGURE_FORMATS = ("pdf", "svg")
 
 PROG = "python -m ssn_exp.report"
 
@@ -78,7 +81,10 @@ Printed to stdout (Markdown) and written into --out:
                                 line per method, in its name's colour (the same in every figure
                                 and report); published runs dashed, ours solid, further
                                 radii (box-constrained certificates) dash-dotted in their method's
-                                colour (the paper's Figures 10-14).
+                                colour (the paper's Figures 10-14); with several sigmas a last panel
+                                "best over σ": per line, the best certified accuracy over sigma at
+                                each radius. Every figure also as PDF/SVG beside its PNG with
+                                --format pdf svg.
   samples_<dataset>_<training>_<denoiser>_<method>[_<procedure>]_sigma<s>_seed<k>.png
                                 for every run whose certificates.csv has a samples column (forward
                                 passes spent per image, e.g. procedure=sequential): forward passes per
@@ -103,6 +109,7 @@ Examples:
   python -m ssn_exp.report --published levine2021
   python -m ssn_exp.report outputs/sweeps/smoke --published levine2021 --out outputs/cmp
   python -m ssn_exp.report outputs/run1 --radii 0.25 0.5 1.0 --no-plots --csv table.csv
+  python -m ssn_exp.report outputs/sweeps/smoke --format pdf
 """
 
 
@@ -135,9 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--radii",
         type=float,
         nargs="+",
-        default=list(PAPER_RADII),
+        default=None,
         metavar="R",
-        help="radii of the tables (default: the paper's 0.5 1.0 ... 4.0)",
+        help="radii of the tables (default: the paper's 0.5 1.0 ... 4.0 for published runs, CIFAR-10 and ImageNet "
+        "or where a certificate reaches 4.0; else steps of 0.05, 0.1, 0.25 or 0.5 up to the largest certified radius)",
+    )
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        default=[],
+        choices=FIGURE_FORMATS,
+        metavar="FMT",
+        help=f"also write every figure in these vector formats beside its PNG ({', '.join(FIGURE_FORMATS)})",
     )
     parser.add_argument(
         "--no-plots", action="store_true", help="skip the certified-accuracy curves and samples-vs-radius plots"
@@ -209,7 +225,7 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if any(not math.isfinite(r) or r < 0 for r in args.radii):
+    if args.radii is not None and any(not math.isfinite(r) or r < 0 for r in args.radii):
         return _error("--radii must be non-negative finite numbers")
     if not args.paths and not args.published:
         return _error("give a PATH (run, multirun or sweep directory) and/or --published levine2021")
@@ -230,6 +246,8 @@ def _main(argv=None) -> int:
         detail = f" ({problems[0]})" if problems else ""
         return _error(f"no results found in {' '.join(args.paths)}{detail}{extra}")
     records, dup_notes = dedupe_records(tell_procedures_apart(records))
+    if args.radii is None:
+        args.radii = list(data_radii(records))
     problems = problems + dup_notes
 
     out.mkdir(parents=True, exist_ok=True)
@@ -270,9 +288,10 @@ def _main(argv=None) -> int:
     if not args.no_plots:
         from ssn_exp.report.plots import plot_all_curves, plot_all_denoisers, plot_all_samples
 
-        curves = plot_all_curves(records, out)
-        curves += plot_all_denoisers(records, out)
-        curves += plot_all_samples(records, out)
+        formats = tuple(dict.fromkeys(args.format))
+        curves = plot_all_curves(records, out, formats=formats)
+        curves += plot_all_denoisers(records, out, formats=formats)
+        curves += plot_all_samples(records, out, formats=formats)
         written.extend(curves)
 
     den_md = format_denoiser_markdown(records, args.radii)

@@ -17,6 +17,7 @@ from ssn_exp.certify.metrics import PAPER_RADII, BestRow, best_over_sigma
 from ssn_exp.report.records import FORWARD_PASS_KEYS, RunRecord, sigma_label
 
 __all__ = [
+    "data_radii",
     "BEST_CSV_COLUMNS",
     "ACR_CSV_COLUMNS",
     "GroupBest",
@@ -117,6 +118,26 @@ def _method_rank(method: str, ranks: dict[str, tuple] | None) -> tuple:
     if ranks is not None and method in ranks:
         return ranks[method]
     return (method.casefold(), method, method, "")
+
+
+#: Steps of :func:`data_radii`, finest first.
+RADIUS_STEPS = (0.05, 0.1, 0.25, 0.5)
+#: Data sets whose tables keep the paper's radii (those of its published results).
+PAPER_DATASETS = ("cifar10", "imagenet")
+
+
+def data_radii(records: Iterable[RunRecord], columns: int = 8) -> tuple[float, ...]:
+    """The tables' radii when ``--radii`` is not given: the paper's (:data:`PAPER_RADII`) where published runs or
+    runs on the paper's data sets (:data:`PAPER_DATASETS`) are in the report, or a certificate reaches the last of
+    them; else multiples of the finest step of
+    :data:`RADIUS_STEPS` that gives at most ``columns`` radii up to the largest radius certified for a correct
+    example (on digits every paper radius past 0.5 would read 0.00)."""
+    records = list(records)
+    largest = max((float(r.rho[r.correct].max()) for r in records if r.correct.any()), default=0.0)
+    if any(r.origin != "ours" or r.dataset in PAPER_DATASETS for r in records) or largest >= PAPER_RADII[-1]:
+        return PAPER_RADII
+    step = next((s for s in RADIUS_STEPS if largest / s <= columns), RADIUS_STEPS[-1])
+    return tuple(round(step * i, 6) for i in range(1, max(1, int(largest / step + 1e-9)) + 1))
 
 
 def sort_key(
