@@ -49,6 +49,23 @@ def certificate_columns(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
 
 
+def locuslab_accuracy(path: Path, radii) -> dict[str, float]:
+    """Certified accuracy at each radius as locuslab/smoothing's ``analyze.py`` computes it from a ``certify.py``
+    file (``pd.read_csv(path, delimiter="\\t")``, then ``(df["correct"] & (df["radius"] >= r)).mean()``), written
+    from that format alone (the csv module): header, columns, types and the ``H:MM:SS.ffffff`` time are checked."""
+    import re
+
+    with open(path, newline="") as fh:
+        rows = list(csv.reader(fh, delimiter="\t"))
+    assert rows[0] == ["idx", "label", "predict", "radius", "correct", "time"], rows[0]
+    df = [dict(zip(rows[0], r, strict=True)) for r in rows[1:]]
+    for r in df:
+        idx, label, predict, correct = (int(r[c]) for c in ("idx", "label", "predict", "correct"))
+        assert idx >= 0 and label >= 0 and predict >= -1 and correct == int(predict == label), r
+        assert re.fullmatch(r"\d+:\d\d:\d\d(\.\d{6})?", r["time"]), r["time"]
+    return {f"{x:g}": sum(int(r["correct"]) & (float(r["radius"]) >= x) for r in df) / len(df) for x in radii}
+
+
 def read_metrics(run_dir: Path) -> dict:
     return json.loads((Path(run_dir) / "metrics.json").read_text())
 

@@ -10,6 +10,7 @@ import csv
 import dataclasses
 import io
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +18,14 @@ import pytest
 
 import ssn_exp
 from ssn_exp import noises as noises_module
+from ssn_exp.certify.metrics import PAPER_RADII
 from ssn_exp.certify.procedures import FixedSample
 from ssn_exp.certify.record import CertificateRecord
 from ssn_exp.lightning.loggers import certification_curves, certification_summary
 from ssn_exp.lightning.results import summarize, write_rows_atomic
 from ssn_exp.noises import SampledNoise, Uniform
 from ssn_exp.report import build_best_tables, main
-from ssn_exp.report.plots import PALETTE, curves_figure, method_colors
+from ssn_exp.report.plots import curve, curves_figure, method_color, method_colors
 from ssn_exp.report.records import RunFileError, RunRecord, load_paths, load_reference, load_run_dir
 
 SRC = Path(ssn_exp.__file__).parent
@@ -154,15 +156,16 @@ def test_the_curves_draw_a_new_noise_by_its_label_in_its_names_colour(runs):
     records, problems = load_paths([runs])
     assert problems == []
     colors = method_colors(records)
-    # by the sorted names: alpha first, wobble second; the further radius shares its method's colour
-    assert colors == {"alpha": PALETTE[0], "wobble": PALETTE[1], "wobble (tight)": PALETTE[1]}
+    # by a hash of the name; the further radius shares its method's colour
+    alpha, wobble = method_color("alpha"), method_color("wobble")
+    assert colors == {"alpha": alpha, "wobble": wobble, "wobble (tight)": wobble} and alpha != wobble
     fig = curves_figure(records)
     lines = {}
     for ax in fig.axes:
         if ax.get_title() == "σ = 0.5":
             lines = {line.get_label(): line for line in ax.get_lines()}
     assert list(lines) == ["Wobble (ours)", "Wobble (tight) (ours)", "Zeta (ours)"]  # in the order of the labels
-    assert [lines[k].get_color() for k in lines] == [PALETTE[1], PALETTE[1], PALETTE[0]]
+    assert [lines[k].get_color() for k in lines] == [wobble, wobble, alpha]
     assert [lines[k].get_linestyle() for k in lines] == ["-", "-.", "-"]
     tight = lines["Wobble (tight) (ours)"]
     x, y = tight.get_xdata(), tight.get_ydata()  # the tight radii 1.2, 1.0, 0.4 of the three correct examples
@@ -172,8 +175,8 @@ def test_the_curves_draw_a_new_noise_by_its_label_in_its_names_colour(runs):
 
 
 def test_a_method_keeps_its_colour_in_every_figure_of_a_report(runs, tmp_path):
-    """Colours come from all the report's methods: wobble is orange (alpha, blue, sorts first) also in a figure
-    without alpha."""
+    """A method's colour is its name's: wobble has the same colour in a figure with alpha and in one without, and
+    in a report of other methods; the shipped methods and their procedure variants have distinct colours."""
     from matplotlib.colors import to_rgb
     from matplotlib.image import imread
 
@@ -189,8 +192,12 @@ def test_a_method_keeps_its_colour_in_every_figure_of_a_report(runs, tmp_path):
         return bool(np.any(np.all(np.abs(pixels - np.array(to_rgb(color))) < 2 / 255, axis=1)))
 
     digits = tmp_path / "curves_digits_standard_none.png"
-    assert has(digits, PALETTE[1]) and not has(digits, PALETTE[0])
-    assert has(tmp_path / "curves_cifar10_standard_none.png", PALETTE[0])
+    assert has(digits, method_color("wobble")) and not has(digits, method_color("alpha"))
+    assert has(tmp_path / "curves_cifar10_standard_none.png", method_color("alpha"))
+    others = [dataclasses.replace(r, method="zzz", label="zzz") if r.method == "alpha" else r for r in records]
+    assert method_colors(others)["wobble"] == method_colors(records)["wobble"]
+    shipped = [f"{m}{p}" for m in ("uniform", "ssn", "dssn") for p in ("", " [sequential]", " [fixed]")]
+    assert len({method_color(m) for m in shipped if m != "dssn [sequential]" and m != "dssn [fixed]"}) == 7
 
 
 def test_a_label_is_drawn_as_written_not_as_mathtext(runs, tmp_path):
@@ -201,19 +208,54 @@ def test_a_label_is_drawn_as_written_not_as_mathtext(runs, tmp_path):
     assert [t.get_text() for t in fig.legends[0].get_texts()] == [r"Zeta \$\frac\$ (ours)"]
 
 
-def test_the_legend_of_many_methods_fits_in_the_figure():
-    """Six lines with long labels under three sigma panels (the smoke sweep's digits figure): a legend in one row
-    ran past the figure's right edge and cut the last entry off."""
-    one = np.array([0])
-    records = [
-        RunRecord("digits", f"method{m}", "standard", "none", s, one, one, np.array([0.5]), label=f"Noise number {m}")
-        for m in range(6)
-        for s in (0.25, 0.5, 1.0)
-    ]
-    fig = curves_figure(records, title="digits")
-    fig.canvas.draw()
-    box, edge = fig.legends[0].get_window_extent(), fig.bbox
-    assert edge.x0 <= box.x0 and box.x1 <= edge.x1 and edge.y0 <= box.y0, (box, edge)
+def _legend_records(methods: int, sigmas, denoiser="none"):
+    one = np.array([0, 1])
+    records = []
+    for m in range(methods):
+        for s in sigmas:
+            rec = RunRecord(
+                "digits",
+                f"method{m}",
+                "standard",
+                denoiser,
+                s,
+                one,
+                one,
+                np.array([0.5, -0.1]),
+                label=f"Noise number {m} with a long name",
+                samples=np.array([100, 2000]) if m == 0 and s == sigmas[0] else None,
+                metric_radii=(0.25,),
+            )
+            box = dataclasses.replace(rec, method=f"method{m} (box)", label=f"{rec.label} (box)", variant="box")
+            records += [
+                rec,
+                box,
+                dataclasses.replace(rec, origin="published"),
+                dataclasses.replace(box, origin="published"),
+            ]
+    return records
+
+
+@pytest.mark.parametrize("methods, sigmas", [(1, [0.5]), (6, [0.25, 0.5, 1.0])])
+def test_every_legend_of_every_figure_the_report_draws_fits_in_the_figure(monkeypatch, tmp_path, methods, sigmas):
+    """The single-sigma figure cut "Uniform (box) (our..." off; six lines under three panels ran past the right edge.
+    Every figure the report saves (curves, denoiser variants, samples) is checked, every legend in it."""
+    from ssn_exp.report import plots
+
+    figures = []
+    save = plots._save
+    monkeypatch.setattr(plots, "_save", lambda fig, *a, **kw: (figures.append(fig), save(fig, *a, **kw))[1])
+    records = _legend_records(methods, sigmas) + _legend_records(methods, sigmas, denoiser="stability")
+    plots.plot_all_curves(records, tmp_path, points=21)
+    plots.plot_all_denoisers(records, tmp_path)
+    plots.plot_all_samples(records, tmp_path)
+    assert len(figures) >= 3 and all(fig.legends or any(ax.get_legend() for ax in fig.axes) for fig in figures)
+    for fig in figures:
+        fig.canvas.draw()
+        edge = fig.bbox
+        for legend in [*fig.legends, *(ax.get_legend() for ax in fig.axes if ax.get_legend())]:
+            box = legend.get_window_extent()
+            assert edge.x0 <= box.x0 and box.x1 <= edge.x1 and edge.y0 <= box.y0 and box.y1 <= edge.y1, (box, edge)
 
 
 def test_a_methods_further_radii_follow_it_whatever_the_other_labels():
@@ -389,3 +431,81 @@ def test_the_bench_table_prints_every_case_and_noise_it_is_given():
     assert [c.key for c in cases] == ["dssn", "randomized"] and [c.row for c in cases] == ["dssn L=27", "uniform"]
     assert [c.procedure.name for c in cases] == ["exact", "fixed"]
     assert [c.procedure.forward_passes(c.noise) for c in cases] == [sum(c.rounds) for c in cases]
+
+
+def test_runs_that_differ_by_tag_are_kept_apart_and_a_true_duplicate_fails_the_report(tmp_path):
+    """Two runs of one method, sigma and seed, one with tag=n100k: both in every table and curve, named by the tag;
+    a copy of a run (same identity and tag) is ignored, and the report says so with exit status 1."""
+    root = tmp_path / "runs"
+    write_run(root / "plain" / "sigma0.5-seed0", Wobble(0.5))
+    write_run(root / "tagged" / "sigma0.5-seed0-n100k", Wobble(0.5), radius=[1.5, 1.5, 0.1, 0.1])
+    write_run(root / "cert" / "runs-wobble-sigma0.5-seed0-last-0123abcd-n100k", Wobble(0.25))
+
+    def run(*paths, allow=False):
+        stdout, stderr = io.StringIO(), io.StringIO()
+        out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
+        argv = [*map(str, paths), "--out", str(out), "--radii", "0.5", "1.0", *(["--allow-missing"] * allow)]
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            rc = main(argv)
+        return rc, out, stderr.getvalue()
+
+    rc, out, err = run(root)
+    assert rc == 0, err
+    acr = {(r["method"], r["sigma"]) for r in read_csv(out / "acr.csv")}
+    assert acr == {
+        ("wobble", "0.5"),
+        ("wobble (tight)", "0.5"),
+        ("wobble [tag=n100k]", "0.5"),
+        ("wobble [tag=n100k] (tight)", "0.5"),
+        ("wobble [tag=n100k]", "0.25"),
+        ("wobble [tag=n100k] (tight)", "0.25"),
+    }
+    assert (out / "missing.txt").read_text() == "none\n"
+    shutil.copytree(root / "tagged", tmp_path / "copy" / "tagged")
+    rc, out, err = run(root, tmp_path / "copy")
+    assert rc == 1 and "duplicate of" in (out / "missing.txt").read_text() and "--allow-missing" in err
+    assert "tag=n100k" in (out / "missing.txt").read_text()
+    assert run(root, tmp_path / "copy", allow=True)[0] == 0
+
+
+def test_the_curves_end_with_the_best_over_sigma_envelope_of_each_method(runs):
+    records, _ = load_paths([runs])
+    fig = curves_figure(records, points=41)
+    panels = {ax.get_title(): ax for ax in fig.axes if ax.get_visible()}
+    assert list(panels) == ["σ = 0.25", "σ = 0.5", "best over σ"]
+    best = {line.get_label(): line for line in panels["best over σ"].get_lines()}
+    assert set(best) == {"alpha", "wobble", "wobble (tight)"}
+    for method, line in best.items():
+        per_sigma = [curve(r, line.get_xdata()) for r in records if r.method == method]  # each sigma's run
+        assert len(per_sigma) == (1 if method == "alpha" else 2)
+        assert np.array_equal(line.get_ydata(), np.max(per_sigma, axis=0)), method
+        assert line.get_color() == method_color(method.removesuffix(" (tight)"))
+    wobble = best["wobble"].get_ydata()  # sigma 0.25: radii 0.6, 0.3; sigma 0.5: 0.7, 0.3 (two correct of four)
+    assert wobble[0] == 50.0 and wobble[np.searchsorted(best["wobble"].get_xdata(), 0.65)] == 25.0
+
+
+def test_format_pdf_and_svg_write_vector_figures_beside_each_png_and_radii_follow_the_data(runs, tmp_path):
+    stdout, stderr = io.StringIO(), io.StringIO()
+    out = tmp_path / "out"
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        assert main([str(runs), "--out", str(out), "--format", "pdf", "svg"]) == 0, stderr.getvalue()
+    pngs = sorted(out.glob("*.png"))
+    assert pngs and sorted(out.glob("*.pdf")) == [p.with_suffix(".pdf") for p in pngs]
+    assert sorted(out.glob("*.svg")) == [p.with_suffix(".svg") for p in pngs]
+    for png in pngs:
+        assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
+        assert b"<svg" in png.with_suffix(".svg").read_bytes()[:2000]
+        assert f"`{png.with_suffix('.pdf')}`" in stdout.getvalue()
+    # no --radii on CIFAR-10: the paper's radii
+    assert [r["radius"] for r in read_csv(out / "best_over_sigma.csv") if r["method"] == "alpha"][:2] == ["0.5", "1.0"]
+
+
+def test_without_radii_the_tables_go_up_to_the_largest_certified_radius_of_other_data(runs):
+    from ssn_exp.report.tables import data_radii
+
+    records, _ = load_paths([runs])  # the largest radius certified for a correct example: alpha's 1.5
+    digits = [dataclasses.replace(r, dataset="digits") for r in records]
+    assert data_radii(digits) == (0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+    assert data_radii([dataclasses.replace(r, radius=r.rho / 10) for r in digits]) == (0.05, 0.1, 0.15)
+    assert data_radii(records) == data_radii([dataclasses.replace(digits[0], origin="levine2021")]) == PAPER_RADII
+    assert data_radii([dataclasses.replace(digits[0], radius=np.array([9.0, 9.0, 0.1, 0.1]))]) == PAPER_RADII

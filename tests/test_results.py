@@ -541,6 +541,42 @@ def test_summarize_a_dssn_run(tmp_path, dssn):
     assert "certified_accuracy_box" not in m and "acr_box" not in m
     assert json.loads((tmp_path / "metrics.json").read_text()) == m
     assert not (tmp_path / "certified_accuracy.png").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "certificates.csv",
+        "certificates.locuslab.tsv",
+        "metrics.json",
+    ]
+
+
+def test_the_locuslab_file_reads_as_locuslab_reads_it_with_abstentions_wrong(tmp_path, dssn):
+    from helpers import locuslab_accuracy
+
+    u = Uniform(0.5)
+    rows = [
+        uniform_row(u, 0, 0, [N, 0], seconds=0.5),
+        uniform_row(u, 1, 0, [N // 2 + 1, N // 2 - 1], seconds=3723.25),  # abstains: correct = 1 in our CSV
+        uniform_row(u, 2, 1, [40, 10]),  # wrong
+    ]
+    assert rows[1]["radius"] < 0 and rows[1]["correct"] == 1
+    write(tmp_path / "certificates.csv", u, rows)
+    radii = [0.0, 0.25, 0.5, 1.0]
+    m = summarize(tmp_path, record(u), META, radii=radii, plot=False)
+    path = tmp_path / "certificates.locuslab.tsv"
+    lines = [line.split("\t") for line in path.read_text().splitlines()]
+    assert [line[2] for line in lines[1:]] == ["0", "-1", "0"] and [line[4] for line in lines[1:]] == ["1", "0", "0"]
+    assert [line[5] for line in lines[1:3]] == ["0:00:00.500000", "1:02:03.250000"]  # str(timedelta)
+    assert locuslab_accuracy(path, radii) == m["certified_accuracy"]
+    assert locuslab_accuracy(path, [-1.0]) == {"-1": 1 / 3}  # an abstention is never counted correct
+    # exact certificates: radius k / q, and the same accuracies
+    rows = [dssn_row(dssn, 0, 0, [27, 0]), dssn_row(dssn, 1, 1, [20, 7]), dssn_row(dssn, 2, 1, [4, 23])]
+    write(tmp_path / "certificates.csv", dssn, rows)
+    radii = [0.0, 0.5625, 0.6, 0.8125, 1.0]
+    m = summarize(tmp_path, record(dssn), META, radii=radii, plot=False)
+    assert (
+        locuslab_accuracy(path, radii)
+        == m["certified_accuracy"]
+        == {"0": 2 / 3, "0.5625": 2 / 3, "0.6": 1 / 3, "0.8125": 1 / 3, "1": 0.0}
+    )
 
 
 def test_summarize_decides_dssn_radii_exactly_from_k(tmp_path, dssn):
@@ -600,7 +636,8 @@ def test_summarize_draws_the_run_curve_by_default(tmp_path, dssn):
     m = summarize(tmp_path, record(dssn), META, radii=[0.5])
     png = tmp_path / "certified_accuracy.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["certificates.csv", "certified_accuracy.png", "metrics.json"]
+    names = ["certificates.csv", "certificates.locuslab.tsv", "certified_accuracy.png", "metrics.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == names
     # the figure of the k's with their q (the step curve), not of floats
     plot_run_curve([True, True], np.array([13, 5]), 16, m, tmp_path / "direct.png")
     assert (tmp_path / "direct.png").read_bytes() == png.read_bytes()

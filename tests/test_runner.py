@@ -8,6 +8,7 @@ import pytest
 
 from helpers import (
     certificate_columns,
+    locuslab_accuracy,
     read_csv,
     read_metrics,
     run_cli,
@@ -78,6 +79,9 @@ def _check_run(run_dir, p, method, training):
     else:
         assert "radius_box" not in m and "certified_accuracy_box" not in m
     assert m["clean_accuracy"] == sum(int(r["correct"]) for r in rows) / 8
+    # the locuslab/smoothing file, read as their analyze.py does, gives our certified accuracies
+    for key in [k for k in m if k.startswith("certified_accuracy")][:1]:
+        assert locuslab_accuracy(run_dir / "certificates.locuslab.tsv", map(float, m[key])) == m[key]
     assert m["forward_passes_per_example"] == (27 if method == "dssn" else 64 + 256)
     assert (run_dir / "certified_accuracy.png").stat().st_size > 1000
     assert (run_dir / "checkpoints" / "last.ckpt").is_file()

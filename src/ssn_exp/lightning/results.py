@@ -4,6 +4,9 @@
   done. Its columns, how a row is written and how it is checked are the certificate record's
   (:class:`ssn_exp.certify.record.CertificateRecord`).
 - ``metrics.json`` (written atomically): identity, clean and certified accuracy, ACR, timing.
+- ``certificates.locuslab.tsv`` (written atomically with ``metrics.json``, from the same rows): the format of
+  locuslab/smoothing's ``certify.py`` (``idx label predict radius correct time``, tab-separated), so analysis
+  scripts written for it read our runs unchanged; an abstention is ``predict = -1``, ``correct = 0`` there.
 
 Rows read back on resume are checked (:func:`read_certificates`): well-formed, one per example, for an
 example of this certification with the data set's label, and consistent in themselves (the record's check:
@@ -51,6 +54,7 @@ __all__ = [
     "write_text_atomic",
     "merge_shards",
     "summarize",
+    "write_locuslab",
     "format_table",
     "model_fingerprint",
 ]
@@ -310,11 +314,32 @@ def summarize(
         if key not in ("method", "sigma", "lambda", "seed", "q"):
             metrics[key] = value
     write_json_atomic(out_dir / "metrics.json", metrics)
+    write_locuslab(out_dir / LOCUSLAB_FILE, [rows[i] for i in order], correct, radius / q if q else radius)
     if plot:
         from ssn_exp.lightning.accuracy_curve import plot_run_curve
 
         plot_run_curve(correct, radius, q, metrics, out_dir / "certified_accuracy.png", extra=extra)
     return metrics
+
+
+LOCUSLAB_FILE = "certificates.locuslab.tsv"
+
+
+def write_locuslab(path: Path, rows: Sequence[dict], correct, rho) -> None:
+    """locuslab/smoothing's ``certify.py`` output (atomic): ``idx label predict radius correct time``, one line per
+    row; ``rho`` the rows' radii (exact certificates as k / q). An abstention (rho < 0) is ``predict = -1``,
+    ``correct = 0`` as there; ``radius`` is written in full (``repr``, not locuslab's 3 digits) so that their
+    ``(df.correct & (df.radius >= r)).mean()`` gives our certified accuracy; ``time`` is ``str(timedelta)`` of the
+    row's ``seconds`` (its batch's time per example)."""
+    import datetime
+
+    lines = ["idx\tlabel\tpredict\tradius\tcorrect\ttime"]
+    for row, ok, r in zip(rows, correct, rho, strict=True):
+        abstain = bool(r < 0)
+        predict = -1 if abstain else int(row["prediction"])
+        time = datetime.timedelta(seconds=float(row["seconds"]))
+        lines.append(f"{row['index']}\t{row['label']}\t{predict}\t{float(r)!r}\t{int(ok and not abstain)}\t{time}")
+    write_text_atomic(path, "\n".join(lines) + "\n")
 
 
 def _forward_passes(record: CertificateRecord, rows: Sequence[dict]) -> dict:

@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from ssn_exp.atomic import replace_file
-from ssn_exp.certify.metrics import PAPER_RADII
 from ssn_exp.report.missing import find_missing
 from ssn_exp.report.records import PUBLISHED, load_paths, published_dir, sigma_label, tell_procedures_apart
 from ssn_exp.report.tables import (
     acr_rows,
     build_best_tables,
+    data_radii,
     dedupe_records,
     format_acr_markdown,
     format_latex,
@@ -30,6 +30,9 @@ from ssn_exp.report.tables import (
 )
 
 __all__ = ["main", "build_parser"]
+
+#: Vector formats ``--format`` writes beside each PNG.
+FIGURE_FORMATS = ("pdf", "svg")
 
 PROG = "python -m ssn_exp.report"
 
@@ -51,7 +54,8 @@ column radius_<name> of a run's certificates gives the rows "<method> (<name>)",
 label (metrics.json's "label", index.csv's label column; else the method name) and ordered by it.
 Runs of one method certified by different procedures (metrics.json's "procedure", e.g. fixed and
 sequential) are kept apart: where a report holds more than one procedure for a method, its rows
-and lines are named "<method> [<procedure>]", e.g. "uniform [sequential]".
+and lines are named "<method> [<procedure>]", e.g. "uniform [sequential]". So are runs with different
+tags (tag=NAME, read from the run directory's name sigma<s>-seed<k>-NAME): "uniform [tag=NAME]".
 """
 
 EPILOG = """\
@@ -74,10 +78,13 @@ Printed to stdout (Markdown) and written into --out:
                                 best-over-sigma row per (dataset, method, origin, seed).
   curves_<dataset>_<training>_<denoiser>.png
                                 certified accuracy (%) against l1 radius, one panel per sigma, one
-                                line per method, coloured by the sorted position of its name among
-                                the report's methods; published runs dashed, ours solid, further
+                                line per method, in its name's colour (the same in every figure
+                                and report); published runs dashed, ours solid, further
                                 radii (box-constrained certificates) dash-dotted in their method's
-                                colour (the paper's Figures 10-14).
+                                colour (the paper's Figures 10-14); with several sigmas a last panel
+                                "best over σ": per line, the best certified accuracy over sigma at
+                                each radius. Every figure also as PDF/SVG beside its PNG with
+                                --format pdf svg.
   samples_<dataset>_<training>_<denoiser>_<method>[_<procedure>]_sigma<s>_seed<k>.png
                                 for every run whose certificates.csv has a samples column (forward
                                 passes spent per image, e.g. procedure=sequential): forward passes per
@@ -94,14 +101,15 @@ Nothing read is ever imported or instantiated: result files, overrides and sweep
 Names built from them keep letters, digits and . _ = - (a short hash where anything else was replaced),
 and every file is written inside --out, which must not be the working directory.
 
-Exit status: 0 when results were read and no job is missing or unreadable; 1 when jobs are missing
-or runs unreadable (the report is still written, and says so in its "Missing runs" section and on
+Exit status: 0 when results were read and no job is missing or unreadable; 1 when jobs are missing,
+runs unreadable or ignored as duplicates (the report is still written, and says so in its "Missing runs" section and on
 stderr) unless --allow-missing is given; 2 on bad arguments or when no PATH holds any result.
 
 Examples:
   python -m ssn_exp.report --published levine2021
   python -m ssn_exp.report outputs/sweeps/smoke --published levine2021 --out outputs/cmp
   python -m ssn_exp.report outputs/run1 --radii 0.25 0.5 1.0 --no-plots --csv table.csv
+  python -m ssn_exp.report outputs/sweeps/smoke --format pdf
 """
 
 
@@ -134,9 +142,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--radii",
         type=float,
         nargs="+",
-        default=list(PAPER_RADII),
+        default=None,
         metavar="R",
-        help="radii of the tables (default: the paper's 0.5 1.0 ... 4.0)",
+        help="radii of the tables (default: the paper's 0.5 1.0 ... 4.0 for published runs, CIFAR-10 and ImageNet "
+        "or where a certificate reaches 4.0; else steps of 0.05, 0.1, 0.25 or 0.5 up to the largest certified radius)",
+    )
+    parser.add_argument(
+        "--format",
+        nargs="+",
+        default=[],
+        choices=FIGURE_FORMATS,
+        metavar="FMT",
+        help=f"also write every figure in these vector formats beside its PNG ({', '.join(FIGURE_FORMATS)})",
     )
     parser.add_argument(
         "--no-plots", action="store_true", help="skip the certified-accuracy curves and samples-vs-radius plots"
@@ -208,7 +225,7 @@ def main(argv=None) -> int:
 
 def _main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    if any(not math.isfinite(r) or r < 0 for r in args.radii):
+    if args.radii is not None and any(not math.isfinite(r) or r < 0 for r in args.radii):
         return _error("--radii must be non-negative finite numbers")
     if not args.paths and not args.published:
         return _error("give a PATH (run, multirun or sweep directory) and/or --published levine2021")
@@ -228,8 +245,9 @@ def _main(argv=None) -> int:
         extra = f"; {len(missing)} unfinished job dir(s) found" if missing else ""
         detail = f" ({problems[0]})" if problems else ""
         return _error(f"no results found in {' '.join(args.paths)}{detail}{extra}")
-    unreadable = len(problems)
     records, dup_notes = dedupe_records(tell_procedures_apart(records))
+    if args.radii is None:
+        args.radii = list(data_radii(records))
     problems = problems + dup_notes
 
     out.mkdir(parents=True, exist_ok=True)
@@ -270,9 +288,10 @@ def _main(argv=None) -> int:
     if not args.no_plots:
         from ssn_exp.report.plots import plot_all_curves, plot_all_denoisers, plot_all_samples
 
-        curves = plot_all_curves(records, out)
-        curves += plot_all_denoisers(records, out)
-        curves += plot_all_samples(records, out)
+        formats = tuple(dict.fromkeys(args.format))
+        curves = plot_all_curves(records, out, formats=formats)
+        curves += plot_all_denoisers(records, out, formats=formats)
+        curves += plot_all_samples(records, out, formats=formats)
         written.extend(curves)
 
     den_md = format_denoiser_markdown(records, args.radii)
@@ -358,7 +377,7 @@ def _main(argv=None) -> int:
     text = "\n".join(parts) + "\n"
     replace_file(report_path, text, inside=out)
     sys.stdout.write(text)
-    partial = bool(missing) or unreadable > 0
+    partial = bool(missing) or bool(problems)  # jobs missing, runs unreadable or ignored as duplicates
     if missing_lines:
         summary = (
             f"partial results: {len(missing)} job(s) missing, {len(problems)} unreadable or ignored "

@@ -1,12 +1,13 @@
 """Certified-accuracy curves per sigma comparing the methods (the paper's Figures 10-14).
 
 Uses matplotlib's object API with the Agg canvas (no pyplot, no global backend change). Lines are named by the
-records' labels; each method gets a colour of :data:`PALETTE` by the sorted position of its name among the
-methods of the report (:func:`method_colors`), its further-radius records (e.g. box) the same colour, dash-dotted.
+records' labels; each method gets a colour of :data:`PALETTE` from a hash of its name (:func:`method_color`), the
+same in every figure and every report, its further-radius records (e.g. box) the same colour, dash-dotted.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 from collections.abc import Iterable, Sequence
@@ -20,6 +21,7 @@ from ssn_exp.report.tables import dedupe_records, method_ranks, pretty, select_s
 
 __all__ = [
     "PALETTE",
+    "method_color",
     "method_colors",
     "curve",
     "radius_grid",
@@ -32,7 +34,7 @@ __all__ = [
     "plot_all_samples",
 ]
 
-#: The methods' colours, in the sorted order of their names (repeating after ten methods).
+#: The methods' colours (:func:`method_color` picks one by a hash of the method's name).
 PALETTE = (
     "tab:blue",
     "tab:orange",
@@ -47,13 +49,22 @@ PALETTE = (
 )
 
 
+#: Salt of :func:`method_color`'s hash, chosen so that the shipped methods and their procedure variants
+#: ("<method> [sequential]", "<method> [fixed]") get distinct colours (the methods themselves: none grey or olive).
+_COLOR_SALT = "colour370:"
+
+
+def method_color(method: str) -> str:
+    """The colour of a method (a base method's name, e.g. "uniform [sequential]") in every figure of every report:
+    :data:`PALETTE` at a hash of the name, so it never depends on which other methods a figure holds."""
+    digest = hashlib.sha256((_COLOR_SALT + method).encode()).digest()
+    return PALETTE[int.from_bytes(digest[:8], "big") % len(PALETTE)]
+
+
 def method_colors(records: Iterable[RunRecord]) -> dict[str, str]:
-    """A colour per method of ``records``: :data:`PALETTE` by the sorted position of its base method's name among
-    all base methods present; a further-radius record ("uniform (box)") shares its base method's colour."""
-    records = list(records)
-    bases = sorted({r.base_method for r in records})
-    color = {base: PALETTE[i % len(PALETTE)] for i, base in enumerate(bases)}
-    return {r.method: color[r.base_method] for r in records}
+    """A colour per method of ``records`` (:func:`method_color` of its base method's name): a further-radius record
+    ("uniform (box)") shares its base method's colour."""
+    return {r.method: method_color(r.base_method) for r in records}
 
 
 def _plain(text: str) -> str:
@@ -104,17 +115,41 @@ def _legend_columns(handles, panels: int) -> int:
     return max(1, math.ceil(len(handles) / max(rows, 1)))
 
 
-def _save(fig, path, inside=None) -> Path:
-    """The figure as a PNG at ``path``, written atomically (a temporary file and a rename): a reader never sees
-    half a file, and a symbolic link at ``path`` is replaced, never written through. ``inside``: the output folder
-    the file must lie in (:func:`ssn_exp.atomic.replace_file`); without it, ``path``'s folder is created."""
+def _figure_legend(fig, handles: dict, panels: int) -> None:
+    """A legend below the panels, with as many columns as fit (:func:`_legend_columns` at most): columns are taken
+    away, then the figure widened, until the legend lies inside the figure (no entry is cut off)."""
+    ncols = _legend_columns(handles, panels)
+    while True:
+        legend = fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols)
+        fig.canvas.draw()
+        box, edge = legend.get_window_extent(), fig.bbox
+        if box.x0 >= edge.x0 and box.x1 <= edge.x1:
+            return
+        legend.remove()
+        if ncols > 1:
+            ncols -= 1
+        else:
+            fig.set_figwidth(fig.get_figwidth() * box.width / edge.width + 0.2)
+
+
+def _save(fig, path, inside=None, formats: Sequence[str] = ()) -> list[Path]:
+    """The figure as a PNG at ``path`` and in each of ``formats`` (e.g. "pdf", "svg": vector figures) beside it,
+    each written atomically (a temporary file and a rename): a reader never sees half a file, and a symbolic link
+    at a path is replaced, never written through. ``inside``: the output folder the files must lie in
+    (:func:`ssn_exp.atomic.replace_file`); without it, ``path``'s folder is created. Returns the paths written."""
     path = Path(path)
     if inside is None:
         path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, dpi=110, format="png")
-    replace_file(path, buf.getvalue(), inside=inside)
-    return path
+    paths = []
+    for fmt in ("png", *formats):
+        target = path if fmt == "png" else path.with_suffix(f".{fmt}")
+        buf = io.BytesIO()
+        # (no date in a PDF or SVG: the same figure gives the same bytes)
+        meta = {"CreationDate": None} if fmt == "pdf" else {"Date": None} if fmt == "svg" else None
+        fig.savefig(buf, dpi=110, format=fmt, metadata=meta)
+        replace_file(target, buf.getvalue(), inside=inside)
+        paths.append(target)
+    return paths
 
 
 def plot_curves(
@@ -124,9 +159,11 @@ def plot_curves(
     points: int = 201,
     colors: dict[str, str] | None = None,
     inside=None,
+    formats: Sequence[str] = (),
 ) -> Path:
-    """One PNG (:func:`curves_figure`): a panel per sigma, a line per (method, origin); ``inside`` as :func:`_save`."""
-    return _save(curves_figure(records, title, points, colors), path, inside)
+    """One PNG (:func:`curves_figure`): a panel per sigma, a line per (method, origin); ``inside`` and ``formats``
+    (further files beside it) as :func:`_save`. Returns the PNG's path."""
+    return _save(curves_figure(records, title, points, colors), path, inside, formats)[0]
 
 
 def curves_figure(
@@ -151,8 +188,10 @@ def curves_figure(
     sigmas = sorted({key[2] for key in chosen})
     if not sigmas:
         raise ValueError("no records to plot")
-    ncols = min(5, len(sigmas))
-    nrows = math.ceil(len(sigmas) / ncols)
+    envelope = len(sigmas) > 1
+    panels = len(sigmas) + envelope
+    ncols = min(5, panels)
+    nrows = math.ceil(panels / ncols)
     fig = Figure(figsize=(3.2 * ncols, 2.6 * nrows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(nrows, ncols, squeeze=False, sharey=True)
@@ -176,25 +215,41 @@ def curves_figure(
                 label=label,
             )
             handles.setdefault(label, h)
-        ax.set_title(f"σ = {sigma_label(sigma)}", fontsize=10)
-        ax.set_xlim(0, grid[-1])
-        ax.set_ylim(0, 100)
-        ax.grid(alpha=0.3)
-        if i % ncols == 0:
-            ax.set_ylabel("certified accuracy (%)")
-        if i // ncols == nrows - 1 or i + ncols >= len(sigmas):
-            ax.set_xlabel("ℓ1 radius")
-    for j in range(len(sigmas), nrows * ncols):
+        _panel(ax, f"σ = {sigma_label(sigma)}", grid, i, ncols, nrows, panels)
+    if envelope:  # the paper's figures: at each radius the best certified accuracy over sigma, per line
+        ax = axes[len(sigmas) // ncols][len(sigmas) % ncols]
+        grid = radius_grid(max(max_certified_radius(rec) for rec in chosen.values()), points)
+        lines = sorted({key[:2] for key in chosen}, key=lambda k: (ranks[k[1]], k[0] != "ours", k[0]))
+        for origin, method in lines:
+            recs = [rec for key, rec in chosen.items() if key[:2] == (origin, method)]
+            best = np.max([curve(rec, grid) for rec in recs], axis=0)
+            ax.plot(grid, best, color=colors[method], linestyle=_linestyle(recs[0]), linewidth=1.4, label=method)
+        _panel(ax, "best over σ", grid, len(sigmas), ncols, nrows, panels)
+    for j in range(panels, nrows * ncols):
         axes[j // ncols][j % ncols].set_visible(False)
     if title:
         fig.suptitle(_plain(title))
-    fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=_legend_columns(handles, ncols))
+    _figure_legend(fig, handles, ncols)
     return fig
 
 
-def plot_all_curves(records: Iterable[RunRecord], out_dir, points: int = 201) -> list[Path]:
-    """A figure per (dataset, training, denoiser) into out_dir; returns the written paths. A method has the same
-    colour in every figure (:func:`method_colors` of all ``records``)."""
+def _panel(ax, title: str, grid, i: int, ncols: int, nrows: int, panels: int) -> None:
+    """Title, limits, grid and axis labels of the ``i``-th of ``panels`` curve panels in ``nrows`` x ``ncols``."""
+    ax.set_title(title, fontsize=10)
+    ax.set_xlim(0, grid[-1])
+    ax.set_ylim(0, 100)
+    ax.grid(alpha=0.3)
+    if i % ncols == 0:
+        ax.set_ylabel("certified accuracy (%)")
+    if i // ncols == nrows - 1 or i + ncols >= panels:
+        ax.set_xlabel("ℓ1 radius")
+
+
+def plot_all_curves(
+    records: Iterable[RunRecord], out_dir, points: int = 201, formats: Sequence[str] = ()
+) -> list[Path]:
+    """A figure per (dataset, training, denoiser) into out_dir (a PNG, and each of ``formats`` beside it); returns
+    the written paths. A method has the same colour in every figure (:func:`method_colors`)."""
     records = list(records)
     colors = method_colors(records)
     groups: dict[tuple, list[RunRecord]] = {}
@@ -206,7 +261,7 @@ def plot_all_curves(records: Iterable[RunRecord], out_dir, points: int = 201) ->
     ):
         title = f"{pretty(dataset)}, {training} training, denoiser: {denoiser}"
         path = Path(out_dir) / curve_filename(dataset, training, denoiser)
-        paths.append(plot_curves(recs, path, title, points, colors, inside=out_dir))
+        paths += _save(curves_figure(recs, title, points, colors), path, out_dir, formats)
     return paths
 
 
@@ -220,10 +275,12 @@ def plot_denoisers(
     points: int = 201,
     colors: dict[str, str] | None = None,
     inside=None,
+    formats: Sequence[str] = (),
 ) -> Path | None:
     """The paper's Figure 9: a row per denoiser variant, a panel per sigma, a line per method.
 
-    ``colors``: method -> colour (the others: :func:`method_colors` of ``records``); ``inside`` as :func:`_save`."""
+    ``colors``: method -> colour (the others: :func:`method_colors` of ``records``); ``inside`` and ``formats`` as
+    :func:`_save`. Returns the PNG's path, or None without records."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -264,12 +321,11 @@ def plot_denoisers(
     if title:
         fig.suptitle(_plain(title))
     if handles:
-        ncols = _legend_columns(handles, len(sigmas))
-        fig.legend(list(handles.values()), list(handles), loc="outside lower center", ncols=ncols)
-    return _save(fig, path, inside)
+        _figure_legend(fig, handles, len(sigmas))
+    return _save(fig, path, inside, formats)[0]
 
 
-def plot_all_denoisers(records: Iterable[RunRecord], out_dir) -> list[Path]:
+def plot_all_denoisers(records: Iterable[RunRecord], out_dir, formats: Sequence[str] = ()) -> list[Path]:
     """A Figure 9 per (dataset, training) with denoiser variants; colours as :func:`plot_all_curves` gives them."""
     records = list(records)
     colors = method_colors(records)
@@ -281,9 +337,9 @@ def plot_all_denoisers(records: Iterable[RunRecord], out_dir) -> list[Path]:
     for (dataset, training), recs in sorted(by_data.items()):
         title = f"{pretty(dataset)}, {training} training: denoiser variants (appendix D, Figure 9)"
         name = f"denoisers_{safe_name(dataset)}_{safe_name(training)}.png"
-        p = plot_denoisers(recs, Path(out_dir) / name, title, colors=colors, inside=out_dir)
+        p = plot_denoisers(recs, Path(out_dir) / name, title, colors=colors, inside=out_dir, formats=formats)
         if p is not None:
-            paths.append(p)
+            paths += [p, *(p.with_suffix(f".{fmt}") for fmt in formats)]
     return paths
 
 
@@ -296,6 +352,7 @@ def samples_filename(rec: RunRecord) -> str:
     :func:`ssn_exp.atomic.safe_name` of what the result files say (a procedure where the report tells procedures
     apart: "uniform [sequential]" -> "uniform_sequential")."""
     parts = [rec.dataset, rec.training, rec.denoiser, rec.noise_method, *([rec.procedure] if rec.tag else [])]
+    parts += [f"tag={rec.run_tag}"] if rec.tag and rec.run_tag else []
     parts += [f"sigma{sigma_label(rec.sigma)}", f"seed{rec.seed}"]
     return "samples_" + "_".join(map(safe_name, parts)) + ".png"
 
@@ -328,7 +385,7 @@ def samples_figure(rec: RunRecord, title: str | None = None):
     return fig
 
 
-def plot_all_samples(records: Iterable[RunRecord], out_dir) -> list[Path]:
+def plot_all_samples(records: Iterable[RunRecord], out_dir, formats: Sequence[str] = ()) -> list[Path]:
     """A samples-vs-radius PNG (:func:`samples_figure`) into ``out_dir`` for every run whose certificates record
     the forward passes spent per example (its own certificate; a further radius shares the run's passes)."""
     records, _ = dedupe_records([r for r in records if r.samples is not None and not r.variant])
@@ -344,5 +401,5 @@ def plot_all_samples(records: Iterable[RunRecord], out_dir) -> list[Path]:
         used.add(name)
         title = f"{pretty(rec.dataset)}, {rec.label}, σ = {sigma_label(rec.sigma)}, seed {rec.seed}"
         title += f"\nmean {float(np.mean(rec.samples)):.0f} forward passes per image"
-        paths.append(_save(samples_figure(rec, title), Path(out_dir) / name, inside=out_dir))
+        paths += _save(samples_figure(rec, title), Path(out_dir) / name, out_dir, formats)
     return paths

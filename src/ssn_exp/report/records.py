@@ -63,6 +63,25 @@ def procedure_suffix(procedure: str) -> str:
     return f" [{procedure}]"
 
 
+def tag_suffix(tag: str) -> str:
+    """Appended to the method and label of a run when a report holds runs of its method with several tags."""
+    return f" [tag={tag}]"
+
+
+#: A run directory's tag (``tag=NAME``): ``sigma<s>-seed<k>-NAME`` (``python -m ssn_exp``) or
+#: ``<checkpoint name>-<8 hex digits>-NAME`` (``python -m ssn_exp.certify``).
+_DIR_TAG = (re.compile(r"sigma[^-]+-seed-?\d+-(.+)"), re.compile(r".+-[0-9a-f]{8}-(.+)"))
+
+
+def dir_tag(name: str) -> str:
+    """The tag of a run directory named ``name`` as the run commands name them (:data:`_DIR_TAG`); "" for none."""
+    for pattern in _DIR_TAG:
+        m = pattern.fullmatch(name)
+        if m:
+            return m.group(1)
+    return ""
+
+
 def variant_suffix(name: str) -> str:
     """Appended to the method and label of the record of a further radius ``radius_<name>``: " (box)"."""
     return f" ({name})"
@@ -99,7 +118,8 @@ class RunRecord:
     procedure: str = ""  # how the certificates were computed (metrics.json "procedure"); "" when not recorded
     samples: np.ndarray | None = None  # forward passes spent per example (certificates.csv "samples"), if recorded
     metric_radii: tuple[float, ...] = ()  # the radii of the run's own metrics (metrics.json certified_accuracy)
-    tag: str = ""  # appended to method and label to tell procedures apart (:func:`tell_procedures_apart`)
+    tag: str = ""  # appended to method and label to tell procedures and tags apart (:func:`tell_procedures_apart`)
+    run_tag: str = ""  # the run's tag=NAME, read from its directory's name (:func:`dir_tag`); "" for none
 
     def __post_init__(self):
         if not self.label:
@@ -387,6 +407,7 @@ def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
         if rows and SAMPLES_COLUMN in rows[0]
         else None,
         metric_radii=meta["metric_radii"],
+        run_tag=dir_tag(run_dir.resolve().name),
     )
     records = [rec]
     for column in extra_columns:
@@ -408,17 +429,23 @@ def load_run_dir(run_dir: str | Path) -> list[RunRecord]:
 def tell_procedures_apart(records: list[RunRecord]) -> list[RunRecord]:
     """The records, where runs of one method were certified by more than one procedure (e.g. fixed and
     sequential) with the procedure appended to method and label (:func:`procedure_suffix`: "uniform [sequential]",
-    "uniform [sequential] (box)"), so that tables, legends and deduplication keep them apart. Every other record is
-    returned as it is (a report of one procedure per method looks as it did before procedures were recorded)."""
+    "uniform [sequential] (box)"), and where runs of one method carry more than one tag (``tag=NAME``: the run
+    directory's, :func:`dir_tag`) with the tag appended (:func:`tag_suffix`: "uniform [tag=n100k]"), so that
+    tables, legends and deduplication keep them apart. Every other record is returned as it is (a report of one
+    procedure and one tag per method looks as it did before procedures were recorded)."""
     procedures: dict[tuple[str, str], set[str]] = {}
+    tags: dict[tuple[str, str], set[str]] = {}
     for r in records:
         procedures.setdefault((r.origin, r.noise_method), set()).add(r.procedure)
+        tags.setdefault((r.origin, r.noise_method), set()).add(r.run_tag)
     out = []
     for r in records:
-        if len(procedures[(r.origin, r.noise_method)]) < 2 or not r.procedure or r.tag:
+        key = (r.origin, r.noise_method)
+        tag = procedure_suffix(r.procedure) if len(procedures[key]) > 1 and r.procedure else ""
+        tag += tag_suffix(r.run_tag) if len(tags[key]) > 1 and r.run_tag else ""
+        if not tag or r.tag:
             out.append(r)
             continue
-        tag = procedure_suffix(r.procedure)
         variant = variant_suffix(r.variant) if r.variant else ""
         out.append(
             dataclasses.replace(r, method=r.base_method + tag + variant, label=r.base_label + tag + variant, tag=tag)

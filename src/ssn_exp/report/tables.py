@@ -17,6 +17,7 @@ from ssn_exp.certify.metrics import PAPER_RADII, BestRow, best_over_sigma
 from ssn_exp.report.records import FORWARD_PASS_KEYS, RunRecord, sigma_label
 
 __all__ = [
+    "data_radii",
     "BEST_CSV_COLUMNS",
     "ACR_CSV_COLUMNS",
     "GroupBest",
@@ -119,6 +120,26 @@ def _method_rank(method: str, ranks: dict[str, tuple] | None) -> tuple:
     return (method.casefold(), method, method, "")
 
 
+#: Steps of :func:`data_radii`, finest first.
+RADIUS_STEPS = (0.05, 0.1, 0.25, 0.5)
+#: Data sets whose tables keep the paper's radii (those of its published results).
+PAPER_DATASETS = ("cifar10", "imagenet")
+
+
+def data_radii(records: Iterable[RunRecord], columns: int = 8) -> tuple[float, ...]:
+    """The tables' radii when ``--radii`` is not given: the paper's (:data:`PAPER_RADII`) where published runs or
+    runs on the paper's data sets (:data:`PAPER_DATASETS`) are in the report, or a certificate reaches the last of
+    them; else multiples of the finest step of
+    :data:`RADIUS_STEPS` that gives at most ``columns`` radii up to the largest radius certified for a correct
+    example (on digits every paper radius past 0.5 would read 0.00)."""
+    records = list(records)
+    largest = max((float(r.rho[r.correct].max()) for r in records if r.correct.any()), default=0.0)
+    if any(r.origin != "ours" or r.dataset in PAPER_DATASETS for r in records) or largest >= PAPER_RADII[-1]:
+        return PAPER_RADII
+    step = next((s for s in RADIUS_STEPS if largest / s <= columns), RADIUS_STEPS[-1])
+    return tuple(round(step * i, 6) for i in range(1, max(1, int(largest / step + 1e-9)) + 1))
+
+
 def sort_key(
     origin: str, dataset: str, method: str, training: str, denoiser: str, ranks: dict[str, tuple] | None = None
 ) -> tuple:
@@ -150,11 +171,11 @@ def radius_label(r: float) -> str:
 
 
 def _identity(rec: RunRecord) -> tuple:
-    return (rec.origin, *rec.group, round(float(rec.sigma), 6), int(rec.seed), rec.procedure)
+    return (rec.origin, *rec.group, round(float(rec.sigma), 6), int(rec.seed), rec.procedure, rec.run_tag)
 
 
 def dedupe_records(records: Iterable[RunRecord]) -> tuple[list[RunRecord], list[str]]:
-    """Drop repeated runs (same origin, group, sigma, seed and procedure); return the kept ones and notes.
+    """Drop repeated runs (same origin, group, sigma, seed, procedure and tag); return the kept ones and notes.
 
     The same source read twice (a path given twice) is dropped silently; a second, different run
     with the same identity is dropped with a note (best-over-sigma would otherwise pick the better
@@ -168,6 +189,7 @@ def dedupe_records(records: Iterable[RunRecord]) -> tuple[list[RunRecord], list[
             first = seen[key]
             if Path(first.source).resolve() != Path(rec.source).resolve():
                 procedure = f", procedure={rec.procedure}" if rec.procedure else ""
+                procedure += f", tag={rec.run_tag}" if rec.run_tag else ""
                 notes.append(
                     f"{rec.source}: duplicate of {first.source} (same {'/'.join(rec.group)}, "
                     f"sigma={sigma_label(rec.sigma)}, seed={rec.seed}{procedure}); ignored"
