@@ -116,3 +116,21 @@ def test_a_log_line_goes_above_a_live_bar_not_onto_its_end():
     assert before.replace("\n", "\r").rsplit("\r", 1)[-1].strip() == "", repr(before[-80:])
     handler.emit(record)  # no bar: a plain line
     assert stream.getvalue().endswith("\nepoch 1/2 done\n")
+
+
+def test_a_spawned_rank_installs_the_filters_when_it_unpickles_its_callbacks():
+    import pickle
+    import warnings
+
+    from ssn_exp.lightning.callbacks import QuietRanks
+
+    blob = pickle.dumps(QuietRanks())  # what ddp_spawn sends a rank with the Trainer
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.resetwarnings()  # a fresh process: no filters
+        warnings.simplefilter("always")
+        assert isinstance(pickle.loads(blob), QuietRanks)
+        warnings.warn(
+            "The `srun` command is available on your system but is not used. HINT: ...", UserWarning, stacklevel=1
+        )
+        warnings.warn("something else", UserWarning, stacklevel=1)
+    assert [str(w.message) for w in seen] == ["something else"]

@@ -64,11 +64,15 @@ class QuietRanks(pl.Callback):
     process of the Trainer: a rank started by ddp_spawn unpickles its callbacks first, before it warns of anything,
     and inherits no filters from the parent."""
 
-    def __setstate__(self, state):
-        from ssn_exp.lightning.quiet import quiet_known_warnings
+    def __reduce__(self):
+        return _quiet_ranks, ()
 
-        quiet_known_warnings()
-        self.__dict__.update(state)
+
+def _quiet_ranks() -> QuietRanks:
+    from ssn_exp.lightning.quiet import quiet_known_warnings
+
+    quiet_known_warnings()
+    return QuietRanks()
 
 
 class TrainingETA(pl.Callback):
