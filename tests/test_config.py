@@ -13,7 +13,8 @@ from omegaconf import OmegaConf, read_write
 
 from ssn_exp.cli.config import CONF_DIR
 
-GROUPS = ["data", "model", "method", "training", "denoiser", "trainer", "logger", "certify", "experiment", "debug"]
+GROUPS = ["data", "model", "method", "training", "denoiser", "trainer", "logger", "callbacks", "certify", "experiment",
+          "debug"]  # fmt: skip
 
 
 def options(group):
@@ -35,8 +36,10 @@ def test_every_option_composes_and_resolves(group, option):
     OmegaConf.to_container(cfg, resolve=True)  # no dangling interpolation (hydra's own node included)
     if group in ("training", "denoiser"):
         assert cfg[group].name == option
-    if group in ("data", "model", "method", "trainer", "logger"):
+    if group in ("data", "model", "method", "trainer"):
         assert "_target_" in cfg[group], f"{group}/{option}.yaml must name what it builds"
+    if group in ("logger", "callbacks"):  # named entries, so that options combine: logger=[csv,wandb]
+        assert all("_target_" in entry for entry in cfg[group].values()), f"{group}/{option}.yaml"
     assert cfg.sigma > 0 and cfg.seed == 0
 
 
@@ -61,7 +64,7 @@ def test_defaults_are_the_quick_digits_dssn_run():
         "digits_cnn",
         "dssn",
         "standard",
-        "cpu",
+        "default",
         "csv",
     )
     assert cfg.method.seed == 0 and cfg.certify.n == 10000 and cfg.method.arithmetic == "exact"
@@ -164,14 +167,15 @@ def test_method_configs_build_the_noise(method):
 def test_trainer_logger_and_denoiser_configs_build():
     import pytorch_lightning as pl
 
+    from ssn_exp.cli.common import build_loggers
     from ssn_exp.lightning.loggers import RunCSVLogger
     from ssn_exp.models import DnCNN
 
     cfg = _compose(["denoiser=mse", "logger=csv"])
     trainer = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
     assert isinstance(trainer, pl.Trainer) and trainer.max_epochs == cfg.training.epochs
-    assert isinstance(instantiate(cfg.logger), RunCSVLogger)
-    assert instantiate(_compose(["logger=none"]).logger) is False
+    assert [type(x) for x in build_loggers(cfg)] == [RunCSVLogger]
+    assert build_loggers(_compose(["logger=none"])) == []
     assert isinstance(instantiate(cfg.denoiser.net), DnCNN)
     opt = instantiate(cfg.optimizer)([torch.nn.Parameter(torch.zeros(1))])
     assert isinstance(opt, torch.optim.SGD) and opt.defaults["nesterov"]

@@ -26,7 +26,9 @@ def _ok(p):
 
 def test_ddp_training_certification_and_certify_entry_match_single_process(tmp_path):
     run = tmp_path / "ddp_run"
-    _ok(run_cli("ssn_exp", "debug=fast", *DDP, f"hydra.run.dir={run}", "certify.max_examples=30", "sigma=0.75"))
+    p = _ok(run_cli("ssn_exp", "debug=fast", *DDP, f"hydra.run.dir={run}", "certify.max_examples=30", "sigma=0.75"))
+    chatter = ("srun", "LeafSpec", "logging interval", "Tip:")  # the spawned ranks are as quiet as one process
+    assert not [c for c in chatter if c in p.stdout + p.stderr], p.stderr[-3000:]
     rows = read_csv(run / "certificates.csv")
     assert [int(r["index"]) for r in rows] == list(range(30))  # every example exactly once, in order
     assert not list(run.glob("certificates.rank*.csv"))
@@ -37,7 +39,8 @@ def test_ddp_training_certification_and_certify_entry_match_single_process(tmp_p
     # python -m ssn_exp.certify with 2 processes, a skip, and a batch size that splits shards unevenly
     sharded = tmp_path / "sharded"
     extra = ["certify.skip=3", "certify.batch_size=4", "certify.max_examples=41"]
-    _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", *DDP, f"hydra.run.dir={sharded}", *extra))
+    p = _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", *DDP, f"hydra.run.dir={sharded}", *extra))
+    assert not [c for c in chatter if c in p.stdout + p.stderr], p.stderr[-3000:]
     single2 = tmp_path / "single2"
     _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={single2}", *extra))
     a, b = read_csv(sharded / "certificates.csv"), read_csv(single2 / "certificates.csv")

@@ -21,6 +21,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ssn_exp.cli.common import (
+    build_loggers,
     build_noise,
     build_procedure,
     certify_model,
@@ -269,9 +270,9 @@ def run_certify(cfg: DictConfig) -> dict:
         if run_seed is not None and "seed" not in given:  # the same certification noise as the run's own
             settings["seed"] = run_seed
         refuse_other_certificates(out_dir, model_fingerprint(model), smoothing, procedure, settings)  # before writing
-        logger = build(cfg.logger, "logger")
-        if logger:
-            logger.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "checkpoint_identity": meta})
+        logger = build_loggers(cfg)
+        for one in logger:
+            one.log_hyperparams({**OmegaConf.to_container(cfg, resolve=True), "checkpoint_identity": meta})
         try:
             metrics = certify_model(cfg, model, smoothing, procedure, dm, out_dir, settings, meta, logger)
         finally:

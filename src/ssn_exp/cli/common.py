@@ -18,6 +18,8 @@ log = logging.getLogger("ssn_exp")
 
 __all__ = [
     "finish_wandb",
+    "build_loggers",
+    "user_callbacks",
     "check_network",
     "run_trust",
     "build_noise",
@@ -33,6 +35,52 @@ def finish_wandb():
 
         if wandb.run is not None:
             wandb.finish()
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    """The loggers of the ``logger`` group: its named entries (``logger=[csv,wandb]`` composes both; ``logger=none``
+    none; ``logger.NAME=null`` drops one), or one logger where the node has a ``_target_`` of its own."""
+    from pytorch_lightning.loggers import Logger
+
+    node = cfg.get("logger")
+    nodes = [] if node is None else [("logger", node)] if "_target_" in node else list(node.items())
+    loggers = []
+    for name, entry in nodes:
+        if entry is None:
+            continue
+        built = build(entry, "logger")
+        if not isinstance(built, Logger):
+            raise ConfigError(f"{name} from {config_source('logger')} builds {type(built).__name__}, not a Lightning "
+                              "logger (pytorch_lightning.loggers.Logger)")  # fmt: skip
+        loggers.append(built)
+    return loggers
+
+
+def user_callbacks(cfg: DictConfig, out_dir: Path) -> list:
+    """The user's own Lightning callbacks, the named entries of the composed config's ``callbacks`` group (never of a
+    checkpoint: a resume restores no callback state, :class:`ssn_exp.lightning.callbacks.RunCheckpoint`). A
+    ``ModelCheckpoint`` without a ``dirpath`` saves into ``<run dir>/checkpoints_<name>``; none may use the run's own
+    ``checkpoints/`` (resume and certification read it)."""
+    import pytorch_lightning as pl
+    from pytorch_lightning.callbacks import ModelCheckpoint
+
+    own = (Path(out_dir) / "checkpoints").resolve()
+    callbacks = []
+    for name, entry in (cfg.get("callbacks") or {}).items():
+        if entry is None:
+            continue
+        cb = build(entry, "callbacks")
+        if not isinstance(cb, pl.Callback):
+            raise ConfigError(f"callbacks.{name} from {config_source('callbacks')} builds {type(cb).__name__}, not a "
+                              "Lightning callback (pytorch_lightning.Callback)")  # fmt: skip
+        if isinstance(cb, ModelCheckpoint):
+            if cb.dirpath is None:
+                cb.dirpath = str(Path(out_dir) / f"checkpoints_{name}")
+            if Path(cb.dirpath).resolve() == own:
+                raise ConfigError(f"callbacks.{name} saves into the run's own checkpoints/ (what resume reads): give "
+                                  "it another dirpath")  # fmt: skip
+        callbacks.append(cb)
+    return callbacks
 
 
 def check_network(net, dm, group: str, denoiser: bool = False) -> None:
@@ -113,9 +161,16 @@ def check_network(net, dm, group: str, denoiser: bool = False) -> None:
 
 def run_trust(cfg: DictConfig):
     """What configs read from files may build in this run: ssn_exp's own targets, those of this run's composed
-    config (the user's choice) and the modules in ``trust_targets`` (:class:`ssn_exp.trust.Trust`)."""
+    config (the user's choice; its callbacks excepted) and the modules in ``trust_targets``
+    (:class:`ssn_exp.trust.Trust`)."""
+    from omegaconf import open_dict
+
     from ssn_exp.trust import Trust, UntrustedTarget
 
+    if "callbacks" in cfg:  # the user's callbacks run in this process only: a file's config may not build them
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            del cfg["callbacks"]
     try:
         return Trust.from_config(cfg)
     except UntrustedTarget as exc:
@@ -179,6 +234,7 @@ def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, s
     job shard (``certify.shard``) that finished before the others."""
     import json
 
+    from ssn_exp.lightning.callbacks import QuietRanks
     from ssn_exp.lightning.certification import CertifyTask
 
     radii, progress = list(cfg.certify.radii), bool(cfg.certify.get("progress", True))
@@ -190,6 +246,7 @@ def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, s
         default_root_dir=str(out_dir),
         use_distributed_sampler=False,
         enable_progress_bar=False,  # the certification reports its own progress, per example
+        callbacks=[QuietRanks()],
     )
     trainer.predict(task, return_predictions=False)
     if task.metrics is not None:

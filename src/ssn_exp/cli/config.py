@@ -69,14 +69,14 @@ def _numel(shape) -> int:
 
 def _slurm_gpus(accelerator, devices, num_nodes) -> int:
     """``${slurm_gpus:${trainer.accelerator},${trainer.devices},...}`` (hydra/launcher=slurm): the GPUs a job asks
-    for per node, the trainer's device count (0 on CPU), so that the user states it once. One job is one Slurm task
-    on one node whose ddp_spawn starts the processes (conf/trainer/ddp.yaml); several nodes are refused."""
+    for per node, the trainer's device count (0 on CPU and with accelerator=auto), so that the user states it once.
+    One job is one Slurm task on one node whose ddp_spawn starts the processes (conf/trainer/ddp.yaml); several nodes are refused."""
     if num_nodes != 1:
         raise ConfigError(
             f"hydra/launcher=slurm runs a job on one node; trainer.num_nodes={num_nodes} is not supported "
             "(README, Scaling out)"
         )
-    if str(accelerator) == "cpu":
+    if str(accelerator) in ("cpu", "auto"):  # auto (trainer=default) asks for none: trainer=gpu asks for one
         return 0
     if isinstance(devices, (list, ListConfig)):
         return len(devices)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ssn_exp.exceptions import UserError, describe
+from ssn_exp.lightning.quiet import quiet_known_warnings
 
 __all__ = ["user_error_types", "is_user_error", "one_line", "run_entry", "guard"]
 
@@ -153,32 +154,6 @@ def _sigterm_line() -> str:
     return f"error: terminated by SIGTERM during {_Interrupted.sigterm}; rerun the same command to resume"
 
 
-def _quiet_known_warnings() -> None:
-    """Silence library warnings that say nothing to a user of ssn_exp (and bury its one-line errors)."""
-    import warnings
-
-    for message in (
-        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # Lightning vs torch internals
-        r".*smaller than the logging interval.*",  # short debug runs; ssn_exp logs one row per epoch itself
-        r".*does not have many workers which may be a bottleneck.*",  # digits are in memory
-        r".*`self\.log\(\)` but the `self\.trainer` reference is not registered.*",
-        # on every resume: ssn_exp itself decides whether a run directory may be continued (resume=, tag=)
-        r"Checkpoint directory .* exists and is not empty",
-        r".*predict returned None.*",  # certification writes its rows itself; the predict loop returns nothing
-        # wherever Slurm is installed (every login node): hydra/launcher=slurm starts the jobs through srun itself
-        r"The `srun` command is available on your system but is not used.*",
-    ):
-        warnings.filterwarnings("ignore", message=message)
-    # spawned DDP ranks start a fresh interpreter: the same filters through the environment (a message prefix there)
-    os.environ.setdefault("PYTHONWARNINGS", "ignore::DeprecationWarning,ignore:Checkpoint directory")
-    logging.getLogger("pytorch_lightning.utilities.rank_zero").addFilter(_drop_tips)
-
-
-def _drop_tips(record: logging.LogRecord) -> bool:
-    """Drop the advertisement Lightning logs for every Trainer ("Tip: ... litlogger ..."): not news to a user."""
-    return "litlogger" not in str(record.msg)
-
-
 def run_entry(main: Callable[[], object], during: str = "training") -> None:
     """Run a ``@hydra.main`` function with one-line errors (see the module docstring).
 
@@ -195,7 +170,7 @@ def run_entry(main: Callable[[], object], during: str = "training") -> None:
     _Interrupted.during = during
     if signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None):  # Lightning then chains to ours
         signal.signal(signal.SIGTERM, _on_sigterm)
-    _quiet_known_warnings()
+    quiet_known_warnings()
     _StartRecord.current = _SweepRecord.current = None  # (the records of an earlier call in this process are done)
     resume = "run the same command again to resume: finished epochs, certificates and sweep jobs are kept"
     quiet = os.environ.get("SSN_EXP_IN_SWEEP") == "1"  # python -m ssn_exp.sweep says it once for the sweep

@@ -18,6 +18,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ssn_exp.cli.common import (
+    build_loggers,
     build_noise,
     build_procedure,
     certify_model,
@@ -25,6 +26,7 @@ from ssn_exp.cli.common import (
     finish_wandb,
     refuse_other_certificates,
     run_trust,
+    user_callbacks,
 )
 from ssn_exp.cli.config import (
     CONF_DIR,
@@ -183,10 +185,11 @@ def _trained(cfg: DictConfig, ckpt_path: str | None, out_dir: Path, identity: di
 
 
 def _make_trainer(cfg: DictConfig):
+    from ssn_exp.lightning.callbacks import QuietRanks
     from ssn_exp.lightning.progress import progress_callbacks
 
     def make(**kwargs):
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), *progress_callbacks(cfg.trainer)]
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), *progress_callbacks(cfg.trainer), QuietRanks()]
         return build(cfg.trainer, "trainer", **kwargs)
 
     return make
@@ -208,7 +211,7 @@ def run_train(cfg: DictConfig) -> dict | None:
 
     import pytorch_lightning as pl
 
-    from ssn_exp.lightning.callbacks import EpochLog, TrainingETA, epoch_checkpoint
+    from ssn_exp.lightning.callbacks import EpochLog, QuietRanks, TrainingETA, epoch_checkpoint
     from ssn_exp.lightning.certification import CertifyCallback
     from ssn_exp.lightning.module import SmoothedTraining
     from ssn_exp.lightning.progress import progress_callbacks
@@ -239,9 +242,10 @@ def run_train(cfg: DictConfig) -> dict | None:
                 _weights_to_certify(cfg, out_dir, ckpt_path) if variant.trains else model_fingerprint(module.model)
             )
             refuse_other_certificates(out_dir, weights, module.smoothing, procedure, settings)
-        logger = build(cfg.logger, "logger")
-        if logger:
-            logger.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
+        extra = user_callbacks(cfg, out_dir) if variant.trains else []  # (refused now, before anything is logged)
+        logger = build_loggers(cfg)
+        for one in logger:
+            one.log_hyperparams(OmegaConf.to_container(cfg, resolve=True))
         meta = {**module.identity(), "n_classes": dm.num_classes}
         try:
             if not variant.trains:  # the variant loaded the whole model: certify it as it is
@@ -256,10 +260,19 @@ def run_train(cfg: DictConfig) -> dict | None:
             certify_cb = CertifyCallback(
                 out_dir, dm, procedure, settings, list(cfg.certify.radii), meta, progress=bool(cfg.certify.progress)
             )
-            callbacks = [EpochLog(), epoch_checkpoint(ckpt_dir), TrainingETA(), *progress_callbacks(cfg.trainer)]
+            callbacks = [
+                EpochLog(),
+                epoch_checkpoint(ckpt_dir),
+                TrainingETA(),
+                *progress_callbacks(cfg.trainer),
+                QuietRanks(),
+            ]
+            callbacks += extra  # the user's own (conf/callbacks), after the run's
             if cfg.certify.enabled:
                 callbacks.append(certify_cb)
-            trainer = build(cfg.trainer, "trainer", default_root_dir=str(out_dir), logger=logger, callbacks=callbacks)
+            trainer = build(
+                cfg.trainer, "trainer", default_root_dir=str(out_dir), logger=logger or False, callbacks=callbacks
+            )
             trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path, weights_only=True)  # no pickles on resume either
         finally:
             finish_wandb()

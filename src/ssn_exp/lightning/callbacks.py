@@ -16,7 +16,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 
 from ssn_exp.models import CheckpointError
 
-__all__ = ["EpochLog", "RunCheckpoint", "TrainingETA", "epoch_checkpoint"]
+__all__ = ["EpochLog", "QuietRanks", "RunCheckpoint", "TrainingETA", "epoch_checkpoint"]
 
 log = logging.getLogger("ssn_exp")
 
@@ -57,6 +57,22 @@ class EpochLog(pl.Callback):
         row["epoch"] = trainer.current_epoch
         for logger in trainer.loggers:
             logger.log_metrics(row, step=trainer.global_step)
+
+
+class QuietRanks(pl.Callback):
+    """Installs ssn_exp's filters of library chatter (:func:`ssn_exp.lightning.quiet.quiet_known_warnings`) in every
+    process of the Trainer: a rank started by ddp_spawn unpickles its callbacks first, before it warns of anything,
+    and inherits no filters from the parent."""
+
+    def __reduce__(self):
+        return _quiet_ranks, ()
+
+
+def _quiet_ranks() -> QuietRanks:
+    from ssn_exp.lightning.quiet import quiet_known_warnings
+
+    quiet_known_warnings()
+    return QuietRanks()
 
 
 class TrainingETA(pl.Callback):

@@ -14,14 +14,13 @@ import secrets
 from pathlib import Path
 from typing import Any
 
-from pytorch_lightning.loggers import Logger
+from pytorch_lightning.loggers import Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_only
 
 from ssn_exp.lightning.results import write_text_atomic as _atomic_write
 
 __all__ = [
     "RunCSVLogger",
-    "no_logger",
     "wandb_mode",
     "wandb_logger",
     "wandb_run_id",
@@ -126,11 +125,6 @@ class RunCSVLogger(Logger):
         pass
 
 
-def no_logger() -> bool:
-    """``logger=none``: Lightning takes ``False`` for no logger."""
-    return False
-
-
 def wandb_mode(requested: str) -> str:
     """auto -> online when logged in (WANDB_API_KEY or ~/.netrc entry), else offline. WANDB_MODE wins."""
     if os.environ.get("WANDB_MODE"):
@@ -148,6 +142,20 @@ def wandb_mode(requested: str) -> str:
     return "offline"
 
 
+class _WandbLogger(WandbLogger):
+    """Lightning's WandbLogger, pickled (ddp_spawn, once per rank) without its ``wandb.require("service")``: a no-op
+    since wandb 0.18 that prints a deprecation warning every time."""
+
+    def __getstate__(self):
+        import wandb
+
+        require, wandb.require = wandb.require, lambda *args, **kwargs: None
+        try:
+            return super().__getstate__()
+        finally:
+            wandb.require = require
+
+
 def wandb_logger(
     *,
     project: str,
@@ -160,8 +168,6 @@ def wandb_logger(
     save_dir: str,
 ):
     """A ``WandbLogger``, one wandb run per job: grouped by the sweep (multirun) or the data set."""
-    from pytorch_lightning.loggers import WandbLogger
-
     if group is None:
         group = dataset
         try:
@@ -173,7 +179,7 @@ def wandb_logger(
                 group = Path(hc.sweep.dir).name
         except ValueError:  # not inside a Hydra app
             pass
-    logger = WandbLogger(
+    logger = _WandbLogger(
         project=project,
         entity=entity,
         name=name,
@@ -181,7 +187,7 @@ def wandb_logger(
         tags=list(tags),
         save_dir=str(save_dir),
         mode=wandb_mode(mode),
-        reinit=True,
+        reinit="finish_previous",
         id=wandb_run_id(Path(save_dir)),  # (Lightning resumes it: resume="allow")
     )
     logger._wandb_init.pop("anonymous", None)  # Lightning passes it always; wandb >= 0.19 warns it has no effect
@@ -245,8 +251,6 @@ def certification_curves(metrics: dict) -> dict[str, tuple[str, list[list[float]
 def log_certification(logger, out_dir: Path, metrics: dict) -> None:
     """On a WandbLogger: metrics.json as the run summary (:func:`certification_summary`), every certified-accuracy
     curve as a wandb plot (:func:`certification_curves`), certificates as a table."""
-    from pytorch_lightning.loggers import WandbLogger
-
     if not isinstance(logger, WandbLogger):
         return
     import wandb
