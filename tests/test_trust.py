@@ -231,6 +231,8 @@ def test_own_targets_are_every_target_of_the_package_configs_except_the_machiner
         assert name in own
     assert {"torch.optim.SGD", "ssn_exp.models.DnCNN", "torchvision.models.resnet50"} <= own
     assert "pytorch_lightning.Trainer" not in own and not any("loggers" in t for t in own)
+    # the callbacks group's targets (LearningRateMonitor, EarlyStopping, ModelCheckpoint) are the user's run, not a file's
+    assert not any("callbacks" in t for t in own)
 
 
 USER_MODEL = {

@@ -36,7 +36,7 @@ from ssn_exp.exceptions import UserError
 __all__ = ["Trust", "UntrustedTarget", "own_targets", "targets_in"]
 
 #: Config groups whose targets are not trusted from files: they build a run's machinery, not its model.
-_UNTRUSTED_GROUPS = ("hydra", "trainer", "logger")
+_UNTRUSTED_GROUPS = ("hydra", "trainer", "logger", "callbacks", "local")
 _DOTTED = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 #: Deeper nesting than any config of ours: refused rather than risking a RecursionError in Hydra / OmegaConf.
 MAX_DEPTH = 64
