@@ -74,7 +74,7 @@ def _slurm_gpus(accelerator, devices, num_nodes) -> int:
     if num_nodes != 1:
         raise ConfigError(
             f"hydra/launcher=slurm runs a job on one node; trainer.num_nodes={num_nodes} is not supported "
-            "(README, Scaling out)"
+            "(docs/scaling.md)"
         )
     if str(accelerator) in ("cpu", "auto"):  # auto (trainer=default) asks for none: trainer=gpu asks for one
         return 0

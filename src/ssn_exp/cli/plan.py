@@ -21,7 +21,7 @@ SIZES = {"digits": (1437, 360), "cifar10": (50_000, 10_000), "imagenet": (1_281_
 #: Forward-pass equivalents of one training example: forward + backward ~ 3 forwards (stability training: 2 copies).
 TRAIN_PASSES = 3
 #: procedure=sequential: forward passes per example as a share of n0 + n, measured on trained digits models
-#: (uniform and SSN, sigma = 0.5, default radii: 12,313 and 11,912 of 100,064; README, "Sequential certification").
+#: (uniform and SSN, sigma = 0.5, default radii: 12,313 and 11,912 of 100,064; docs/library.md, "Sequential certification").
 SEQUENTIAL_SHARE = (12_313 + 11_912) / 2 / 100_064
 
 
