@@ -173,7 +173,7 @@ def _rows(run: Path) -> int:
 
 
 def _same_as_uninterrupted(sweep: Path, local: Path, proc) -> None:
-    assert proc.wait(timeout=300) == 0, proc.log.read_text()[-4000:]
+    assert proc.wait(timeout=480) == 0, proc.log.read_text()[-4000:]
     run = _job_dir(sweep)
     assert certificate_columns(read_csv(run / "certificates.csv")) == certificate_columns(
         read_csv(local / "certificates.csv")
@@ -237,24 +237,20 @@ def test_a_job_requeued_in_training_and_in_certification_ends_as_an_uninterrupte
 @pytest.mark.slow
 def test_a_job_past_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_run(tmp_path, request):
     """A one-minute time limit with the launcher's signal 30 s before it: submitit requeues the job when signalled
-    (at most ``max_num_timeout`` times) and the rerun resumes, until the job is done. The job's work (~40 s on an
-    idle 2-core machine) needs at least one requeue; a busier machine needs more, each resuming where the last
-    stopped (many rows of a few seconds each: every run makes progress)."""
-    overrides = [*_RESUMABLE[:-2], "certify.max_examples=32", "certify.batch_size=1", "certify.n=6000"]
-    limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=10"]
+    and the rerun resumes where it stopped. The job's work (~40 s on an idle 2-core machine) needs the requeue;
+    the test then gives the requeued job 10 minutes (scontrol update TimeLimit), so that a busy machine, which
+    would need many, ends in one more run."""
+    overrides = [*_RESUMABLE[:-2], "certify.max_examples=32", "certify.batch_size=1", "certify.n=8000"]
+    limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=2"]
     sweep, local = tmp_path / "sweep", tmp_path / "local"
     proc = _launch(sweep, *overrides, *SLURM[:3], *limit)
     uninterrupted = _local_run(local, overrides)
     job = _job_id(sweep, proc)
     request.addfinalizer(lambda: _cancel(job, proc))
     _requeued(job, proc, 1)
+    trained = bool(list(sweep.rglob("checkpoints/last.ckpt")))  # (a very busy machine may not get that far)
+    _scontrol("update", f"jobid={job}", "TimeLimit=10")
     _start_now(job)
     _ok(uninterrupted.result())
-
-    def done_or_restarted():  # further requeues, if the machine is slow
-        _start_now(job)
-        return proc.poll() is not None
-
-    _poll("the job's end", done_or_restarted, proc, every=0.5)
     _same_as_uninterrupted(sweep, local, proc)
-    assert _resumes(sweep) >= 1
+    assert _resumes(sweep) == int(trained)
