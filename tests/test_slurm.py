@@ -164,7 +164,7 @@ def _cancel(job: str, proc) -> None:
 
 
 def _job_id(sweep: Path, proc) -> str:
-    return _poll("the job id", lambda: [p.name for p in (sweep / ".submitit").glob("[0-9]*")], proc)[0]
+    return _poll("the job id", lambda: [p.name for p in (sweep / ".submitit").glob("*") if p.name.isdigit()], proc)[0]
 
 
 def _rows(run: Path) -> int:
