@@ -95,7 +95,8 @@ def test_ddp_under_slurm_trains_and_certifies_like_one_process(tmp_path):
 
 # Training long enough to be caught mid-way (more, smaller epochs than debug=fast's) and a certification of one
 # example per step (a row per example), slow enough to be caught between rows.
-_RESUMABLE = ["debug=fast", "method=uniform", "training.epochs=8", "certify.max_examples=8", "certify.batch_size=1"]
+_RESUMABLE = ["debug=fast", "method=uniform", "training.epochs=30", "trainer.limit_train_batches=20"]
+_RESUMABLE += ["certify.max_examples=16", "certify.batch_size=1"]
 
 
 def _poll(what: str, until, proc, timeout: float = 240.0, every: float = 0.2):
@@ -206,7 +207,7 @@ def _local_run(local: Path, overrides: list[str]):
 def test_a_job_requeued_in_training_and_in_certification_ends_as_an_uninterrupted_run(tmp_path, request):
     """``scontrol requeue`` (what a preemption does) while the job trains, and again while it certifies: Slurm
     kills and reruns the same command, which resumes from ``last.ckpt`` and then from the certificates' rows."""
-    overrides = [*_RESUMABLE, "certify.n=3000"]
+    overrides = [*_RESUMABLE, "certify.n=20000"]
     sweep, local = tmp_path / "sweep", tmp_path / "local"
     proc = _launch(sweep, *overrides, *SLURM)
     uninterrupted = _local_run(local, overrides)
@@ -217,13 +218,13 @@ def test_a_job_requeued_in_training_and_in_certification_ends_as_an_uninterrupte
     assert not (run / "metrics.json").exists() and _rows(run) == 0
     _scontrol("requeue", job)
     _requeued(job, proc, 1)
-    assert torch.load(ckpt, weights_only=True)["epoch"] < 7 and _rows(run) == 0  # stopped in training
+    assert torch.load(ckpt, weights_only=True)["epoch"] < 29 and _rows(run) == 0  # stopped in training
     _start_now(job)
     _poll("a certified row", lambda: _rows(run) > 0, proc, every=0.1)
     _scontrol("requeue", job)
     _requeued(job, proc, 2)
     kept = read_csv(run / "certificates.csv")
-    assert 0 < len(kept) < 8  # stopped in certification
+    assert 0 < len(kept) < 16  # stopped in certification
     _start_now(job)
     _ok(uninterrupted.result())
     _same_as_uninterrupted(sweep, local, proc)
