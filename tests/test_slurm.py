@@ -4,11 +4,14 @@ starts; they skip where none answers (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
 import pytest
+import torch
 
-from helpers import certificate_columns, one_error_line, read_csv, read_metrics, run_cli, run_cli_many
+from helpers import ROOT, certificate_columns, one_error_line, read_csv, read_metrics, run_cli, run_cli_many
 from test_config import _compose
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
@@ -86,3 +89,169 @@ def test_ddp_under_slurm_trains_and_certifies_like_one_process(tmp_path):
     assert certificate_columns(rows) == want
     assert certificate_columns(read_csv(_job_dir(certified) / "certificates.csv")) == want
     _same_metrics(_job_dir(certified), single)
+
+
+# --- preemption and time limits: a job Slurm requeues resumes from its run directory ----------------------------
+
+# Training long enough to be caught mid-way (more, smaller epochs than debug=fast's) and a certification of one
+# example per step (a row per example), slow enough to be caught between rows.
+_RESUMABLE = ["debug=fast", "method=uniform", "training.epochs=30", "trainer.limit_train_batches=20"]
+_RESUMABLE += ["certify.max_examples=16", "certify.batch_size=1"]
+
+
+def _poll(what: str, until, proc, timeout: float = 240.0, every: float = 0.2):
+    """``until()``'s first truthy value, polling; fails (never hangs) when the job's launcher exits or time is out."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        got = until()
+        if got:
+            return got
+        if proc.poll() is not None:
+            pytest.fail(f"the launcher exited ({proc.returncode}) waiting for {what}: {proc.log.read_text()[-3000:]}")
+        time.sleep(every)
+    proc.kill()
+    pytest.fail(f"timed out waiting for {what}")
+
+
+def _scontrol(*args: str) -> str:
+    import subprocess
+
+    return subprocess.run(["scontrol", *args], capture_output=True, text=True, timeout=30).stdout
+
+
+def _job_state(job: str) -> dict:
+    out = _scontrol("show", "job", job)
+    return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+
+
+def _requeued(job: str, proc, restarts: int) -> None:
+    """Wait until Slurm has stopped the job for its ``restarts``-th requeue; it is then pending."""
+    _poll(
+        f"requeue {restarts} of job {job}",
+        lambda: (s := _job_state(job)).get("Restarts") == str(restarts) and s.get("JobState") == "PENDING",
+        proc,
+        timeout=120,
+    )
+
+
+def _start_now(job: str) -> None:
+    """Slurm holds a requeued batch job for two minutes (BeginTime); the test lets it start at once."""
+    if _job_state(job).get("Reason") == "BeginTime":
+        _scontrol("update", f"jobid={job}", "StartTime=now")
+
+
+def _launch(sweep: Path, *overrides: str):
+    """``python -m ssn_exp --multirun`` through the Slurm launcher, in the background (it waits for its job)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "HYDRA_FULL_ERROR"}
+    env.update({"WANDB_MODE": "offline", "WANDB_SILENT": "true"})
+    args = [sys.executable, "-m", "ssn_exp", "--multirun", *overrides, f"hydra.sweep.dir={sweep}"]
+    log = sweep.with_suffix(".log")  # (a file, not a pipe: submitit's polling warnings would fill one)
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT, text=True)
+    proc.log = log
+    return proc
+
+
+def _cancel(job: str, proc) -> None:
+    """Nothing left behind by a failed test: its job cancelled, its launcher stopped."""
+    import subprocess
+
+    subprocess.run(["scancel", job], capture_output=True, timeout=30)
+    proc.kill()
+    proc.wait()
+
+
+def _job_id(sweep: Path, proc) -> str:
+    return _poll("the job id", lambda: [p.name for p in (sweep / ".submitit").glob("*") if p.name.isdigit()], proc)[0]
+
+
+def _rows(run: Path) -> int:
+    f = run / "certificates.csv"
+    return max(0, len(f.read_text().splitlines()) - 1) if f.is_file() else 0
+
+
+def _same_as_uninterrupted(sweep: Path, local: Path, proc) -> None:
+    assert proc.wait(timeout=480) == 0, proc.log.read_text()[-4000:]
+    run = _job_dir(sweep)
+    assert certificate_columns(read_csv(run / "certificates.csv")) == certificate_columns(
+        read_csv(local / "certificates.csv")
+    )
+    drop = ("seconds_per_example",)
+    assert {k: v for k, v in read_metrics(run).items() if k not in drop} == {
+        k: v for k, v in read_metrics(local).items() if k not in drop
+    }
+    a, b = (torch.load(d / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"] for d in (run, local))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _resumes(sweep: Path) -> int:
+    """How many times the job's reruns resumed from the run's ``last.ckpt`` (its log holds every run's lines)."""
+    return "".join(p.read_text() for p in (sweep / ".submitit").rglob("*_log.out")).count("resuming from ")
+
+
+def _local_run(local: Path, overrides: list[str]):
+    """The same command run locally without interruption (in a thread, alongside the Slurm job)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = ThreadPoolExecutor(max_workers=1)
+    future = pool.submit(run_cli, "ssn_exp", *overrides, f"hydra.run.dir={local}", timeout=400)
+    pool.shutdown(wait=False)
+    return future
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_job_requeued_in_training_and_in_certification_ends_as_an_uninterrupted_run(tmp_path, request):
+    """``scontrol requeue`` (what a preemption does) while the job trains, and again while it certifies: Slurm
+    kills and reruns the same command, which resumes from ``last.ckpt`` and then from the certificates' rows."""
+    overrides = [*_RESUMABLE, "certify.n=20000"]
+    sweep, local = tmp_path / "sweep", tmp_path / "local"
+    proc = _launch(sweep, *overrides, *SLURM)
+    uninterrupted = _local_run(local, overrides)
+    job = _job_id(sweep, proc)
+    request.addfinalizer(lambda: _cancel(job, proc))
+    (ckpt,) = _poll("the first epoch's checkpoint", lambda: list(sweep.rglob("checkpoints/last.ckpt")), proc)
+    run = ckpt.parents[1]
+    assert not (run / "metrics.json").exists() and _rows(run) == 0
+    _scontrol("requeue", job)
+    _requeued(job, proc, 1)
+    assert torch.load(ckpt, weights_only=True)["epoch"] < 29 and _rows(run) == 0  # stopped in training
+    _start_now(job)
+    _poll("a certified row", lambda: _rows(run) > 0, proc, every=0.1)
+    _scontrol("requeue", job)
+    _requeued(job, proc, 2)
+    kept = read_csv(run / "certificates.csv")
+    assert 0 < len(kept) < 16  # stopped in certification
+    _start_now(job)
+    _ok(uninterrupted.result())
+    _same_as_uninterrupted(sweep, local, proc)
+    assert _resumes(sweep) == 2  # from last.ckpt both times
+    rows = read_csv(run / "certificates.csv")  # and the rows certified before the second requeue were kept, not redone
+    by_index = {r["index"]: r for r in rows}
+    assert [by_index[r["index"]] for r in kept] == kept  # (their `seconds` too: a run's timings are its own)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_a_job_past_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_run(tmp_path, request):
+    """A one-minute time limit with the launcher's signal 30 s before it: submitit requeues the job when signalled
+    and the rerun resumes where it stopped. The job's work (~40 s on an idle 2-core machine) needs the requeue;
+    the test then gives the requeued job 10 minutes (scontrol update TimeLimit), so that a busy machine, which
+    would need many, ends in one more run."""
+    overrides = [*_RESUMABLE[:-2], "certify.max_examples=32", "certify.batch_size=1", "certify.n=8000"]
+    limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=2"]
+    sweep, local = tmp_path / "sweep", tmp_path / "local"
+    proc = _launch(sweep, *overrides, *SLURM[:3], *limit)
+    uninterrupted = _local_run(local, overrides)
+    job = _job_id(sweep, proc)
+    request.addfinalizer(lambda: _cancel(job, proc))
+    _requeued(job, proc, 1)
+    trained = bool(list(sweep.rglob("checkpoints/last.ckpt")))  # (a very busy machine may not get that far)
+    _scontrol("update", f"jobid={job}", "TimeLimit=10")
+    _start_now(job)
+    _ok(uninterrupted.result())
+    _same_as_uninterrupted(sweep, local, proc)
+    assert _resumes(sweep) == int(trained)
