@@ -255,3 +255,21 @@ def test_a_job_past_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_run(
     _ok(uninterrupted.result())
     _same_as_uninterrupted(sweep, local, proc)
     assert _resumes(sweep) == int(trained)
+
+
+@pytest.mark.parametrize("trainer", ["default", "cpu", "gpu", "ddp"])
+def test_inside_a_slurm_job_lightning_takes_neither_the_ranks_nor_the_requeue(trainer, monkeypatch):
+    """Every trainer config names Lightning's plain environment: inside a Slurm job (its variables set) Lightning's
+    Slurm environment would give every ddp_spawn process the task's rank and install its own SIGUSR1 requeue beside
+    submitit's."""
+    from hydra.utils import instantiate
+    from pytorch_lightning.plugins.environments import LightningEnvironment
+
+    for key, value in {"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1", "SLURM_PROCID": "0", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("SLURM_JOB_NAME", "job")
+    cfg = _compose(
+        [f"trainer={trainer}", "trainer.accelerator=cpu"] + (["trainer.devices=2"] if trainer == "ddp" else [])
+    )
+    built = instantiate(cfg.trainer, logger=False, enable_checkpointing=False)
+    assert type(built._accelerator_connector.cluster_environment) is LightningEnvironment
