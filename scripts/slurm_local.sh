@@ -26,7 +26,10 @@ die() { echo "slurm_local.sh: error: $*" >&2; exit 1; }
 running() {
     [ -f "$PIDS" ] || return 0
     while read -r name pid; do
-        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then echo "$name $pid"; fi
+        # (the same pid and the same program: a stale pid file from an ended machine may name a reused pid)
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null && [ "$(cat /proc/"$pid"/comm 2>/dev/null)" = "$name" ]; then
+            echo "$name $pid"
+        fi
     done <"$PIDS"
 }
 
@@ -62,6 +65,8 @@ start() {
     if [ -e "$ETC_CONF" ] && ! grep -qF "$MARK" "$ETC_CONF"; then
         die "$ETC_CONF exists and was not written by this script; not replacing it"
     fi
+    # a fresh cluster: no jobs recovered from an earlier start's saved state
+    rm -rf "$DIR"/state "$DIR"/spool
     mkdir -p "$DIR"/state "$DIR"/spool "$DIR"/log
     : >"$PIDS"
 
