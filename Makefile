@@ -9,7 +9,7 @@ ARGS   ?=
 # make test runs the tests in this many processes (pytest-xdist); 2 fits CI's 2 cores
 TEST_WORKERS ?= 2
 
-.PHONY: help install run test test-fast lint mutation bench sweep-smoke sweep-paper-cifar10 sweep-paper-imagenet sweep-dssn-seeds sweep-denoisers report clean
+.PHONY: help install run test test-fast test-slurm lint mutation bench sweep-smoke sweep-paper-cifar10 sweep-paper-imagenet sweep-dssn-seeds sweep-denoisers report clean
 
 help:  ## list the targets
 	@grep -E '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  make %-22s %s\n", $$1, $$2}'
@@ -27,8 +27,11 @@ install: $(STAMP)  ## create .venv and install ssn_exp with its dependencies (ed
 run: $(STAMP)  ## train + certify the default experiment (digits, DSSN); extra Hydra overrides via ARGS="..."
 	$(PY) -m ssn_exp $(ARGS)
 
-test: $(STAMP)  ## run the whole test suite (slow tests included)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal $(ARGS)
+test: $(STAMP)  ## run the whole test suite (slow tests included) except the jobs on a real Slurm cluster (make test-slurm)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slurm" $(ARGS)
+
+test-slurm: $(STAMP)  ## the tests that run jobs on a real Slurm cluster (sudo scripts/slurm_local.sh start first; .ci/run does)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m slurm $(ARGS)
 
 test-fast: $(STAMP)  ## run the tests without the slow end-to-end ones
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist worksteal -m "not slow" $(ARGS)
