@@ -107,7 +107,7 @@ def _wait_for_slurm(job_ids, timeout=600):
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        queue = subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split()
+        queue = subprocess.run(["squeue", "-h", "-r", "-o", "%i"], capture_output=True, text=True).stdout.split()
         if not set(job_ids) & set(queue):
             return
         time.sleep(3)
