@@ -623,3 +623,23 @@ def test_checking_a_checkpoint_costs_at_most_a_multiple_of_its_size(tmp_path, we
     with pytest.raises(CheckpointError, match=r"the model config builds a network of more modules and tensors than"):
         load_stage(tmp_path / "stage.ckpt")
     assert time.monotonic() - start < 20
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("entry", ["ssn_exp", "ssn_exp.certify"])
+def test_a_hand_placed_hpc_checkpoint_is_refused_before_lightning_loads_it(tmp_path, stopped_run, entry):
+    """Inside a Slurm job Lightning's ``fit``/``predict`` with no checkpoint load ``hpc_ckpt_<n>.ckpt`` from the
+    trainer's root folder, unchecked. Our runs never write one, so a run (or a certification) whose folder holds one
+    is refused in one line before Lightning can load it: with Slurm's variables set, as inside a job."""
+    run = tmp_path / "run"
+    run.mkdir()
+    planted = run / "hpc_ckpt_1.ckpt"
+    planted.write_bytes((stopped_run / "checkpoints" / "last.ckpt").read_bytes())
+    slurm = {"SLURM_NTASKS": "1", "SLURM_JOB_NAME": "job", "SLURM_JOB_ID": "7"}
+    args = [*RESUME, f"hydra.run.dir={run}"] if entry == "ssn_exp" else [
+        f"ckpt={stopped_run / 'checkpoints' / 'last.ckpt'}", "debug=fast", "certify.max_examples=4", f"hydra.run.dir={run}"]  # fmt: skip
+    p = run_cli(entry, *args, env=slurm)
+    assert p.returncode != 0
+    lines = p.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("error: ") and "hpc_ckpt_1.ckpt" in lines[-1], p.stderr[-2000:]
+    assert not (run / "checkpoints").exists() and not (run / "certificates.csv").exists()

@@ -128,12 +128,27 @@ def build(node: DictConfig, group: str, **kwargs):
 
     if not isinstance(node, DictConfig) or "_target_" not in node:
         raise ConfigError(f"{config_source(group)} has no _target_: it must name the class or function that builds it")
+    if "default_root_dir" in kwargs:
+        refuse_hpc_checkpoints(Path(kwargs["default_root_dir"]))
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as exc:
         raise ConfigError(f"cannot build {group} from {config_source(group)}: {instantiation_message(exc)}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build {group} from {config_source(group)}: {describe(exc)}") from None
+
+
+def refuse_hpc_checkpoints(root: Path) -> None:
+    """Lightning's ``fit``/``predict`` with no checkpoint, inside a Slurm job, loads ``hpc_ckpt_<n>.ckpt`` from the
+    trainer's root folder before anything of ours sees it (the Slurm environment is detected whatever plugin the
+    trainer names). Runs of this project never write such a file (only submitit requeues), so one there was put
+    there by hand: refused everywhere, so a run does the same on a laptop and on a cluster."""
+    found = sorted(p.name for p in root.glob("hpc_ckpt_*.ckpt")) if root.is_dir() else []
+    if found:
+        raise ConfigError(
+            f"{root / found[0]}: ssn_exp does not write Lightning's hpc_ckpt files (Lightning would load it unchecked "
+            "inside a Slurm job); remove it, or certify it explicitly with python -m ssn_exp.certify ckpt=PATH"
+        )
 
 
 def container(node) -> dict:
