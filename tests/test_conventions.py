@@ -74,6 +74,16 @@ def test_a_callback_entry_that_is_no_callback_is_one_error_line(tmp_path):
     assert not any(tmp_path.rglob("*.ckpt"))
 
 
+def test_a_callback_that_lightning_finds_misconfigured_is_one_error_line(tmp_path):
+    """Lightning's own "configured wrong" (here a LearningRateMonitor with no logger, found when training starts) is
+    the user's mistake: one line, exit 2, the run folder undone."""
+    p = run_cli("ssn_exp", "debug=fast", "callbacks=[lr_monitor]", "logger=none", f"run_root={tmp_path}")
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1, p.stderr[-2000:]
+    assert lines[0].startswith("error: ") and "LearningRateMonitor" in lines[0] and "logger" in lines[0]
+    assert not any(tmp_path.rglob("*.ckpt"))
+
+
 def test_the_default_trainer_takes_the_accelerator_that_is_there():
     import torch
     from hydra.utils import instantiate

@@ -152,3 +152,28 @@ def test_a_byte_order_mark_is_skipped_in_every_file_the_report_reads(tmp_path):
     )
     (published,) = load_reference(folder)
     assert published.prediction.tolist() == [1, 0] and published.origin == "published"
+
+
+@pytest.mark.parametrize(
+    "arrays, sigma, words",
+    [
+        (dict(labels=[1, 2], predicted=[1, 0], radius_l1=[0.5, np.inf]), "0.5", "radii must be finite"),
+        (dict(labels=[1, 2], predicted=[1, 0], radius_l1=[0.5, 1e308]), "0.5", "radii must be finite"),
+        (dict(labels=[1, 2], predicted=[1, -7], radius_l1=[0.5, 0.1]), "0.5", "must be >= -1"),
+        (dict(labels=[1, 2], predicted=[1], radius_l1=[0.5, 0.1]), "0.5", "one length per image"),
+        (dict(labels=[1, 2], predicted=[1, 0], radius_l1=[0.5, 0.1]), "nan", "sigma of a.npz must be a finite"),
+        (dict(labels=[1, 2], predicted=[1, 0], radius_l1=[0.5, 0.1]), "-1", "sigma of a.npz must be > 0"),
+        (dict(labels=[1, 2], predicted=[1, 0], radius_l1=[0.5, 0.1]), "1e400", "sigma of a.npz must be a finite"),
+    ],
+)
+def test_published_arrays_are_bounded_as_run_rows_are(tmp_path, arrays, sigma, words):
+    folder = tmp_path / "published"
+    folder.mkdir()
+    np.savez(folder / "a.npz", **{k: np.array(v) for k, v in arrays.items()})
+    (folder / "index.csv").write_text(
+        f"file,dataset,method,training,denoiser,sigma,time_per_image_s\na.npz,x,y,standard,none,{sigma},\n"
+    )
+    with pytest.raises(RunFileError, match=words):
+        load_reference(folder)
+    rc, _, stderr = run_main([folder, "--out", tmp_path / "out"])
+    assert rc == 2 and words.split()[0] in stderr and "Traceback" not in stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -122,6 +123,14 @@ def test_a_failing_job_loses_nothing_and_the_report_says_what_is_missing(tmp_pat
     assert len(done) == 1 and read_metrics(done[0])["sigma"] == 0.5
     missing = (out / "report" / "missing.txt").read_text()
     assert "sigma=-1" in missing
+
+
+def test_a_sweep_folder_that_is_a_file_is_one_error_line(tmp_path):
+    (tmp_path / "sw").write_text("mine")
+    p = run_cli("ssn_exp.sweep", "smoke", "--out", str(tmp_path / "sw"))
+    lines = p.stderr.strip().splitlines()
+    assert p.returncode == 2 and len(lines) == 1 and "is a file, not a folder" in lines[0], p.stderr[-2000:]
+    assert (tmp_path / "sw").read_text() == "mine" and sorted(os.listdir(tmp_path)) == ["sw"]
 
 
 def test_plan_prints_every_job_and_the_total_and_creates_nothing(tmp_path):

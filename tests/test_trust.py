@@ -161,18 +161,19 @@ def test_aliases_are_resolved_to_the_object_they_name():
 
 
 def test_a_module_named_only_by_a_file_is_not_imported(tmp_path, monkeypatch):
-    (tmp_path / "evil_ssn_mod.py").write_text(
+    name = f"evil_ssn_mod_{os.getpid()}_{tmp_path.name}".replace("-", "_")  # fresh per run (mutmut reruns in-process)
+    (tmp_path / f"{name}.py").write_text(
         f"import pathlib\npathlib.Path({str(tmp_path / 'imported')!r}).write_text('x')\n"
         "import torch\nclass Net(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(64, 10)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    node = {"_target_": "evil_ssn_mod.Net"}
-    with pytest.raises(UntrustedTarget, match=r"imports no module a file names.*trust_targets=\[evil_ssn_mod\]"):
+    node = {"_target_": f"{name}.Net"}
+    with pytest.raises(UntrustedTarget, match=rf"imports no module a file names.*trust_targets=\[{name}\]"):
         Trust().check(node, "x")
-    assert not (tmp_path / "imported").exists() and "evil_ssn_mod" not in sys.modules
-    Trust(modules=["evil_ssn_mod"]).check(node, "x")  # the user trusts their package: imported and allowed
+    assert not (tmp_path / "imported").exists() and name not in sys.modules
+    Trust(modules=[name]).check(node, "x")  # the user trusts their package: imported and allowed
     assert (tmp_path / "imported").exists()
-    monkeypatch.delitem(sys.modules, "evil_ssn_mod")
+    monkeypatch.delitem(sys.modules, name)
 
 
 def test_a_submodule_of_a_trusted_package_is_not_imported_because_a_file_names_it(capsys):

@@ -65,6 +65,9 @@ def _rank_failure(exc: BaseException) -> str | None:
 def is_user_error(exc: BaseException) -> bool:
     if isinstance(exc, user_error_types()) or _rank_failure(exc) is not None:
         return True
+    lightning = sys.modules.get("lightning_fabric.utilities.exceptions")  # Lightning's "configured wrong": a trainer
+    if lightning is not None and isinstance(exc, lightning.MisconfigurationException):  # or callback of the user's
+        return True
     return isinstance(exc, OSError) and exc.errno in _OS_USER_ERRNOS
 
 

@@ -201,6 +201,9 @@ def main(argv=None) -> int:
         print("\n".join(lines))
         return 0
     out_dir = (args.out or Path("outputs") / "sweeps" / args.name).absolute()
+    if out_dir.exists() and not out_dir.is_dir():
+        print(f"error: {out_dir} is a file, not a folder: give the sweep a folder (--out DIR)", file=sys.stderr)
+        return 2
     cmd = sweep_command(args.name, args.overrides, out_dir, LAUNCHERS[args.launcher])
     print(f"sweep {args.name}: {cfg.sweep_info.description}\n{len(all_jobs)} jobs into {out_dir}")
     print("command: " + shlex.join(cmd), flush=True)

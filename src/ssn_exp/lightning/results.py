@@ -37,7 +37,7 @@ from ssn_exp.certify.record import (
     format_counts,
     parse_counts,
 )
-from ssn_exp.exceptions import LinkedRunFileError, UserError
+from ssn_exp.exceptions import LinkedRunFileError, UserError, describe
 
 __all__ = [
     "ResultsFileError",
@@ -191,7 +191,7 @@ def _read_rows(path, text, record, allowed, labels, num_classes) -> dict[int, di
         try:
             index = record.check(row, num_classes)
         except (TypeError, ValueError, KeyError) as exc:
-            raise ResultsFileError(f"{path} line {line}: malformed certificate row ({exc})") from None
+            raise ResultsFileError(f"{path} line {line}: malformed certificate row ({describe(exc)})") from None
         if allowed is not None and index not in allowed:
             raise ResultsFileError(
                 f"{path} line {line}: example {index} is not one this certification selects (skip/max_examples/"

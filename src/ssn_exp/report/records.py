@@ -200,13 +200,17 @@ def load_reference(folder: str | Path, q: int = 255) -> list[RunRecord]:
                 else:
                     prediction = z["predicted"].astype(np.int64)
                     radius, rq = z["radius_l1"].astype(np.float64), None
+            _check_arrays(folder / name, labels, prediction, radius)
+            sigma = _finite(row["sigma"], f"{index}: sigma of {name}")
+            if sigma <= 0:
+                raise RunFileError(f"{index}: sigma of {name} must be > 0, got {row['sigma']}")
             records.append(
                 RunRecord(
                     dataset=row["dataset"],
                     method=row["method"],
                     training=row["training"],
                     denoiser=row["denoiser"],
-                    sigma=float(row["sigma"]),
+                    sigma=sigma,
                     labels=labels,
                     prediction=prediction,
                     radius=radius,
@@ -218,6 +222,19 @@ def load_reference(folder: str | Path, q: int = 255) -> list[RunRecord]:
                 )
             )
     return records
+
+
+def _check_arrays(path: Path, labels, prediction, radius) -> None:
+    """Published arrays bounded as a run's rows are: one label, prediction and radius per image, labels and
+    predictions integers in [-1, 2**53] (-1: abstained), radii finite within 2**53 in magnitude."""
+    arrays = [np.asarray(a) for a in (labels, prediction, radius)]
+    if any(a.ndim != 1 or len(a) != len(arrays[0]) for a in arrays):
+        raise RunFileError(f"{path}: labels, predictions and radii must be 1-D arrays of one length per image")
+    for a, what in zip(arrays, ("labels", "predictions", "radii"), strict=True):
+        if a.dtype.kind not in "iuf" or not np.isfinite(a).all() or (a.size and np.abs(a).max() > MAX_NUMBER):
+            raise RunFileError(f"{path}: {what} must be finite numbers of at most 2**53 in magnitude")
+    if arrays[0].size and min(arrays[0].min(), arrays[1].min()) < -1:
+        raise RunFileError(f"{path}: labels and predictions must be >= -1")
 
 
 class RunFileError(ValueError):
