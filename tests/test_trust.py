@@ -12,6 +12,7 @@ import importlib.util
 import os
 import pickle
 import sys
+import uuid
 
 import pytest
 import torch
@@ -161,7 +162,7 @@ def test_aliases_are_resolved_to_the_object_they_name():
 
 
 def test_a_module_named_only_by_a_file_is_not_imported(tmp_path, monkeypatch):
-    name = f"evil_ssn_mod_{os.getpid()}_{tmp_path.name}".replace("-", "_")  # fresh per run (mutmut reruns in-process)
+    name = f"evil_ssn_mod_{uuid.uuid4().hex}"  # fresh per run (mutmut runs the tests twice in one process)
     (tmp_path / f"{name}.py").write_text(
         f"import pathlib\npathlib.Path({str(tmp_path / 'imported')!r}).write_text('x')\n"
         "import torch\nclass Net(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(64, 10)\n"
@@ -173,7 +174,7 @@ def test_a_module_named_only_by_a_file_is_not_imported(tmp_path, monkeypatch):
     assert not (tmp_path / "imported").exists() and name not in sys.modules
     Trust(modules=[name]).check(node, "x")  # the user trusts their package: imported and allowed
     assert (tmp_path / "imported").exists()
-    monkeypatch.delitem(sys.modules, name)
+    del sys.modules[name]  # (monkeypatch.delitem would put it back at teardown)
 
 
 def test_a_submodule_of_a_trusted_package_is_not_imported_because_a_file_names_it(capsys):
