@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from ssn_exp.atomic import replace_file
 from ssn_exp.certify.core import Certificates, _chunks
 from ssn_exp.certify.procedures import Exact, FixedSample, Procedure
 from ssn_exp.certify.procedures_sequential import Sequential
@@ -647,7 +648,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=2) + "\n")
+        replace_file(path, json.dumps(result, indent=2) + "\n")
         print(f"\nwrote {path}")
     return result
 

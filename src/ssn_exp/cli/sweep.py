@@ -22,6 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from ssn_exp.atomic import replace_file
 from ssn_exp.cli.config import CONF_DIR
 from ssn_exp.exceptions import UserError
 
@@ -100,16 +101,7 @@ def record_jobs(out_dir: Path, name: str, all_jobs: list[list[str]]) -> Path:
         except (OSError, ValueError) as exc:
             raise SweepError(f"{exc}; move it away or give another --out DIR") from None
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{SWEEP_RECORD}.{os.getpid()}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump({"sweep": name, "jobs": [list(j) for j in jobs_]}, fh, indent=1)
-            fh.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    replace_file(path, json.dumps({"sweep": name, "jobs": [list(j) for j in jobs_]}, indent=1) + "\n")
     return path
 
 

@@ -27,6 +27,7 @@ from ssn_exp.exceptions import _first_line, instantiation_message
 from ssn_exp.lightning.callbacks import epoch_checkpoint
 from ssn_exp.lightning.data import mix_seed
 from ssn_exp.lightning.module import CheckpointError, build_classifier, check_sizes, read_checkpoint
+from ssn_exp.lightning.results import write_text_atomic
 from ssn_exp.noises import Noise
 from ssn_exp.trust import Trust, UntrustedTarget
 
@@ -171,7 +172,7 @@ def _train_stage(out, kind, hparams, datamodule, epochs, make_trainer, init, see
         log.info("reusing stage %s (%s)", kind, out)
         return ckpt
     out.mkdir(parents=True, exist_ok=True)
-    (out / "settings.json").write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(out / "settings.json", json.dumps(settings, indent=2, sort_keys=True) + "\n")
     log.info("training stage %s for %d epochs into %s", kind, epochs, out)
     pl.seed_everything(seed, workers=True, verbose=False)
     module = StageModule(kind=kind, seed=seed, **hparams)
@@ -189,5 +190,5 @@ def _train_stage(out, kind, hparams, datamodule, epochs, make_trainer, init, see
     )
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt.is_file() else None, weights_only=True)
     if trainer.global_rank == 0:
-        (out / "done.json").write_text(json.dumps({"epochs": int(epochs)}) + "\n")
+        write_text_atomic(out / "done.json", json.dumps({"epochs": int(epochs)}) + "\n")
     return ckpt

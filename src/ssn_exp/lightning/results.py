@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ssn_exp.atomic import replace_file
 from ssn_exp.certify.metrics import average_certified_radius, certified_accuracy
 from ssn_exp.certify.record import (
     BASE_COLUMNS,
@@ -73,40 +74,12 @@ def refuse_link(path: Path) -> None:
         )
 
 
-def _open_new(tmp: Path, binary: bool = False):
-    """A fresh temporary file opened for writing without following links (a stale one of this name goes first)."""
-    try:
-        os.unlink(tmp)  # removes a link itself, never its target
-    except FileNotFoundError:
-        pass
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-    return os.fdopen(fd, "wb") if binary else os.fdopen(fd, "w", newline="")
-
-
-def _replace(tmp: Path, path: Path) -> None:
-    try:
-        refuse_link(path)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def write_text_atomic(path: Path, text: str | bytes) -> None:
-    """Write ``text`` (or bytes) to a temporary file beside ``path``, then rename it over ``path``: never half a file.
-
-    Neither the temporary file nor ``path`` is followed if it is a symbolic link: a link at ``path`` is refused
-    (:class:`LinkedRunFileError`), so a file outside the run directory is never written.
+    """:func:`ssn_exp.atomic.replace_file` for a run file: never half a file, and a symbolic link at ``path`` is
+    refused (:class:`LinkedRunFileError`) rather than replaced, so a user sees that the run is not where they linked it.
     """
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with _open_new(tmp, binary=isinstance(text, bytes)) as fh:
-            fh.write(text)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _replace(tmp, path)
+    refuse_link(path)
+    replace_file(Path(path), text)
 
 
 def append_rows(path: Path, columns: list[str], rows: Sequence[dict]) -> None:
@@ -212,18 +185,12 @@ def _read_rows(path, text, record, allowed, labels, num_classes) -> dict[int, di
 
 
 def write_rows_atomic(path: Path, columns: list[str], rows: Sequence[dict]) -> None:
-    """Write a whole CSV atomically (as :func:`write_text_atomic`: no half file, no writing through a link)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        with _open_new(tmp) as fh:
-            w = csv.DictWriter(fh, fieldnames=columns, extrasaction="ignore")
-            w.writeheader()
-            w.writerows(rows)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _replace(tmp, path)
+    """Write a whole CSV atomically (:func:`write_text_atomic`)."""
+    buf = io.StringIO(newline="")
+    w = csv.DictWriter(buf, fieldnames=columns, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
 
 
 def merge_shards(out_dir: Path, world_size: int, record: CertificateRecord, stem: str = "certificates") -> Path:

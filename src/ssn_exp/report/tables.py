@@ -13,6 +13,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from ssn_exp.atomic import replace_file
 from ssn_exp.certify.metrics import PAPER_RADII, BestRow, best_over_sigma
 from ssn_exp.report.records import FORWARD_PASS_KEYS, RunRecord, sigma_label
 
@@ -430,7 +431,7 @@ def _write(rows: Sequence[dict], columns: Sequence[str], path) -> str:
     writer.writerows(rows)
     if path is not None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(buf.getvalue())
+        replace_file(Path(path), buf.getvalue())
     return buf.getvalue()
 
 
