@@ -191,21 +191,22 @@ def test_a_submodule_of_a_trusted_package_is_not_imported_because_a_file_names_i
 
 
 def test_a_trusted_package_s_submodule_is_imported_when_the_user_names_the_package(tmp_path, monkeypatch):
-    pkg = tmp_path / "evil_ssn_pkg"
+    name = f"evil_ssn_pkg_{uuid.uuid4().hex}"  # fresh per run (mutmut runs the tests twice in one process)
+    pkg = tmp_path / name
     (pkg / "sub").mkdir(parents=True)
     (pkg / "__init__.py").write_text("")
     (pkg / "sub" / "__init__.py").write_text(
         "import torch\nclass Net(torch.nn.Linear):\n    def __init__(self):\n        super().__init__(64, 10)\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    node = {"_target_": "evil_ssn_pkg.sub.Net"}
-    with pytest.raises(UntrustedTarget, match=r"trust_targets=\[evil_ssn_pkg\.sub\]"):  # user code: the hint
+    node = {"_target_": f"{name}.sub.Net"}
+    with pytest.raises(UntrustedTarget, match=rf"trust_targets=\[{name}\.sub\]"):  # user code: the hint
         Trust().check(node, "x")
-    assert "evil_ssn_pkg" not in sys.modules
-    Trust(modules=["evil_ssn_pkg"]).check(node, "x")
-    assert "evil_ssn_pkg.sub" in sys.modules
-    for mod in ("evil_ssn_pkg.sub", "evil_ssn_pkg"):
-        monkeypatch.delitem(sys.modules, mod)
+    assert name not in sys.modules
+    Trust(modules=[name]).check(node, "x")
+    assert f"{name}.sub" in sys.modules
+    for mod in (f"{name}.sub", name):
+        del sys.modules[mod]  # (monkeypatch.delitem would put them back at teardown)
 
 
 def test_interpolations_and_non_names_are_refused():
