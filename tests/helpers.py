@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import pickle
@@ -13,6 +14,19 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Code and configs of a user's own, outside ssn_exp (a noise, a procedure, a model; their YAMLs under conf/).
+PLUGINS = ROOT / "tests" / "plugins"
+
+
+def plugin(name: str):
+    """The module ``name`` of :data:`PLUGINS`, imported in this process (once) without changing ``sys.path``."""
+    key = f"_plugin_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, PLUGINS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
 
 
 def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
@@ -207,3 +221,23 @@ def hydra_start(out: Path | str, log_name: str = "ssn_exp.log") -> None:
     (out / ".hydra").mkdir(exist_ok=True)
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
         (out / ".hydra" / name).write_text(f"new {name}\n")
+
+
+def all_noises(q: int = 16, dim: int = 16) -> dict:
+    """Every noise, by name: ssn_exp's own (uniform, ssn, laplace, dssn; DSSN for inputs of ``dim`` values on the
+    grid k/``q``) and the user's of tests/plugins (mynoise), each at sigma = 0.5: what the contract suites
+    (tests/test_noise_contract.py, tests/test_procedure_contract.py) run over."""
+    from ssn_exp.noises import DSSN, SSN, Laplace, Uniform
+
+    return {
+        "uniform": Uniform(0.5),
+        "ssn": SSN(0.5),
+        "laplace": Laplace(0.5),
+        "mynoise": plugin("mynoise").HalfUniform(0.5),
+        "dssn": DSSN(0.5, q=q, dim=dim),
+    }
+
+
+#: The names of :func:`all_noises`, and of those drawn at random (certified from samples).
+NOISES = ["uniform", "ssn", "laplace", "mynoise", "dssn"]
+SAMPLED_NOISES = [name for name in NOISES if name != "dssn"]
