@@ -15,7 +15,17 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from helpers import PLUGINS, certificate_columns, one_error_line, read_csv, read_metrics, read_wandb_offline, run_cli
+from helpers import (
+    PLUGINS,
+    certificate_columns,
+    compose_config,
+    one_error_line,
+    read_csv,
+    read_metrics,
+    read_wandb_offline,
+    run_cli,
+    same_metrics,
+)
 
 SIGMA = 0.5
 N = 256  # procedure.n: estimation samples per example (debug=fast sizes)
@@ -142,10 +152,7 @@ def _it_resumes_after_a_stop_mid_certification(s):
     rows = read_csv(s["run"] / "certificates.csv")
     assert rows[:3] == s["rows"][:3]  # the rows read back are kept as they were (seconds included)
     assert certificate_columns(rows) == certificate_columns(s["rows"])  # the rest certified again, the same
-    m = read_metrics(s["run"])
-    assert {k: v for k, v in m.items() if k != "seconds_per_example"} == {
-        k: v for k, v in s["metrics"].items() if k != "seconds_per_example"
-    }
+    same_metrics(read_metrics(s["run"]), s["metrics"])
 
 
 def _its_checkpoint_is_certified_by_the_certify_entry_point(s):
@@ -216,3 +223,19 @@ def test_its_rows_are_checked_by_its_own_rule_in_process():
     with pytest.raises(ValueError, match="p_lower does not follow"):  # ... and the other way round
         fixed.check(text, 3)
     assert np.all(cert.counts.sum(axis=1) == N)
+
+
+def test_the_plan_names_the_user_s_procedure(monkeypatch):
+    """``python -m ssn_exp.sweep`` plans forward passes by the procedure's own count, or, where that depends on the
+    data, estimates them under the procedure's own name (not "sequential")."""
+    import importlib
+
+    from ssn_exp.cli.plan import _job_cost
+
+    monkeypatch.syspath_prepend(str(PLUGINS))
+    cfg = compose_config(["method=uniform", "procedure=hoeffding", f"hydra.searchpath=[file://{PLUGINS / 'conf'}]"])
+    hoeffding = importlib.import_module("hoeffding")
+    cost = _job_cost(cfg)
+    assert (cost["how"], cost["passes"]) == ("hoeffding", 64 + 100_000)
+    monkeypatch.setattr(hoeffding.Hoeffding, "forward_passes", lambda self, noise: None)
+    assert _job_cost(cfg)["how"] == "hoeffding, estimated"
