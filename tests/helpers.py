@@ -58,6 +58,61 @@ def read_csv(path: Path) -> list[dict]:
         return list(csv.DictReader(fh))
 
 
+def read_csv_header(path: Path) -> tuple[list[str], list[dict]]:
+    """The header and the rows of a CSV file."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames), list(reader)
+
+
+def cert_rows(path: Path) -> list[dict]:
+    """The rows of a certificates.csv without the timing column (:func:`certificate_columns`)."""
+    return certificate_columns(read_csv(path))
+
+
+def same_metrics(a: dict, b: dict) -> None:
+    """Two metrics.json contents are equal but for the timing (``seconds_per_example``)."""
+    assert {k: v for k, v in a.items() if k != "seconds_per_example"} == {
+        k: v for k, v in b.items() if k != "seconds_per_example"
+    }
+
+
+def succeeded(p):
+    """A finished entry point (``run_cli``) that exited 0; else the assertion shows the ends of its output."""
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+    return p
+
+
+def run_report_main(argv) -> tuple[int, str, str]:
+    """``python -m ssn_exp.report`` in this process: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from ssn_exp.report import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def compose_config(overrides, out_dir: Path | str = "outputs/test-config", name: str = "config"):
+    """ssn_exp's config ``name`` composed with ``overrides`` as Hydra composes it for a run whose output directory is
+    ``out_dir`` (so that ``${hydra:...}`` resolves as inside a run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    from ssn_exp.cli.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    with read_write(cfg.hydra):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
+
+
 def certificate_columns(rows: list[dict]) -> list[dict]:
     """Certificates without the timing column (which differs from run to run)."""
     return [{k: v for k, v in r.items() if k != "seconds"} for r in rows]

@@ -10,13 +10,11 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import read_write
 from torch.nn import functional as F
 
 from helpers import SAMPLED_NOISES, all_noises
-from ssn_exp.cli.config import CONF_DIR, ConfigError
+from helpers import compose_config as _compose
+from ssn_exp.cli.config import ConfigError
 from ssn_exp.lightning.module import CheckpointError, SmoothedTraining, checked_hparams, load_checkpoint
 from ssn_exp.lightning.objectives import Objective, ObjectiveError, Stability, Standard, stability_loss
 from ssn_exp.models import read_checkpoint
@@ -42,15 +40,6 @@ class Halved(Objective):
 class NotAStep(Objective):
     def loss(self, model, noise, x, y, generator):
         return model(noise.sample(x, generator)).sum()  # a bare tensor, not (loss, logits, logs)
-
-
-def _compose(overrides, out_dir):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    with read_write(cfg.hydra):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-    HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves as inside a run
-    return cfg
 
 
 def _batch(n=6, seed=0):
