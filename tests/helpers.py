@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import json
 import os
 import pickle
@@ -13,6 +14,19 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+#: Code and configs of a user's own, outside ssn_exp (a noise, a procedure, a model; their YAMLs under conf/).
+PLUGINS = ROOT / "tests" / "plugins"
+
+
+def plugin(name: str):
+    """The module ``name`` of :data:`PLUGINS`, imported in this process (once) without changing ``sys.path``."""
+    key = f"_plugin_{name}"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, PLUGINS / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        sys.modules[key] = module
+    return sys.modules[key]
 
 
 def run_cli(module: str, *overrides: str, cwd: Path | None = None, timeout: int = 300, env: dict | None = None):
@@ -42,6 +56,61 @@ def run_cli_many(calls, workers: int = 3) -> list:
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as fh:
         return list(csv.DictReader(fh))
+
+
+def read_csv_header(path: Path) -> tuple[list[str], list[dict]]:
+    """The header and the rows of a CSV file."""
+    with open(path, newline="") as fh:
+        reader = csv.DictReader(fh)
+        return list(reader.fieldnames), list(reader)
+
+
+def cert_rows(path: Path) -> list[dict]:
+    """The rows of a certificates.csv without the timing column (:func:`certificate_columns`)."""
+    return certificate_columns(read_csv(path))
+
+
+def same_metrics(a: dict, b: dict) -> None:
+    """Two metrics.json contents are equal but for the timing (``seconds_per_example``)."""
+    assert {k: v for k, v in a.items() if k != "seconds_per_example"} == {
+        k: v for k, v in b.items() if k != "seconds_per_example"
+    }
+
+
+def succeeded(p):
+    """A finished entry point (``run_cli``) that exited 0; else the assertion shows the ends of its output."""
+    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
+    return p
+
+
+def run_report_main(argv) -> tuple[int, str, str]:
+    """``python -m ssn_exp.report`` in this process: (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from ssn_exp.report import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in argv])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def compose_config(overrides, out_dir: Path | str = "outputs/test-config", name: str = "config"):
+    """ssn_exp's config ``name`` composed with ``overrides`` as Hydra composes it for a run whose output directory is
+    ``out_dir`` (so that ``${hydra:...}`` resolves as inside a run)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import read_write
+
+    from ssn_exp.cli.config import CONF_DIR
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
+    with read_write(cfg.hydra):
+        cfg.hydra.runtime.output_dir = str(out_dir)
+    HydraConfig.instance().set_config(cfg)
+    return cfg
 
 
 def certificate_columns(rows: list[dict]) -> list[dict]:
@@ -207,3 +276,23 @@ def hydra_start(out: Path | str, log_name: str = "ssn_exp.log") -> None:
     (out / ".hydra").mkdir(exist_ok=True)
     for name in ("config.yaml", "hydra.yaml", "overrides.yaml"):
         (out / ".hydra" / name).write_text(f"new {name}\n")
+
+
+def all_noises(q: int = 16, dim: int = 16) -> dict:
+    """Every noise, by name: ssn_exp's own (uniform, ssn, laplace, dssn; DSSN for inputs of ``dim`` values on the
+    grid k/``q``) and the user's of tests/plugins (mynoise), each at sigma = 0.5: what the contract suites
+    (tests/test_noise_contract.py, tests/test_procedure_contract.py) run over."""
+    from ssn_exp.noises import DSSN, SSN, Laplace, Uniform
+
+    return {
+        "uniform": Uniform(0.5),
+        "ssn": SSN(0.5),
+        "laplace": Laplace(0.5),
+        "mynoise": plugin("mynoise").HalfUniform(0.5),
+        "dssn": DSSN(0.5, q=q, dim=dim),
+    }
+
+
+#: The names of :func:`all_noises`, and of those drawn at random (certified from samples).
+NOISES = ["uniform", "ssn", "laplace", "mynoise", "dssn"]
+SAMPLED_NOISES = [name for name in NOISES if name != "dssn"]

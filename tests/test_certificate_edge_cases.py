@@ -15,6 +15,7 @@ import pytest
 import torch
 from scipy.stats import beta
 
+from helpers import SAMPLED_NOISES, all_noises
 from ssn_exp.certify import (
     NonFiniteLogitsError,
     SmoothedClassifier,
@@ -83,19 +84,7 @@ def test_check_unit_box_names_the_bad_value_of_scalars_and_flat_vectors():
 # ============================================================================ smoothing: the randomized methods
 
 
-@pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
-def test_a_seeded_generator_makes_the_noise_reproducible(method):
-    m = {"uniform": Uniform(0.5), "ssn": SSN(0.5), "dssn": DSSN(0.5, q=16, dim=4)}[method]
-    x = _grid_images(8)
-
-    def draw(fn):
-        return fn(torch.Generator().manual_seed(5))
-
-    a, b = draw(lambda g: m.sample(x, generator=g)), draw(lambda g: m.sample(x, generator=g))
-    assert torch.equal(a, b)
-    if method != "dssn":  # DSSN's noisy() enumerates offsets: no randomness
-        a, b = draw(lambda g: m.noisy(x, 0, 3, g)), draw(lambda g: m.noisy(x, 0, 3, g))
-        assert torch.equal(a, b)
+# a seeded generator makes every noise reproducible: tests/test_noise_contract.py
 
 
 @pytest.mark.parametrize("sigma", [0.5, 1.0])
@@ -433,13 +422,13 @@ def test_certify_batch_checks_its_arguments_before_any_forward_pass():
     assert cert.counts_n0.tolist() == [[1, 0]] and cert.counts.tolist() == [[1, 0]] and cert.forward_passes == 2
 
 
-@pytest.mark.parametrize("method", [Uniform, SSN])
-def test_certify_batch_draws_its_noise_from_the_generator(method):
+@pytest.mark.parametrize("name", SAMPLED_NOISES)
+def test_certify_batch_draws_its_noise_from_the_generator(name):
     f, seen = _recorder()
     x = _grid_images(2)
-    certify_batch(f, x, method(0.5), 2, n0=4, n=6, generator=torch.Generator().manual_seed(3))
+    noise = all_noises()[name]
+    certify_batch(f, x, noise, 2, n0=4, n=6, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(3)  # the selection samples, then the estimation samples, from g
-    noise = method(0.5)
     assert torch.equal(seen[0], noise.noisy(x, 0, 4, g).reshape(-1, *x.shape[1:]))
     assert torch.equal(seen[1], noise.noisy(x, 0, 6, g).reshape(-1, *x.shape[1:]))
 

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
 from hydra.utils import instantiate
-from omegaconf import OmegaConf, read_write
+from omegaconf import OmegaConf
 
+from helpers import compose_config as _compose
 from ssn_exp.cli.config import CONF_DIR
 
 GROUPS = ["data", "model", "method", "training", "denoiser", "trainer", "logger", "callbacks", "certify", "experiment",
@@ -19,15 +18,6 @@ GROUPS = ["data", "model", "method", "training", "denoiser", "trainer", "logger"
 
 def options(group):
     return sorted(p.stem for p in (Path(CONF_DIR) / group).glob("*.yaml"))
-
-
-def _compose(overrides, name="config"):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name=name, overrides=overrides, return_hydra_config=True)
-    with read_write(cfg.hydra):
-        cfg.hydra.runtime.output_dir = "outputs/test-config"
-    HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves as inside a run
-    return cfg
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

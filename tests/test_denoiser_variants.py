@@ -10,11 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import read_write
 
-from ssn_exp.cli.config import CONF_DIR, ConfigError, build, container
+from helpers import compose_config as _compose
+from ssn_exp.cli.config import ConfigError, build, container
 from ssn_exp.exceptions import LinkedRunFileError
 from ssn_exp.lightning.denoiser_stages import StageModule
 from ssn_exp.lightning.denoisers import Denoiser, DenoiserError, MSEDenoiser, MSERetrain, NoDenoiser, StabilityDenoiser
@@ -33,15 +31,6 @@ class Counting(NoDenoiser):
     def prepare(self, module, datamodule, **kwargs):
         Counting.prepared += 1
         return module
-
-
-def _compose(overrides, out_dir="outputs/test-denoiser-variants"):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    with read_write(cfg.hydra):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 @pytest.mark.parametrize("option", sorted(CLASSES))

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
-from helpers import read_csv
+from helpers import cert_rows, read_csv
 from ssn_exp.lightning.certification import ShardCertifier, certify_indices, shard_indices
 from ssn_exp.lightning.loggers import RunCSVLogger
 from ssn_exp.lightning.module import SmoothedTraining, stability_loss
@@ -41,10 +41,6 @@ def _record(noise):
     from ssn_exp.certify.record import CertificateRecord
 
     return CertificateRecord(noise, default_procedure(noise, n0=8, n=64))
-
-
-def _rows(path):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_csv(path)]
 
 
 # ----------------------------------------------------------------------------- stability training
@@ -102,9 +98,9 @@ def test_sharded_certification_merges_to_the_single_process_result(tmp_path, noi
         _certifier(sharded, noise, skip=2, max_examples=11, rank=rank, world_size=3).run("cpu", progress=False)
     merge_shards(sharded, 3, _record(noise))
     assert not list(sharded.glob("certificates.rank*.csv"))
-    rows = _rows(sharded / "certificates.csv")
+    rows = cert_rows(sharded / "certificates.csv")
     assert [int(r["index"]) for r in rows] == list(range(0, 22, 2))
-    assert rows == _rows(single / "certificates.csv")
+    assert rows == cert_rows(single / "certificates.csv")
 
 
 def test_concurrent_ranks_check_the_directory_before_any_rank_writes_to_it(tmp_path):
@@ -135,7 +131,7 @@ def test_concurrent_ranks_check_the_directory_before_any_rank_writes_to_it(tmp_p
     assert not errors, errors
     assert sorted(set(order)) == ["certify settings checked", "certify settings written"]
     merge_shards(tmp_path, 2, _record(noise))
-    assert [int(r["index"]) for r in _rows(tmp_path / "certificates.csv")] == list(range(23))
+    assert [int(r["index"]) for r in cert_rows(tmp_path / "certificates.csv")] == list(range(23))
 
 
 def test_a_resume_with_another_number_of_ranks_keeps_every_row(tmp_path):
@@ -157,7 +153,7 @@ def test_a_resume_with_another_number_of_ranks_keeps_every_row(tmp_path):
     assert len(todo) == 23 - before  # nothing certified twice, nothing lost
     merge_shards(out, 2, _record(noise))
     assert not list(out.glob("certificates.rank*.csv"))
-    assert _rows(out / "certificates.csv") == _rows(single / "certificates.csv")
+    assert cert_rows(out / "certificates.csv") == cert_rows(single / "certificates.csv")
 
 
 def test_a_stale_metrics_file_goes_when_certificates_are_added(tmp_path):
@@ -197,7 +193,7 @@ def test_resume_certifies_exactly_the_missing_examples(tmp_path):
     c = _certifier(part, noise)
     assert c.todo == list(range(7, 23))
     c.run("cpu", progress=False)
-    assert _rows(part / "certificates.csv") == _rows(full / "certificates.csv")
+    assert cert_rows(part / "certificates.csv") == cert_rows(full / "certificates.csv")
 
 
 def _tamper(tmp_path, noise, edit):
@@ -405,9 +401,9 @@ def test_job_shards_merge_to_the_single_job_result_and_wait_for_the_missing_ones
     _certifier(out, noise, skip=2, shard=1, num_shards=3).run("cpu", progress=False)
     _job_merge(out, noise, 3, skip=2)
     assert sorted(p.name for p in out.glob("certificates*.csv")) == ["certificates.csv"]
-    assert _rows(out / "certificates.csv") == _rows(single / "certificates.csv")
+    assert cert_rows(out / "certificates.csv") == cert_rows(single / "certificates.csv")
     _job_merge(out, noise, 3, skip=2)  # merging again (a requeued last shard) changes nothing
-    assert _rows(out / "certificates.csv") == _rows(single / "certificates.csv")
+    assert cert_rows(out / "certificates.csv") == cert_rows(single / "certificates.csv")
     again = _certifier(out, noise, skip=2, shard=1, num_shards=3)  # a shard rerun after the merge: nothing to do
     assert again.todo == [] and not list(out.glob("certificates.shard*"))
 
@@ -424,7 +420,7 @@ def test_a_killed_job_shard_resumes_where_it_stopped(tmp_path):
     c.run("cpu", progress=False)
     _certifier(out, noise, shard=0, num_shards=2).run("cpu", progress=False)
     _job_merge(out, noise, 2)
-    assert _rows(out / "certificates.csv") == _rows(single / "certificates.csv")
+    assert cert_rows(out / "certificates.csv") == cert_rows(single / "certificates.csv")
 
 
 def test_the_merge_refuses_a_shard_of_another_split_and_rows_outside_a_shard(tmp_path):

@@ -10,16 +10,15 @@ import math
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
-from hydra.core.hydra_config import HydraConfig
-from omegaconf import read_write
 from torch.nn import functional as F
 
-from ssn_exp.cli.config import CONF_DIR, ConfigError
+from helpers import SAMPLED_NOISES, all_noises
+from helpers import compose_config as _compose
+from ssn_exp.cli.config import ConfigError
 from ssn_exp.lightning.module import CheckpointError, SmoothedTraining, checked_hparams, load_checkpoint
 from ssn_exp.lightning.objectives import Objective, ObjectiveError, Stability, Standard, stability_loss
 from ssn_exp.models import read_checkpoint
-from ssn_exp.noises import SSN, Uniform
+from ssn_exp.noises import Uniform
 from test_trust import HPARAMS, save_checkpoint
 
 
@@ -41,15 +40,6 @@ class Halved(Objective):
 class NotAStep(Objective):
     def loss(self, model, noise, x, y, generator):
         return model(noise.sample(x, generator)).sum()  # a bare tensor, not (loss, logits, logs)
-
-
-def _compose(overrides, out_dir):
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    with read_write(cfg.hydra):
-        cfg.hydra.runtime.output_dir = str(out_dir)
-    HydraConfig.instance().set_config(cfg)  # ${hydra:...} resolves as inside a run
-    return cfg
 
 
 def _batch(n=6, seed=0):
@@ -147,8 +137,9 @@ def test_a_training_config_without_an_objective_is_a_one_line_migration_error(tm
 # ----------------------------------------------------------------------------- the two objectives of the paper
 
 
-@pytest.mark.parametrize("noise", [Uniform(0.5), SSN(0.5)], ids=["uniform", "ssn"])
-def test_stability_is_ce_plus_weight_times_kl_on_two_samples_drawn_together(noise):
+@pytest.mark.parametrize("name", SAMPLED_NOISES)
+def test_stability_is_ce_plus_weight_times_kl_on_two_samples_drawn_together(name):
+    noise = all_noises()[name]
     x, y = _batch()
     model = _model()
     loss, logits, logs = Stability(weight=6.0).loss(model, noise, x, y, torch.Generator().manual_seed(5))

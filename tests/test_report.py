@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import csv
-import io
 import json
 import subprocess
 import sys
@@ -13,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import read_csv_header, run_report_main
 from ssn_exp.noises import DSSN, SSN, Uniform
 from ssn_exp.report import (
     BEST_CSV_COLUMNS,
@@ -33,19 +31,6 @@ TABLE3_SEED0 = {
 }
 Q = 255
 LABELS = {cls.name: cls.label for cls in (Uniform, SSN, DSSN)}  # what summarize writes as metrics.json's "label"
-
-
-def run_main(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
-
-
-def read_csv(path) -> tuple[list[str], list[dict]]:
-    with open(path, newline="") as fh:
-        reader = csv.DictReader(fh)
-        return list(reader.fieldnames), list(reader)
 
 
 def write_run(
@@ -132,7 +117,7 @@ def reference_report(tmp_path_factory):
     """The report over all 135 published runs (with plots), run once."""
     out = tmp_path_factory.mktemp("ref_report")
     csv_path = out / "extra" / "table.csv"
-    rc, stdout, stderr = run_main(["--published", "levine2021", "--out", out, "--csv", csv_path])
+    rc, stdout, stderr = run_report_main(["--published", "levine2021", "--out", out, "--csv", csv_path])
     assert rc == 0, stderr
     return out, csv_path, stdout
 
@@ -150,7 +135,7 @@ def _dssn_row(rows, origin="levine2021", dataset="cifar10"):
 def test_reference_report_reproduces_table3_seed0(reference_report):
     out, csv_path, stdout = reference_report
     for path in (out / "best_over_sigma.csv", csv_path):
-        columns, rows = read_csv(path)
+        columns, rows = read_csv_header(path)
         assert columns == list(BEST_CSV_COLUMNS)
         assert columns[:8] == "dataset,method,training,denoiser,radius,certified_accuracy,sigma,clean_accuracy".split(
             ","
@@ -189,7 +174,7 @@ def test_reference_report_reproduces_table3_seed0(reference_report):
 
 def test_reference_report_writes_acr_curves_and_no_missing(reference_report):
     out, _, stdout = reference_report
-    columns, rows = read_csv(out / "acr.csv")
+    columns, rows = read_csv_header(out / "acr.csv")
     assert columns == "origin,dataset,method,training,denoiser,sigma,seed,n,clean_accuracy,acr".split(",")
     assert len(rows) == 135
     assert {r["n"] for r in rows} == {"10000", "500"}
@@ -205,7 +190,7 @@ def test_reference_report_writes_acr_curves_and_no_missing(reference_report):
 
 def test_multirun_report(multirun, tmp_path):
     out = tmp_path / "report"
-    rc, stdout, stderr = run_main([multirun, "--out", out])
+    rc, stdout, stderr = run_report_main([multirun, "--out", out])
     assert rc == 1  # a partial sweep: the report is written, the exit status says it is partial
     assert stderr.strip().splitlines()[-1].startswith("error: partial results") and "--allow-missing" in stderr
     # the unfinished job is listed, with its overrides, on stdout and in missing.txt
@@ -215,7 +200,7 @@ def test_multirun_report(multirun, tmp_path):
     assert "WARNING: partial results" in stdout and "1 job(s) without metrics.json" in stdout
     assert "partial results" in stderr
     # tables
-    columns, rows = read_csv(out / "best_over_sigma.csv")
+    columns, rows = read_csv_header(out / "best_over_sigma.csv")
     assert columns == list(BEST_CSV_COLUMNS)
     assert {r["origin"] for r in rows} == {"ours"}
     sel = _dssn_row(rows, origin="ours")
@@ -232,7 +217,7 @@ def test_multirun_report(multirun, tmp_path):
     assert [r["certified_accuracy"] for r in uni[:2]] == ["40.00", "0.00"]
     for name in ("best_over_sigma.md", "best_over_sigma.tex", "acr.md", "acr.csv", "seeds.md", "seeds.tex"):
         assert (out / name).stat().st_size > 0, name
-    _, acr = read_csv(out / "acr.csv")
+    _, acr = read_csv_header(out / "acr.csv")
     assert len(acr) == 5
     a = next(r for r in acr if r["method"] == "dssn" and r["sigma"] == "1.0" and r["seed"] == "0")
     assert a["n"] == "20" and a["clean_accuracy"] == "70.00"
@@ -253,9 +238,9 @@ def test_multirun_report(multirun, tmp_path):
 
 def test_reference_and_our_runs_together(reference_dir, multirun, tmp_path):
     out = tmp_path / "both"
-    rc, stdout, _ = run_main([reference_dir, multirun / "0", multirun / "4", "--out", out, "--no-plots"])
+    rc, stdout, _ = run_report_main([reference_dir, multirun / "0", multirun / "4", "--out", out, "--no-plots"])
     assert rc == 0
-    _, rows = read_csv(out / "best_over_sigma.csv")
+    _, rows = read_csv_header(out / "best_over_sigma.csv")
     assert {r["origin"] for r in rows} == {"ours", "levine2021"}
     assert len(_dssn_row(rows, origin="ours")) == 8
     assert " ".join(r["certified_accuracy"] for r in _dssn_row(rows)) == TABLE3_SEED0["accuracy"]
@@ -273,9 +258,9 @@ def test_box_certificates_get_their_own_rows_and_curves(tmp_path):
     """A uniform run with radius_box: the report adds "uniform (box)" beside "uniform", from the same examples."""
     run = write_run(tmp_path / "u", "uniform", 1.0, [1.2] * 6 + [0.6] * 4, 20, box_radii=[1.7] * 6 + [0.6] * 4)
     out = tmp_path / "rep"
-    rc, stdout, _ = run_main([run, "--out", out, "--radii", "0.5", "1.0", "1.5"])
+    rc, stdout, _ = run_report_main([run, "--out", out, "--radii", "0.5", "1.0", "1.5"])
     assert rc == 0
-    _, rows = read_csv(out / "best_over_sigma.csv")
+    _, rows = read_csv_header(out / "best_over_sigma.csv")
     acc = {(r["method"], r["radius"]): r["certified_accuracy"] for r in rows}
     assert acc == {
         ("uniform", "0.5"): "50.00",
@@ -288,7 +273,7 @@ def test_box_certificates_get_their_own_rows_and_curves(tmp_path):
     assert [r["method"] for r in rows][:3] == ["uniform"] * 3  # the box row right after its method
     assert "| ours | cifar10 | uniform (box) | standard | none |" in stdout
     assert "Uniform (box)" in (out / "best_over_sigma.tex").read_text()
-    _, acr = read_csv(out / "acr.csv")
+    _, acr = read_csv_header(out / "acr.csv")
     assert {r["method"]: r["acr"] for r in acr} == {"uniform": "0.4800", "uniform (box)": "0.6300"}
     assert (out / "curves_cifar10_standard_none.png").stat().st_size > 1000
 
@@ -315,7 +300,7 @@ def test_unreadable_run_is_reported(multirun, tmp_path):
     write_run(root / "0", "dssn", 0.5, [255] * 3, 4, overrides=["method=dssn", "sigma=0.5"])
     write_run(root / "1", "dssn", 1.0, [255] * 3, 4, overrides=["method=dssn", "sigma=1.0"])
     (root / "1" / "metrics.json").write_text("{not json")
-    rc, stdout, stderr = run_main([root, "--out", tmp_path / "out", "--no-plots", "--allow-missing"])
+    rc, stdout, stderr = run_report_main([root, "--out", tmp_path / "out", "--no-plots", "--allow-missing"])
     assert rc == 0
     missing = (tmp_path / "out" / "missing.txt").read_text()
     assert f"unreadable or ignored: {root / '1'}: unreadable" in missing

@@ -5,10 +5,7 @@ curves and in wandb's summary from its result files alone, ordered by its label 
 from __future__ import annotations
 
 import ast
-import contextlib
-import csv
 import dataclasses
-import io
 import json
 import shutil
 from pathlib import Path
@@ -17,6 +14,7 @@ import numpy as np
 import pytest
 
 import ssn_exp
+from helpers import read_csv, run_report_main
 from ssn_exp import noises as noises_module
 from ssn_exp.certify.metrics import PAPER_RADII
 from ssn_exp.certify.procedures import FixedSample
@@ -24,7 +22,7 @@ from ssn_exp.certify.record import CertificateRecord
 from ssn_exp.lightning.loggers import certification_curves, certification_summary
 from ssn_exp.lightning.results import summarize, write_rows_atomic
 from ssn_exp.noises import SampledNoise, Uniform
-from ssn_exp.report import build_best_tables, main
+from ssn_exp.report import build_best_tables
 from ssn_exp.report.plots import curve, curves_figure, method_color, method_colors
 from ssn_exp.report.records import RunFileError, RunRecord, load_paths, load_reference, load_run_dir
 
@@ -94,16 +92,9 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report(runs, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("generic_report")
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = main([str(runs), "--out", str(out), "--radii", "0.5", "1.0"])
-    assert rc == 0, stderr.getvalue()
-    return out, stdout.getvalue()
-
-
-def read_csv(path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    rc, stdout, stderr = run_report_main([runs, "--out", out, "--radii", "0.5", "1.0"])
+    assert rc == 0, stderr
+    return out, stdout
 
 
 def test_summarize_writes_the_noises_label_and_every_further_radius(runs):
@@ -442,12 +433,9 @@ def test_runs_that_differ_by_tag_are_kept_apart_and_a_true_duplicate_fails_the_r
     write_run(root / "cert" / "runs-wobble-sigma0.5-seed0-last-0123abcd-n100k", Wobble(0.25))
 
     def run(*paths, allow=False):
-        stdout, stderr = io.StringIO(), io.StringIO()
         out = tmp_path / f"out{len(list(tmp_path.glob('out*')))}"
-        argv = [*map(str, paths), "--out", str(out), "--radii", "0.5", "1.0", *(["--allow-missing"] * allow)]
-        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            rc = main(argv)
-        return rc, out, stderr.getvalue()
+        rc, _, stderr = run_report_main([*paths, "--out", out, "--radii", "0.5", "1.0", *(["--allow-missing"] * allow)])
+        return rc, out, stderr
 
     rc, out, err = run(root)
     assert rc == 0, err
@@ -485,17 +473,16 @@ def test_the_curves_end_with_the_best_over_sigma_envelope_of_each_method(runs):
 
 
 def test_format_pdf_and_svg_write_vector_figures_beside_each_png_and_radii_follow_the_data(runs, tmp_path):
-    stdout, stderr = io.StringIO(), io.StringIO()
     out = tmp_path / "out"
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        assert main([str(runs), "--out", str(out), "--format", "pdf", "svg"]) == 0, stderr.getvalue()
+    rc, stdout, stderr = run_report_main([runs, "--out", out, "--format", "pdf", "svg"])
+    assert rc == 0, stderr
     pngs = sorted(out.glob("*.png"))
     assert pngs and sorted(out.glob("*.pdf")) == [p.with_suffix(".pdf") for p in pngs]
     assert sorted(out.glob("*.svg")) == [p.with_suffix(".svg") for p in pngs]
     for png in pngs:
         assert png.with_suffix(".pdf").read_bytes()[:5] == b"%PDF-"
         assert b"<svg" in png.with_suffix(".svg").read_bytes()[:2000]
-        assert f"`{png.with_suffix('.pdf')}`" in stdout.getvalue()
+        assert f"`{png.with_suffix('.pdf')}`" in stdout
     # no --radii on CIFAR-10: the paper's radii
     assert [r["radius"] for r in read_csv(out / "best_over_sigma.csv") if r["method"] == "alpha"][:2] == ["0.5", "1.0"]
 

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from pathlib import Path
@@ -12,18 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import run_report_main
 from ssn_exp.atomic import replace_file, safe_name
-from ssn_exp.report import main
 from ssn_exp.report.records import RunFileError, load_reference, load_run_dir
 
 EVIL = "../../../../escaped"
-
-
-def run_main(argv) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = main([str(a) for a in argv])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def write_run(run_dir: Path, rows=("0,1,1,0.5,10,0.7", "1,2,2,0.25,20,0.3"), **meta) -> Path:
@@ -52,7 +43,7 @@ def test_no_name_from_a_result_file_writes_outside_out(tmp_path, key):
         write_run(runs / "0", **{key: EVIL})
     out = runs.parent / "out"
     before = files(tmp_path)
-    rc, stdout, stderr = run_main([runs, "--out", out])
+    rc, stdout, stderr = run_report_main([runs, "--out", out])
     assert rc == 0, stderr
     written = files(tmp_path) - before
     assert {p.parent for p in written} == {out}, sorted(written)
@@ -89,7 +80,7 @@ def test_out_must_not_be_the_working_directory(tmp_path, monkeypatch, value):
     write_run(tmp_path / "runs" / "0")
     monkeypatch.chdir(tmp_path)
     before = files(tmp_path)
-    rc, stdout, stderr = run_main([tmp_path / "runs", "--out", value.format(cwd=tmp_path), "--no-plots"])
+    rc, stdout, stderr = run_report_main([tmp_path / "runs", "--out", value.format(cwd=tmp_path), "--no-plots"])
     lines = stderr.strip().splitlines()
     assert rc == 2 and stdout == "" and len(lines) == 1 and "is the working directory" in lines[0], stderr
     assert files(tmp_path) == before
@@ -121,7 +112,7 @@ def test_a_number_beyond_any_runs_range_is_one_unreadable_line(tmp_path, case):
         load_run_dir(bad)
     assert "\n" not in str(info.value) and len(str(info.value)) < 300
     write_run(tmp_path / "runs" / "good")
-    rc, stdout, stderr = run_main([tmp_path / "runs", "--out", tmp_path / "out", "--no-plots"])
+    rc, stdout, stderr = run_report_main([tmp_path / "runs", "--out", tmp_path / "out", "--no-plots"])
     lines = stderr.strip().splitlines()
     assert rc == 1 and len(lines) == 1 and lines[0].startswith("error: partial results"), stderr
     assert f"unreadable or ignored: {bad}: unreadable (" in (tmp_path / "out" / "missing.txt").read_text()
@@ -133,7 +124,7 @@ def test_a_published_index_names_files_in_its_folder_only(tmp_path):
     (folder / "index.csv").write_text(
         "file,dataset,method,training,denoiser,sigma,time_per_image_s\n../secret.npz,cifar10,ssn,standard,none,0.5,\n"
     )
-    rc, stdout, stderr = run_main([folder, "--out", tmp_path / "out"])
+    rc, stdout, stderr = run_report_main([folder, "--out", tmp_path / "out"])
     assert rc == 2 and "../secret.npz" in stderr and "is not a file name in" in stderr
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import dataclasses
-import io
 import json
 from pathlib import Path
 
@@ -16,12 +15,12 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import read_csv, run_report_main
 from ssn_exp.certify.procedures import FixedSample
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.certify.record import SAMPLES_COLUMN, CertificateRecord
 from ssn_exp.lightning.results import summarize, write_rows_atomic
 from ssn_exp.noises import Uniform
-from ssn_exp.report import main
 from ssn_exp.report.plots import samples_figure, samples_filename
 from ssn_exp.report.records import (
     RunFileError,
@@ -73,16 +72,9 @@ def runs(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def report(runs, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("sequential_report")
-    stdout, stderr = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-        rc = main([str(runs), "--out", str(out), "--radii", *map(str, RADII)])
-    assert rc == 0, stderr.getvalue()
-    return out, stdout.getvalue()
-
-
-def read_csv(path) -> list[dict]:
-    with open(path, newline="") as fh:
-        return list(csv.DictReader(fh))
+    rc, stdout, stderr = run_report_main([runs, "--out", out, "--radii", *RADII])
+    assert rc == 0, stderr
+    return out, stdout
 
 
 def test_a_run_record_reads_the_procedure_the_passes_and_the_samples(runs):

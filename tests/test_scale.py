@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 
-from helpers import certificate_columns, read_csv, read_metrics, run_cli, run_cli_many, start_cli
+from helpers import certificate_columns, read_csv, read_metrics, run_cli, run_cli_many, start_cli, succeeded
 from test_run_dir import tree
 from test_sigterm import _one_sigterm_line, _start, _terminate_when
 
@@ -19,14 +19,11 @@ pytestmark = pytest.mark.slow
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
 
 
-def _ok(p):
-    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
-    return p
-
-
 def test_ddp_training_certification_and_certify_entry_match_single_process(tmp_path):
     run = tmp_path / "ddp_run"
-    p = _ok(run_cli("ssn_exp", "debug=fast", *DDP, f"hydra.run.dir={run}", "certify.max_examples=30", "sigma=0.75"))
+    p = succeeded(
+        run_cli("ssn_exp", "debug=fast", *DDP, f"hydra.run.dir={run}", "certify.max_examples=30", "sigma=0.75")
+    )
     chatter = ("srun", "LeafSpec", "logging interval", "Tip:")  # the spawned ranks are as quiet as one process
     assert not [c for c in chatter if c in p.stdout + p.stderr], p.stderr[-3000:]
     rows = read_csv(run / "certificates.csv")
@@ -34,15 +31,15 @@ def test_ddp_training_certification_and_certify_entry_match_single_process(tmp_p
     assert not list(run.glob("certificates.rank*.csv"))
     ckpt = run / "checkpoints" / "last.ckpt"
     single = tmp_path / "single"
-    _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={single}", "certify.max_examples=30"))
+    succeeded(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={single}", "certify.max_examples=30"))
     assert certificate_columns(read_csv(single / "certificates.csv")) == certificate_columns(rows)
     # python -m ssn_exp.certify with 2 processes, a skip, and a batch size that splits shards unevenly
     sharded = tmp_path / "sharded"
     extra = ["certify.skip=3", "certify.batch_size=4", "certify.max_examples=41"]
-    p = _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", *DDP, f"hydra.run.dir={sharded}", *extra))
+    p = succeeded(run_cli("ssn_exp.certify", f"ckpt={ckpt}", *DDP, f"hydra.run.dir={sharded}", *extra))
     assert not [c for c in chatter if c in p.stdout + p.stderr], p.stderr[-3000:]
     single2 = tmp_path / "single2"
-    _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={single2}", *extra))
+    succeeded(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={single2}", *extra))
     a, b = read_csv(sharded / "certificates.csv"), read_csv(single2 / "certificates.csv")
     assert [int(r["index"]) for r in a] == list(range(0, 123, 3))
     assert certificate_columns(a) == certificate_columns(b)
@@ -54,14 +51,16 @@ def test_ddp_training_certification_and_certify_entry_match_single_process(tmp_p
 
 def test_ddp_inside_multirun(tmp_path):
     out = tmp_path / "mr"
-    _ok(run_cli("ssn_exp", "--multirun", "debug=fast", *DDP, "sigma=0.5,1.0", f"hydra.sweep.dir={out}", timeout=600))
+    succeeded(
+        run_cli("ssn_exp", "--multirun", "debug=fast", *DDP, "sigma=0.5,1.0", f"hydra.sweep.dir={out}", timeout=600)
+    )
     done = sorted(d for d in out.iterdir() if (d / "metrics.json").is_file())
     assert [read_metrics(d)["sigma"] for d in done] == [0.5, 1.0]
 
 
 def test_submitit_local_launcher_runs_the_smoke_sweep(tmp_path):
     out = tmp_path / "sw"
-    _ok(run_cli("ssn_exp.sweep", "smoke", "debug=fast", "method=dssn", "--launcher", "local", "--out", str(out)))
+    succeeded(run_cli("ssn_exp.sweep", "smoke", "debug=fast", "method=dssn", "--launcher", "local", "--out", str(out)))
     done = [d for d in out.iterdir() if (d / "metrics.json").is_file()]
     assert sorted(read_metrics(d)["sigma"] for d in done) == [0.25, 0.5, 1.0]
     assert (out / ".submitit").is_dir()
@@ -94,7 +93,7 @@ def test_killed_training_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     common = ["training.epochs=5", "data.batch_size=16", "certify.max_examples=20", "trainer.check_val_every_n_epoch=2"]
     common += ["trainer.enable_progress_bar=false", "certify.progress=false", "method=ssn", "certify.n=500"]
     ref, run, term = tmp_path / "ref", tmp_path / "run", tmp_path / "term"
-    _ok(run_cli("ssn_exp", *common, f"hydra.run.dir={ref}"))
+    succeeded(run_cli("ssn_exp", *common, f"hydra.run.dir={ref}"))
 
     def some_epochs_done(folder):
         def ready():
@@ -118,7 +117,7 @@ def test_killed_training_resumes_to_exactly_the_uninterrupted_result(tmp_path):
         log_before = read_csv(folder / "csv" / "metrics.csv")
         assert [int(r["epoch"]) for r in log_before][: stopped_at + 1] == list(range(stopped_at + 1))
     for p in run_cli_many([("ssn_exp", [*common, f"hydra.run.dir={folder}"]) for folder in (run, term)], workers=2):
-        assert "resuming from" in _ok(p).stdout + p.stderr
+        assert "resuming from" in succeeded(p).stdout + p.stderr
     a = torch.load(ref / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     log_ref = read_csv(ref / "csv" / "metrics.csv")
     for folder in (run, term):
@@ -152,11 +151,11 @@ def test_killed_certification_skips_finished_examples_and_ends_equal(tmp_path):
     """kill -9, or SIGTERM (one line, exit 143), during certification; the same command again certifies only the
     rest and ends with the certificates of a certification that never stopped."""
     trained = tmp_path / "trained"
-    _ok(run_cli("ssn_exp", "debug=fast", "sigma=3.5", "certify.enabled=false", f"hydra.run.dir={trained}"))
+    succeeded(run_cli("ssn_exp", "debug=fast", "sigma=3.5", "certify.enabled=false", f"hydra.run.dir={trained}"))
     ckpt = trained / "checkpoints" / "last.ckpt"
     slow = ["certify.noise_batch=1", "certify.batch_size=1", "certify.max_examples=40", "certify.progress=false"]
     ref = tmp_path / "ref"
-    _ok(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={ref}", *slow))
+    succeeded(run_cli("ssn_exp.certify", f"ckpt={ckpt}", f"hydra.run.dir={ref}", *slow))
     out, term = tmp_path / "out", tmp_path / "term"
 
     def some_rows(folder):
@@ -174,7 +173,7 @@ def test_killed_certification_skips_finished_examples_and_ends_equal(tmp_path):
         assert 8 <= partial < 40 and not (folder / "metrics.json").exists()
     calls = [("ssn_exp.certify", [f"ckpt={ckpt}", f"hydra.run.dir={folder}", *slow]) for folder in (out, term)]
     for p, folder in zip(run_cli_many(calls, workers=2), (out, term), strict=True):
-        _ok(p)
+        succeeded(p)
         final = read_csv(folder / "certificates.csv")
         assert certificate_columns(final) == certificate_columns(read_csv(ref / "certificates.csv"))
         a, b = read_metrics(folder), read_metrics(ref)

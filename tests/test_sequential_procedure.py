@@ -12,7 +12,8 @@ import pytest
 import torch
 from torch.utils.data import TensorDataset
 
-from helpers import read_csv, run_cli
+from helpers import cert_rows, read_csv, run_cli
+from helpers import compose_config as _compose
 from ssn_exp.certify.core import NonFiniteLogitsError
 from ssn_exp.certify.procedures import FixedSample, ProcedureError
 from ssn_exp.certify.procedures_sequential import Sequential
@@ -61,16 +62,12 @@ def _certifier(out, noise=None, procedure=None, **kw):
     )
 
 
-def _rows(path):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in read_csv(path)]
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The certificates of all examples, one process, the default batching."""
     out = tmp_path_factory.mktemp("ref")
     _certifier(out).run("cpu", progress=False)
-    return out, _rows(out / "certificates.csv")
+    return out, cert_rows(out / "certificates.csv")
 
 
 def test_rows_have_the_samples_column_and_examples_stop_at_different_counts(reference):
@@ -96,7 +93,7 @@ def test_rows_have_the_samples_column_and_examples_stop_at_different_counts(refe
 @pytest.mark.parametrize("batch_size,noise_batch", [(1, 37), (10, 1000)])
 def test_certificates_do_not_depend_on_batching(tmp_path, reference, batch_size, noise_batch):
     _certifier(tmp_path, batch_size=batch_size, noise_batch=noise_batch).run("cpu", progress=False)
-    assert _rows(tmp_path / "certificates.csv") == reference[1]
+    assert cert_rows(tmp_path / "certificates.csv") == reference[1]
 
 
 class _Counted(torch.nn.Module):
@@ -120,7 +117,9 @@ def test_examples_are_packed_across_certification_steps(tmp_path, reference):
     one = _certifier(tmp_path / "b", model=stepwise)
     for chunk in one.chunks():  # one step at a time
         one.run_chunk(chunk, torch.device("cpu"))
-    assert _rows(tmp_path / "a" / "certificates.csv") == _rows(tmp_path / "b" / "certificates.csv") == reference[1]
+    assert (
+        cert_rows(tmp_path / "a" / "certificates.csv") == cert_rows(tmp_path / "b" / "certificates.csv") == reference[1]
+    )
     assert sum(streamed.calls) == sum(stepwise.calls)  # the same samples ...
     assert len(streamed.calls) < len(stepwise.calls)  # ... in fewer, fuller forward passes (noise_batch=100)
     assert sum(c < 100 for c in streamed.calls) < 0.5 * sum(c < 100 for c in stepwise.calls)
@@ -130,7 +129,7 @@ def test_sharded_certification_merges_to_the_single_process_result(tmp_path, ref
     for rank in range(3):
         _certifier(tmp_path, rank=rank, world_size=3).run("cpu", progress=False)
     merge_shards(tmp_path, 3, CertificateRecord(Uniform(0.5), _procedure()))
-    assert _rows(tmp_path / "certificates.csv") == reference[1]
+    assert cert_rows(tmp_path / "certificates.csv") == reference[1]
 
 
 def test_resume_certifies_exactly_the_missing_examples(tmp_path, reference):
@@ -139,7 +138,7 @@ def test_resume_certifies_exactly_the_missing_examples(tmp_path, reference):
     again = _certifier(tmp_path)  # every row read back is checked by the procedure
     assert again.todo == list(range(4, N_EX))
     again.run("cpu", progress=False)
-    assert _rows(tmp_path / "certificates.csv") == reference[1]
+    assert cert_rows(tmp_path / "certificates.csv") == reference[1]
 
 
 def test_metrics_report_the_forward_passes_of_the_samples_column(tmp_path, reference):
@@ -413,21 +412,6 @@ def test_sequential_certificates_are_false_with_probability_at_most_alpha(select
 
 
 # -- the config group and the CLI ------------------------------------------------------------------------------
-
-
-def _compose(overrides):
-    from hydra import compose, initialize_config_dir
-    from hydra.core.hydra_config import HydraConfig
-    from omegaconf import read_write
-
-    from ssn_exp.cli.config import CONF_DIR
-
-    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
-    with read_write(cfg.hydra):
-        cfg.hydra.runtime.output_dir = "outputs/test-config"
-    HydraConfig.instance().set_config(cfg)
-    return cfg
 
 
 def test_the_config_builds_the_procedure_from_the_certify_settings():

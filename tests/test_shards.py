@@ -8,15 +8,9 @@ import shutil
 
 import pytest
 
-from helpers import certificate_columns, one_error_line, read_csv, run_cli
+from helpers import certificate_columns, one_error_line, read_csv, run_cli, same_metrics
 
 FAST = ["debug=fast", "method=ssn", "certify.n=300", "certify.max_examples=9", "logger=none", "seed=3"]
-
-
-def _same_metrics(a: dict, b: dict) -> None:
-    assert {k: v for k, v in a.items() if k != "seconds_per_example"} == {
-        k: v for k, v in b.items() if k != "seconds_per_example"
-    }
 
 
 @pytest.mark.slow
@@ -37,7 +31,7 @@ def test_shard_jobs_of_a_trained_run_merge_to_the_single_job_result_and_a_foreig
     assert p.returncode == 0, p.stderr[-2000:]
     rows = certificate_columns(read_csv(run / "certificates.csv"))
     assert len(rows) == 9 and rows == certificate_columns(read_csv(single / "certificates.csv"))
-    _same_metrics(json.loads((run / "metrics.json").read_text()), json.loads((single / "metrics.json").read_text()))
+    same_metrics(json.loads((run / "metrics.json").read_text()), json.loads((single / "metrics.json").read_text()))
 
     # python -m ssn_exp.certify: a shard job needs its shard; a shard of another split is refused at the merge
     out, ckpt = tmp_path / "cert", tmp_path / "model.ckpt"
@@ -134,7 +128,7 @@ def test_shard_jobs_as_a_slurm_array_merge_to_the_single_job_result(tmp_path):
     assert sorted(x.name for x in done.parent.glob("certificates*.csv")) == ["certificates.csv"]
     rows = certificate_columns(read_csv(done.parent / "certificates.csv"))
     assert len(rows) == 9 and rows == certificate_columns(read_csv(single / "certificates.csv"))
-    _same_metrics(json.loads(done.read_text()), json.loads((single / "metrics.json").read_text()))
+    same_metrics(json.loads(done.read_text()), json.loads((single / "metrics.json").read_text()))
 
 
 @pytest.mark.slurm

@@ -13,11 +13,6 @@ import time
 from helpers import start_cli
 
 
-def _ok(p):
-    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
-    return p
-
-
 def _start(module, *overrides):
     return start_cli(module, *overrides)
 
@@ -43,11 +38,6 @@ def _one_sigterm_line(proc, err: str, during: str) -> None:
     lines = [ln for ln in err.strip().splitlines() if ln.strip()]
     assert lines[-1] == f"error: terminated by SIGTERM during {during}; rerun the same command to resume", err[-3000:]
     assert sum(ln.startswith("error:") for ln in lines) == 1 and "Traceback" not in err, err[-3000:]
-
-
-def _same_metrics(a, b):
-    drop = ("seconds_per_example",)
-    assert {k: v for k, v in a.items() if k not in drop} == {k: v for k, v in b.items() if k not in drop}
 
 
 def test_the_sigterm_line_names_certification_when_certification_is_interrupted():

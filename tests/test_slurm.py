@@ -11,7 +11,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, certificate_columns, one_error_line, read_csv, read_metrics, run_cli, run_cli_many
+from helpers import (
+    ROOT,
+    certificate_columns,
+    one_error_line,
+    read_csv,
+    read_metrics,
+    run_cli,
+    run_cli_many,
+    same_metrics,
+    succeeded,
+)
 from test_config import _compose
 
 DDP = ["trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2"]
@@ -20,21 +30,9 @@ SLURM = ["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=1", "hydra.launch
 SLURM += ["hydra.launcher.timeout_min=10", "hydra.launcher.max_num_timeout=0"]
 
 
-def _ok(p):
-    assert p.returncode == 0, (p.stdout[-2000:], p.stderr[-4000:])
-    return p
-
-
 def _job_dir(sweep: Path) -> Path:
     (done,) = sweep.rglob("metrics.json")  # (a multirun certification's job folder is named after the ckpt path)
     return done.parent
-
-
-def _same_metrics(a: Path, b: Path) -> None:
-    ma, mb = read_metrics(a), read_metrics(b)
-    assert {k: v for k, v in ma.items() if k != "seconds_per_example"} == {
-        k: v for k, v in mb.items() if k != "seconds_per_example"
-    }
 
 
 @pytest.mark.parametrize(
@@ -68,7 +66,7 @@ def test_ddp_under_slurm_trains_and_certifies_like_one_process(tmp_path):
     a 2-process Slurm job, equal a single local process's certification of that checkpoint, row for row."""
     common = ["debug=fast", "method=dssn", "certify.max_examples=24", "certify.progress=false"]
     trained = tmp_path / "trained"
-    _ok(run_cli("ssn_exp", "--multirun", *common, *DDP, *SLURM, f"hydra.sweep.dir={trained}", timeout=600))
+    succeeded(run_cli("ssn_exp", "--multirun", *common, *DDP, *SLURM, f"hydra.sweep.dir={trained}", timeout=600))
     run = _job_dir(trained)
     ckpt = run / "checkpoints" / "last.ckpt"
     rows = read_csv(run / "certificates.csv")
@@ -84,11 +82,11 @@ def test_ddp_under_slurm_trains_and_certifies_like_one_process(tmp_path):
         ],
         workers=2,
     )
-    _ok(p_slurm), _ok(p_single)
+    succeeded(p_slurm), succeeded(p_single)
     want = certificate_columns(read_csv(single / "certificates.csv"))
     assert certificate_columns(rows) == want
     assert certificate_columns(read_csv(_job_dir(certified) / "certificates.csv")) == want
-    _same_metrics(_job_dir(certified), single)
+    same_metrics(read_metrics(_job_dir(certified)), read_metrics(single))
 
 
 # --- preemption and time limits: a job Slurm requeues resumes from its run directory ----------------------------
@@ -226,7 +224,7 @@ def test_a_job_requeued_in_training_and_in_certification_ends_as_an_uninterrupte
     kept = read_csv(run / "certificates.csv")
     assert 0 < len(kept) < 16  # stopped in certification
     _start_now(job)
-    _ok(uninterrupted.result())
+    succeeded(uninterrupted.result())
     _same_as_uninterrupted(sweep, local, proc)
     assert _resumes(sweep) == 2  # from last.ckpt both times
     rows = read_csv(run / "certificates.csv")  # and the rows certified before the second requeue were kept, not redone
@@ -252,7 +250,7 @@ def test_a_job_past_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_run(
     trained = bool(list(sweep.rglob("checkpoints/last.ckpt")))  # (a very busy machine may not get that far)
     _scontrol("update", f"jobid={job}", "TimeLimit=10")
     _start_now(job)
-    _ok(uninterrupted.result())
+    succeeded(uninterrupted.result())
     _same_as_uninterrupted(sweep, local, proc)
     assert _resumes(sweep) == int(trained)
 

@@ -14,19 +14,11 @@ from ssn_exp.noises import (
     DSSN,
     MAX_LEVELS,
     SSN,
-    InputDomainError,
     OffGridError,
     Uniform,
     exact_table,
     levine2021_table,
 )
-
-
-def noise_of(method, sigma, *, q=None, dim=None, seed=0):
-    return {"uniform": lambda: Uniform(sigma), "ssn": lambda: SSN(sigma), "dssn": lambda: DSSN(sigma, q, dim, seed)}[
-        method
-    ]()
-
 
 # ----------------------------------------------------------------------------- golden vectors
 
@@ -99,18 +91,8 @@ def test_levels_match_every_published_dssn_run(reference_dir):
 # ----------------------------------------------------------------------------- interface
 
 
-@pytest.mark.parametrize("shape", [(5, 1, 8, 8), (5, 64)])
-@pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
-def test_sample_keeps_shape_device_and_is_fresh_per_example(method, shape):
-    torch.manual_seed(0)
-    m = noise_of(method, 0.5, q=16, dim=64, seed=0)
-    x = torch.randint(0, 17, shape).float() / 16
-    x = x[:1].expand(shape).contiguous()  # the same image five times
-    out = m.sample(x)
-    assert out.shape == x.shape and out.dtype == x.dtype and out.device == x.device
-    flat = out.reshape(5, -1)
-    assert len({tuple(r.tolist()) for r in flat}) > 1, "every example must get its own noise"
-    assert math.isclose(m.lam, math.sqrt(3) * 0.5)
+# shape, dtype, device, fresh noise per example, seeding, chunks and the input checks of every noise:
+# tests/test_noise_contract.py
 
 
 def test_dssn_offsets_shape_and_dtype():
@@ -265,32 +247,16 @@ def test_the_largest_allowed_dssn_is_built():
     assert 0.99 * MAX_LEVELS < m.levels <= MAX_LEVELS
 
 
-@pytest.mark.parametrize("cls", [Uniform, SSN])
-@pytest.mark.parametrize("value", [float("nan"), 5.0, -0.5, float("inf"), 1.0 + 1e-6])
-def test_randomized_methods_reject_inputs_outside_the_unit_box(cls, value):
-    m = cls(0.5)
-    x = torch.full((3, 1, 2, 2), 0.25)
-    x[2, 0, 1, 0] = value
-    with pytest.raises(InputDomainError, match=r"example 2, coordinate 2"):
-        m.sample(x)
-    with pytest.raises(InputDomainError):
-        m.noisy(x, 0, 4)
-    assert m.sample(torch.tensor([[0.0, 1.0]])).shape == (1, 2)  # the closed interval is fine
-
-
-@pytest.mark.parametrize("method", ["uniform", "ssn", "dssn"])
-def test_noise_keeps_float64_inputs_in_float64(method):
-    m = noise_of(method, 0.5, q=16, dim=4)
+def test_dssn_keeps_float64_inputs_in_float64_with_the_exact_table_s_values():
+    m = DSSN(0.5, q=16, dim=4)  # (every noise keeps float64: tests/test_noise_contract.py)
     x = torch.randint(0, 17, (3, 4), dtype=torch.float64) / 16
-    assert m.sample(x).dtype == torch.float64
     out = m.noisy(x, 0, 5)
     assert out.dtype == torch.float64
-    if method == "dssn":  # the float64 values of the exact table, not float32 ones widened
-        table = torch.from_numpy(exact_table(16, m.levels))
-        k = (x * 16).round().long()  # (3, 4)
-        for j in range(5):
-            assert torch.equal(out[:, j], table[k, (m.v + j) % m.levels])
-        torch.testing.assert_close(out.float(), m.noisy(x.float(), 0, 5), rtol=0, atol=0)
+    table = torch.from_numpy(exact_table(16, m.levels))  # the float64 values of the exact table, not float32 ones
+    k = (x * 16).round().long()  # (3, 4)
+    for j in range(5):
+        assert torch.equal(out[:, j], table[k, (m.v + j) % m.levels])
+    torch.testing.assert_close(out.float(), m.noisy(x.float(), 0, 5), rtol=0, atol=0)
 
 
 def test_dssn_accepts_8bit_images_as_torchvision_makes_them():

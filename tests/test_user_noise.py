@@ -9,53 +9,18 @@ import csv
 import math
 import os
 import sys
-import textwrap
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from helpers import read_csv, read_metrics, read_wandb_offline, run_cli
+from helpers import ROOT, read_csv, read_metrics, read_wandb_offline, run_cli
 
-#: The user's noise: uniform noise of half-width lam = sqrt(3) sigma certified with a deliberately more
-#: conservative radius lam (p_lower - 1/2) (half the valid 2 lam (p_lower - 1/2)), plus ``radius_half``, half of it.
-MODULE = """
-import math
-
-import numpy as np
-import torch
-
-from ssn_exp.noises import SampledNoise
-
-
-class HalfUniform(SampledNoise):
-    name = "mynoise"
-    extra_columns = ("radius_half",)
-
-    def scale(self, sigma):
-        return math.sqrt(3.0) * sigma
-
-    def _draw(self, x, generator):
-        r = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-        return x + (2.0 * r - 1.0) * self.lam
-
-    def radius(self, p_lower):
-        return self.lam * (np.asarray(p_lower, dtype=np.float64) - 0.5)
-
-    def extra_radii(self, x, p_lower):
-        return {"radius_half": 0.5 * self.radius(p_lower)}
-
-    def check_extra(self, values, radius):
-        if not math.isclose(values["radius_half"], 0.5 * radius, rel_tol=1e-12, abs_tol=1e-12):
-            raise ValueError("radius_half is not half the radius")
-"""
-
-YAML = """\
-# A noise of the user's own (tests/test_user_noise.py)
-_target_: mynoise.HalfUniform
-sigma: ${sigma}
-"""
+#: The user's noise (tests/plugins/mynoise.py): uniform noise of half-width lam = sqrt(3) sigma certified with a
+#: deliberately more conservative radius lam (p_lower - 1/2) (half the valid 2 lam (p_lower - 1/2)), plus
+#: ``radius_half``, half of it; its YAML is tests/plugins/conf/method/mynoise.yaml.
+PLUGINS = ROOT / "tests" / "plugins"
 
 SIGMA = 0.5
 LAM = math.sqrt(3.0) * SIGMA
@@ -65,11 +30,8 @@ LAM = math.sqrt(3.0) * SIGMA
 def user_noise(tmp_path_factory):
     """The user's code and config, and the CLI runs over them (shared by the tests of this module)."""
     base = tmp_path_factory.mktemp("user_noise")
-    code, conf, work = base / "code", base / "conf", base / "work"
-    for d in (code, conf / "method", work):
-        d.mkdir(parents=True)
-    (code / "mynoise.py").write_text(textwrap.dedent(MODULE))
-    (conf / "method" / "mynoise.yaml").write_text(YAML)
+    code, conf, work = PLUGINS, PLUGINS / "conf", base / "work"
+    work.mkdir()
     path = os.environ.get("PYTHONPATH")
     env = {"PYTHONPATH": str(code) + (os.pathsep + path if path else "")}
     runs, cert_dir, report = base / "runs", base / "cert", base / "report"

@@ -53,9 +53,9 @@ def _job_cost(cfg) -> dict:
     noise = build_noise(cfg.method)
     procedure = build_procedure(cfg, noise)
     passes, how = procedure.forward_passes(noise), procedure.name
-    if passes is None:  # procedure=sequential: stops each example once decided
+    if passes is None:  # a data-dependent count (procedure=sequential: stops each example once decided)
         own = procedure.describe()  # its own sample counts (procedure.n given explicitly wins over certify.n)
-        passes, how = SEQUENTIAL_SHARE * (own.get("n0", 0) + own.get("n", 0)), "sequential, estimated"
+        passes, how = SEQUENTIAL_SHARE * (own.get("n0", 0) + own.get("n", 0)), f"{procedure.name}, estimated"
     examples = None
     if test is not None:
         examples = len(range(0, test, settings["skip"]))
