@@ -646,3 +646,29 @@ def test_a_hand_placed_hpc_checkpoint_is_refused_before_lightning_loads_it(tmp_p
     lines = p.stderr.strip().splitlines()
     assert lines and lines[-1].startswith("error: ") and "hpc_ckpt_1.ckpt" in lines[-1], p.stderr[-2000:]
     assert not (run / "checkpoints").exists() and not (run / "certificates.csv").exists()
+
+
+def test_a_moved_name_resolves_through_ssn_exp_s_own_shim_only(monkeypatch):
+    """Checkpoints written before ``ssn_exp.noises`` name ``ssn_exp.smoothing.DSSN``: the shim's module
+    ``__getattr__`` is asked (its DeprecationWarning silenced, even where warnings are errors); another package's
+    module ``__getattr__`` never is, nor an ssn_exp module without one."""
+    import types
+    import warnings
+
+    import ssn_exp.noises
+    import ssn_exp.smoothing
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert Trust().resolve("ssn_exp.smoothing.DSSN") is ssn_exp.noises.DSSN
+        assert Trust().resolve("ssn_exp.smoothing.Smoothing") is ssn_exp.noises.Noise
+        with pytest.raises(LookupError, match="ssn_exp.smoothing.Nothing does not exist"):
+            Trust().resolve("ssn_exp.smoothing.Nothing")
+    Trust().check({"_target_": "ssn_exp.smoothing.DSSN"}, "x")  # (allowed: it is the noise itself)
+    lazy = types.ModuleType("ssn_lazy_mod")
+    lazy.__getattr__ = lambda name: print  # another package's lazy attributes: never asked
+    monkeypatch.setitem(sys.modules, "ssn_lazy_mod", lazy)
+    with pytest.raises(LookupError, match="ssn_lazy_mod.anything does not exist"):
+        Trust(modules=["ssn_lazy_mod"]).resolve("ssn_lazy_mod.anything")
+    with pytest.raises(LookupError, match="ssn_exp.noises.Nothing does not exist"):
+        Trust().resolve("ssn_exp.noises.Nothing")
