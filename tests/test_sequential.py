@@ -1,5 +1,6 @@
-"""Sequential certification (ssn_exp.certify.sequential; docs/method.md section 13): bounds, thresholds, exact
-validity by dynamic programming, Monte Carlo, packing and the driver on a toy model."""
+"""Sequential certification (ssn_exp.certify.sequential_bounds and .sequential; docs/method.md section 13): bounds,
+thresholds, exact validity by dynamic programming, Monte Carlo, packing and the driver on a toy model (the helpers
+that only verify are in sequential_sim.py)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,17 @@ from hypothesis import strategies as st
 from scipy.special import betainc, betaln
 from scipy.stats import binom
 
+from sequential_sim import certify_sequential, false_certificate_probability, simulate, smoothing_noise
 from ssn_exp.certify.core import NonFiniteLogitsError, randomized_radius
-from ssn_exp.certify.sequential import (
+from ssn_exp.certify.sequential import PackingScheduler
+from ssn_exp.certify.sequential_bounds import (
     BOUNDS,
-    PackingScheduler,
     Schedule,
     SequentialTest,
-    certify_sequential,
     cp_lower_bound,
     cp_upper_bound,
-    false_certificate_probability,
     kt_lower_bound,
     kt_upper_bound,
-    simulate,
-    smoothing_noise,
     thresholds_for_radii,
 )
 from ssn_exp.noises import Uniform

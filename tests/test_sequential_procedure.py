@@ -13,11 +13,11 @@ import torch
 from torch.utils.data import TensorDataset
 
 from helpers import read_csv, run_cli
+from sequential_sim import false_certificate_probability
 from ssn_exp.certify.core import NonFiniteLogitsError
 from ssn_exp.certify.procedures import FixedSample, ProcedureError
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.certify.record import SAMPLES_COLUMN, CertificateRecord
-from ssn_exp.certify.sequential import false_certificate_probability
 from ssn_exp.lightning.certification import ShardCertifier
 from ssn_exp.lightning.results import ResultsFileError, merge_shards, summarize
 from ssn_exp.noises import DSSN, SSN, Uniform
