@@ -16,9 +16,10 @@ from omegaconf import read_write
 from torch.nn import functional as F
 
 from ssn_exp.cli.config import CONF_DIR, ConfigError
-from ssn_exp.lightning.module import CheckpointError, SmoothedTraining, checked_hparams, load_checkpoint
+from ssn_exp.lightning.checkpoint import checked_hparams
+from ssn_exp.lightning.module import SmoothedTraining, load_checkpoint
 from ssn_exp.lightning.objectives import Objective, ObjectiveError, Stability, Standard, stability_loss
-from ssn_exp.models import read_checkpoint
+from ssn_exp.models import CheckpointError, read_checkpoint
 from ssn_exp.noises import SSN, Uniform
 from test_trust import HPARAMS, save_checkpoint
 
