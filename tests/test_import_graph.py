@@ -195,3 +195,27 @@ def test_the_graph_sees_imports_inside_functions_and_relative_ones(tmp_path):
 @pytest.mark.parametrize("name", ["ssn_exp.cli.new_thing", "ssn_exp.report.new_thing", "ssn_exp.lightning.x"])
 def test_every_new_module_falls_into_a_layer(name):
     assert layer_of(name)[0] in "1234"
+
+
+def test_the_bench_uses_only_the_public_names_of_other_modules():
+    """``python -m ssn_exp.bench`` times what the package offers: it imports no private name (``from m import _x``,
+    ``m._x``) of another module, so a change inside a module cannot break it unseen."""
+    tree = ast.parse((SRC / "ssn_exp" / "bench.py").read_text())
+    modules_bound = {a.asname or a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    private = [
+        f"line {n.lineno}: from {n.module} import {a.name}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.ImportFrom)
+        for a in n.names
+        if a.name.startswith("_")
+    ]
+    private += [
+        f"line {n.lineno}: {ast.unparse(n)}"
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute)
+        and n.attr.startswith("_")
+        and not n.attr.startswith("__")
+        and isinstance(n.value, ast.Name)
+        and n.value.id in modules_bound
+    ]
+    assert not private, "\n".join(private)

@@ -33,6 +33,7 @@ __all__ = [
     "MIN_LEVEL",
     "randomized_radius",
     "count_predictions",
+    "forward_chunks",
     "input_dtype",
     "Certificates",
     "authors_radius_float32",
@@ -133,7 +134,7 @@ def clopper_pearson_lower(n_a, n, alpha: float = 0.001) -> np.ndarray:
 randomized_radius = uniform_radius
 
 
-def _chunks(batch: int, n: int, noise_batch: int) -> Iterator[tuple[int, int, int, int]]:
+def forward_chunks(batch: int, n: int, noise_batch: int) -> Iterator[tuple[int, int, int, int]]:
     """(i0, i1, start, stop): images [i0, i1) x samples [start, stop), about noise_batch inputs each."""
     if n >= noise_batch:
         for i in range(batch):
@@ -180,7 +181,7 @@ def count_predictions(
     finite = torch.ones(batch, dtype=torch.bool, device=x.device)
     with torch.inference_mode():
         noisy = smoothing.copies(x, dtype, generator)  # the input is checked here, once for the whole batch
-        for i0, i1, start, stop in _chunks(batch, n, noise_batch):
+        for i0, i1, start, stop in forward_chunks(batch, n, noise_batch):
             rows = (i1 - i0) * (stop - start)
             logits = model(noisy(i0, i1, start, stop).reshape(-1, *shape))
             finite[i0:i1] &= check_logits(logits, rows, num_classes).view(i1 - i0, stop - start).all(dim=1)
