@@ -12,7 +12,7 @@ from torch import nn
 
 from helpers import one_error_line, run_cli_many, write_tiny_imagefolder
 from ssn_exp.cli.config import ConfigError, check_certify_config
-from ssn_exp.cli.errors import is_user_error, one_line
+from ssn_exp.cli.messages import is_user_error, one_line
 from ssn_exp.exceptions import UserError
 
 FAST = ["debug=fast", "trainer.enable_progress_bar=false"]

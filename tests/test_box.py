@@ -1,4 +1,4 @@
-"""Box-constrained l1 certificate (ssn_exp.certify.box): standard-radius agreement, brute force, properties."""
+"""Box-constrained l1 certificate (ssn_exp.box): standard-radius agreement, brute force, properties."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ssn_exp.certify.box import box_radius, largest_box_radius
+from ssn_exp.box import box_radius, largest_box_radius
 
 # ---------------------------------------------------------------- helpers
 

@@ -517,7 +517,7 @@ def test_best_over_sigma_reads_string_keys_and_reports_a_missing_radius():
         best_over_sigma(runs, radii=[2.0])
 
 
-# ============================================================================ certify.box
+# ============================================================================ box
 
 
 def test_box_radius_takes_a_flat_vector_as_a_batch_of_one_pixel_images():

@@ -11,7 +11,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ssn_exp.lightning.module import CheckpointError, SmoothedTraining, load_checkpoint
+from ssn_exp.lightning.module import SmoothedTraining, load_checkpoint
+from ssn_exp.models import CheckpointError
 from test_trust import HPARAMS, payloads, save_checkpoint
 
 

@@ -238,7 +238,7 @@ def test_a_rank_that_raises_is_named_in_one_line():
     import torch.multiprocessing  # noqa: F401 - torch's own exception types, as a DDP launcher raises them
     from torch.multiprocessing.spawn import ProcessRaisedException
 
-    from ssn_exp.cli.errors import is_user_error, one_line
+    from ssn_exp.cli.messages import is_user_error, one_line
 
     msg = "\n\n-- Process 1 terminated with the following error:\nTraceback (most recent call last):\n  ...\n"
     exc = ProcessRaisedException(msg + "RuntimeError: boom on rank 1\n", error_index=1, error_pid=123)

@@ -43,7 +43,7 @@ FUZZ = settings(
 
 def assert_one_line_user_error(exc: BaseException) -> None:
     assert isinstance(exc, UserError), f"{type(exc).__name__}: {exc}"
-    from ssn_exp.cli.errors import one_line
+    from ssn_exp.cli.messages import one_line
 
     text = one_line(exc)
     assert text and "\n" not in text and "Traceback" not in text

@@ -1,6 +1,6 @@
 """A failed or refused start removes only what it created, never a folder that was there before (issue 17, item 8).
 
-The start records (:class:`_StartRecord` for a run, :class:`_SweepRecord` for a multirun's sweep directory) make
+The start records (:class:`StartRecord` for a run, :class:`SweepRecord` for a multirun's sweep directory) make
 the missing folders themselves, one ``os.mkdir`` at a time, so they know exactly which folders this process
 created: not by guessing from which paths were missing when they looked, which counts a folder someone else
 made meanwhile (or one put back at the same path) as its own, and misses the folders Hydra makes for a path
@@ -25,17 +25,17 @@ from ssn_exp.cli.run_dir import (
     RunDirGuard,
     RunLock,
     RunLockedError,
+    StartRecord,
+    SweepRecord,
     _make_dirs,
     _remove_created_dirs,
-    _StartRecord,
-    _SweepRecord,
 )
 from ssn_exp.exceptions import UserError
 
 
 def failed_start(out: Path | str) -> None:
     """A whole failed start: record, Hydra's files, the task's lock, the undo of guard()."""
-    rec = _StartRecord(out, "ssn_exp.log")
+    rec = StartRecord(out, "ssn_exp.log")
     hydra_start(out)
     with RunLock(Path(os.path.abspath(out))):  # the task took the lock, then refused
         pass
@@ -80,7 +80,7 @@ def test_a_folder_put_back_at_a_made_path_is_not_removed(tmp_path):
     existing = tmp_path / "EXISTING_EMPTY"
     existing.mkdir()
     out = existing / "a" / "b" / "run"
-    rec = _StartRecord(out, "ssn_exp.log")
+    rec = StartRecord(out, "ssn_exp.log")
     hydra_start(out)
     shutil.rmtree(existing / "a")
     (existing / "a").mkdir()  # the user's own folder, at the path the start had made one
@@ -93,10 +93,10 @@ def test_the_record_makes_the_folders_before_hydra_can(tmp_path):
     (another process) that finds them there counts none of them as its own."""
     out = tmp_path / "EXISTING_EMPTY" / "a" / "run"
     (tmp_path / "EXISTING_EMPTY").mkdir()
-    first = _StartRecord(out, "ssn_exp.log")
+    first = StartRecord(out, "ssn_exp.log")
     assert out.is_dir()
     assert [d for d, _ in first.created_dirs] == [out, out.parent]
-    second = _StartRecord(out / "inner", "ssn_exp.log")
+    second = StartRecord(out / "inner", "ssn_exp.log")
     assert [d for d, _ in second.created_dirs] == [out / "inner"]
     second.undo()
     assert out.is_dir() and tree(out) == {}
@@ -139,7 +139,7 @@ def test_a_sweep_that_fails_before_any_job_leaves_the_folders_as_they_were(tmp_p
     existing = tmp_path / "EXISTING_EMPTY"
     existing.mkdir()
     sweep = existing / "sweeps" / "s1"
-    rec = _SweepRecord(sweep)
+    rec = SweepRecord(sweep)
     assert sweep.is_dir()
     sweeper_start(sweep)
     assert rec.undo() is True
@@ -153,7 +153,7 @@ def test_a_refused_rerun_of_a_sweep_puts_its_multirun_yaml_back_byte_for_byte(tm
     (job / "metrics.json").write_text("{}")
     (sweep / "multirun.yaml").write_bytes(b"the earlier sweep's record\n")
     before = tree(tmp_path)
-    rec = _SweepRecord(sweep)
+    rec = SweepRecord(sweep)
     sweeper_start(sweep)
     assert rec.undo() is True
     assert tree(tmp_path) == before
@@ -163,7 +163,7 @@ def test_a_sweep_whose_jobs_started_is_not_undone(tmp_path):
     existing = tmp_path / "EXISTING_EMPTY"
     existing.mkdir()
     sweep = existing / "sweep"
-    rec = _SweepRecord(sweep)
+    rec = SweepRecord(sweep)
     sweeper_start(sweep)
     (sweep / "method=dssn").mkdir()  # a job's folder (a launcher may run the job in another process)
     assert rec.undo() is False
@@ -184,10 +184,10 @@ def test_the_callback_records_the_sweep_directory_the_sweeper_writes(tmp_path):
     time.sleep(0.01)
     made = [p.name for p in tmp_path.iterdir()]
     assert made == [Path(cfg.hydra.sweep.dir).name]
-    assert _SweepRecord.current is not None and _SweepRecord.current.dir == tmp_path / made[0]
+    assert SweepRecord.current is not None and SweepRecord.current.dir == tmp_path / made[0]
     RunDirGuard().on_job_start(config=cfg)
-    assert _SweepRecord.current.jobs_started == 1
-    _SweepRecord.current = None
+    assert SweepRecord.current.jobs_started == 1
+    SweepRecord.current = None
 
 
 def test_a_linked_multirun_yaml_is_refused_and_its_target_untouched(tmp_path, capsys):

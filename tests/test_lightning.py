@@ -14,7 +14,8 @@ from torch.utils.data import TensorDataset
 from helpers import cert_rows, read_csv
 from ssn_exp.lightning.certification import ShardCertifier, certify_indices, shard_indices
 from ssn_exp.lightning.loggers import RunCSVLogger
-from ssn_exp.lightning.module import SmoothedTraining, stability_loss
+from ssn_exp.lightning.module import SmoothedTraining
+from ssn_exp.lightning.objectives import stability_loss
 from ssn_exp.lightning.results import ResultsFileError, merge_shards, read_certificates
 from ssn_exp.noises import DSSN, SSN
 

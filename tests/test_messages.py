@@ -15,7 +15,7 @@ from helpers import one_error_line, run_cli
 from ssn_exp.certify.procedures import ProcedureError, check_radii
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.cli.config import ConfigError, build, check_certify_config
-from ssn_exp.cli.errors import one_line
+from ssn_exp.cli.messages import one_line
 from ssn_exp.cli.run_dir import _make_dirs
 from ssn_exp.exceptions import OptionError, describe, instantiation_message
 

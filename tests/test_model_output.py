@@ -10,7 +10,7 @@ from torch import nn
 
 from ssn_exp.certify.procedures import Exact, FixedSample
 from ssn_exp.certify.procedures_sequential import Sequential
-from ssn_exp.cli.errors import is_user_error, one_line
+from ssn_exp.cli.messages import is_user_error, one_line
 from ssn_exp.lightning.certification import certify_dataset
 from ssn_exp.noises import DSSN, Uniform
 

@@ -15,9 +15,10 @@ from torch.nn import functional as F
 from helpers import SAMPLED_NOISES, all_noises
 from helpers import compose_config as _compose
 from ssn_exp.cli.config import ConfigError
-from ssn_exp.lightning.module import CheckpointError, SmoothedTraining, checked_hparams, load_checkpoint
+from ssn_exp.lightning.checkpoint import checked_hparams
+from ssn_exp.lightning.module import SmoothedTraining, load_checkpoint
 from ssn_exp.lightning.objectives import Objective, ObjectiveError, Stability, Standard, stability_loss
-from ssn_exp.models import read_checkpoint
+from ssn_exp.models import CheckpointError, read_checkpoint
 from ssn_exp.noises import Uniform
 from test_trust import HPARAMS, save_checkpoint
 

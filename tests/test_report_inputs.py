@@ -166,5 +166,5 @@ def test_published_arrays_are_bounded_as_run_rows_are(tmp_path, arrays, sigma, w
     )
     with pytest.raises(RunFileError, match=words):
         load_reference(folder)
-    rc, _, stderr = run_main([folder, "--out", tmp_path / "out"])
+    rc, _, stderr = run_report_main([folder, "--out", tmp_path / "out"])
     assert rc == 2 and words.split()[0] in stderr and "Traceback" not in stderr

@@ -10,9 +10,9 @@ import shutil
 import pytest
 
 from helpers import run_cli
-from ssn_exp.cli.sweep import SweepError, jobs_from_params, record_jobs
+from ssn_exp.cli.sweep import SweepError, record_jobs
 from ssn_exp.report import main
-from ssn_exp.report.missing import SWEEP_RECORD, find_missing, read_sweep_record
+from ssn_exp.report.missing import SWEEP_RECORD, find_missing, jobs_from_params, read_sweep_record
 
 GOOD_CSV = "index,label,prediction,correct,radius,k\n0,1,1,1,0.25,4\n1,2,3,0,0.0,0\n"
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 
 from helpers import FAST, hydra_start, run_cli, run_cli_many, tree
-from ssn_exp.cli.run_dir import LinkedRunFileError, RunDirGuard, RunLock, RunLockedError, _StartRecord
+from ssn_exp.cli.run_dir import LinkedRunFileError, RunDirGuard, RunLock, RunLockedError, StartRecord
 
 
-def record(out: Path) -> _StartRecord:
-    return _StartRecord(out, "ssn_exp.log")
+def record(out: Path) -> StartRecord:
+    return StartRecord(out, "ssn_exp.log")
 
 
 # ---------------------------------------------------------------- the start record (in process)

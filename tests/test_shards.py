@@ -66,7 +66,7 @@ def test_shard_settings_are_checked_before_anything_starts(given, error):
 
 
 def test_the_shard_jobs_of_a_run_are_one_job_of_its_sweep():
-    from ssn_exp.cli.sweep import jobs_from_params
+    from ssn_exp.report.missing import jobs_from_params
 
     got = jobs_from_params({"method": "ssn,dssn"}, ["certify.shard=0,1,2", "certify.num_shards=3"])
     assert got == [["method=ssn"], ["method=dssn"]]  # the report waits for two runs, not six

@@ -20,7 +20,8 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from helpers import run_cli, run_cli_many
-from ssn_exp.lightning.module import CheckpointError, SmoothedTraining, load_checkpoint
+from ssn_exp.lightning.module import SmoothedTraining, load_checkpoint
+from ssn_exp.models import CheckpointError
 from ssn_exp.trust import Trust, UntrustedTarget, own_targets
 
 HPARAMS = {
@@ -455,6 +456,7 @@ def test_every_instantiation_site_is_known():
         "certify/__init__.py",  # lazy imports of its own submodules (names fixed in the module)
         "cli/certify.py",  # the user's method name; the data config after Trust.check
         "lightning/module.py",  # SmoothedTraining: the user's config, or checked_hparams() in load_checkpoint
+        "lightning/checkpoint.py",  # check_sizes (meta device): after checked_hparams() / load_stage's Trust.check
         "lightning/denoiser_stages.py",  # StageModule: the user's config, or Trust.check in load_stage
         "smoothing.py",  # the deprecated module's names come from ssn_exp.noises (a fixed module)
         "trust.py",  # imports only modules already trusted

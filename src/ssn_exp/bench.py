@@ -49,7 +49,7 @@ import torch
 from torch.nn import functional as F
 
 from ssn_exp.atomic import replace_file
-from ssn_exp.certify.core import Certificates, _chunks
+from ssn_exp.certify.core import Certificates, forward_chunks
 from ssn_exp.certify.procedures import Exact, FixedSample, Procedure
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.certify.record import SAMPLES_COLUMN
@@ -187,7 +187,7 @@ def _quantized_images(n: int, shape, q: int, device, generator) -> torch.Tensor:
 
 def _chunk_sizes(images: int, n: int, noise_batch: int) -> list[int]:
     """The batch sizes of the forward passes count_predictions makes for ``images`` x ``n``."""
-    return [(i1 - i0) * (stop - start) for i0, i1, start, stop in _chunks(images, n, noise_batch)]
+    return [(i1 - i0) * (stop - start) for i0, i1, start, stop in forward_chunks(images, n, noise_batch)]
 
 
 # ---------------------------------------------------------------------------------------- the three ways

@@ -34,6 +34,7 @@ from typing import ClassVar
 import numpy as np
 import torch
 
+from ssn_exp.box import box_radius, largest_box_radius
 from ssn_exp.exceptions import UserError
 
 __all__ = [
@@ -267,7 +268,7 @@ class EnumeratedNoise(Noise):
 class _BoxConstrained(SampledNoise):
     """Independent per-pixel noise of half-width lam = sqrt(3) sigma whose shifted copies overlap in
     prod_i (1 - |delta_i| / 2 lam) of their mass: radius 2 lam (p_lower - 1/2), and the box-constrained radius
-    (:func:`ssn_exp.certify.box.box_radius`) as ``radius_box``."""
+    (:func:`ssn_exp.box.box_radius`) as ``radius_box``."""
 
     extra_columns = ("radius_box",)
 
@@ -278,13 +279,9 @@ class _BoxConstrained(SampledNoise):
         return uniform_radius(p_lower, self.lam)
 
     def extra_radii(self, x, p_lower) -> dict[str, np.ndarray]:
-        from ssn_exp.certify.box import box_radius
-
         return {"radius_box": box_radius(x, p_lower, self.lam)}
 
     def check_extra(self, values, radius) -> None:
-        from ssn_exp.certify.box import largest_box_radius
-
         box = values["radius_box"]
         if not box >= radius - 1e-12:
             raise ValueError("radius_box is below radius")
@@ -335,7 +332,7 @@ class Laplace(SampledNoise):
 
     lam = sigma / sqrt(2), so sigma is the standard deviation per pixel. The certified l1 radius is
     -lam log(2 (1 - p_lower)) (docs/method.md section 14); no box-constrained radius is offered (the derivation of
-    :mod:`ssn_exp.certify.box` rests on uniform noise's overlap).
+    :mod:`ssn_exp.box` rests on uniform noise's overlap).
     """
 
     name = "laplace"

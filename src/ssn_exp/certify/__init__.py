@@ -15,15 +15,15 @@ import importlib
 #: Where each public name lives; imported on first use, so that ``python -m ssn_exp.certify`` can check its
 #: arguments (a missing checkpoint, say) before torch and scipy are imported (PEP 562 module ``__getattr__``).
 _WHERE = {
-    "box_radius": "box",
+    "box_radius": "ssn_exp.box",
+    "SmoothedClassifier": "ssn_exp.certify.procedures",
+    "certify_batch": "ssn_exp.certify.procedures",
     **dict.fromkeys(
         [
             "Certificates",
             "ModelOutputError",
             "NonFiniteLogitsError",
-            "SmoothedClassifier",
             "authors_radius_float32",
-            "certify_batch",
             "clopper_pearson_lower",
             "count_predictions",
             "exact_certificate",
@@ -31,7 +31,7 @@ _WHERE = {
             "randomized_radius",
             "top_class",
         ],
-        "core",
+        "ssn_exp.certify.core",
     ),
     **dict.fromkeys(
         [
@@ -42,14 +42,14 @@ _WHERE = {
             "certified_accuracy",
             "certified_count",
         ],
-        "metrics",
+        "ssn_exp.certify.metrics",
     ),
 }
 
 
 def __getattr__(name: str):
     if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
+        value = getattr(importlib.import_module(_WHERE[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

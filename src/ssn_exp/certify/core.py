@@ -33,10 +33,9 @@ __all__ = [
     "MIN_LEVEL",
     "randomized_radius",
     "count_predictions",
+    "forward_chunks",
     "input_dtype",
-    "certify_batch",
     "Certificates",
-    "SmoothedClassifier",
     "authors_radius_float32",
 ]
 
@@ -135,7 +134,7 @@ def clopper_pearson_lower(n_a, n, alpha: float = 0.001) -> np.ndarray:
 randomized_radius = uniform_radius
 
 
-def _chunks(batch: int, n: int, noise_batch: int) -> Iterator[tuple[int, int, int, int]]:
+def forward_chunks(batch: int, n: int, noise_batch: int) -> Iterator[tuple[int, int, int, int]]:
     """(i0, i1, start, stop): images [i0, i1) x samples [start, stop), about noise_batch inputs each."""
     if n >= noise_batch:
         for i in range(batch):
@@ -182,7 +181,7 @@ def count_predictions(
     finite = torch.ones(batch, dtype=torch.bool, device=x.device)
     with torch.inference_mode():
         noisy = smoothing.copies(x, dtype, generator)  # the input is checked here, once for the whole batch
-        for i0, i1, start, stop in _chunks(batch, n, noise_batch):
+        for i0, i1, start, stop in forward_chunks(batch, n, noise_batch):
             rows = (i1 - i0) * (stop - start)
             logits = model(noisy(i0, i1, start, stop).reshape(-1, *shape))
             finite[i0:i1] &= check_logits(logits, rows, num_classes).view(i1 - i0, stop - start).all(dim=1)
@@ -252,58 +251,6 @@ class Certificates:
                 value = np.concatenate([getattr(p, f.name) for p in parts])
             joined[f.name] = value
         return cls(**joined)
-
-
-def certify_batch(
-    model: Callable[[torch.Tensor], torch.Tensor],
-    x: torch.Tensor,
-    smoothing: Noise,
-    num_classes: int,
-    *,
-    n0: int = 64,
-    n: int = 100_000,
-    alpha: float = 0.001,
-    noise_batch: int = 1024,
-    generator: torch.Generator | None = None,
-    progress: Callable[[int], None] | None = None,
-    procedure=None,
-) -> Certificates:
-    """Certify a batch x (batch, C, H, W) in [0, 1] with the smoothed version of ``model``.
-
-    ``procedure``: how the statistics are gathered (:mod:`ssn_exp.certify.procedures`); by default the noise's
-    own: DSSN enumerates all L offsets (exact; n0, n, alpha and generator are unused), a sampled noise (uniform,
-    SSN, Laplace) takes class A from n0 samples, then n fresh samples and the Clopper-Pearson bound, and its
-    radius from the noise (uniform / SSN: also the box-constrained radius).
-    The model should be in eval mode; this runs under ``torch.inference_mode``. Noisy inputs are handed
-    to an ``nn.Module`` in the dtype of its parameters (e.g. float64 models get float64 inputs).
-    """
-    from ssn_exp.certify.procedures import default_procedure
-
-    if num_classes < 2:
-        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
-    if procedure is None:
-        procedure = default_procedure(smoothing, n0=n0, n=n, alpha=alpha)
-    return procedure.certify(
-        model, x, smoothing, num_classes, noise_batch=noise_batch, generator=generator, progress=progress
-    )
-
-
-class SmoothedClassifier:
-    """A framework-free smoothed classifier: ``SmoothedClassifier(model, DSSN(...), 10).certify(x)``."""
-
-    def __init__(self, model: torch.nn.Module, smoothing: Noise, num_classes: int, **certify_kwargs):
-        self.model = model
-        self.smoothing = smoothing
-        self.num_classes = num_classes
-        self.certify_kwargs = certify_kwargs
-
-    def certify(self, x: torch.Tensor, **overrides) -> Certificates:
-        if isinstance(self.model, torch.nn.Module):
-            self.model.eval()
-        return certify_batch(self.model, x, self.smoothing, self.num_classes, **{**self.certify_kwargs, **overrides})
-
-    def predict(self, x: torch.Tensor, **overrides) -> np.ndarray:
-        return self.certify(x, **overrides).prediction
 
 
 def authors_radius_float32(k, q: int) -> np.ndarray:

@@ -39,7 +39,17 @@ from ssn_exp.certify.core import (
 from ssn_exp.exceptions import UserError, list_option
 from ssn_exp.noises import EnumeratedNoise, Noise, SampledNoise, check_unit_box
 
-__all__ = ["Procedure", "Exact", "FixedSample", "NoiseDefault", "ProcedureError", "check_radii", "default_procedure"]
+__all__ = [
+    "Procedure",
+    "Exact",
+    "FixedSample",
+    "NoiseDefault",
+    "ProcedureError",
+    "check_radii",
+    "default_procedure",
+    "certify_batch",
+    "SmoothedClassifier",
+]
 
 
 class ProcedureError(UserError, ValueError):
@@ -305,3 +315,53 @@ def default_procedure(noise: Noise, *, n0: int = 64, n: int = 100_000, alpha: fl
     """The noise's own procedure (what ``procedure=`` defaults to for it): :class:`Exact` for an enumerated noise,
     :class:`FixedSample` with (n0, n, alpha) for a sampled one."""
     return Exact() if isinstance(noise, EnumeratedNoise) else FixedSample(n0=n0, n=n, alpha=alpha)
+
+
+def certify_batch(
+    model: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    smoothing: Noise,
+    num_classes: int,
+    *,
+    n0: int = 64,
+    n: int = 100_000,
+    alpha: float = 0.001,
+    noise_batch: int = 1024,
+    generator: torch.Generator | None = None,
+    progress: Callable[[int], None] | None = None,
+    procedure=None,
+) -> Certificates:
+    """Certify a batch x (batch, C, H, W) in [0, 1] with the smoothed version of ``model``.
+
+    ``procedure``: how the statistics are gathered (:mod:`ssn_exp.certify.procedures`); by default the noise's
+    own: DSSN enumerates all L offsets (exact; n0, n, alpha and generator are unused), a sampled noise (uniform,
+    SSN, Laplace) takes class A from n0 samples, then n fresh samples and the Clopper-Pearson bound, and its
+    radius from the noise (uniform / SSN: also the box-constrained radius).
+    The model should be in eval mode; this runs under ``torch.inference_mode``. Noisy inputs are handed
+    to an ``nn.Module`` in the dtype of its parameters (e.g. float64 models get float64 inputs).
+    """
+    if num_classes < 2:
+        raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+    if procedure is None:
+        procedure = default_procedure(smoothing, n0=n0, n=n, alpha=alpha)
+    return procedure.certify(
+        model, x, smoothing, num_classes, noise_batch=noise_batch, generator=generator, progress=progress
+    )
+
+
+class SmoothedClassifier:
+    """A framework-free smoothed classifier: ``SmoothedClassifier(model, DSSN(...), 10).certify(x)``."""
+
+    def __init__(self, model: torch.nn.Module, smoothing: Noise, num_classes: int, **certify_kwargs):
+        self.model = model
+        self.smoothing = smoothing
+        self.num_classes = num_classes
+        self.certify_kwargs = certify_kwargs
+
+    def certify(self, x: torch.Tensor, **overrides) -> Certificates:
+        if isinstance(self.model, torch.nn.Module):
+            self.model.eval()
+        return certify_batch(self.model, x, self.smoothing, self.num_classes, **{**self.certify_kwargs, **overrides})
+
+    def predict(self, x: torch.Tensor, **overrides) -> np.ndarray:
+        return self.certify(x, **overrides).prediction

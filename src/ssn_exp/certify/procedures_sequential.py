@@ -21,15 +21,8 @@ import torch
 from ssn_exp.certify.core import Certificates, check_level, input_dtype, top_class
 from ssn_exp.certify.procedures import Procedure, ProcedureError, _count, check_radii
 from ssn_exp.certify.record import SAMPLES_COLUMN
-from ssn_exp.certify.sequential import (
-    BOUNDS,
-    Schedule,
-    SequentialStream,
-    SequentialTest,
-    least_share,
-    sequential_certificates,
-    thresholds_for_radii,
-)
+from ssn_exp.certify.sequential import SequentialStream
+from ssn_exp.certify.sequential_bounds import BOUNDS, Schedule, SequentialTest, least_share, thresholds_for_radii
 from ssn_exp.noises import SampledNoise
 
 __all__ = ["Sequential", "SELECT"]
@@ -244,13 +237,23 @@ class Sequential(Procedure):
 
     def _certificates(self, group, x, noise: SampledNoise, num_classes: int, labels) -> Certificates:
         """The certificates of examples x that finished with the results ``group`` (their labels with select=label)."""
-        out = sequential_certificates(group, num_classes, with_selection=self.select == "top")
-        radius = np.asarray(noise.radius(out.p_lower), dtype=np.float64)
-        prediction = out.prediction
+
+        def stack(name: str, dtype=np.int64) -> np.ndarray:  # a field of every result, as one array
+            return np.array([getattr(r, name) for r in group], dtype=dtype)
+
+        def table(name: str) -> np.ndarray:  # (examples, classes) votes
+            return stack(name).reshape(len(group), num_classes)
+
+        p_lower, samples, prediction, counts = (
+            stack("p_lower", np.float64),
+            stack("samples"),
+            stack("prediction"),
+            table("counts"),
+        )
+        radius = np.asarray(noise.radius(p_lower), dtype=np.float64)
         if labels is not None:  # select=label: the label where it is certified, else the majority of the votes
-            majority = top_class(out.counts) if len(out.counts) else out.prediction
-            prediction = np.where(radius >= 0, out.prediction, majority)
-        values = {"p_lower": out.p_lower, SAMPLES_COLUMN: out.samples, **noise.extra_radii(x, out.p_lower)}
+            prediction = np.where(radius >= 0, prediction, top_class(counts) if len(counts) else prediction)
+        values = {"p_lower": p_lower, SAMPLES_COLUMN: samples, **noise.extra_radii(x, p_lower)}
         missing = [c for c in noise.extra_columns if c not in values]
         if missing:
             raise ValueError(f"{type(noise).__name__}.extra_radii gives no {', '.join(missing)}")
@@ -258,10 +261,10 @@ class Sequential(Procedure):
             method=noise.name,
             prediction=np.asarray(prediction, dtype=np.int64),
             radius=radius,
-            counts=out.counts,
-            forward_passes=int(out.samples.max()) if len(out.samples) else 0,  # the most any example took
+            counts=counts,
+            forward_passes=int(samples.max()) if len(samples) else 0,  # the most any example took
             values=values,
-            counts_n0=out.counts_n0,
+            counts_n0=table("counts_n0") if self.select == "top" else None,
         )
 
     # -- checking a row read back -------------------------------------------------------------------------

@@ -75,7 +75,7 @@ def _explicit_overrides() -> dict[str, str]:
 
 
 def _detect(path: Path, requested: str) -> str:
-    from ssn_exp.lightning.module import CheckpointError, read_checkpoint
+    from ssn_exp.models import CheckpointError, read_checkpoint
 
     if requested not in FORMATS:
         raise ConfigError(f"ckpt_format must be one of {list(FORMATS)}, got {requested!r}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import math
 import statistics
+from collections.abc import Callable
 from importlib import resources
 
 __all__ = ["plan_lines", "published_throughput"]
@@ -73,15 +74,16 @@ def _job_cost(cfg) -> dict:
     )
 
 
-def plan_lines(name: str, fixed: list[str], all_jobs: list[list[str]], throughput: float | None) -> list[str]:
-    """The plan of sweep ``name``: a line per job, then the total (lines to print)."""
-    from ssn_exp.cli.sweep import load_sweep
-
+def plan_lines(
+    compose: Callable[[list[str]], object], fixed: list[str], all_jobs: list[list[str]], throughput: float | None
+) -> list[str]:
+    """The plan of a sweep: a line per job, then the total (lines to print). ``compose(overrides)``: a job's config
+    as the sweep composes it, ``fixed`` (the overrides of every job) applied."""
     lines, total, rates = [], 0.0, {}
     for i, job in enumerate(all_jobs):
         shard = [] if any(o.startswith("certify.shard=") for o in fixed) else ["certify.shard=0"]  # (one is enough)
         sharded = any(o.startswith("certify.num_shards=") and o != "certify.num_shards=1" for o in fixed)
-        cfg = load_sweep(name, [*fixed, *job, *(shard if sharded else [])])
+        cfg = compose([*job, *(shard if sharded else [])])
         c = _job_cost(cfg)
         if c["data"] not in rates:
             rates[c["data"]] = throughput or published_throughput(c["data"])

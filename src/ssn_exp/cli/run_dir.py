@@ -3,7 +3,7 @@
 :class:`RunDirGuard` (a Hydra callback, ``hydra.callbacks`` in the configs) records the run directory before
 Hydra writes anything into it, so that a failed or refused start removes only what it created and puts back
 the ``.hydra/`` record of an earlier run byte for byte (:func:`ssn_exp.cli.errors.guard` calls
-:meth:`_StartRecord.undo`). :class:`RunLock` keeps a second process out of a run directory in use.
+:meth:`StartRecord.undo`). :class:`RunLock` keeps a second process out of a run directory in use.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ssn_exp.atomic import replace_file
-from ssn_exp.cli.errors import is_user_error, one_line
+from ssn_exp.cli.messages import is_user_error, one_line
 from ssn_exp.exceptions import LinkedRunFileError, UserError
 
-__all__ = ["RunDirGuard", "RunLock", "RunLockedError"]
+__all__ = ["RunDirGuard", "RunLock", "RunLockedError", "StartRecord", "SweepRecord"]
 
 log = logging.getLogger("ssn_exp")
 
@@ -127,10 +127,10 @@ def _remove_created_dirs(made: list[_MadeDir]) -> None:
                 os.close(fd)
 
 
-class _StartRecord:
+class StartRecord:
     """The state of a run directory before Hydra wrote into it (taken by :class:`RunDirGuard`)."""
 
-    current: _StartRecord | None = None
+    current: StartRecord | None = None
 
     def __init__(self, out: Path | str, log_name: str):
         self.out = Path(os.path.abspath(out))
@@ -216,10 +216,10 @@ def _close_file_handlers(path: Path) -> None:
                 h.close()
 
 
-class _SweepRecord:
+class SweepRecord:
     """The sweep directory of a multirun before Hydra's sweeper wrote into it (taken by :class:`RunDirGuard`)."""
 
-    current: _SweepRecord | None = None
+    current: SweepRecord | None = None
 
     def __init__(self, sweep_dir: Path | str):
         self.dir = Path(os.path.abspath(sweep_dir))
@@ -257,7 +257,7 @@ class RunDirGuard:
     created) and records the directory as it is, for :func:`guard` to undo a failed start.
 
     A multirun is recorded the same way before Hydra's sweeper writes the sweep directory and its
-    ``multirun.yaml`` (:class:`_SweepRecord`): a sweep that fails before any job starts (a job's config that
+    ``multirun.yaml`` (:class:`SweepRecord`): a sweep that fails before any job starts (a job's config that
     does not compose) leaves the sweep directory as it was. Jobs have no hook before Hydra writes their folder:
     their lock and result files still refuse links (:class:`RunLock`, ``results``), and a failed job keeps
     its folder with ``error.txt`` for the report.
@@ -267,7 +267,7 @@ class RunDirGuard:
         from hydra.core.hydra_config import HydraConfig
         from omegaconf import OmegaConf
 
-        _StartRecord.current = None
+        StartRecord.current = None
         with contextlib.suppress(Exception):  # as run_job does first: ${hydra:...} may name the run directory
             HydraConfig.instance().set_config(config)
         try:
@@ -277,23 +277,23 @@ class RunDirGuard:
         except Exception:  # noqa: BLE001 - a bad run directory: Hydra reports it in run_job, before writing anything
             return
         self._refuse_links(out, log_name)
-        _StartRecord.current = _exit_on_os_error(lambda: _StartRecord(given, log_name))
+        StartRecord.current = _exit_on_os_error(lambda: StartRecord(given, log_name))
 
     def on_multirun_start(self, config, **kwargs) -> None:
         from omegaconf import OmegaConf
 
-        _SweepRecord.current = None
+        SweepRecord.current = None
         try:  # (the sweeper resolves the same node of the same config: ${now:...} is cached, the same folder)
             given = str(OmegaConf.select(config, "hydra.sweep.dir", throw_on_missing=True))
         except Exception:  # noqa: BLE001 - a bad sweep directory: Hydra reports it before writing anything
             return
         if os.path.islink(Path(given) / "multirun.yaml"):
             _refuse_link(Path(os.path.abspath(given)) / "multirun.yaml", "hydra.sweep.dir=DIR")
-        _SweepRecord.current = _exit_on_os_error(lambda: _SweepRecord(given))
+        SweepRecord.current = _exit_on_os_error(lambda: SweepRecord(given))
 
     def on_job_start(self, config, **kwargs) -> None:
-        if _SweepRecord.current is not None:
-            _SweepRecord.current.jobs_started += 1
+        if SweepRecord.current is not None:
+            SweepRecord.current.jobs_started += 1
 
     # Hydra calls every hook of its Callback interface; the others have nothing to do.
     def on_run_end(self, config, **kwargs) -> None:

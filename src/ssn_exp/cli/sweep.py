@@ -13,7 +13,6 @@ the sweep costs and runs nothing.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import shlex
@@ -24,9 +23,11 @@ from pathlib import Path
 
 from ssn_exp.atomic import replace_file
 from ssn_exp.cli.config import CONF_DIR
+from ssn_exp.cli.plan import plan_lines
 from ssn_exp.exceptions import UserError
+from ssn_exp.report.missing import SWEEP_RECORD, jobs_from_params, read_sweep_record
 
-__all__ = ["available", "load_sweep", "jobs", "jobs_from_params", "record_jobs", "sweep_command", "main"]
+__all__ = ["available", "load_sweep", "jobs", "record_jobs", "sweep_command", "main"]
 
 SWEEP_DIR = Path(CONF_DIR) / "sweep"
 LAUNCHERS = {"basic": None, "local": "submitit_local", "slurm": "slurm"}
@@ -57,27 +58,6 @@ def jobs(cfg, overrides: list[str] = ()) -> list[list[str]]:
     return jobs_from_params({str(k): str(v) for k, v in (cfg.hydra.sweeper.params or {}).items()}, overrides)
 
 
-def jobs_from_params(params: dict[str, str], overrides: list[str] = ()) -> list[list[str]]:
-    """:func:`jobs` from the sweeper's params (key -> value string) and the overrides (Hydra's multirun.yaml holds
-    both: the report reads a sweep's job list from it). A run certified by shard jobs (``certify.shard=0,1,...``)
-    is one job: they share its directory."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    parser = OverridesParser.create()
-    params = dict(params)
-    for item in overrides:  # command-line sweeps, and fixed values of swept keys, replace the sweep's lists
-        ov = parser.parse_override(item)
-        if ov.is_sweep_override() or ov.get_key_element() in params:
-            params[ov.get_key_element()] = item.split("=", 1)[1]
-    params.pop("certify.shard", None)  # the shard jobs of one certification share its run: one job of the sweep
-    lists = []
-    for key, value in params.items():
-        ov = parser.parse_override(f"{key}={value}")
-        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
-        lists.append([f"{key}={v}" for v in values])
-    return [list(combo) for combo in itertools.product(*lists)]
-
-
 def sweep_command(name: str, overrides: list[str], out_dir: Path, launcher: str | None) -> list[str]:
     cmd = [sys.executable, "-m", "ssn_exp", "--multirun", f"sweep={name}", *overrides, f"hydra.sweep.dir={out_dir}"]
     if launcher:
@@ -89,8 +69,6 @@ def record_jobs(out_dir: Path, name: str, all_jobs: list[list[str]]) -> Path:
     """Record the sweep's job list in ``out_dir/sweep_jobs.json`` (atomically, never through a symlink), so that the
     report names every job without results, even one whose directory was deleted. A sweep run again into the same
     directory adds its jobs to those recorded before (a narrower rerun does not forget the others)."""
-    from ssn_exp.report.missing import SWEEP_RECORD, read_sweep_record
-
     path = out_dir / SWEEP_RECORD
     jobs_ = [tuple(j) for j in all_jobs]
     if path.is_symlink() or path.exists():
@@ -171,22 +149,21 @@ def main(argv=None) -> int:
         cfg = load_sweep(args.name, fixed)
         all_jobs = jobs(cfg, [o for o in args.overrides if not o.startswith("hydra")])
     except Exception as exc:  # noqa: BLE001 - a bad override or option: one line
-        from ssn_exp.cli.errors import one_line
+        from ssn_exp.cli.messages import one_line
 
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2
     if args.plan:  # composed as the jobs would be, nothing written
-        from ssn_exp.cli.plan import plan_lines
-
         if args.throughput is not None and not args.throughput > 0:
             print(f"error: --throughput must be > 0 forward passes per second, got {args.throughput}", file=sys.stderr)
             return 2
         launcher = LAUNCHERS[args.launcher] if args.launcher != "basic" else "slurm"
         print(f"sweep {args.name}: {cfg.sweep_info.description}; {len(all_jobs)} jobs, hydra/launcher={launcher}")
         try:
-            lines = plan_lines(args.name, [*fixed, f"hydra/launcher={launcher}"], all_jobs, args.throughput)
+            fixed.append(f"hydra/launcher={launcher}")
+            lines = plan_lines(lambda job: load_sweep(args.name, [*fixed, *job]), fixed, all_jobs, args.throughput)
         except Exception as exc:  # noqa: BLE001 - a job whose config does not compose or check: one line
-            from ssn_exp.cli.errors import one_line
+            from ssn_exp.cli.messages import one_line
 
             print(f"error: {one_line(exc)}", file=sys.stderr)
             return 2
@@ -207,7 +184,7 @@ def main(argv=None) -> int:
     try:
         record_jobs(out_dir, args.name, all_jobs)
     except (SweepError, OSError) as exc:
-        from ssn_exp.cli.errors import one_line
+        from ssn_exp.cli.messages import one_line
 
         print(f"error: {one_line(exc)}", file=sys.stderr)
         return 2

@@ -125,14 +125,17 @@ def _differences(a, b, prefix: str = "") -> list[str]:
 
 def _semantic(hp: dict) -> dict:
     """What must agree for a run to resume: the hyper-parameters in today's layout, without non-semantic data keys."""
-    from ssn_exp.lightning.module import current_layout, semantic_data
+    from ssn_exp.lightning.checkpoint import current_layout
+    from ssn_exp.lightning.module import semantic_data
 
     hp = current_layout(hp)
     return {**hp, "data": semantic_data(hp.get("data"))}
 
 
 def _resume_point(cfg: DictConfig, out_dir: Path, hparams: dict, identity: dict) -> str | None:
-    from ssn_exp.lightning.module import checked_hparams, load_checkpoint, read_checkpoint
+    from ssn_exp.lightning.checkpoint import checked_hparams
+    from ssn_exp.lightning.module import load_checkpoint
+    from ssn_exp.models import read_checkpoint
 
     last = out_dir / "checkpoints" / "last.ckpt"
     if not last.is_file():
@@ -156,8 +159,9 @@ def _weights_to_certify(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -
     certificates of other weights are refused before anything is written): its checkpoint's when training is done,
     a note when the run is about to train further (which changes them). None (compared after training) for a run
     that trains from scratch or a folder without certificates (the checkpoint is then not read again)."""
-    from ssn_exp.lightning.module import load_checkpoint, read_checkpoint
+    from ssn_exp.lightning.module import load_checkpoint
     from ssn_exp.lightning.results import model_fingerprint
+    from ssn_exp.models import read_checkpoint
 
     if ckpt_path is None or not any(out_dir.glob("certificates*.csv")):
         return None
@@ -169,7 +173,8 @@ def _weights_to_certify(cfg: DictConfig, out_dir: Path, ckpt_path: str | None) -
 
 def _trained(cfg: DictConfig, ckpt_path: str | None, out_dir: Path, identity: dict):
     """The module of a finished training run in ``out_dir`` (job shards certify it side by side; none trains)."""
-    from ssn_exp.lightning.module import load_checkpoint, read_checkpoint
+    from ssn_exp.lightning.module import load_checkpoint
+    from ssn_exp.models import read_checkpoint
 
     epochs = int(cfg.trainer.get("max_epochs", cfg.training.epochs))
     done = 0 if ckpt_path is None else int(read_checkpoint(ckpt_path).get("epoch", -1)) + 1

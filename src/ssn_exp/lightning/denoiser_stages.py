@@ -25,9 +25,11 @@ from torch.nn import functional as F
 
 from ssn_exp.exceptions import _first_line, instantiation_message
 from ssn_exp.lightning.callbacks import epoch_checkpoint
+from ssn_exp.lightning.checkpoint import check_sizes
 from ssn_exp.lightning.data import mix_seed
-from ssn_exp.lightning.module import CheckpointError, build_classifier, check_sizes, read_checkpoint
+from ssn_exp.lightning.module import build_classifier
 from ssn_exp.lightning.results import write_text_atomic
+from ssn_exp.models import CheckpointError, read_checkpoint
 from ssn_exp.noises import Noise
 from ssn_exp.trust import Trust, UntrustedTarget
 

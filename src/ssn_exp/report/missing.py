@@ -8,12 +8,21 @@ YAML): nothing in a sweep or run folder is imported or instantiated.
 
 from __future__ import annotations
 
+import itertools
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MissingRun", "SWEEP_RECORD", "find_missing", "read_overrides", "read_sweep_record", "sweep_jobs"]
+__all__ = [
+    "MissingRun",
+    "SWEEP_RECORD",
+    "find_missing",
+    "jobs_from_params",
+    "read_overrides",
+    "read_sweep_record",
+    "sweep_jobs",
+]
 
 #: The job list a sweep records in its directory (``python -m ssn_exp.sweep``).
 SWEEP_RECORD = "sweep_jobs.json"
@@ -75,11 +84,30 @@ def read_sweep_record(path) -> list[tuple[str, ...]]:
     return [tuple(job) for job in jobs]
 
 
+def jobs_from_params(params: dict[str, str], overrides: list[str] = ()) -> list[list[str]]:
+    """The swept overrides of every job (:func:`ssn_exp.cli.sweep.jobs`) from the sweeper's params (key -> value string) and the overrides (Hydra's multirun.yaml holds
+    both: the report reads a sweep's job list from it). A run certified by shard jobs (``certify.shard=0,1,...``)
+    is one job: they share its directory."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    params = dict(params)
+    for item in overrides:  # command-line sweeps, and fixed values of swept keys, replace the sweep's lists
+        ov = parser.parse_override(item)
+        if ov.is_sweep_override() or ov.get_key_element() in params:
+            params[ov.get_key_element()] = item.split("=", 1)[1]
+    params.pop("certify.shard", None)  # the shard jobs of one certification share its run: one job of the sweep
+    lists = []
+    for key, value in params.items():
+        ov = parser.parse_override(f"{key}={value}")
+        values = list(ov.sweep_string_iterator()) if ov.is_sweep_override() else [ov.get_value_element_as_str()]
+        lists.append([f"{key}={v}" for v in values])
+    return [list(combo) for combo in itertools.product(*lists)]
+
+
 def _multirun_jobs(path: Path) -> list[tuple[str, ...]]:
     """The jobs of a Hydra multirun from its ``multirun.yaml`` (its sweeper params and command-line overrides)."""
     import yaml
-
-    from ssn_exp.cli.sweep import jobs_from_params
 
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
