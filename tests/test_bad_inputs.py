@@ -63,14 +63,18 @@ def test_bad_inputs_on_the_command_line_are_one_line_and_leave_nothing(tmp_path)
     assert not (runs["image"] / "certificates.csv").exists() and not (runs["image"] / "metrics.json").exists()
 
 
-def _cfg(**certify):
+def _cfg(*overrides, **certify):
     from hydra import compose, initialize_config_dir
 
     from ssn_exp.cli.config import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"certify.{k}={v}" for k, v in certify.items()])
+        cfg = compose(config_name="config", overrides=[*overrides, *(f"certify.{k}={v}" for k, v in certify.items())])
     return cfg
+
+
+def _procedure_cfg(procedure, key, value):
+    return _cfg("method=uniform", f"procedure={procedure}", f"procedure.{key}={value}")
 
 
 @pytest.mark.parametrize(
@@ -79,18 +83,42 @@ def _cfg(**certify):
         ("radii", "[nan,0.5]", "certify.radii must be a list of non-negative finite numbers, got [nan, 0.5]"),
         ("radii", "[inf]", "certify.radii must be a list of non-negative finite numbers"),
         ("radii", "3", "certify.radii must be a list"),
-        ("n", "100000000000000000000", "certify.n must be an integer in [1, 9007199254740992]"),
         ("noise_batch", "9223372036854775808", "certify.noise_batch must be an integer in [1, 2147483647]"),
-        ("alpha", "nan", "certify.alpha must lie in (0, 1), got nan"),
-        ("alpha", "5e-324", "certify.alpha=5e-324 is too small"),  # alpha / 2 of the two-sided bound underflows
         ("compile", "maybe", "certify.compile must be true or false, got 'maybe'"),
-        ("n", "'${nope}'", "certify.n: Interpolation key 'nope' not found"),
+        ("skip", "'${nope}'", "certify.skip: Interpolation key 'nope' not found"),
     ],
 )
 def test_certify_settings_refuse_in_one_line(key, value, words):
     with pytest.raises(ConfigError) as info:
         check_certify_config(_cfg(**{key: value}))
     assert words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("procedure", ["auto", "fixed", "sequential"])
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("n", "100000000000000000000", "procedure.n must be an integer in [1, 9007199254740992]"),
+        ("n0", "0", "procedure.n0 must be an integer >= 1, got 0"),
+        ("alpha", "nan", "procedure.alpha must lie in (0, 1), got nan"),
+        ("n", "'${nope}'", "Interpolation key 'nope' not found"),
+    ],
+)
+def test_procedure_settings_refuse_in_one_line_naming_the_procedure_key(procedure, key, value, words):
+    from ssn_exp.cli.common import build_procedure
+
+    if procedure == "sequential" and value.startswith("1000"):  # its schedule's own bound comes first
+        words = "procedure.n: a cap of 100000000000000000000 samples takes"
+    with pytest.raises(ConfigError) as info:  # checked once, by the procedure, whatever the noise
+        build_procedure(_procedure_cfg(procedure, key, value))
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_fixed_alpha_too_small_for_the_two_sided_bound_is_refused():  # alpha / 2 underflows
+    from ssn_exp.cli.common import build_procedure
+
+    with pytest.raises(ConfigError, match=r"procedure\.alpha=5e-324 is too small"):
+        build_procedure(_procedure_cfg("fixed", "alpha", "5e-324"))
 
 
 def test_a_noise_batch_larger_than_memory_is_refused_before_anything_is_written(tmp_path):

@@ -430,11 +430,11 @@ def _compose(overrides):
     return cfg
 
 
-def test_the_config_builds_the_procedure_from_the_certify_settings():
+def test_the_config_builds_the_procedure_from_its_settings():
     from ssn_exp.cli.common import build_noise, build_procedure
     from ssn_exp.cli.config import ConfigError
 
-    cfg = _compose(["method=uniform", "procedure=sequential", "certify.n=5000", "certify.radii=[0.0,0.5]"])
+    cfg = _compose(["method=uniform", "procedure=sequential", "procedure.n=5000", "certify.radii=[0.0,0.5]"])
     proc = build_procedure(cfg, build_noise(cfg.method))
     assert isinstance(proc, Sequential)
     assert (proc.n0, proc.n, proc.alpha, proc.radii, proc.select) == (64, 5000, 0.001, [0.0, 0.5], "top")
@@ -456,7 +456,7 @@ def test_a_run_certifies_sequentially_end_to_end(tmp_path):
     rows = read_csv(run_dir / "certificates.csv")
     assert len(rows) == 8 and SAMPLES_COLUMN in rows[0]
     samples = np.array([int(r[SAMPLES_COLUMN]) for r in rows])
-    assert np.all((samples > 64) & (samples <= 64 + 256))  # debug=fast: certify.n = 256 is the cap
+    assert np.all((samples > 64) & (samples <= 64 + 256))  # debug=fast: procedure.n = 256 is the cap
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["forward_passes_per_example"] == pytest.approx(samples.mean())
     assert m["forward_passes_p90"] == pytest.approx(np.percentile(samples, 90))

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import certificate_columns, one_error_line, read_csv, run_cli
 
-FAST = ["debug=fast", "method=ssn", "certify.n=300", "certify.max_examples=9", "logger=none", "seed=3"]
+FAST = ["debug=fast", "method=ssn", "procedure.n=300", "certify.max_examples=9", "logger=none", "seed=3"]
 
 
 def _same_metrics(a: dict, b: dict) -> None:

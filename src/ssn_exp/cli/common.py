@@ -189,9 +189,10 @@ def build_noise(node: DictConfig, group: str = "method"):
     return noise
 
 
-def build_procedure(cfg: DictConfig, noise):
-    """The certificate procedure of the ``procedure`` config for ``noise`` (``procedure=auto``, the default: the noise's
-    own, :class:`ssn_exp.certify.procedures.NoiseDefault`), checked against it: a noise the procedure cannot certify
+def build_procedure(cfg: DictConfig, noise=None):
+    """The certificate procedure of the ``procedure`` config, its settings checked (the one check of procedure.n0 / n /
+    alpha: the procedure's own), and for ``noise`` if given (``procedure=auto``, the default: the noise's own,
+    :class:`ssn_exp.certify.procedures.NoiseDefault`), checked against it: a noise the procedure cannot certify
     (procedure=fixed for dssn, say) is refused in one line before anything is trained or loaded."""
     from ssn_exp.certify.procedures import Procedure, ProcedureError
 
@@ -204,7 +205,7 @@ def build_procedure(cfg: DictConfig, noise):
             "(ssn_exp.certify.procedures.Procedure)"
         )
     try:
-        return procedure.for_noise(noise)
+        return procedure if noise is None else procedure.for_noise(noise)
     except ProcedureError as exc:
         raise ConfigError(str(exc)) from None
 

@@ -26,6 +26,8 @@ __all__ = [
     "check_tag",
     "check_one_value",
     "check_certify_config",
+    "given_overrides",
+    "apply_deprecated",
     "container",
 ]
 
@@ -210,9 +212,8 @@ def check_bool(value, key: str) -> bool:
     return value
 
 
-#: Upper bounds of the certification counts: sample counts stay exact in float64 (the Clopper-Pearson bound),
-#: batch sizes and indices within what torch indexes with int32/int64 arithmetic.
-MAX_SAMPLES = 2**53
+#: Upper bound of the certification batch sizes and indices: within what torch indexes with int32/int64 arithmetic
+#: (the sample counts' is the procedure's, :data:`ssn_exp.certify.procedures.MAX_SAMPLES`).
 MAX_BATCH = 2**31 - 1
 
 
@@ -254,7 +255,42 @@ def shard_lock_name(settings: dict) -> str:
     return f".ssn_exp.shard{settings['shard']}of{settings['num_shards']}.lock"
 
 
-def check_certify_config(cfg: DictConfig, n: int | None = None, shape=None) -> dict:
+def given_overrides() -> set[str]:
+    """The keys given on the command line (or by the sweeper) for this job: ``procedure.n`` of ``procedure.n=500``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return {item.lstrip("+~").partition("=")[0] for item in HydraConfig.get().overrides.task}
+
+
+#: The certify.* spellings of the procedure's own settings before issue 25, kept for one release.
+DEPRECATED_CERTIFY = ("n0", "n", "alpha")
+_warned: set[str] = set()
+
+
+def apply_deprecated(cfg: DictConfig, given) -> None:
+    """Apply an old spelling ``certify.n0`` / ``n`` / ``alpha`` (set, not null) to ``procedure.*``, with one warning line
+    naming the new one; unless that key is also in ``given`` (the keys given explicitly) as ``procedure.*``, which wins,
+    or the procedure takes no such setting (procedure=exact): then it is ignored, and the warning says so."""
+    import sys
+
+    c, proc = cfg.get("certify"), cfg.get("procedure")
+    for key in DEPRECATED_CERTIFY:
+        if not isinstance(c, DictConfig) or key not in c or (value := _value(c, key, "certify.")) is None:
+            continue
+        text = f"certify.{key} is deprecated; use procedure.{key}={value}"
+        if f"procedure.{key}" in given:
+            text = f"certify.{key} is deprecated and ignored: procedure.{key}={_value(proc, key, 'procedure.')} wins"
+        elif isinstance(proc, DictConfig) and key in proc:
+            proc[key] = value
+        else:
+            text += f" (ignored here: this procedure takes no {key})"
+        c[key] = None  # applied once
+        if text not in _warned:
+            _warned.add(text)
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def check_certify_config(cfg: DictConfig, shape=None) -> dict:
     """The certification settings, every value checked (before any training or certification starts).
 
     ``shape``: the inputs' (C, H, W) (default ``data.shape``): a ``certify.noise_batch`` whose noisy batch cannot
@@ -270,14 +306,11 @@ def check_certify_config(cfg: DictConfig, n: int | None = None, shape=None) -> d
     def get(key, default=None):
         return _value(c, key, "certify.") if key in c else default
 
-    n_value = get("n") if n is None else n
     settings = {
         "skip": check_positive_int(get("skip"), "certify.skip"),
         "max_examples": None
         if get("max_examples") is None
         else check_positive_int(get("max_examples"), "certify.max_examples"),
-        "n0": check_positive_int(get("n0"), "certify.n0", maximum=MAX_SAMPLES),
-        "n": check_positive_int(n_value, "certify.n", maximum=MAX_SAMPLES),
         "noise_batch": check_positive_int(get("noise_batch"), "certify.noise_batch", maximum=MAX_BATCH),
         "batch_size": check_positive_int(get("batch_size"), "certify.batch_size", maximum=MAX_BATCH),
         "seed": check_seed(_value(cfg, "seed", "")),
@@ -307,9 +340,6 @@ def check_certify_config(cfg: DictConfig, n: int | None = None, shape=None) -> d
     if precision is not None and (isinstance(precision, bool) or not isinstance(precision, str | int)):
         raise ConfigError(f"trainer.precision must be a string such as 32-true or bf16-mixed, got {precision!r}")
     settings["precision"] = None if precision is None else str(precision)
-    from ssn_exp.certify.core import check_level
-
-    settings["alpha"] = check_level("certify.alpha", get("alpha"), share=0.5, error=ConfigError)  # two-sided
     autocast = settings["autocast"]
     if not (autocast is None or (isinstance(autocast, str) and autocast in ("none", "bf16", "fp16"))):
         raise ConfigError(f"certify.autocast must be null, bf16 or fp16, got {autocast!r}")

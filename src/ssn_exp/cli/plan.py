@@ -41,10 +41,11 @@ def published_throughput(dataset: str) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def _job_cost(cfg) -> dict:
+def _job_cost(cfg, overrides: list[str]) -> dict:
     from ssn_exp.cli.common import build_noise, build_procedure
-    from ssn_exp.cli.config import check_certify_config
+    from ssn_exp.cli.config import apply_deprecated, check_certify_config
 
+    apply_deprecated(cfg, {o.lstrip("+~").partition("=")[0] for o in overrides})
     settings = check_certify_config(cfg)
     name = str(cfg.data.name)
     train, test = SIZES.get(name, (None, None))
@@ -54,7 +55,7 @@ def _job_cost(cfg) -> dict:
     procedure = build_procedure(cfg, noise)
     passes, how = procedure.forward_passes(noise), procedure.name
     if passes is None:  # procedure=sequential: stops each example once decided
-        own = procedure.describe()  # its own sample counts (procedure.n given explicitly wins over certify.n)
+        own = procedure.describe()  # its own sample counts
         passes, how = SEQUENTIAL_SHARE * (own.get("n0", 0) + own.get("n", 0)), "sequential, estimated"
     examples = None
     if test is not None:
@@ -81,8 +82,9 @@ def plan_lines(name: str, fixed: list[str], all_jobs: list[list[str]], throughpu
     for i, job in enumerate(all_jobs):
         shard = [] if any(o.startswith("certify.shard=") for o in fixed) else ["certify.shard=0"]  # (one is enough)
         sharded = any(o.startswith("certify.num_shards=") and o != "certify.num_shards=1" for o in fixed)
-        cfg = load_sweep(name, [*fixed, *job, *(shard if sharded else [])])
-        c = _job_cost(cfg)
+        overrides = [*fixed, *job, *(shard if sharded else [])]
+        cfg = load_sweep(name, overrides)
+        c = _job_cost(cfg, overrides)
         if c["data"] not in rates:
             rates[c["data"]] = throughput or published_throughput(c["data"])
         rate = rates[c["data"]]

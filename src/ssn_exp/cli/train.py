@@ -31,6 +31,7 @@ from ssn_exp.cli.common import (
 from ssn_exp.cli.config import (
     CONF_DIR,
     ConfigError,
+    apply_deprecated,
     build,
     check_certify_config,
     check_one_value,
@@ -40,6 +41,7 @@ from ssn_exp.cli.config import (
     check_tag,
     config_source,
     container,
+    given_overrides,
     shard_lock_name,
 )
 from ssn_exp.cli.errors import guard, run_entry
@@ -197,6 +199,7 @@ def _make_trainer(cfg: DictConfig):
 
 def run_train(cfg: DictConfig) -> dict | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    apply_deprecated(cfg, given_overrides())  # certify.n=... (before issue 25) is procedure.n=...
     check_sigma(cfg.sigma)  # the cheap checks come before the heavy imports
     seed = check_seed(cfg.seed)
     check_one_value(cfg)  # the run folder's sigma and seed are the ones the run uses
@@ -208,6 +211,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     if "max_epochs" in cfg.trainer:
         check_positive_int(cfg.trainer.max_epochs, "trainer.max_epochs")
     settings = check_certify_config(cfg)
+    build_procedure(cfg)  # its settings checked now (built for the noise below)
 
     import pytorch_lightning as pl
 

@@ -485,7 +485,7 @@ def run_certification(
         world_size=world_size,
         progress=progress,
         barrier=barrier,
-        **{k: v for k, v in settings.items() if k not in _NOT_CERTIFIER},
+        **settings,
     )
     if world_size > 1 and barrier is not None:
         barrier("certified")
@@ -514,10 +514,6 @@ def run_certification(
     for logger in loggers or ():
         log_metrics(logger, metrics, Path(out_dir))
     return metrics
-
-
-#: certify settings the procedure object already holds (its own describe() goes to the result files)
-_NOT_CERTIFIER = ("n0", "n", "alpha")
 
 
 def _selection(settings: dict) -> dict:
