@@ -122,7 +122,7 @@ def test_fixed_alpha_too_small_for_the_two_sided_bound_is_refused():  # alpha / 
 
 
 def test_a_noise_batch_larger_than_memory_is_refused_before_anything_is_written(tmp_path):
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.lightning.memory import MemoryLimitError, host_memory, noise_batch_bytes
     from ssn_exp.noises import Uniform
 
@@ -135,11 +135,11 @@ def test_a_noise_batch_larger_than_memory_is_refused_before_anything_is_written(
     out = tmp_path / "cert"
     kw = dict(num_classes=2, n0=2, n=2**40, noise_batch=2**31 - 1, device="cpu")
     with pytest.raises(MemoryLimitError) as info:  # n and noise_batch both huge: one batch is noise_batch inputs
-        ShardCertifier(nn.Flatten(), Uniform(0.5), data, out, **kw)
+        open_certifier(nn.Flatten(), Uniform(0.5), data, out, **kw)
     assert "certify.noise_batch=2147483647" in str(info.value) and "set certify.noise_batch=" in str(info.value)
     assert list(out.iterdir()) == []  # no settings, no certificates: the corrected command just runs
     # a small n bounds the batch (batch_size x max(n0, n) inputs): the same noise_batch is then fine
-    ShardCertifier(nn.Flatten(), Uniform(0.5), data, out, **{**kw, "n": 2})
+    open_certifier(nn.Flatten(), Uniform(0.5), data, out, **{**kw, "n": 2})
 
 
 class _Allocates(nn.Module):
@@ -151,11 +151,11 @@ class _Allocates(nn.Module):
 
 
 def test_an_allocation_failure_during_certification_names_noise_batch(tmp_path):
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.noises import Uniform
 
     data = torch.utils.data.TensorDataset(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
-    cert = ShardCertifier(_Allocates(), Uniform(0.5), data, tmp_path, num_classes=2, n0=2, n=4, noise_batch=8)
+    cert = open_certifier(_Allocates(), Uniform(0.5), data, tmp_path, num_classes=2, n0=2, n=4, noise_batch=8)
     with pytest.raises(UserError) as info:
         cert.run("cpu", progress=False)
     assert "out of memory certifying test example(s) [0]" in one_line(info.value)
@@ -165,19 +165,19 @@ def test_an_allocation_failure_during_certification_names_noise_batch(tmp_path):
 
 @pytest.mark.parametrize("content", ["[1]", '"settings"', "3", "null"])
 def test_certify_settings_json_that_is_not_an_object_is_one_line(tmp_path, content):
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.lightning.results import ResultsFileError
     from ssn_exp.noises import Uniform
 
     data = torch.utils.data.TensorDataset(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
     kw = dict(num_classes=2, n0=2, n=4, noise_batch=8)
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
-    ShardCertifier(net, Uniform(0.5), data, tmp_path, **kw).run("cpu", progress=False)
+    open_certifier(net, Uniform(0.5), data, tmp_path, **kw).run("cpu", progress=False)
     (tmp_path / "certify_settings.json").write_text(content)
     certificates = (tmp_path / "certificates.csv").read_bytes()
     assert certificates.count(b"\n") == 3
     with pytest.raises(ResultsFileError) as info:
-        ShardCertifier(net, Uniform(0.5), data, tmp_path, **kw)
+        open_certifier(net, Uniform(0.5), data, tmp_path, **kw)
     assert "certify_settings.json holds a JSON" in str(info.value) and "another directory" in str(info.value)
     assert "\n" not in one_line(info.value)
     assert (tmp_path / "certificates.csv").read_bytes() == certificates  # nothing of the user's is lost

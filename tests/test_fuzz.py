@@ -154,10 +154,11 @@ def test_certify_settings_accept_or_refuse_in_one_line(composed, changes, proced
     settings_ = either(check_certify_config, cfg)
     if settings_ is not None:  # accepted: every value is of the type the certification uses
         for key in ("skip", "noise_batch", "batch_size", "seed"):
-            assert type(settings_[key]) is int and settings_[key] >= (0 if key == "seed" else 1), key
-        assert settings_["autocast"] in (None, "none", "bf16", "fp16")
-        assert type(settings_["channels_last"]) is bool and type(settings_["compile"]) is bool
-        assert settings_["noise_batch"] < 2**31
+            value = getattr(settings_, key)
+            assert type(value) is int and value >= (0 if key == "seed" else 1), key
+        assert settings_.autocast in (None, "bf16", "fp16")
+        assert type(settings_.channels_last) is bool and type(settings_.compile) is bool
+        assert settings_.noise_batch < 2**31
         radii = list(cfg.certify.radii)  # the run reads the radii from the config itself
         assert radii and all(type(r) in (int, float) and math.isfinite(r) and r >= 0 for r in radii)
 
@@ -193,11 +194,11 @@ _CERTIFY = dict(num_classes=2, n0=2, n=4, noise_batch=8)
 def _valid_settings() -> bytes:
     """The certify_settings.json this certification writes (so that generated certificates are read, not refused
     for their settings)."""
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.noises import Uniform
 
     with tempfile.TemporaryDirectory() as tmp:
-        ShardCertifier(_NET, Uniform(0.5), _tiny_data(), tmp, **_CERTIFY)
+        open_certifier(_NET, Uniform(0.5), _tiny_data(), tmp, **_CERTIFY)
         return (Path(tmp) / "certify_settings.json").read_bytes()
 
 
@@ -217,7 +218,7 @@ def test_a_certify_folder_with_any_settings_and_certificates_file_is_used_or_ref
 ):
     from ssn_exp.certify.procedures import FixedSample
     from ssn_exp.certify.record import CertificateRecord
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.noises import Uniform
 
     if header:
@@ -227,7 +228,7 @@ def test_a_certify_folder_with_any_settings_and_certificates_file_is_used_or_ref
         (out / "certify_settings.json").write_bytes(valid_settings if settings_file is None else settings_file)
         (out / "certificates.csv").write_bytes(certificates)
         before = (out / "certificates.csv").read_bytes()
-        cert = either(ShardCertifier, _NET, Uniform(0.5), _tiny_data(), out, **_CERTIFY)
+        cert = either(open_certifier, _NET, Uniform(0.5), _tiny_data(), out, **_CERTIFY)
         if cert is None:  # refused: the user's file is untouched
             assert (out / "certificates.csv").read_bytes() == before
 

@@ -18,7 +18,7 @@ from ssn_exp.certify.procedures import FixedSample, ProcedureError
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.certify.record import SAMPLES_COLUMN, CertificateRecord
 from ssn_exp.certify.sequential import false_certificate_probability
-from ssn_exp.lightning.certification import ShardCertifier
+from ssn_exp.lightning.certification import open_certifier
 from ssn_exp.lightning.results import ResultsFileError, merge_shards, summarize
 from ssn_exp.noises import DSSN, SSN, Uniform
 
@@ -51,7 +51,7 @@ def _procedure(**kw):
 
 def _certifier(out, noise=None, procedure=None, **kw):
     kw = {"num_classes": 10, "noise_batch": 100, "batch_size": 4, **kw}
-    return ShardCertifier(
+    return open_certifier(
         kw.pop("model", None) or _model(),
         noise or Uniform(0.5),
         kw.pop("ds", None) or _data(),
@@ -164,10 +164,10 @@ def test_settings_are_recorded_and_other_settings_refused(tmp_path, reference):
     # the fixed protocol's certificates and the sequential ones never share a directory, either way round
     before = (out / "certify_settings.json").read_text()
     with pytest.raises(ResultsFileError, match="other settings.*procedure: 'sequential' -> None"):
-        ShardCertifier(_model(), Uniform(0.5), _data(), out, num_classes=10, n0=16, n=600, alpha=0.01)
+        open_certifier(_model(), Uniform(0.5), _data(), out, num_classes=10, n0=16, n=600, alpha=0.01)
     assert (out / "certify_settings.json").read_text() == before  # the refused attempt wrote nothing
     fixed = tmp_path / "fixed"
-    ShardCertifier(_model(), Uniform(0.5), _data(3), fixed, num_classes=10, n0=16, n=600, alpha=0.01).run(
+    open_certifier(_model(), Uniform(0.5), _data(3), fixed, num_classes=10, n0=16, n=600, alpha=0.01).run(
         "cpu", progress=False
     )
     with pytest.raises(ResultsFileError, match="other settings.*procedure: None -> 'sequential'"):

@@ -12,6 +12,7 @@ Two checkpoint formats (``ckpt_format``, recognised by default):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -40,7 +41,6 @@ from ssn_exp.cli.config import (
     config_source,
     container,
     given_overrides,
-    shard_lock_name,
 )
 from ssn_exp.cli.errors import guard, run_entry
 from ssn_exp.cli.run_dir import RunLock
@@ -250,7 +250,7 @@ def run_certify(cfg: DictConfig) -> dict:
     fmt = _detect(path, str(cfg.ckpt_format))
     settings = check_certify_config(cfg)  # every certify.* value checked before anything is loaded
     build_procedure(cfg)  # and every procedure.* value
-    with RunLock(out_dir, shard_lock_name(settings)):
+    with RunLock(out_dir, settings.lock_name):
         if fmt == "levine2021":
             model, smoothing, dm, meta = _from_levine2021(cfg, path, given)
         else:
@@ -260,7 +260,7 @@ def run_certify(cfg: DictConfig) -> dict:
         procedure = build_procedure(cfg, smoothing)  # procedure=auto (default): the checkpoint noise's own
         run_seed = meta.pop("run_seed", None)
         if run_seed is not None and "seed" not in given:  # the same certification noise as the run's own
-            settings["seed"] = run_seed
+            settings = dataclasses.replace(settings, seed=run_seed)
         refuse_other_certificates(out_dir, model_fingerprint(model), smoothing, procedure, settings)  # before writing
         logger = build_loggers(cfg)
         for one in logger:

@@ -59,8 +59,7 @@ def _job_cost(cfg, overrides: list[str]) -> dict:
         passes, how = SEQUENTIAL_SHARE * (own.get("n0", 0) + own.get("n", 0)), "sequential, estimated"
     examples = None
     if test is not None:
-        examples = len(range(0, test, settings["skip"]))
-        examples = examples if settings["max_examples"] is None else min(examples, settings["max_examples"])
+        examples = len(settings.indices(test))
     copies = 2 if "stability" in str(cfg.training.name) else 1
     return dict(
         data=name,
@@ -70,7 +69,7 @@ def _job_cost(cfg, overrides: list[str]) -> dict:
         examples=examples,
         passes=passes,
         how=how,
-        shards=settings["num_shards"],
+        shards=settings.num_shards,
     )
 
 

@@ -42,7 +42,6 @@ from ssn_exp.cli.config import (
     config_source,
     container,
     given_overrides,
-    shard_lock_name,
 )
 from ssn_exp.cli.errors import guard, run_entry
 from ssn_exp.cli.run_dir import RunLock
@@ -223,13 +222,13 @@ def run_train(cfg: DictConfig) -> dict | None:
 
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
-    with RunLock(out_dir, shard_lock_name(settings)):
+    with RunLock(out_dir, settings.lock_name):
         pl.seed_everything(seed, workers=True, verbose=False)
         dm, noise, variant, hparams = build_parts(cfg)
         procedure = build_procedure(cfg, noise)  # a procedure that cannot certify this noise is refused now
         module = SmoothedTraining(**hparams)
         ckpt_path = _resume_point(cfg, out_dir, hparams, module.identity())
-        if settings["num_shards"] > 1:  # one job of a certification split over jobs: of the trained model
+        if settings.num_shards > 1:  # one job of a certification split over jobs: of the trained model
             module = _trained(cfg, ckpt_path, out_dir, module.identity())
             meta = {**module.identity(), "n_classes": dm.num_classes}
             metrics = certify_model(cfg, module.model, module.smoothing, procedure, dm, out_dir, settings, meta, None)
@@ -261,9 +260,7 @@ def run_train(cfg: DictConfig) -> dict | None:
                 print(format_table(metrics))
                 print(f"results: {out_dir}")
                 return metrics
-            certify_cb = CertifyCallback(
-                out_dir, dm, procedure, settings, list(cfg.certify.radii), meta, progress=bool(cfg.certify.progress)
-            )
+            certify_cb = CertifyCallback(out_dir, dm, procedure, settings, meta)
             callbacks = [
                 EpochLog(),
                 epoch_checkpoint(ckpt_dir),
