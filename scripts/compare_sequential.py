@@ -6,7 +6,7 @@ certification"): forward passes per image, certification time, certified accurac
 For every (method, sigma) it trains a digits model once (``python -m ssn_exp method=M sigma=S
 certify.enabled=false``, default epochs; an existing run is resumed, i.e. reused) and certifies all 360 test
 images of that one checkpoint with each procedure (``python -m ssn_exp.certify ckpt=... procedure=P
-certify.n=N certify.alpha=A``), each into its own directory. ``sequential@0.5`` is the sequential procedure
+procedure.n=N procedure.alpha=A``), each into its own directory. ``sequential@0.5`` is the sequential procedure
 deciding only the radii listed (``certify.radii=[0.5]``; radii joined by ``:``). The table shows a sequential
 run's certified accuracy only at the radii it decided (its certify.radii), "–" elsewhere. Everything goes through the ordinary entry points,
 so a run cut short resumes where it stopped when the script is run again, and finished certifications are read
@@ -74,8 +74,8 @@ def certify(py, out: Path, ckpt: Path, method, sigma, spec, n, alpha, skip, log)
                 "ssn_exp.certify",
                 f"ckpt={ckpt}",
                 f"procedure={procedure}",
-                f"certify.n={n}",
-                f"certify.alpha={alpha}",
+                f"procedure.n={n}",
+                f"procedure.alpha={alpha}",
                 f"certify.skip={skip}",
                 *([] if radii is None else [f"certify.radii=[{','.join(f'{r:g}' for r in radii)}]"]),
                 "certify.progress=false",
@@ -146,7 +146,7 @@ def main(argv=None) -> None:
         default="fixed,sequential,sequential@0.5,sequential@0.25:0.5:0.75:1:1.25:1.5",
         help="procedure=NAME runs; NAME@r1:r2 decides only those radii (certify.radii)",
     )
-    p.add_argument("--n", type=int, default=100_000, help="certify.n: fixed's sample count, sequential's cap")
+    p.add_argument("--n", type=int, default=100_000, help="procedure.n: fixed's sample count, sequential's cap")
     p.add_argument("--alpha", type=float, default=0.001)
     p.add_argument("--fixed-skip", type=int, default=1, help="fixed certifies every k-th test image (1: all 360)")
     p.add_argument("--sequential-skip", type=int, default=1)

@@ -63,14 +63,18 @@ def test_bad_inputs_on_the_command_line_are_one_line_and_leave_nothing(tmp_path)
     assert not (runs["image"] / "certificates.csv").exists() and not (runs["image"] / "metrics.json").exists()
 
 
-def _cfg(**certify):
+def _cfg(*overrides, **certify):
     from hydra import compose, initialize_config_dir
 
     from ssn_exp.cli.config import CONF_DIR
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"certify.{k}={v}" for k, v in certify.items()])
+        cfg = compose(config_name="config", overrides=[*overrides, *(f"certify.{k}={v}" for k, v in certify.items())])
     return cfg
+
+
+def _procedure_cfg(procedure, key, value):
+    return _cfg("method=uniform", f"procedure={procedure}", f"procedure.{key}={value}")
 
 
 @pytest.mark.parametrize(
@@ -79,12 +83,9 @@ def _cfg(**certify):
         ("radii", "[nan,0.5]", "certify.radii must be a list of non-negative finite numbers, got [nan, 0.5]"),
         ("radii", "[inf]", "certify.radii must be a list of non-negative finite numbers"),
         ("radii", "3", "certify.radii must be a list"),
-        ("n", "100000000000000000000", "certify.n must be an integer in [1, 9007199254740992]"),
         ("noise_batch", "9223372036854775808", "certify.noise_batch must be an integer in [1, 2147483647]"),
-        ("alpha", "nan", "certify.alpha must lie in (0, 1), got nan"),
-        ("alpha", "5e-324", "certify.alpha=5e-324 is too small"),  # alpha / 2 of the two-sided bound underflows
         ("compile", "maybe", "certify.compile must be true or false, got 'maybe'"),
-        ("n", "'${nope}'", "certify.n: Interpolation key 'nope' not found"),
+        ("skip", "'${nope}'", "certify.skip: Interpolation key 'nope' not found"),
     ],
 )
 def test_certify_settings_refuse_in_one_line(key, value, words):
@@ -93,8 +94,35 @@ def test_certify_settings_refuse_in_one_line(key, value, words):
     assert words in str(info.value) and "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("procedure", ["auto", "fixed", "sequential"])
+@pytest.mark.parametrize(
+    "key,value,words",
+    [
+        ("n", "100000000000000000000", "procedure.n must be an integer in [1, 9007199254740992]"),
+        ("n0", "0", "procedure.n0 must be an integer >= 1, got 0"),
+        ("alpha", "nan", "procedure.alpha must lie in (0, 1), got nan"),
+        ("n", "'${nope}'", "Interpolation key 'nope' not found"),
+    ],
+)
+def test_procedure_settings_refuse_in_one_line_naming_the_procedure_key(procedure, key, value, words):
+    from ssn_exp.cli.common import build_procedure
+
+    if procedure == "sequential" and value.startswith("1000"):  # its schedule's own bound comes first
+        words = "procedure.n: a cap of 100000000000000000000 samples takes"
+    with pytest.raises(ConfigError) as info:  # checked once, by the procedure, whatever the noise
+        build_procedure(_procedure_cfg(procedure, key, value))
+    assert words in str(info.value) and "\n" not in str(info.value)
+
+
+def test_fixed_alpha_too_small_for_the_two_sided_bound_is_refused():  # alpha / 2 underflows
+    from ssn_exp.cli.common import build_procedure
+
+    with pytest.raises(ConfigError, match=r"procedure\.alpha=5e-324 is too small"):
+        build_procedure(_procedure_cfg("fixed", "alpha", "5e-324"))
+
+
 def test_a_noise_batch_larger_than_memory_is_refused_before_anything_is_written(tmp_path):
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.lightning.memory import MemoryLimitError, host_memory, noise_batch_bytes
     from ssn_exp.noises import Uniform
 
@@ -107,11 +135,11 @@ def test_a_noise_batch_larger_than_memory_is_refused_before_anything_is_written(
     out = tmp_path / "cert"
     kw = dict(num_classes=2, n0=2, n=2**40, noise_batch=2**31 - 1, device="cpu")
     with pytest.raises(MemoryLimitError) as info:  # n and noise_batch both huge: one batch is noise_batch inputs
-        ShardCertifier(nn.Flatten(), Uniform(0.5), data, out, **kw)
+        open_certifier(nn.Flatten(), Uniform(0.5), data, out, **kw)
     assert "certify.noise_batch=2147483647" in str(info.value) and "set certify.noise_batch=" in str(info.value)
     assert list(out.iterdir()) == []  # no settings, no certificates: the corrected command just runs
     # a small n bounds the batch (batch_size x max(n0, n) inputs): the same noise_batch is then fine
-    ShardCertifier(nn.Flatten(), Uniform(0.5), data, out, **{**kw, "n": 2})
+    open_certifier(nn.Flatten(), Uniform(0.5), data, out, **{**kw, "n": 2})
 
 
 class _Allocates(nn.Module):
@@ -123,11 +151,11 @@ class _Allocates(nn.Module):
 
 
 def test_an_allocation_failure_during_certification_names_noise_batch(tmp_path):
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.noises import Uniform
 
     data = torch.utils.data.TensorDataset(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
-    cert = ShardCertifier(_Allocates(), Uniform(0.5), data, tmp_path, num_classes=2, n0=2, n=4, noise_batch=8)
+    cert = open_certifier(_Allocates(), Uniform(0.5), data, tmp_path, num_classes=2, n0=2, n=4, noise_batch=8)
     with pytest.raises(UserError) as info:
         cert.run("cpu", progress=False)
     assert "out of memory certifying test example(s) [0]" in one_line(info.value)
@@ -137,19 +165,19 @@ def test_an_allocation_failure_during_certification_names_noise_batch(tmp_path):
 
 @pytest.mark.parametrize("content", ["[1]", '"settings"', "3", "null"])
 def test_certify_settings_json_that_is_not_an_object_is_one_line(tmp_path, content):
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.lightning.results import ResultsFileError
     from ssn_exp.noises import Uniform
 
     data = torch.utils.data.TensorDataset(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
     kw = dict(num_classes=2, n0=2, n=4, noise_batch=8)
     net = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
-    ShardCertifier(net, Uniform(0.5), data, tmp_path, **kw).run("cpu", progress=False)
+    open_certifier(net, Uniform(0.5), data, tmp_path, **kw).run("cpu", progress=False)
     (tmp_path / "certify_settings.json").write_text(content)
     certificates = (tmp_path / "certificates.csv").read_bytes()
     assert certificates.count(b"\n") == 3
     with pytest.raises(ResultsFileError) as info:
-        ShardCertifier(net, Uniform(0.5), data, tmp_path, **kw)
+        open_certifier(net, Uniform(0.5), data, tmp_path, **kw)
     assert "certify_settings.json holds a JSON" in str(info.value) and "another directory" in str(info.value)
     assert "\n" not in one_line(info.value)
     assert (tmp_path / "certificates.csv").read_bytes() == certificates  # nothing of the user's is lost

@@ -57,7 +57,7 @@ def test_defaults_are_the_quick_digits_dssn_run():
         "default",
         "csv",
     )
-    assert cfg.method.seed == 0 and cfg.certify.n == 10000 and cfg.method.arithmetic == "exact"
+    assert cfg.method.seed == 0 and cfg.procedure.n == 10000 and cfg.method.arithmetic == "exact"
 
 
 def test_method_seed_follows_the_run_seed():
@@ -67,7 +67,7 @@ def test_method_seed_follows_the_run_seed():
 
 def test_paper_experiments_set_table2():
     c = _compose(["experiment=paper_cifar10"])
-    assert (c.data.name, c.model._target_, c.training.epochs, c.data.batch_size, c.certify.n) == (
+    assert (c.data.name, c.model._target_, c.training.epochs, c.data.batch_size, c.procedure.n) == (
         "cifar10",
         "ssn_exp.models.WideResNet",
         120,

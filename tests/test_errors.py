@@ -21,8 +21,8 @@ BAD_SETTINGS = [
     (["sigma=1e9"], ["sigma=1e+09 needs L =", "choose a smaller sigma"]),
     (["sigma=abc"], ["sigma must be a positive finite number, got 'abc'"]),
     (["seed=-1"], ["seed must be an integer in [0, 2**32), got -1"]),
-    (["certify.n0=-5"], ["certify.n0 must be an integer >= 1, got -5"]),
-    (["certify.alpha=1.5"], ["certify.alpha must lie in (0, 1)"]),
+    (["procedure.n0=-5"], ["procedure.n0 must be an integer >= 1, got -5"]),
+    (["procedure.alpha=1.5"], ["procedure.alpha must lie in (0, 1)"]),
     (["trainer.max_epochs=0"], ["trainer.max_epochs must be an integer >= 1, got 0"]),
     (["+trainer.max_epochs=0"], ["Could not append to config", "trainer.max_epochs"]),
     (["tag=a/b"], ["tag='a/b' may only contain"]),
@@ -43,10 +43,10 @@ def test_bad_settings_are_one_line_and_leave_no_run_directory(tmp_path):
 
 def test_a_refused_setting_does_not_block_the_corrected_command(tmp_path):
     run = tmp_path / "run"
-    assert "certify.n must be an integer >= 1, got 0" in one_error_line(
-        run_cli("ssn_exp", *FAST, "method=uniform", "certify.n=0", f"hydra.run.dir={run}")
+    assert "procedure.n must be an integer >= 1, got 0" in one_error_line(
+        run_cli("ssn_exp", *FAST, "method=uniform", "procedure.n=0", f"hydra.run.dir={run}")
     )
-    p = run_cli("ssn_exp", *FAST, "method=uniform", "certify.n=64", f"hydra.run.dir={run}")
+    p = run_cli("ssn_exp", *FAST, "method=uniform", "procedure.n=64", f"hydra.run.dir={run}")
     assert p.returncode == 0, p.stderr[-2000:]
     assert read_metrics(run)["n"] == 64
 

@@ -76,10 +76,11 @@ values = finite_or_not | st.recursive(
 )
 
 CERTIFY_KEYS = [
-    "enabled", "skip", "max_examples", "n0", "n", "alpha", "noise_batch", "batch_size", "radii", "progress",
-    "autocast", "channels_last", "compile",
+    "enabled", "skip", "max_examples", "noise_batch", "batch_size", "radii", "progress", "autocast", "channels_last",
+    "compile",
 ]  # fmt: skip
 OTHER_KEYS = ["seed", "trainer.precision", "data.certify_n", "data.shape"]
+OTHER_KEYS += ["procedure.n0", "procedure.n", "procedure.alpha"]  # (the procedure's own: procedure=auto, fixed, ...)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +111,7 @@ ALL_KEYS = [f"certify.{k}" for k in CERTIFY_KEYS] + OTHER_KEYS
 @example(key="data.shape", value=["${nope}", 8, 8])
 def test_each_config_value_alone_is_accepted_or_refused_in_one_line(composed, key, value):
     """One value changed at a time (several at once can hide each other: the first bad one is reported)."""
-    test_certify_settings_accept_or_refuse_in_one_line.hypothesis.inner_test(composed, [(key, value)], None)
+    test_certify_settings_accept_or_refuse_in_one_line.hypothesis.inner_test(composed, [(key, value)], "auto")
 
 
 @settings(FUZZ, max_examples=min(100, settings.default.max_examples))
@@ -124,7 +125,8 @@ def test_each_config_value_alone_is_accepted_or_refused_in_one_line(composed, ke
     )
 )
 def test_any_list_of_radii_is_accepted_or_refused_in_one_line(composed, radii):
-    test_certify_settings_accept_or_refuse_in_one_line.hypothesis.inner_test(composed, [("certify.radii", radii)], None)
+    test = test_certify_settings_accept_or_refuse_in_one_line.hypothesis.inner_test
+    test(composed, [("certify.radii", radii)], "auto")
 
 
 @settings(FUZZ, max_examples=min(100, settings.default.max_examples))
@@ -132,20 +134,31 @@ def test_any_list_of_radii_is_accepted_or_refused_in_one_line(composed, radii):
     changes=st.lists(
         st.tuples(st.sampled_from([f"certify.{k}" for k in CERTIFY_KEYS] + OTHER_KEYS), values), min_size=1, max_size=3
     ),
-    n=st.one_of(st.none(), values),
+    procedure=st.sampled_from(["auto", "fixed", "sequential"]),
 )
-def test_certify_settings_accept_or_refuse_in_one_line(composed, changes, n):
+def test_certify_settings_accept_or_refuse_in_one_line(composed, changes, procedure):
+    from ssn_exp.cli.common import build_procedure
+
     cfg = copy.deepcopy(composed)
+    if procedure != "auto":
+        with open_dict(cfg):
+            cfg.procedure._target_ = {"fixed": "ssn_exp.certify.procedures.FixedSample",
+                                      "sequential": "ssn_exp.certify.procedures_sequential.Sequential"}[procedure]  # fmt: skip
     if not all(_set(cfg, key, value) for key, value in changes):
         return
-    settings_ = either(check_certify_config, cfg, n=n)
+    proc = either(build_procedure, cfg)
+    if proc is not None:  # accepted: the procedure's own settings are of the type it certifies with
+        own = proc.sampled.describe() if procedure == "auto" else proc.describe()
+        assert type(own["n0"]) is int and type(own["n"]) is int and 1 <= own["n0"] and 1 <= own["n"] <= 2**53
+        assert 0 < own["alpha"] < 1 and type(own["alpha"]) is float
+    settings_ = either(check_certify_config, cfg)
     if settings_ is not None:  # accepted: every value is of the type the certification uses
-        for key in ("skip", "n0", "n", "noise_batch", "batch_size", "seed"):
-            assert type(settings_[key]) is int and settings_[key] >= (0 if key == "seed" else 1), key
-        assert 0 < settings_["alpha"] < 1 and type(settings_["alpha"]) is float
-        assert settings_["autocast"] in (None, "none", "bf16", "fp16")
-        assert type(settings_["channels_last"]) is bool and type(settings_["compile"]) is bool
-        assert settings_["noise_batch"] < 2**31 and settings_["n"] <= 2**53
+        for key in ("skip", "noise_batch", "batch_size", "seed"):
+            value = getattr(settings_, key)
+            assert type(value) is int and value >= (0 if key == "seed" else 1), key
+        assert settings_.autocast in (None, "bf16", "fp16")
+        assert type(settings_.channels_last) is bool and type(settings_.compile) is bool
+        assert settings_.noise_batch < 2**31
         radii = list(cfg.certify.radii)  # the run reads the radii from the config itself
         assert radii and all(type(r) in (int, float) and math.isfinite(r) and r >= 0 for r in radii)
 
@@ -181,11 +194,11 @@ _CERTIFY = dict(num_classes=2, n0=2, n=4, noise_batch=8)
 def _valid_settings() -> bytes:
     """The certify_settings.json this certification writes (so that generated certificates are read, not refused
     for their settings)."""
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.noises import Uniform
 
     with tempfile.TemporaryDirectory() as tmp:
-        ShardCertifier(_NET, Uniform(0.5), _tiny_data(), tmp, **_CERTIFY)
+        open_certifier(_NET, Uniform(0.5), _tiny_data(), tmp, **_CERTIFY)
         return (Path(tmp) / "certify_settings.json").read_bytes()
 
 
@@ -205,7 +218,7 @@ def test_a_certify_folder_with_any_settings_and_certificates_file_is_used_or_ref
 ):
     from ssn_exp.certify.procedures import FixedSample
     from ssn_exp.certify.record import CertificateRecord
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.noises import Uniform
 
     if header:
@@ -215,7 +228,7 @@ def test_a_certify_folder_with_any_settings_and_certificates_file_is_used_or_ref
         (out / "certify_settings.json").write_bytes(valid_settings if settings_file is None else settings_file)
         (out / "certificates.csv").write_bytes(certificates)
         before = (out / "certificates.csv").read_bytes()
-        cert = either(ShardCertifier, _NET, Uniform(0.5), _tiny_data(), out, **_CERTIFY)
+        cert = either(open_certifier, _NET, Uniform(0.5), _tiny_data(), out, **_CERTIFY)
         if cert is None:  # refused: the user's file is untouched
             assert (out / "certificates.csv").read_bytes() == before
 

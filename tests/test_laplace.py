@@ -157,7 +157,7 @@ def test_a_laplace_certification_resumes_with_its_rows_accepted_and_a_wrong_radi
     """In-process: the rows a Laplace certification wrote are read back through its own radius on resume."""
     from torch.utils.data import TensorDataset
 
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.lightning.results import ResultsFileError
 
     torch.manual_seed(0)
@@ -165,10 +165,10 @@ def test_a_laplace_certification_resumes_with_its_rows_accepted_and_a_wrong_radi
     g = torch.Generator().manual_seed(0)
     data = TensorDataset(torch.rand(6, 1, 4, 4, generator=g), torch.randint(0, 3, (6,), generator=g))
     kw = dict(num_classes=3, n0=8, n=64, noise_batch=32, batch_size=2, max_examples=4)
-    ShardCertifier(model, Laplace(0.5), data, tmp_path, **kw).run("cpu", progress=False)
+    open_certifier(model, Laplace(0.5), data, tmp_path, **kw).run("cpu", progress=False)
     path = tmp_path / "certificates.csv"
     first = path.read_bytes()
-    again = ShardCertifier(model, Laplace(0.5), data, tmp_path, **{**kw, "max_examples": 6})
+    again = open_certifier(model, Laplace(0.5), data, tmp_path, **{**kw, "max_examples": 6})
     assert sorted(again.done) == [0, 1, 2, 3] and again.todo == [4, 5]  # the 4 rows accepted as they are
     assert path.read_bytes() == first
     lines = first.decode().splitlines()
@@ -177,4 +177,4 @@ def test_a_laplace_certification_resumes_with_its_rows_accepted_and_a_wrong_radi
     row[header.index("radius")] = repr(2.0 * math.sqrt(3.0) * 0.5 * (p_lower - 0.5))  # uniform noise's radius
     path.write_text("\n".join([lines[0], ",".join(row), *lines[2:]]) + "\n")
     with pytest.raises(ResultsFileError, match="p_lower and radius disagree"):
-        ShardCertifier(model, Laplace(0.5), data, tmp_path, **kw)
+        open_certifier(model, Laplace(0.5), data, tmp_path, **kw)

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from helpers import cert_rows, read_csv
-from ssn_exp.lightning.certification import ShardCertifier, certify_indices, shard_indices
+from ssn_exp.lightning.certification import certify_indices, open_certifier, shard_indices
 from ssn_exp.lightning.loggers import RunCSVLogger
 from ssn_exp.lightning.module import SmoothedTraining
 from ssn_exp.lightning.objectives import stability_loss
@@ -34,7 +34,7 @@ def _model():
 
 def _certifier(out, noise, ds=None, model=None, **kw):
     kw = {"num_classes": 10, "n0": 8, "n": 64, "noise_batch": 50, "batch_size": 4, **kw}
-    return ShardCertifier(model or _model(), noise, ds or _data(), out, **kw)
+    return open_certifier(model or _model(), noise, ds or _data(), out, **kw)
 
 
 def _record(noise):
@@ -304,15 +304,18 @@ def test_the_entry_points_check_before_writing_is_the_certifier_s_own(tmp_path):
     (:func:`refuse_other_certificates`): with the settings the certifier recorded it passes (or every rerun of a
     finished run would be refused), other ones are refused in its words, weights not yet known are not compared, and
     nothing in the folder changes."""
+    from dataclasses import replace
+
     from helpers import tree
     from ssn_exp.certify.procedures import default_procedure
     from ssn_exp.cli.common import refuse_other_certificates
+    from ssn_exp.lightning.certification import CertifyRun
     from ssn_exp.lightning.results import model_fingerprint
 
     noise = SSN(0.5)
     _certifier(tmp_path, noise, seed=3).run("cpu", progress=False)
     before = tree(tmp_path)
-    settings = {"seed": 3, "autocast": None, "precision": None, "channels_last": False, "compile": False}
+    settings = CertifyRun(seed=3)
     weights = model_fingerprint(_model())
     refuse_other_certificates(tmp_path, weights, noise, default_procedure(noise, n0=8, n=64), settings)
     refuse_other_certificates(tmp_path, None, noise, default_procedure(noise, n0=8, n=64), settings)
@@ -322,7 +325,7 @@ def test_the_entry_points_check_before_writing_is_the_certifier_s_own(tmp_path):
         refuse_other_certificates(tmp_path, "other", noise, default_procedure(noise, n0=8, n=64), settings)
     with pytest.raises(ResultsFileError, match=r"other settings \(seed: 3 -> 4; autocast: None -> 'bf16'\)"):
         refuse_other_certificates(
-            tmp_path, weights, noise, default_procedure(noise, n0=8, n=64), {**settings, "seed": 4, "autocast": "bf16"}
+            tmp_path, weights, noise, default_procedure(noise, n0=8, n=64), replace(settings, seed=4, autocast="bf16")
         )
     assert tree(tmp_path) == before
 

@@ -77,7 +77,7 @@ def test_an_objective_defined_outside_the_package_trains_certifies_and_its_check
             "trainer.limit_train_batches=2",
             "trainer.limit_val_batches=0",
             "certify.max_examples=2",
-            "certify.n=64",
+            "procedure.n=64",
         ],
         out,
     )

@@ -1,6 +1,6 @@
 """The procedure contract (``ssn_exp.certify.procedures.Procedure``; docs/extending.md, "A certificate procedure"),
 checked for every procedure: ssn_exp's own (exact, fixed, auto, sequential) and the user's of tests/plugins
-(hoeffding), each on every noise it certifies, through the one driver (``ShardCertifier``) with a stand-in classifier.
+(hoeffding), each on every noise it certifies, through the one driver (``open_certifier``) with a stand-in classifier.
 A new procedure is one entry of ``PROCEDURES``; what is particular to one procedure stays in its own tests."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from helpers import NOISES, SAMPLED_NOISES, all_noises, certificate_columns, plu
 from ssn_exp.certify.procedures import Exact, FixedSample, NoiseDefault, Procedure, ProcedureError
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.certify.record import BASE_COLUMNS, SAMPLES_COLUMN, CertificateRecord
-from ssn_exp.lightning.certification import ShardCertifier, certification_settings
+from ssn_exp.lightning.certification import certification_settings, open_certifier
 from ssn_exp.lightning.results import ResultsFileError
 from ssn_exp.noises import InputDomainError, RadiusError, SampledNoise
 
@@ -70,7 +70,7 @@ def _certify(out, procedure: Procedure, noise, **kw):
     noise's own), as every entry point does."""
     kw = {"noise_batch": 64, "batch_size": EXAMPLES, **kw}
     procedure = procedure.for_noise(noise)
-    cert = ShardCertifier(_model(), noise, _data(), out, num_classes=CLASSES, procedure=procedure, **kw)
+    cert = open_certifier(_model(), noise, _data(), out, num_classes=CLASSES, procedure=procedure, **kw)
     cert.run("cpu", progress=False)
     return read_csv(out / "certificates.csv")
 

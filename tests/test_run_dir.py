@@ -241,11 +241,11 @@ def test_a_refused_rerun_of_a_finished_run_leaves_every_file_byte_identical(tmp_
     train = ["debug=fast", "method=uniform", "certify.max_examples=4", f"hydra.run.dir={run}"]
     assert run_cli("ssn_exp", *train).returncode == 0
     ckpt = f"ckpt={run / 'checkpoints' / 'last.ckpt'}"
-    recertify = [ckpt, "certify.max_examples=2", "certify.n=256", "certify.progress=false", f"hydra.run.dir={cert}"]
+    recertify = [ckpt, "certify.max_examples=2", "procedure.n=256", "certify.progress=false", f"hydra.run.dir={cert}"]
     assert run_cli("ssn_exp.certify", *recertify).returncode == 0
     before = {d: tree(d) for d in (run, cert)}
     assert {"csv/hparams.yaml", "ssn_exp.log", ".hydra/config.yaml", "certificates.csv"} <= set(before[run])
-    calls = [("ssn_exp", [*train, "certify.n=300"]), ("ssn_exp.certify", [*recertify, "certify.n=300"])]
+    calls = [("ssn_exp", [*train, "procedure.n=300"]), ("ssn_exp.certify", [*recertify, "procedure.n=300"])]
     refused = [*run_cli_many(calls, workers=2)]
     refused += [run_cli("ssn_exp", *train, more) for more in ("training.epochs=2", "trainer.max_epochs=2")]
     for d, t in before.items():

@@ -171,7 +171,7 @@ def test_recertifying_a_randomized_run_uses_its_seed_and_refuses_other_noise_set
     out = tmp_path / "recert"
     p, bad = run_cli_many(
         [
-            ("ssn_exp.certify", [f"ckpt={ckpt}", f"hydra.run.dir={out}", "certify.max_examples=5", "certify.n=256"]),
+            ("ssn_exp.certify", [f"ckpt={ckpt}", f"hydra.run.dir={out}", "certify.max_examples=5", "procedure.n=256"]),
             ("ssn_exp.certify", [f"ckpt={ckpt}", f"hydra.run.dir={tmp_path / 'bad'}", "method.arithmetic=levine2021"]),
         ]
     )

@@ -91,7 +91,7 @@ def test_killed_training_resumes_to_exactly_the_uninterrupted_result(tmp_path):
     that never stopped (every RNG the training uses is restored). A refused restart of the finished run (other
     settings; resume=false) then leaves it byte-identical."""
     common = ["training.epochs=5", "data.batch_size=16", "certify.max_examples=20", "trainer.check_val_every_n_epoch=2"]
-    common += ["trainer.enable_progress_bar=false", "certify.progress=false", "method=ssn", "certify.n=500"]
+    common += ["trainer.enable_progress_bar=false", "certify.progress=false", "method=ssn", "procedure.n=500"]
     ref, run, term = tmp_path / "ref", tmp_path / "run", tmp_path / "term"
     succeeded(run_cli("ssn_exp", *common, f"hydra.run.dir={ref}"))
 

@@ -19,7 +19,7 @@ from ssn_exp.certify.core import NonFiniteLogitsError
 from ssn_exp.certify.procedures import FixedSample, ProcedureError
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.certify.record import SAMPLES_COLUMN, CertificateRecord
-from ssn_exp.lightning.certification import ShardCertifier
+from ssn_exp.lightning.certification import open_certifier
 from ssn_exp.lightning.results import ResultsFileError, merge_shards, summarize
 from ssn_exp.noises import DSSN, SSN, Uniform
 
@@ -52,7 +52,7 @@ def _procedure(**kw):
 
 def _certifier(out, noise=None, procedure=None, **kw):
     kw = {"num_classes": 10, "noise_batch": 100, "batch_size": 4, **kw}
-    return ShardCertifier(
+    return open_certifier(
         kw.pop("model", None) or _model(),
         noise or Uniform(0.5),
         kw.pop("ds", None) or _data(),
@@ -163,10 +163,10 @@ def test_settings_are_recorded_and_other_settings_refused(tmp_path, reference):
     # the fixed protocol's certificates and the sequential ones never share a directory, either way round
     before = (out / "certify_settings.json").read_text()
     with pytest.raises(ResultsFileError, match="other settings.*procedure: 'sequential' -> None"):
-        ShardCertifier(_model(), Uniform(0.5), _data(), out, num_classes=10, n0=16, n=600, alpha=0.01)
+        open_certifier(_model(), Uniform(0.5), _data(), out, num_classes=10, n0=16, n=600, alpha=0.01)
     assert (out / "certify_settings.json").read_text() == before  # the refused attempt wrote nothing
     fixed = tmp_path / "fixed"
-    ShardCertifier(_model(), Uniform(0.5), _data(3), fixed, num_classes=10, n0=16, n=600, alpha=0.01).run(
+    open_certifier(_model(), Uniform(0.5), _data(3), fixed, num_classes=10, n0=16, n=600, alpha=0.01).run(
         "cpu", progress=False
     )
     with pytest.raises(ResultsFileError, match="other settings.*procedure: None -> 'sequential'"):
@@ -414,11 +414,11 @@ def test_sequential_certificates_are_false_with_probability_at_most_alpha(select
 # -- the config group and the CLI ------------------------------------------------------------------------------
 
 
-def test_the_config_builds_the_procedure_from_the_certify_settings():
+def test_the_config_builds_the_procedure_from_its_settings():
     from ssn_exp.cli.common import build_noise, build_procedure
     from ssn_exp.cli.config import ConfigError
 
-    cfg = _compose(["method=uniform", "procedure=sequential", "certify.n=5000", "certify.radii=[0.0,0.5]"])
+    cfg = _compose(["method=uniform", "procedure=sequential", "procedure.n=5000", "certify.radii=[0.0,0.5]"])
     proc = build_procedure(cfg, build_noise(cfg.method))
     assert isinstance(proc, Sequential)
     assert (proc.n0, proc.n, proc.alpha, proc.radii, proc.select) == (64, 5000, 0.001, [0.0, 0.5], "top")
@@ -440,7 +440,7 @@ def test_a_run_certifies_sequentially_end_to_end(tmp_path):
     rows = read_csv(run_dir / "certificates.csv")
     assert len(rows) == 8 and SAMPLES_COLUMN in rows[0]
     samples = np.array([int(r[SAMPLES_COLUMN]) for r in rows])
-    assert np.all((samples > 64) & (samples <= 64 + 256))  # debug=fast: certify.n = 256 is the cap
+    assert np.all((samples > 64) & (samples <= 64 + 256))  # debug=fast: procedure.n = 256 is the cap
     m = json.loads((run_dir / "metrics.json").read_text())
     assert m["forward_passes_per_example"] == pytest.approx(samples.mean())
     assert m["forward_passes_p90"] == pytest.approx(np.percentile(samples, 90))

@@ -10,7 +10,7 @@ import pytest
 
 from helpers import certificate_columns, one_error_line, read_csv, run_cli, same_metrics
 
-FAST = ["debug=fast", "method=ssn", "certify.n=300", "certify.max_examples=9", "logger=none", "seed=3"]
+FAST = ["debug=fast", "method=ssn", "procedure.n=300", "certify.max_examples=9", "logger=none", "seed=3"]
 
 
 @pytest.mark.slow
@@ -56,13 +56,13 @@ def test_shard_jobs_of_a_trained_run_merge_to_the_single_job_result_and_a_foreig
 def test_shard_settings_are_checked_before_anything_starts(given, error):
     from hydra import compose, initialize_config_dir
 
-    from ssn_exp.cli.config import CONF_DIR, ConfigError, check_certify_config, shard_lock_name
+    from ssn_exp.cli.config import CONF_DIR, ConfigError, check_certify_config
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         ok = check_certify_config(compose(config_name="config", overrides=["certify.num_shards=3", "certify.shard=2"]))
         with pytest.raises(ConfigError, match=error):
             check_certify_config(compose(config_name="config", overrides=given))
-    assert (ok["num_shards"], ok["shard"], shard_lock_name(ok)) == (3, 2, ".ssn_exp.shard2of3.lock")
+    assert (ok.num_shards, ok.shard, ok.lock_name) == (3, 2, ".ssn_exp.shard2of3.lock")
 
 
 def test_the_shard_jobs_of_a_run_are_one_job_of_its_sweep():

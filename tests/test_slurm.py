@@ -205,7 +205,7 @@ def _local_run(local: Path, overrides: list[str]):
 def test_a_job_requeued_in_training_and_in_certification_ends_as_an_uninterrupted_run(tmp_path, request):
     """``scontrol requeue`` (what a preemption does) while the job trains, and again while it certifies: Slurm
     kills and reruns the same command, which resumes from ``last.ckpt`` and then from the certificates' rows."""
-    overrides = [*_RESUMABLE, "certify.n=20000"]
+    overrides = [*_RESUMABLE, "procedure.n=20000"]
     sweep, local = tmp_path / "sweep", tmp_path / "local"
     proc = _launch(sweep, *overrides, *SLURM)
     uninterrupted = _local_run(local, overrides)
@@ -239,7 +239,7 @@ def test_a_job_past_its_time_limit_is_requeued_and_ends_as_an_uninterrupted_run(
     and the rerun resumes where it stopped. The job's work (~40 s on an idle 2-core machine) needs the requeue;
     the test then gives the requeued job 10 minutes (scontrol update TimeLimit), so that a busy machine, which
     would need many, ends in one more run."""
-    overrides = [*_RESUMABLE[:-2], "certify.max_examples=32", "certify.batch_size=1", "certify.n=8000"]
+    overrides = [*_RESUMABLE[:-2], "certify.max_examples=32", "certify.batch_size=1", "procedure.n=8000"]
     limit = ["hydra.launcher.timeout_min=1", "hydra.launcher.signal_delay_s=30", "hydra.launcher.max_num_timeout=2"]
     sweep, local = tmp_path / "sweep", tmp_path / "local"
     proc = _launch(sweep, *overrides, *SLURM[:3], *limit)

@@ -219,13 +219,13 @@ def test_a_broken_radius_is_refused_before_the_first_row(tmp_path, radius, words
 
     from ssn_exp.certify.procedures import FixedSample
     from ssn_exp.certify.procedures_sequential import Sequential
-    from ssn_exp.lightning.certification import ShardCertifier
+    from ssn_exp.lightning.certification import open_certifier
     from ssn_exp.noises import RadiusError
 
     data = torch.utils.data.TensorDataset(torch.rand(2, 1, 4, 4), torch.zeros(2, dtype=torch.long))
     proc = FixedSample(n0=2, n=4) if procedure == "fixed" else Sequential(n0=2, n=64, first_batch=8, radii=[0.0])
     with pytest.raises(RadiusError) as info:
-        cert = ShardCertifier(torch.nn.Flatten(), _broken_noise(radius), data, tmp_path, num_classes=16, procedure=proc)
+        cert = open_certifier(torch.nn.Flatten(), _broken_noise(radius), data, tmp_path, num_classes=16, procedure=proc)
         cert.run("cpu", progress=False)
     assert str(info.value).startswith("Broken.radius ") and words in str(info.value) and "\n" not in str(info.value)
     assert not (tmp_path / "certificates.csv").exists() and not (tmp_path / "metrics.json").exists()

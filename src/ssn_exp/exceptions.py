@@ -7,7 +7,18 @@ is free, so an entry point can recognise these errors without importing torch.
 
 from __future__ import annotations
 
-__all__ = ["UserError", "OptionError", "LinkedRunFileError", "list_option", "describe", "instantiation_message"]
+__all__ = [
+    "UserError",
+    "OptionError",
+    "ConfigError",
+    "LinkedRunFileError",
+    "list_option",
+    "check_positive_int",
+    "check_bool",
+    "check_seed",
+    "describe",
+    "instantiation_message",
+]
 
 
 class UserError(Exception):
@@ -16,6 +27,39 @@ class UserError(Exception):
 
 class OptionError(UserError, ValueError):
     """An option of the wrong kind (a string where a list is expected, say)."""
+
+
+class ConfigError(UserError, ValueError):
+    """A configuration value that makes no sense (reported in one line)."""
+
+
+def check_positive_int(value, key: str, minimum: int = 1, maximum: int | None = None) -> int:
+    import numbers
+
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Integral)
+        or int(value) < minimum
+        or (maximum is not None and int(value) > maximum)
+    ):
+        too_large = isinstance(value, numbers.Integral) and maximum is not None and int(value) > maximum
+        bound = f"in [{minimum}, {maximum}]" if too_large else f">= {minimum}"
+        raise ConfigError(f"{key} must be an integer {bound}, got {value!r}")
+    return int(value)
+
+
+def check_bool(value, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key} must be true or false, got {value!r}")
+    return value
+
+
+def check_seed(value, key: str = "seed") -> int:
+    import numbers
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < 2**32:
+        raise ConfigError(f"{key} must be an integer in [0, 2**32), got {value!r}")
+    return int(value)
 
 
 def list_option(value, key: str, example: str) -> list:

@@ -56,9 +56,15 @@ class ProcedureError(UserError, ValueError):
     """A procedure that cannot certify the noise it is given, or bad procedure settings (one-line message)."""
 
 
-def _count(name: str, value, minimum: int = 1) -> int:
+#: The most samples per example: counts stay exact in float64 (the Clopper-Pearson bound).
+MAX_SAMPLES = 2**53
+
+
+def _count(name: str, value, minimum: int = 1, maximum: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or int(value) < minimum:
         raise ProcedureError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and int(value) > maximum:
+        raise ProcedureError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
     return int(value)
 
 
@@ -183,6 +189,10 @@ class Exact(Procedure):
     noise_type = EnumeratedNoise
     requirement = "it enumerates every noisy copy, and this noise is sampled"
 
+    def __init__(self, n0=None, n=None, alpha=None):
+        """Takes no settings: a sample count that a config sets for every procedure (``debug=fast``'s
+        ``procedure.n``) means nothing to an enumeration and is ignored, as ``procedure=auto`` ignores it for dssn."""
+
     def columns(self, noise: EnumeratedNoise) -> list[str]:
         return ["k"]
 
@@ -230,9 +240,9 @@ class FixedSample(Procedure):
     requirement = "it samples the noise and needs its radius as a function of p_lower, and this noise is enumerated"
 
     def __init__(self, n0: int = 64, n: int = 100_000, alpha: float = 0.001):
-        self.n0 = _count("n0", n0)
-        self.n = _count("n", n)
-        self.alpha = check_level("alpha", alpha, share=0.5, error=ProcedureError)  # two-sided: alpha / 2
+        self.n0 = _count("procedure.n0", n0, maximum=MAX_SAMPLES)
+        self.n = _count("procedure.n", n, maximum=MAX_SAMPLES)
+        self.alpha = check_level("procedure.alpha", alpha, share=0.5, error=ProcedureError)  # two-sided: alpha / 2
 
     def describe(self) -> dict:
         return {"n0": self.n0, "n": self.n, "alpha": self.alpha}
@@ -300,15 +310,16 @@ class FixedSample(Procedure):
 class NoiseDefault(Procedure):
     """``procedure=auto`` (the default): the noise's own procedure, chosen when the noise is known (after training
     starts, or from a checkpoint): :class:`Exact` for an enumerated noise, :class:`FixedSample` with (n0, n, alpha)
-    for a sampled one. It certifies nothing itself: :meth:`for_noise` returns the procedure that does."""
+    for a sampled one (its settings checked now, whatever the noise). It certifies nothing itself: :meth:`for_noise`
+    returns the procedure that does."""
 
     name = "auto"
 
     def __init__(self, n0: int = 64, n: int = 100_000, alpha: float = 0.001):
-        self.n0, self.n, self.alpha = n0, n, alpha
+        self.sampled = FixedSample(n0=n0, n=n, alpha=alpha)
 
     def for_noise(self, noise: Noise) -> Procedure:
-        return default_procedure(noise, n0=self.n0, n=self.n, alpha=self.alpha).for_noise(noise)
+        return (Exact() if isinstance(noise, EnumeratedNoise) else self.sampled).for_noise(noise)
 
 
 def default_procedure(noise: Noise, *, n0: int = 64, n: int = 100_000, alpha: float = 0.001) -> Procedure:

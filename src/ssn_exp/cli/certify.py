@@ -12,6 +12,7 @@ Two checkpoint formats (``ckpt_format``, recognised by default):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from pathlib import Path
@@ -32,13 +33,14 @@ from ssn_exp.cli.common import (
 from ssn_exp.cli.config import (
     CONF_DIR,
     ConfigError,
+    apply_deprecated,
     build,
     check_certify_config,
     check_seed,
     check_sigma,
     config_source,
     container,
-    shard_lock_name,
+    given_overrides,
 )
 from ssn_exp.cli.errors import guard, run_entry
 from ssn_exp.cli.run_dir import RunLock
@@ -63,15 +65,6 @@ def levine2021_folder(path) -> dict | None:
         "sigma": float(m.group(2)),
         "training": "stability" if m.group(3) else "standard",
     }
-
-
-def _explicit_overrides() -> dict[str, str]:
-    """The key=value overrides given on the command line (or by the sweeper) for this job."""
-    out = {}
-    for item in HydraConfig.get().overrides.task:
-        key, _, value = item.lstrip("+~").partition("=")
-        out[key] = value
-    return out
 
 
 def _detect(path: Path, requested: str) -> str:
@@ -251,24 +244,23 @@ def run_certify(cfg: DictConfig) -> dict:
     from ssn_exp.lightning.results import format_table, model_fingerprint
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
-    given = _explicit_overrides()
+    given = given_overrides()
+    apply_deprecated(cfg, given)  # certify.n=... (before issue 25) is procedure.n=...
     check_seed(cfg.seed)
     fmt = _detect(path, str(cfg.ckpt_format))
-    lock = shard_lock_name(check_certify_config(cfg))  # every certify.* value checked before anything is loaded
-    with RunLock(out_dir, lock):
+    settings = check_certify_config(cfg)  # every certify.* value checked before anything is loaded
+    build_procedure(cfg)  # and every procedure.* value
+    with RunLock(out_dir, settings.lock_name):
         if fmt == "levine2021":
             model, smoothing, dm, meta = _from_levine2021(cfg, path, given)
         else:
             model, smoothing, dm, meta = _from_ssn_exp(cfg, path, given)
-        n = None if "certify.n" in given else dm.certify_n
-        settings = check_certify_config(cfg, n=n)
-        if n is not None:  # the sample count of the checkpoint's data set, for the procedure too
-            with open_dict(cfg):
-                cfg.certify.n = n
+        with open_dict(cfg):  # procedure.n defaults to the checkpoint's data set's sample count
+            cfg.data.certify_n = dm.certify_n
         procedure = build_procedure(cfg, smoothing)  # procedure=auto (default): the checkpoint noise's own
         run_seed = meta.pop("run_seed", None)
         if run_seed is not None and "seed" not in given:  # the same certification noise as the run's own
-            settings["seed"] = run_seed
+            settings = dataclasses.replace(settings, seed=run_seed)
         refuse_other_certificates(out_dir, model_fingerprint(model), smoothing, procedure, settings)  # before writing
         logger = build_loggers(cfg)
         for one in logger:

@@ -189,9 +189,10 @@ def build_noise(node: DictConfig, group: str = "method"):
     return noise
 
 
-def build_procedure(cfg: DictConfig, noise):
-    """The certificate procedure of the ``procedure`` config for ``noise`` (``procedure=auto``, the default: the noise's
-    own, :class:`ssn_exp.certify.procedures.NoiseDefault`), checked against it: a noise the procedure cannot certify
+def build_procedure(cfg: DictConfig, noise=None):
+    """The certificate procedure of the ``procedure`` config, its settings checked (the one check of procedure.n0 / n /
+    alpha: the procedure's own), and for ``noise`` if given (``procedure=auto``, the default: the noise's own,
+    :class:`ssn_exp.certify.procedures.NoiseDefault`), checked against it: a noise the procedure cannot certify
     (procedure=fixed for dssn, say) is refused in one line before anything is trained or loaded."""
     from ssn_exp.certify.procedures import Procedure, ProcedureError
 
@@ -204,31 +205,25 @@ def build_procedure(cfg: DictConfig, noise):
             "(ssn_exp.certify.procedures.Procedure)"
         )
     try:
-        return procedure.for_noise(noise)
+        return procedure if noise is None else procedure.for_noise(noise)
     except ProcedureError as exc:
         raise ConfigError(str(exc)) from None
 
 
-def refuse_other_certificates(out_dir: Path, weights: str | None, noise, procedure, settings: dict) -> None:
+def refuse_other_certificates(out_dir: Path, weights: str | None, noise, procedure, settings) -> None:
     """Refuse now, before anything is trained, logged or written, a run directory that holds certificates made with
     other settings: the check the certification makes again before it writes its first row
     (:func:`ssn_exp.lightning.certification.check_settings`), so that a refused rerun leaves the run as it was.
-    ``settings``: :func:`ssn_exp.cli.config.check_certify_config`'s; ``weights``: the fingerprint of the weights to
+    ``settings``: :func:`ssn_exp.cli.config.check_certify_config`'s :class:`CertifyRun`; ``weights``: the fingerprint of the weights to
     certify (:func:`ssn_exp.lightning.results.model_fingerprint`), or None while they are not known (a run that
     trains from scratch: they are compared after training)."""
     from ssn_exp.lightning.certification import certification_settings, check_settings
 
-    recorded = certification_settings(
-        noise,
-        procedure,
-        seed=settings["seed"],
-        weights=weights,
-        **{k: settings[k] for k in ("autocast", "precision", "channels_last", "compile")},
-    )
+    recorded = certification_settings(noise, procedure, settings, weights)
     check_settings(out_dir, recorded, weights_known=weights is not None)
 
 
-def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, settings: dict, meta: dict, logger):
+def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, settings, meta: dict, logger):
     """Certify ``model`` without training: a Lightning predict loop (sharded over DDP ranks) that runs the one
     certification driver (:func:`ssn_exp.lightning.certification.run_certification`) on every rank. None for a
     job shard (``certify.shard``) that finished before the others."""
@@ -237,8 +232,7 @@ def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, s
     from ssn_exp.lightning.callbacks import QuietRanks
     from ssn_exp.lightning.certification import CertifyTask
 
-    radii, progress = list(cfg.certify.radii), bool(cfg.certify.get("progress", True))
-    task = CertifyTask(model, noise, procedure, dm, out_dir, settings, radii, meta, progress=progress)
+    task = CertifyTask(model, noise, procedure, dm, out_dir, settings, meta)
     trainer = build(
         cfg.trainer,
         "trainer",
@@ -251,9 +245,9 @@ def certify_model(cfg: DictConfig, model, noise, procedure, dm, out_dir: Path, s
     trainer.predict(task, return_predictions=False)
     if task.metrics is not None:
         return task.metrics
-    if settings.get("num_shards", 1) > 1 and not (Path(out_dir) / "metrics.json").is_file():
+    if settings.num_shards > 1 and not (Path(out_dir) / "metrics.json").is_file():
         if trainer.world_size > 1:  # (ddp_spawn: rank 0's log line stayed in its process)
-            print(f"shard {settings['shard']} of {settings['num_shards']} done; waiting for the other shards (the last "
+            print(f"shard {settings.shard} of {settings.num_shards} done; waiting for the other shards (the last "
                   "to finish merges them)", flush=True)  # fmt: skip
         return None  # a job shard done before the others (it said so): the last one merges
     return json.loads((Path(out_dir) / "metrics.json").read_text())  # ddp_spawn: written by rank 0's process

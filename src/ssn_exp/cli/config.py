@@ -11,7 +11,14 @@ from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from ssn_exp.exceptions import UserError, describe, instantiation_message
+from ssn_exp.exceptions import (  # (the value checks live there: every layer checks with them)
+    ConfigError,
+    check_bool,
+    check_positive_int,
+    check_seed,
+    describe,
+    instantiation_message,
+)
 
 __all__ = [
     "CONF_DIR",
@@ -26,15 +33,13 @@ __all__ = [
     "check_tag",
     "check_one_value",
     "check_certify_config",
+    "given_overrides",
+    "apply_deprecated",
     "container",
 ]
 
 #: The package's configs (``ssn_exp/conf``): found the same way from a checkout and from an installed wheel.
 CONF_DIR = str(resources.files("ssn_exp") / "conf")
-
-
-class ConfigError(UserError, ValueError):
-    """A configuration value that makes no sense (reported in one line)."""
 
 
 def _path_tag(path) -> str:
@@ -162,12 +167,6 @@ def check_sigma(value) -> float:
     return float(value)
 
 
-def check_seed(value, key: str = "seed") -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 0 <= int(value) < 2**32:
-        raise ConfigError(f"{key} must be an integer in [0, 2**32), got {value!r}")
-    return int(value)
-
-
 #: The run-level values a training run's folder is named by (``sigma<sigma>-seed<seed>``), and the keys of the groups
 #: that the configs set from them (``sigma: ${sigma}``): the run's records (metrics.json, the checkpoint) say what
 #: these keys built, so each must hold the run's one value.
@@ -189,31 +188,6 @@ def check_one_value(cfg: DictConfig) -> None:
             same = isinstance(got, numbers.Real) and isinstance(want, numbers.Real) and float(got) == float(want)
             if not same and got != want:
                 raise ConfigError(f"{key}={got} conflicts with {source}={want}; set {source}={got}")
-
-
-def check_positive_int(value, key: str, minimum: int = 1, maximum: int | None = None) -> int:
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Integral)
-        or int(value) < minimum
-        or (maximum is not None and int(value) > maximum)
-    ):
-        too_large = isinstance(value, numbers.Integral) and maximum is not None and int(value) > maximum
-        bound = f"in [{minimum}, {maximum}]" if too_large else f">= {minimum}"
-        raise ConfigError(f"{key} must be an integer {bound}, got {value!r}")
-    return int(value)
-
-
-def check_bool(value, key: str) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key} must be true or false, got {value!r}")
-    return value
-
-
-#: Upper bounds of the certification counts: sample counts stay exact in float64 (the Clopper-Pearson bound),
-#: batch sizes and indices within what torch indexes with int32/int64 arithmetic.
-MAX_SAMPLES = 2**53
-MAX_BATCH = 2**31 - 1
 
 
 def _value(node, key: str, prefix: str):
@@ -240,91 +214,69 @@ def _shape(value) -> tuple[int, ...] | None:
     return tuple(int(s) for s in shape)
 
 
-def _missing_shard(num_shards: int):
-    raise ConfigError(
-        f"certify.num_shards={num_shards} needs certify.shard=i (0..{num_shards - 1}), one job per shard: "
-        f"--multirun certify.shard=0,1,...,{num_shards - 1}"
-    )
+def given_overrides() -> set[str]:
+    """The keys given on the command line (or by the sweeper) for this job: ``procedure.n`` of ``procedure.n=500``."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return {item.lstrip("+~").partition("=")[0] for item in HydraConfig.get().overrides.task}
 
 
-def shard_lock_name(settings: dict) -> str:
-    """The lock file of a job's run directory: a job shard locks its own shard (shards run side by side)."""
-    if settings.get("num_shards", 1) == 1:
-        return ".ssn_exp.lock"
-    return f".ssn_exp.shard{settings['shard']}of{settings['num_shards']}.lock"
+#: The certify.* spellings of the procedure's own settings before issue 25, kept for one release.
+DEPRECATED_CERTIFY = ("n0", "n", "alpha")
+_warned: set[str] = set()
 
 
-def check_certify_config(cfg: DictConfig, n: int | None = None, shape=None) -> dict:
-    """The certification settings, every value checked (before any training or certification starts).
+def apply_deprecated(cfg: DictConfig, given) -> None:
+    """Apply an old spelling ``certify.n0`` / ``n`` / ``alpha`` (set, not null) to ``procedure.*``, with one warning line
+    naming the new one; unless that key is also in ``given`` (the keys given explicitly) as ``procedure.*``, which wins,
+    or the procedure takes no such setting (procedure=exact): then it is ignored, and the warning says so."""
+    import sys
+
+    c, proc = cfg.get("certify"), cfg.get("procedure")
+    for key in DEPRECATED_CERTIFY:
+        if not isinstance(c, DictConfig) or key not in c or (value := _value(c, key, "certify.")) is None:
+            continue
+        text = f"certify.{key} is deprecated; use procedure.{key}={value}"
+        if f"procedure.{key}" in given:
+            text = f"certify.{key} is deprecated and ignored: procedure.{key}={_value(proc, key, 'procedure.')} wins"
+        elif isinstance(proc, DictConfig) and key in proc:
+            proc[key] = value
+        else:
+            text += f" (ignored here: this procedure takes no {key})"
+        c[key] = None  # applied once
+        if text not in _warned:
+            _warned.add(text)
+            print(f"warning: {text}", file=sys.stderr, flush=True)
+
+
+def check_certify_config(cfg: DictConfig, shape=None):
+    """The certification settings (:class:`~ssn_exp.lightning.certify_run.CertifyRun`: ``certify.*``, the run's seed and
+    ``trainer.precision``), every value checked before any training or certification starts.
 
     ``shape``: the inputs' (C, H, W) (default ``data.shape``): a ``certify.noise_batch`` whose noisy batch cannot
     fit in this host's physical memory is refused now rather than after training (the certification checks the
     memory free on its device again before it starts).
     """
+    import dataclasses
+
+    from ssn_exp.lightning.certify_run import CertifyRun
     from ssn_exp.lightning.memory import check_noise_batch, host_memory
 
     c = _value(cfg, "certify", "")
     if not isinstance(c, DictConfig):
         raise ConfigError(f"certify must be a config group (certify=default), got {c!r}")
-
-    def get(key, default=None):
-        return _value(c, key, "certify.") if key in c else default
-
-    n_value = get("n") if n is None else n
-    settings = {
-        "skip": check_positive_int(get("skip"), "certify.skip"),
-        "max_examples": None
-        if get("max_examples") is None
-        else check_positive_int(get("max_examples"), "certify.max_examples"),
-        "n0": check_positive_int(get("n0"), "certify.n0", maximum=MAX_SAMPLES),
-        "n": check_positive_int(n_value, "certify.n", maximum=MAX_SAMPLES),
-        "noise_batch": check_positive_int(get("noise_batch"), "certify.noise_batch", maximum=MAX_BATCH),
-        "batch_size": check_positive_int(get("batch_size"), "certify.batch_size", maximum=MAX_BATCH),
-        "seed": check_seed(_value(cfg, "seed", "")),
-        "autocast": get("autocast"),
-        "channels_last": check_bool(get("channels_last", False), "certify.channels_last"),
-        "compile": check_bool(get("compile", False), "certify.compile"),
-    }
-    settings["num_shards"] = check_positive_int(get("num_shards", 1), "certify.num_shards")
-    shard = get("shard")
-    if settings["num_shards"] > 1 or shard is not None:  # one job of a certification split over jobs
-        if settings["num_shards"] == 1:
-            raise ConfigError(f"certify.shard={shard} needs certify.num_shards=N (the number of shard jobs)")
-        settings["shard"] = (
-            check_positive_int(
-                shard, f"certify.shard (one of 0..{settings['num_shards'] - 1})", 0, settings["num_shards"] - 1
-            )
-            if shard is not None
-            else _missing_shard(settings["num_shards"])
-        )
-    for key in ("enabled", "progress"):
-        if key in c:
-            check_bool(get(key), f"certify.{key}")
+    if "enabled" in c:
+        check_bool(_value(c, "enabled", "certify."), "certify.enabled")
+    values = {f.name: _value(c, f.name, "certify.") for f in dataclasses.fields(CertifyRun) if f.name in c}
+    if isinstance(values.get("radii"), ListConfig):  # each item read on its own: a missing or broken ${...} is named
+        values["radii"] = [_value(values["radii"], i, "certify.radii.") for i in range(len(values["radii"]))]
     trainer = _value(cfg, "trainer", "") if "trainer" in cfg else None
-    precision = (
-        _value(trainer, "precision", "trainer.") if isinstance(trainer, DictConfig) and "precision" in trainer else None
-    )
-    if precision is not None and (isinstance(precision, bool) or not isinstance(precision, str | int)):
-        raise ConfigError(f"trainer.precision must be a string such as 32-true or bf16-mixed, got {precision!r}")
-    settings["precision"] = None if precision is None else str(precision)
-    from ssn_exp.certify.core import check_level
-
-    settings["alpha"] = check_level("certify.alpha", get("alpha"), share=0.5, error=ConfigError)  # two-sided
-    autocast = settings["autocast"]
-    if not (autocast is None or (isinstance(autocast, str) and autocast in ("none", "bf16", "fp16"))):
-        raise ConfigError(f"certify.autocast must be null, bf16 or fp16, got {autocast!r}")
-    radii = get("radii")
-    if isinstance(radii, ListConfig):  # each item read on its own: a missing or broken ${...} item is named
-        radii = [_value(radii, i, "certify.radii.") for i in range(len(radii))]
-    from ssn_exp.certify.procedures import check_radii
-
-    try:
-        check_radii(radii, "certify.radii", allow_empty=False)
-    except ValueError as exc:  # (every certify.* refusal here is a ConfigError)
-        raise ConfigError(str(exc)) from None
+    if isinstance(trainer, DictConfig) and "precision" in trainer:
+        values["precision"] = _value(trainer, "precision", "trainer.")
+    settings = CertifyRun(**{**values, "seed": _value(cfg, "seed", "")})
     if shape is None and "data" in cfg and isinstance(cfg.data, DictConfig) and "shape" in cfg.data:
         shape = _value(cfg.data, "shape", "data.")
     shape = _shape(shape)
     if shape is not None:
-        check_noise_batch(settings["noise_batch"], shape, host_memory(available=False), "this host's memory")
+        check_noise_batch(settings.noise_batch, shape, host_memory(available=False), "this host's memory")
     return settings

@@ -42,10 +42,11 @@ def published_throughput(dataset: str) -> float | None:
     return statistics.median(rates) if rates else None
 
 
-def _job_cost(cfg) -> dict:
+def _job_cost(cfg, overrides: list[str]) -> dict:
     from ssn_exp.cli.common import build_noise, build_procedure
-    from ssn_exp.cli.config import check_certify_config
+    from ssn_exp.cli.config import apply_deprecated, check_certify_config
 
+    apply_deprecated(cfg, {o.lstrip("+~").partition("=")[0] for o in overrides})
     settings = check_certify_config(cfg)
     name = str(cfg.data.name)
     train, test = SIZES.get(name, (None, None))
@@ -55,12 +56,11 @@ def _job_cost(cfg) -> dict:
     procedure = build_procedure(cfg, noise)
     passes, how = procedure.forward_passes(noise), procedure.name
     if passes is None:  # a data-dependent count (procedure=sequential: stops each example once decided)
-        own = procedure.describe()  # its own sample counts (procedure.n given explicitly wins over certify.n)
+        own = procedure.describe()  # its own sample counts
         passes, how = SEQUENTIAL_SHARE * (own.get("n0", 0) + own.get("n", 0)), f"{procedure.name}, estimated"
     examples = None
     if test is not None:
-        examples = len(range(0, test, settings["skip"]))
-        examples = examples if settings["max_examples"] is None else min(examples, settings["max_examples"])
+        examples = len(settings.indices(test))
     copies = 2 if "stability" in str(cfg.training.name) else 1
     return dict(
         data=name,
@@ -70,7 +70,7 @@ def _job_cost(cfg) -> dict:
         examples=examples,
         passes=passes,
         how=how,
-        shards=settings["num_shards"],
+        shards=settings.num_shards,
     )
 
 
@@ -83,8 +83,9 @@ def plan_lines(
     for i, job in enumerate(all_jobs):
         shard = [] if any(o.startswith("certify.shard=") for o in fixed) else ["certify.shard=0"]  # (one is enough)
         sharded = any(o.startswith("certify.num_shards=") and o != "certify.num_shards=1" for o in fixed)
+        overrides = [*fixed, *job, *(shard if sharded else [])]
         cfg = compose([*job, *(shard if sharded else [])])
-        c = _job_cost(cfg)
+        c = _job_cost(cfg, overrides)
         if c["data"] not in rates:
             rates[c["data"]] = throughput or published_throughput(c["data"])
         rate = rates[c["data"]]

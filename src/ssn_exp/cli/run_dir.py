@@ -344,7 +344,7 @@ class RunLock:
     """
 
     def __init__(self, out_dir: Path, name: str = ".ssn_exp.lock"):
-        self.path = Path(out_dir) / name  # (a job shard's: .ssn_exp.shard{j}of{J}.lock, see shard_lock_name)
+        self.path = Path(out_dir) / name  # (a job shard's: .ssn_exp.shard{j}of{J}.lock, see CertifyRun.lock_name)
         self._fd: int | None = None
         self._created = False
 

@@ -31,6 +31,7 @@ from ssn_exp.cli.common import (
 from ssn_exp.cli.config import (
     CONF_DIR,
     ConfigError,
+    apply_deprecated,
     build,
     check_certify_config,
     check_one_value,
@@ -40,7 +41,7 @@ from ssn_exp.cli.config import (
     check_tag,
     config_source,
     container,
-    shard_lock_name,
+    given_overrides,
 )
 from ssn_exp.cli.errors import guard, run_entry
 from ssn_exp.cli.run_dir import RunLock
@@ -202,6 +203,7 @@ def _make_trainer(cfg: DictConfig):
 
 def run_train(cfg: DictConfig) -> dict | None:
     out_dir = Path(HydraConfig.get().runtime.output_dir)
+    apply_deprecated(cfg, given_overrides())  # certify.n=... (before issue 25) is procedure.n=...
     check_sigma(cfg.sigma)  # the cheap checks come before the heavy imports
     seed = check_seed(cfg.seed)
     check_one_value(cfg)  # the run folder's sigma and seed are the ones the run uses
@@ -213,6 +215,7 @@ def run_train(cfg: DictConfig) -> dict | None:
     if "max_epochs" in cfg.trainer:
         check_positive_int(cfg.trainer.max_epochs, "trainer.max_epochs")
     settings = check_certify_config(cfg)
+    build_procedure(cfg)  # its settings checked now (built for the noise below)
 
     import pytorch_lightning as pl
 
@@ -224,13 +227,13 @@ def run_train(cfg: DictConfig) -> dict | None:
 
     if cfg.print_config:
         print(OmegaConf.to_yaml(cfg, resolve=True))
-    with RunLock(out_dir, shard_lock_name(settings)):
+    with RunLock(out_dir, settings.lock_name):
         pl.seed_everything(seed, workers=True, verbose=False)
         dm, noise, variant, hparams = build_parts(cfg)
         procedure = build_procedure(cfg, noise)  # a procedure that cannot certify this noise is refused now
         module = SmoothedTraining(**hparams)
         ckpt_path = _resume_point(cfg, out_dir, hparams, module.identity())
-        if settings["num_shards"] > 1:  # one job of a certification split over jobs: of the trained model
+        if settings.num_shards > 1:  # one job of a certification split over jobs: of the trained model
             module = _trained(cfg, ckpt_path, out_dir, module.identity())
             meta = {**module.identity(), "n_classes": dm.num_classes}
             metrics = certify_model(cfg, module.model, module.smoothing, procedure, dm, out_dir, settings, meta, None)
@@ -262,9 +265,7 @@ def run_train(cfg: DictConfig) -> dict | None:
                 print(format_table(metrics))
                 print(f"results: {out_dir}")
                 return metrics
-            certify_cb = CertifyCallback(
-                out_dir, dm, procedure, settings, list(cfg.certify.radii), meta, progress=bool(cfg.certify.progress)
-            )
+            certify_cb = CertifyCallback(out_dir, dm, procedure, settings, meta)
             callbacks = [
                 EpochLog(),
                 epoch_checkpoint(ckpt_dir),

@@ -17,6 +17,7 @@ its examples, :func:`merge_job_shards` merges them into the one ``certificates.c
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import json
 import logging
@@ -32,6 +33,7 @@ import torch
 from ssn_exp.certify.core import NonFiniteLogitsError
 from ssn_exp.certify.procedures import Procedure, default_procedure
 from ssn_exp.certify.record import CertificateRecord
+from ssn_exp.lightning.certify_run import CertifyRun, certify_indices
 from ssn_exp.lightning.data import dataset_labels, mix_seed
 from ssn_exp.lightning.memory import MemoryLimitError, check_noise_batch, host_memory
 from ssn_exp.lightning.results import (
@@ -52,6 +54,8 @@ __all__ = [
     "certify_indices",
     "shard_indices",
     "ShardCertifier",
+    "CertifyRun",
+    "open_certifier",
     "certification_settings",
     "check_settings",
     "certify_dataset",
@@ -66,41 +70,21 @@ __all__ = [
 ]
 
 
-def certify_indices(dataset_len: int, skip: int = 1, max_examples: int | None = None) -> list[int]:
-    """The test examples certified: every ``skip``-th, at most ``max_examples``."""
-    indices = list(range(0, dataset_len, max(1, int(skip))))
-    return indices if max_examples is None else indices[: int(max_examples)]
-
-
 def shard_indices(indices: Sequence[int], rank: int, world_size: int) -> list[int]:
     """Rank ``rank``'s share of ``indices``: ``indices[rank::world_size]`` (every index exactly once overall)."""
     return list(indices)[rank::world_size]
 
 
-def certification_settings(
-    smoothing: Noise,
-    procedure: Procedure,
-    *,
-    seed: int,
-    weights: str | None,
-    autocast: str | None = None,
-    precision: str | None = None,
-    channels_last: bool = False,
-    compile: bool = False,
-) -> dict:
+def certification_settings(smoothing: Noise, procedure: Procedure, settings: CertifyRun, weights: str | None) -> dict:
     """What a directory's certificates depend on (``certify_settings.json``): the noise's and the procedure's
-    ``describe()``, the certification seed (unless the noise names its own: DSSN's), the weights (:func:`model_fingerprint`) and how the base classifier is run
-    (which changes its logits, hence the certificates)."""
-    settings = {**smoothing.describe(), **procedure.describe()}
-    settings.setdefault("seed", int(seed))
-    settings["weights"] = weights
-    settings.update(
-        autocast=autocast if autocast not in (None, "none") else None,
-        precision=None if precision is None else str(precision),
-        channels_last=bool(channels_last),
-        compile=bool(compile),
-    )
-    return settings
+    ``describe()``, the certification seed (unless the noise names its own: DSSN's), the weights
+    (:func:`model_fingerprint`) and how the base classifier is run (which changes its logits, hence the certificates)."""
+    recorded = {**smoothing.describe(), **procedure.describe()}
+    recorded.setdefault("seed", settings.seed)
+    recorded["weights"] = weights
+    s = settings
+    recorded.update(autocast=s.autocast, precision=s.precision, channels_last=s.channels_last, compile=s.compile)
+    return recorded
 
 
 def check_settings(out_dir: str | Path, settings: dict, *, weights_known: bool = True, strict: bool = False) -> None:
@@ -148,145 +132,108 @@ def shard_stem(shard: int, num_shards: int) -> str:
 
 
 class ShardCertifier:
-    """Certifies one rank's shard of the test examples into its CSV, resumably.
+    """Certifies one rank's shard of the test examples into its CSV, resumably: built by :func:`open_certifier`, which
+    calls :meth:`check_settings` and then :meth:`resume` (the constructor only stores).
 
-    ``procedure``: how each batch is certified (:mod:`ssn_exp.certify.procedures`); by default the noise's own, with
-    ``n0``, ``n`` and ``alpha`` for a sampled noise. Examples already present in the shard's CSV (or in a merged ``certificates.csv`` from an earlier
-    attempt) are checked against the data set and skipped. Every example gets its own noise generator seeded
-    from (seed, index), so results depend neither on batching nor on sharding.
-    ``certify_settings.json`` records what the certificates depend on (the noise, the procedure's settings, e.g.
-    n0/n/alpha/seed of ``fixed``, and a fingerprint of the weights): other settings are refused.
+    ``procedure``: how each batch is certified (:mod:`ssn_exp.certify.procedures`); ``settings``: what every
+    certification shares (:class:`CertifyRun`). Every example gets its own noise generator seeded from (seed, index),
+    so results depend neither on batching nor on sharding.
     """
 
-    def __init__(
-        self,
-        model: torch.nn.Module,
-        smoothing: Noise,
-        dataset,
-        out_dir: str | Path,
-        *,
-        num_classes: int,
-        procedure: Procedure | None = None,
-        n0: int = 64,
-        n: int = 100_000,
-        alpha: float = 0.001,
-        skip: int = 1,
-        max_examples: int | None = None,
-        noise_batch: int = 1024,
-        batch_size: int = 1,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        shard: int | None = None,
-        num_shards: int = 1,
-        autocast: str | None = None,
-        channels_last: bool = False,
-        compile: bool = False,
-        precision: str | None = None,
-        barrier: Callable[[str], None] | None = None,
-        device: torch.device | str | None = None,
-    ):
-        if procedure is None:  # the noise's own procedure (exact for DSSN, fixed with n0, n, alpha otherwise)
-            procedure = default_procedure(smoothing, n0=n0, n=n, alpha=alpha)
+    def __init__(self, model, smoothing: Noise, dataset, out_dir, *, num_classes: int, procedure: Procedure,
+                 settings: CertifyRun, rank: int = 0, world_size: int = 1):  # fmt: skip
         self.model, self.smoothing, self.procedure, self.dataset = model, smoothing, procedure, dataset
         self.record = CertificateRecord(smoothing, procedure)  # refuses a noise the procedure cannot certify
-        self.out_dir = Path(out_dir)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.num_classes = num_classes
-        self.noise_batch = int(noise_batch)
-        self.batch_size = max(1, int(batch_size))
-        self.seed = int(seed)
-        self.rank, self.world_size = rank, world_size
-        self.job_shard, self.num_shards = (0 if shard is None else int(shard)), int(num_shards)
-        dtypes = {None: None, "none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-        if autocast not in dtypes:
-            raise ValueError(f"certify.autocast must be null, bf16 or fp16, got {autocast!r}")
-        self.autocast_dtype = dtypes[autocast]
-        self.channels_last = bool(channels_last)
         self.columns = self.record.columns
-        if len(dataset) and device is not None:  # before anything is written: a corrected noise_batch just runs
-            per_example = procedure.samples_per_example(smoothing)
-            check_batch_memory(torch.as_tensor(dataset[0][0]).shape, per_example, noise_batch, self.batch_size, device)
-        self._check_settings(
-            certification_settings(
-                smoothing,
-                procedure,
-                seed=seed,
-                weights=model_fingerprint(model),
-                autocast=autocast,
-                precision=precision,
-                channels_last=self.channels_last,
-                compile=compile,
-            ),
-            barrier,
-        )
-        if self.channels_last:
-            model.to(memory_format=torch.channels_last)
-        self.forward = torch.compile(model) if compile else model
-        stem = shard_stem(self.job_shard, self.num_shards)
-        self.path = self.out_dir / (f"{stem}.csv" if world_size == 1 else f"{stem}.rank{rank}.csv")
-        selected = certify_indices(len(dataset), skip, max_examples)
-        mine = shard_indices(selected, self.job_shard, self.num_shards)  # this job's examples (all: one job)
-        self.shard = shard_indices(mine, rank, world_size)
-        check = dict(record=self.record, labels=lambda idx: dataset_labels(dataset, idx), num_classes=num_classes)
-        self._check = check
-        if world_size == 1 and self.num_shards == 1:
-            done = read_certificates(self.path, allowed=self.shard, **check)
-            keep = done
-            complete = set(selected) <= set(done)
-        else:  # this rank's rows from the merged files and from every rank file (the world size may have changed)
-            found: dict[int, dict] = {}
-            own = [self.out_dir / f"{stem}.csv"] if self.num_shards > 1 else []
-            for path in [*own, *sorted(self.out_dir.glob(f"{stem}.rank*.csv"))]:
-                found.update(read_certificates(path, allowed=mine, **check))
-            # read after the shard files: a job-shard merge removes them only after writing certificates.csv
-            merged = read_certificates(self.out_dir / "certificates.csv", allowed=selected, **check)
-            complete = set(mine) <= set(merged)
-            found.update(merged)
-            done = {i: found[i] for i in self.shard if i in found}
-            # this rank's file keeps the rows it had (another rank may take them over) and gains the ones it found
-            keep = {**read_certificates(self.path, allowed=mine, **check), **done}
-        if not complete and rank == 0:  # results are being added: a metrics.json of fewer examples is stale
-            (self.out_dir / "metrics.json").unlink(missing_ok=True)
-        if not (complete and self.num_shards > 1):  # (a job shard already merged leaves no file behind)
-            # rewrite the shard file cleanly (drops a torn line, keeps every finished row)
-            write_rows_atomic(self.path, self.columns, [keep[i] for i in sorted(keep)])
-        self._allowed = self.shard if world_size == 1 else mine  # the rows this rank's file may hold
-        self._sorted, self._last = True, max(keep, default=-1)  # the file's rows are in index order, up to _last
-        self.done = set(done)
-        self.todo = [i for i in self.shard if i not in self.done]
+        self.out_dir, self.num_classes, self.settings = Path(out_dir), num_classes, settings
+        self.rank, self.world_size = rank, world_size
+        self.job_shard, self.num_shards = settings.shard or 0, settings.num_shards
+        self.stem = shard_stem(self.job_shard, self.num_shards)
+        self.path = self.out_dir / (f"{self.stem}.csv" if world_size == 1 else f"{self.stem}.rank{rank}.csv")
+        self.selected = settings.indices(len(dataset))
+        self.mine = shard_indices(self.selected, self.job_shard, self.num_shards)  # this job's examples (all: one job)
+        self.shard = shard_indices(self.mine, rank, world_size)
+        self._allowed = self.shard if world_size == 1 else self.mine  # the rows this rank's file may hold
+        self._check = dict(record=self.record, labels=lambda idx: dataset_labels(dataset, idx), num_classes=num_classes)
+        self._forward = None
+        self.done: set[int] = set()
+        self.todo = list(self.shard)
 
-    def _check_settings(self, settings: dict, barrier: Callable[[str], None] | None) -> None:
-        """Refuse a directory of certificates made otherwise (:func:`check_settings`), then (rank 0) record
-        ``settings``.
-
-        Ranks that run concurrently pass ``barrier``: every rank checks before any rank writes a file
-        (a shard file written by a fast rank must not look like an unexplained certificate to a slow one).
-        """
+    def check_settings(self, device=None, barrier: Callable[[str], None] | None = None) -> None:
+        """Before anything is written: refuse a noisy batch that cannot fit in ``device``'s free memory (a corrected
+        noise_batch just runs) and a directory of certificates made otherwise (:func:`check_settings`); then (rank
+        0) record the settings. Ranks that run concurrently pass ``barrier``: every rank checks before any rank
+        writes a file (a shard file written by a fast rank must not look like an unexplained certificate to a slow
+        one)."""
+        s = self.settings
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        if len(self.dataset) and device is not None:
+            shape = torch.as_tensor(self.dataset[0][0]).shape
+            per_example = self.procedure.samples_per_example(self.smoothing)
+            check_batch_memory(shape, per_example, s.noise_batch, s.batch_size, device)
+        recorded = certification_settings(self.smoothing, self.procedure, s, model_fingerprint(self.model))
         jobs = self.num_shards > 1 and self.rank == 0  # other jobs may start in this directory at the same time
         with _exclusive(self.out_dir / ".certify_settings.lock") if jobs else contextlib.nullcontext():
-            check_settings(self.out_dir, settings, strict=self.num_shards > 1)
+            check_settings(self.out_dir, recorded, strict=self.num_shards > 1)
             concurrent = barrier is not None and self.world_size > 1
             if concurrent:
                 barrier("certify settings checked")
             if self.rank == 0:
-                write_json_atomic(self.out_dir / "certify_settings.json", settings)
+                write_json_atomic(self.out_dir / "certify_settings.json", recorded)
             if concurrent:  # no shard file exists without the settings that explain it, even if a rank is killed here
                 barrier("certify settings written")
 
+    def resume(self) -> None:
+        """Read back the rows already certified (checked against the data set): this rank's file, and where there
+        are several ranks or jobs every rank file and the merged files (the world size may have changed); rewrite
+        this rank's file cleanly (drops a torn line, keeps every finished row) and leave the rest in :attr:`todo`."""
+        out, read = self.out_dir, lambda path, allowed: read_certificates(path, allowed=allowed, **self._check)
+        if self.world_size == 1 and self.num_shards == 1:
+            done = keep = read(self.path, self.shard)
+            complete = set(self.selected) <= set(done)
+        else:
+            found: dict[int, dict] = {}
+            own = [out / f"{self.stem}.csv"] if self.num_shards > 1 else []
+            for path in [*own, *sorted(out.glob(f"{self.stem}.rank*.csv"))]:
+                found.update(read(path, self.mine))
+            # read after the shard files: a job-shard merge removes them only after writing certificates.csv
+            merged = read(out / "certificates.csv", self.selected)
+            complete = set(self.mine) <= set(merged)
+            found.update(merged)
+            done = {i: found[i] for i in self.shard if i in found}
+            # this rank's file keeps the rows it had (another rank may take them over) and gains the ones it found
+            keep = {**read(self.path, self.mine), **done}
+        if not complete and self.rank == 0:  # results are being added: a metrics.json of fewer examples is stale
+            (out / "metrics.json").unlink(missing_ok=True)
+        if not (complete and self.num_shards > 1):  # (a job shard already merged leaves no file behind)
+            write_rows_atomic(self.path, self.columns, [keep[i] for i in sorted(keep)])
+        self._sorted, self._last = True, max(keep, default=-1)  # the file's rows are in index order, up to _last
+        self.done = set(done)
+        self.todo = [i for i in self.shard if i not in self.done]
+
+    def _model(self):
+        """The base classifier as certification runs it (channels_last, torch.compile: set up on first use)."""
+        if self._forward is None:
+            if self.settings.channels_last:
+                self.model.to(memory_format=torch.channels_last)
+            self._forward = torch.compile(self.model) if self.settings.compile else self.model
+        return self._forward
+
     def chunks(self) -> list[list[int]]:
-        return [self.todo[i : i + self.batch_size] for i in range(0, len(self.todo), self.batch_size)]
+        size = self.settings.batch_size
+        return [self.todo[i : i + size] for i in range(0, len(self.todo), size)]
 
     def run_chunk(self, chunk: list[int], device: torch.device) -> None:
         """Certify the examples of ``chunk`` only (and append their rows)."""
         self._certify_stream([chunk], torch.device(device), lambda _k: None)
 
-    def run(self, device, progress: bool = True) -> Path:
+    def run(self, device, progress: bool | None = None) -> Path:
+        """Certify :attr:`todo` (``progress``: default ``settings.progress``); returns this rank's CSV."""
         device = torch.device(device)
         self.model.eval().to(device)
-        bar = _progress_bar(
-            len(self.shard), len(self.shard) - len(self.todo), self.smoothing, enabled=progress and self.rank == 0
-        )
+        progress = self.settings.progress if progress is None else progress
+        done = len(self.shard) - len(self.todo)
+        bar = _progress_bar(len(self.shard), done, self.smoothing, enabled=progress and self.rank == 0)
         try:
             self._certify_stream(self.chunks(), device, bar)
         finally:
@@ -299,10 +246,10 @@ class ShardCertifier:
         a killed run loses only the examples in flight. The rows are put in index order at the end."""
         order = [i for chunk in chunks for i in chunk]
         loaded: dict[int, int] = {}  # position in ``order`` -> label, for the examples loaded and not yet written
-        kw = dict(noise_batch=self.noise_batch)
+        kw = dict(noise_batch=self.settings.noise_batch)
         with self._autocast(device):
             stream = self.procedure.certify_batches(
-                self.forward, self._batches(chunks, device, loaded), self.smoothing, self.num_classes, **kw
+                self._model(), self._batches(chunks, device, loaded), self.smoothing, self.num_classes, **kw
             )
             t0 = time.perf_counter()
             for positions, cert in self._named(stream, order, loaded, device):
@@ -328,10 +275,12 @@ class ShardCertifier:
         for chunk in chunks:
             xs, ys = zip(*(self.dataset[i] for i in chunk), strict=True)
             x = torch.stack([torch.as_tensor(v) for v in xs]).to(device)
-            if self.channels_last and x.dim() == 4:
+            if self.settings.channels_last and x.dim() == 4:
                 x = x.contiguous(memory_format=torch.channels_last)
             # one generator per example: reproducible whatever the batching or sharding (unused by exact procedures)
-            generators = [torch.Generator(device=device).manual_seed(mix_seed(self.seed, 0xCE27, i)) for i in chunk]
+            generators = [
+                torch.Generator(device=device).manual_seed(mix_seed(self.settings.seed, 0xCE27, i)) for i in chunk
+            ]
             labels = [int(y) for y in ys]
             loaded.update(zip(range(start, start + len(chunk)), labels, strict=True))
             start += len(chunk)
@@ -347,7 +296,7 @@ class ShardCertifier:
             flight = [order[p] for p in sorted(loaded)]
             raise MemoryLimitError(
                 f"out of memory certifying test example(s) {flight[:10]} on {device} with "
-                f"certify.noise_batch={self.noise_batch}: set a smaller certify.noise_batch"
+                f"certify.noise_batch={self.settings.noise_batch}: set a smaller certify.noise_batch"
             ) from None
         except NonFiniteLogitsError as exc:
             examples = [order[p] for p in exc.positions]
@@ -358,9 +307,11 @@ class ShardCertifier:
             ) from None
 
     def _autocast(self, device: torch.device):
-        if self.autocast_dtype is None:
+        if self.settings.autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(device_type=device.type, dtype=self.autocast_dtype)
+        return torch.autocast(
+            device_type=device.type, dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[self.settings.autocast]
+        )
 
 
 @contextlib.contextmanager
@@ -394,9 +345,26 @@ def check_batch_memory(shape, per_example: int, noise_batch: int, batch_size: in
     check_noise_batch(rows, shape, free, where, asked=int(noise_batch))
 
 
-def certify_dataset(model, smoothing, dataset, out_dir, *, device="cpu", progress=True, **kwargs) -> Path:
-    """Certify every ``skip``-th test example (this rank's shard) into ``out_dir``; returns the CSV path."""
-    return ShardCertifier(model, smoothing, dataset, out_dir, device=device, **kwargs).run(device, progress)
+def open_certifier(model, smoothing, dataset, out_dir, *, num_classes: int, procedure: Procedure | None = None,
+                   settings: CertifyRun | None = None, rank: int = 0, world_size: int = 1, barrier=None, device=None,
+                   n0: int = 64, n: int = 100_000, alpha: float = 0.001, **certify) -> ShardCertifier:  # fmt: skip
+    """A :class:`ShardCertifier` ready to run, in the driver's order: settings checked (and recorded), then the rows
+    already certified read back. ``procedure``: by default the noise's own (exact for DSSN, fixed with ``n0``,
+    ``n``, ``alpha`` otherwise); ``settings`` (default :class:`CertifyRun`'s), with ``certify`` (its fields, e.g.
+    ``skip=2``, ``noise_batch=512``) replaced."""
+    procedure = procedure or default_procedure(smoothing, n0=n0, n=n, alpha=alpha)
+    settings = dataclasses.replace(settings or CertifyRun(), **certify)
+    kw = dict(num_classes=num_classes, procedure=procedure, settings=settings, rank=rank, world_size=world_size)
+    certifier = ShardCertifier(model, smoothing, dataset, out_dir, **kw)
+    certifier.check_settings(device, barrier)
+    certifier.resume()
+    return certifier
+
+
+def certify_dataset(model, smoothing, dataset, out_dir, *, device="cpu", progress=None, **kwargs) -> Path:
+    """Certify every ``skip``-th test example (this rank's shard) into ``out_dir`` (:func:`open_certifier`'s
+    arguments); returns the CSV path."""
+    return open_certifier(model, smoothing, dataset, out_dir, device=device, **kwargs).run(device, progress)
 
 
 def _progress_bar(total: int, initial: int, smoothing: Noise, enabled: bool) -> Callable:
@@ -411,16 +379,8 @@ class CertifyCallback(pl.Callback):
     Sharded over DDP ranks; rank 0 merges, writes metrics.json and the curve, and logs the metrics.
     """
 
-    def __init__(
-        self, out_dir, datamodule, procedure, settings: dict, radii: Sequence[float], meta: dict, *, progress: bool
-    ):
-        self.out_dir = Path(out_dir)
-        self.datamodule = datamodule
-        self.procedure = procedure
-        self.settings = settings
-        self.radii = list(radii)
-        self.meta = meta
-        self.progress = progress
+    def __init__(self, out_dir, datamodule, procedure, settings: CertifyRun, meta: dict):
+        self.job = dict(procedure=procedure, datamodule=datamodule, out_dir=Path(out_dir), settings=settings, meta=meta)
         self.metrics: dict | None = None
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module) -> None:
@@ -435,93 +395,45 @@ class CertifyCallback(pl.Callback):
                 )
             return
         self.metrics = run_certification(
-            pl_module.model,
-            pl_module.smoothing,
-            self.procedure,
-            self.datamodule,
-            self.out_dir,
-            settings=self.settings,
-            radii=self.radii,
-            meta=self.meta,
-            device=pl_module.device,
-            rank=trainer.global_rank,
-            world_size=trainer.world_size,
-            barrier=trainer.strategy.barrier,
-            progress=self.progress,
-            loggers=trainer.loggers,
+            pl_module.model, pl_module.smoothing, device=pl_module.device, trainer=trainer, **self.job
         )
 
 
-def run_certification(
-    model,
-    smoothing,
-    procedure,
-    datamodule,
-    out_dir,
-    *,
-    settings,
-    radii,
-    meta,
-    device,
-    rank=0,
-    world_size=1,
-    barrier=None,
-    progress=True,
-    loggers=(),
-) -> dict | None:
-    """The certification driver: certify this rank's shard, then (rank 0) merge, summarize and log to ``loggers``.
-    Returns the metrics on rank 0. Every way of certifying (after training, a checkpoint, a denoiser variant, DDP)
-    runs this function."""
+def run_certification(model, smoothing, procedure, datamodule, out_dir, *, settings: CertifyRun, meta, device,
+                      trainer: pl.Trainer | None = None) -> dict | None:  # fmt: skip
+    """The certification driver: certify this rank's shard of ``trainer``'s ranks (None: one process), then (rank 0)
+    merge, summarize and log to the trainer's loggers. Returns the metrics on rank 0. Every way of certifying (after
+    training, a checkpoint, a denoiser variant, DDP) runs this function."""
+    rank, world_size = (trainer.global_rank, trainer.world_size) if trainer else (0, 1)
+    barrier = trainer.strategy.barrier if trainer else None
     dataset = datamodule.certify_set()
-    certify_dataset(
-        model,
-        smoothing,
-        dataset,
-        out_dir,
-        procedure=procedure,
-        num_classes=datamodule.num_classes,
-        device=device,
-        rank=rank,
-        world_size=world_size,
-        progress=progress,
-        barrier=barrier,
-        **{k: v for k, v in settings.items() if k not in _NOT_CERTIFIER},
-    )
+    kw = dict(num_classes=datamodule.num_classes, procedure=procedure, settings=settings, rank=rank)
+    certify_dataset(model, smoothing, dataset, out_dir, device=device, barrier=barrier, world_size=world_size, **kw)
     if world_size > 1 and barrier is not None:
         barrier("certified")
     if rank != 0:
         return None
     record = CertificateRecord(smoothing, procedure)
-    num_shards = int(settings.get("num_shards", 1))
+    num_shards = settings.num_shards
     if num_shards > 1:  # this job's part, then all jobs' parts if every one is in (else: ShardsPending)
         if world_size > 1:
-            merge_shards(out_dir, world_size, record, stem=shard_stem(int(settings["shard"]), num_shards))
+            merge_shards(out_dir, world_size, record, stem=shard_stem(settings.shard, num_shards))
         check = dict(labels=lambda idx: dataset_labels(dataset, idx), num_classes=datamodule.num_classes)
         try:
-            merge_job_shards(out_dir, record, num_shards, certify_indices(len(dataset), **_selection(settings)), check)
+            merge_job_shards(out_dir, record, num_shards, settings.indices(len(dataset)), check)
         except ShardsPending as pending:
             log.info(
                 "shard %s of %d done; waiting for shards %s (the last shard to finish merges them into %s)",
-                settings["shard"],
+                settings.shard,
                 num_shards,
                 ", ".join(map(str, pending.missing)),
                 Path(out_dir) / "certificates.csv",
             )
             return None
-    metrics = finish_certification(
-        out_dir, record, 1 if num_shards > 1 else world_size, len(dataset), settings, meta, radii
-    )
-    for logger in loggers or ():
+    metrics = finish_certification(out_dir, record, 1 if num_shards > 1 else world_size, len(dataset), settings, meta)
+    for logger in trainer.loggers if trainer else ():
         log_metrics(logger, metrics, Path(out_dir))
     return metrics
-
-
-#: certify settings the procedure object already holds (its own describe() goes to the result files)
-_NOT_CERTIFIER = ("n0", "n", "alpha")
-
-
-def _selection(settings: dict) -> dict:
-    return dict(skip=settings.get("skip", 1), max_examples=settings.get("max_examples"))
 
 
 class ShardsPending(Exception):
@@ -567,31 +479,23 @@ def merge_job_shards(out_dir, record: CertificateRecord, num_shards: int, select
     return path
 
 
-def finish_certification(out_dir, record, world_size, dataset_len, settings, meta, radii) -> dict:
+def finish_certification(out_dir, record, world_size, dataset_len, settings: CertifyRun, meta) -> dict:
     """Merge the shards (if any) and write metrics.json and the curve for the selected examples."""
     if world_size > 1:
         merge_shards(out_dir, world_size, record)
-    selected = certify_indices(dataset_len, **_selection(settings))
-    return summarize(out_dir, record, meta, radii, indices=set(selected))
+    return summarize(out_dir, record, meta, list(settings.radii), indices=set(settings.indices(dataset_len)))
 
 
 class CertifyTask(pl.LightningModule):
     """Certification without training, as a Lightning predict loop (``trainer.predict(task)``): the trainer starts
     the processes (one per DDP rank) and each runs :func:`run_certification` for its own shard, once (a loader of
     one step); rank 0 logs to the trainer's loggers, and its metrics are in :attr:`metrics` afterwards (under
-    ``ddp_spawn``: in ``metrics.json``). ``progress``: ``certify.progress``."""
+    ``ddp_spawn``: in ``metrics.json``)."""
 
-    def __init__(self, model, smoothing, procedure, datamodule, out_dir, settings, radii, meta, *, progress: bool):
+    def __init__(self, model, smoothing, procedure, datamodule, out_dir, settings: CertifyRun, meta: dict):
         super().__init__()
-        self.model = model
-        self.smoothing = smoothing
-        self.procedure = procedure
-        self.datamodule_ = datamodule
-        self.out_dir = str(out_dir)
-        self.settings = settings
-        self.radii = list(radii)
-        self.meta = meta
-        self.progress = bool(progress)
+        self.model, self.smoothing = model, smoothing
+        self.job = dict(procedure=procedure, datamodule=datamodule, out_dir=str(out_dir), settings=settings, meta=meta)
         self.metrics: dict | None = None
 
     def predict_dataloader(self):
@@ -604,20 +508,7 @@ class CertifyTask(pl.LightningModule):
 
     def predict_step(self, batch, batch_idx):
         self.metrics = run_certification(
-            self.model,
-            self.smoothing,
-            self.procedure,
-            self.datamodule_,
-            self.out_dir,
-            settings=self.settings,
-            radii=self.radii,
-            meta=self.meta,
-            device=self.device,
-            rank=self.global_rank,
-            world_size=self.trainer.world_size,
-            barrier=self.trainer.strategy.barrier,
-            progress=self.progress,
-            loggers=self.trainer.loggers,
+            self.model, self.smoothing, device=self.device, trainer=self.trainer, **self.job
         )
 
 
