@@ -410,7 +410,7 @@ def test_certify_batch_checks_its_arguments_before_any_forward_pass():
     f, seen = _recorder()
     x = _grid_images(1)
     for n0, n, bad in ((0, 10, "n0"), (10, 0, "n"), (0, 0, "n0"), (-1, 10, "n0")):
-        with pytest.raises(ValueError, match=f"^{bad} must be an integer >= 1"):
+        with pytest.raises(ValueError, match=rf"^procedure\.{bad} must be an integer >= 1"):
             certify_batch(f, x, Uniform(0.5), 2, n0=n0, n=n)
     for alpha in (0.0, 1.0, 1.5):
         with pytest.raises(ValueError, match=r"alpha must lie in \(0, 1\)"):
