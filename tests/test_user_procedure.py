@@ -235,7 +235,7 @@ def test_the_plan_names_the_user_s_procedure(monkeypatch):
     monkeypatch.syspath_prepend(str(PLUGINS))
     cfg = compose_config(["method=uniform", "procedure=hoeffding", f"hydra.searchpath=[file://{PLUGINS / 'conf'}]"])
     hoeffding = importlib.import_module("hoeffding")
-    cost = _job_cost(cfg)
+    cost = _job_cost(cfg, [])
     assert (cost["how"], cost["passes"]) == ("hoeffding", 64 + 100_000)
     monkeypatch.setattr(hoeffding.Hoeffding, "forward_passes", lambda self, noise: None)
-    assert _job_cost(cfg)["how"] == "hoeffding, estimated"
+    assert _job_cost(cfg, [])["how"] == "hoeffding, estimated"

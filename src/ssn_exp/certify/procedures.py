@@ -89,6 +89,8 @@ class Procedure:
     noise_type: ClassVar[type] = Noise
     #: Why another noise cannot be certified this way (completes the error message).
     requirement: ClassVar[str] = ""
+    #: Constructor settings it accepts and ignores (left out of :meth:`describe`: they change no certificate).
+    ignores: ClassVar[frozenset[str]] = frozenset()
 
     def for_noise(self, noise: Noise) -> Procedure:
         """The procedure that certifies ``noise``: this one, after :meth:`check` (:class:`NoiseDefault` picks the
@@ -189,9 +191,12 @@ class Exact(Procedure):
     noise_type = EnumeratedNoise
     requirement = "it enumerates every noisy copy, and this noise is sampled"
 
+    ignores = frozenset({"n0", "n", "alpha"})
+
     def __init__(self, n0=None, n=None, alpha=None):
         """Takes no settings: a sample count that a config sets for every procedure (``debug=fast``'s
-        ``procedure.n``) means nothing to an enumeration and is ignored, as ``procedure=auto`` ignores it for dssn."""
+        ``procedure.n``) means nothing to an enumeration and is ignored (:attr:`ignores`), as ``procedure=auto``
+        ignores it for dssn."""
 
     def columns(self, noise: EnumeratedNoise) -> list[str]:
         return ["k"]
