@@ -46,7 +46,7 @@ class Sequential(Procedure):
     protocol's n); ``alpha``: the level (P(p_lower > p_A) <= alpha per example); ``radii``: the radii the
     stopping rule decides (each certified or refuted); ``tolerance``: also stop when R(upper) - R(lower) <= it;
     ``bound``: the lower-bound family (``union``, ``kt``, ``kt+final``); ``beta``: the level of the upper bound
-    that only decides when to give up (default alpha); ``final_share``: the share of alpha spent at the cap;
+    that only decides when to give up (default 0.05; None: alpha); ``final_share``: the share of alpha spent at the cap;
     ``first_batch``, ``growth``, ``max_batch``: the per-example schedule (32, 64, ..., 1024, then 1024 at a time).
 
     Result columns: ``p_lower`` (the running maximum of the lower bound at the stopping time), ``samples``
@@ -68,7 +68,7 @@ class Sequential(Procedure):
         tolerance: float | None = None,
         select: str = "top",
         bound: str = "union",
-        beta: float | None = None,
+        beta: float | None = 0.05,
         final_share: float = 0.5,
         first_batch: int = 32,
         growth: int = 2,
