@@ -187,8 +187,8 @@ def test_a_method_keeps_its_colour_in_every_figure_of_a_report(runs, tmp_path):
     assert has(tmp_path / "curves_cifar10_standard_none.png", method_color("alpha"))
     others = [dataclasses.replace(r, method="zzz", label="zzz") if r.method == "alpha" else r for r in records]
     assert method_colors(others)["wobble"] == method_colors(records)["wobble"]
-    shipped = [f"{m}{p}" for m in ("uniform", "ssn", "dssn") for p in ("", " [sequential]", " [fixed]")]
-    assert len({method_color(m) for m in shipped if m != "dssn [sequential]" and m != "dssn [fixed]"}) == 7
+    sampled = [f"{m}{p}" for m in ("uniform", "ssn", "laplace") for p in ("", " [sequential]", " [fixed]")]
+    assert len({method_color(m) for m in ["dssn", *sampled]}) == 10  # every shipped method and variant its own
 
 
 def test_a_label_is_drawn_as_written_not_as_mathtext(runs, tmp_path):

@@ -50,8 +50,8 @@ PALETTE = (
 
 
 #: Salt of :func:`method_color`'s hash, chosen so that the shipped methods and their procedure variants
-#: ("<method> [sequential]", "<method> [fixed]") get distinct colours (the methods themselves: none grey or olive).
-_COLOR_SALT = "colour370:"
+#: ("<method> [sequential]", "<method> [fixed]"), Laplace included, get ten distinct colours (the methods: none grey or olive).
+_COLOR_SALT = "colour174674:"
 
 
 def method_color(method: str) -> str:
