@@ -1,0 +1,163 @@
+"""Details of the noise and procedure contracts and the console table that the contract suites leave open (found by
+mutation testing, `make mutation`): defaults, boundaries, dtypes and the exact texts a user reads."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from ssn_exp.certify.core import clopper_pearson_lower
+from ssn_exp.certify.procedures import FixedSample, NoiseDefault
+from ssn_exp.lightning.results import format_table
+from ssn_exp.noises import DSSN, SSN, Laplace, Noise, Uniform, levine2021_table
+
+
+def test_a_noise_is_labelled_by_its_name_unless_it_says_otherwise():
+    class Plain(Uniform):
+        name = "plain"
+
+    class Labelled(Uniform):
+        name = "labelled"
+        label = "Labelled noise"
+
+    class Unnamed(Plain):
+        pass
+
+    assert Plain.label == "plain" and Labelled.label == "Labelled noise" and Unnamed.label == "plain"
+    assert issubclass(Plain, Noise)
+
+
+def test_the_noise_default_is_the_fixed_protocol_with_the_paper_s_settings_or_the_given_ones():
+    own = NoiseDefault().for_noise(Uniform(0.5)).describe()
+    assert {k: own[k] for k in ("n0", "n", "alpha")} == {"n0": 64, "n": 100_000, "alpha": 0.001}
+    given = NoiseDefault(n0=7, n=99, alpha=0.01).for_noise(SSN(0.5)).describe()
+    assert {k: given[k] for k in ("n0", "n", "alpha")} == {"n0": 7, "n": 99, "alpha": 0.01}
+    assert NoiseDefault(n0=7, n=99, alpha=0.01).for_noise(DSSN(0.5, q=16, dim=4)).name == "exact"
+
+
+def _fixed_row(fixed: FixedSample, noise, votes: list[int], prediction: int):
+    counts = np.array(votes)
+    p = float(clopper_pearson_lower(int(counts[prediction]), fixed.n, fixed.alpha))
+    radius = float(noise.radius(np.array([p]))[0])
+    return {"p_lower": repr(p), "radius_box": repr(radius)}, counts, prediction, radius, p
+
+
+def test_a_fixed_row_is_recomputed_exactly_from_its_counts():
+    fixed, noise = FixedSample(n0=4, n=100, alpha=0.01), Uniform(0.5)
+    values, counts, pred, radius, p = _fixed_row(fixed, noise, [90, 10], 0)
+    fixed.check_row(values, counts, pred, radius, noise)
+    for bad in (p + 2e-12, p - 2e-12):  # the bound is recomputed, not compared loosely
+        with pytest.raises(ValueError):
+            r = float(noise.radius(np.array([bad]))[0])
+            fixed.check_row({"p_lower": repr(bad), "radius_box": repr(r)}, counts, pred, r, noise)
+    with pytest.raises(ValueError):  # the radius follows from p_lower (relative tolerance 1e-9)
+        fixed.check_row(values, counts, pred, radius * (1 + 1e-7), noise)
+    top = _fixed_row(fixed, noise, [100, 0], 0)  # all votes: p_lower < 1 still
+    fixed.check_row(*top[:4], noise)
+    assert top[4] < 1.0
+    with pytest.raises(ValueError):
+        r = float(noise.radius(np.array([1.0]))[0])
+        fixed.check_row({"p_lower": "1.0", "radius_box": repr(r)}, top[1], 0, r, noise)
+
+
+def test_extra_radii_a_noise_does_not_give_are_named():
+    class Odd(Uniform):
+        name = "odd"
+        extra_columns = ("radius_a", "radius_b")
+
+        def extra_radii(self, x, p_lower):
+            return {"radius_a": p_lower}
+
+    x = torch.full((1, 1, 2, 2), 0.5)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    with pytest.raises(ValueError, match=r"^Odd\.extra_radii gives no radius_b$"):
+        FixedSample(n0=4, n=8).certify(model, x, Odd(0.5), 3, generator=[torch.Generator().manual_seed(0)])
+
+
+def test_radii_are_float64_whatever_the_noise_computes_in():
+    p = np.array([0.9, 0.99], dtype=np.float32)
+    r = Laplace(0.5).radius(p)
+    assert r.dtype == np.float64
+    np.testing.assert_array_equal(r, Laplace(0.5).radius(p.astype(np.float64)))
+
+
+@pytest.mark.parametrize("lam", [0.5, 0.75])
+def test_ssn_at_and_above_lambda_one_half_splits_into_two_levels(lam):
+    """At lambda >= 1/2 the split is (1[x > s] + min(s, 1)) / 2 (the authors' form): values in {s/2, (1 + s)/2}."""
+    noise = SSN(1.0)
+    noise.lam = lam  # (exactly; from sigma it would be a rounded sigma * sqrt(3))
+    x = torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s = torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 2 * lam
+    out = noise.split(x, s)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ((x > s).double() + s.clamp(max=1.0)) * 0.5, rtol=0, atol=0)
+
+
+def test_dssn_copies_take_any_range_inside_the_offsets():
+    noise = DSSN(0.5, q=16, dim=4)
+    x = torch.full((1, 1, 2, 2), 8 / 16)
+    draw = noise.copies(x, torch.float32)
+    assert draw(0, 1, 3, 3).shape[:2] == (1, 0)  # an empty range is a range
+    assert draw(0, 1, 0, noise.levels).shape[1] == noise.levels
+    for start, stop in ((-1, 2), (2, 1), (0, noise.levels + 1)):
+        with pytest.raises(ValueError, match=rf"offset range \[{start}, {stop}\) outside \[0, {noise.levels}\)"):
+            draw(0, 1, start, stop)
+
+
+def test_dssn_quantizes_like_the_authors_table_at_lambda_one_half():
+    """At lambda = 1/2 exactly the authors' table takes its lambda >= 1/2 branch (1[x > s] + min(s, 1)) / 2."""
+    q, levels = 16, 16
+    table = levine2021_table(q, levels, 0.5)
+    x = np.arange(q + 1, dtype=np.float32)[:, None] / np.float32(q)
+    s = (np.arange(levels)[None, :] + 0.5) / np.float32(q)
+    np.testing.assert_array_equal(table, (((x > s).astype(np.float32) + np.minimum(s, 1)) / 2).astype(np.float32))
+    assert table.dtype == np.float32 and table.shape == (q + 1, levels)
+
+
+METRICS = {
+    "method": "ssn",
+    "sigma": 0.5,
+    "dataset": "digits",
+    "training": "standard",
+    "clean_accuracy": 0.95,
+    "acr": 0.51234,
+    "n_examples": 360,
+    "seconds_per_example": 0.1894,
+    "certified_accuracy": {"0": 0.9, "0.25": 0.8, "0.5": 0.0, "0.75": 0.0},
+}
+
+
+def test_the_console_table_stops_at_the_first_all_zero_radius():
+    assert format_table(METRICS).splitlines() == [
+        "ssn sigma=0.5 on digits (standard training): clean 95.0%, ACR 0.512, n=360, 189.4 ms/example",
+        "| radius | 0 | 0.25 | 0.5 |",
+        "|---|---|---|---|",
+        "| certified accuracy (%) | 90.0 | 80.0 | 0.0 |",
+    ]
+    nonzero = {**METRICS, "certified_accuracy": {"0": 0.9, "0.25": 0.8}}
+    assert format_table(nonzero).splitlines()[1] == "| radius | 0 | 0.25 |"
+
+
+def test_the_console_table_adds_further_radii_and_the_abstentions():
+    metrics = {
+        **METRICS,
+        "certified_accuracy_box": {"0": 0.9, "0.25": 0.7, "0.5": 0.1, "0.75": 0.0},
+        "acr_box": 0.4,
+        "certified_accuracy_tight": {"0": 0.9, "0.25": 0.75, "0.5": 0.2, "0.75": 0.0},
+        "acr_tight": 0.45,
+        "abstain_rate": 0.05,
+    }
+    assert format_table(metrics).splitlines() == [
+        "ssn sigma=0.5 on digits (standard training): clean 95.0%, ACR 0.512 (box 0.400) (tight 0.450), n=360, "
+        "189.4 ms/example",
+        "| radius | 0 | 0.25 | 0.5 | 0.75 |",
+        "|---|---|---|---|---|",
+        "| certified accuracy (%) | 90.0 | 80.0 | 0.0 | 0.0 |",
+        "| box (%) | 90.0 | 70.0 | 10.0 | 0.0 |",
+        "| tight (%) | 90.0 | 75.0 | 20.0 | 0.0 |",
+        "clean = the majority vote of the noisy copies; the smoothed classifier abstains on 5.0% of the examples "
+        "(p_lower < 1/2), which no radius counts as certified",
+    ]
+    assert "abstains" not in format_table({**metrics, "abstain_rate": 0.0})
+    assert "abstains on 100.0%" in format_table({**metrics, "abstain_rate": 1.0})
