@@ -161,3 +161,32 @@ def test_the_console_table_adds_further_radii_and_the_abstentions():
     ]
     assert "abstains" not in format_table({**metrics, "abstain_rate": 0.0})
     assert "abstains on 100.0%" in format_table({**metrics, "abstain_rate": 1.0})
+
+
+def _linear() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+
+
+def test_fixed_with_a_generator_per_example():
+    from ssn_exp.certify.core import NonFiniteLogitsError
+
+    fixed, x = FixedSample(n0=4, n=8), torch.full((2, 1, 2, 2), 0.5)
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    with pytest.raises(ValueError, match=r"^3 generators for 2 examples$"):
+        fixed.certify(_linear(), x, Uniform(0.5), 3, generator=gens)
+    seen = []
+    cert = fixed.certify(_linear(), x, Uniform(0.5), 3, generator=gens[:2], progress=seen.append)
+    assert len(cert.prediction) == 2 and sum(seen) == 2 * (4 + 8)  # every forward pass reported
+    empty = fixed.certify(_linear(), x[:0], Uniform(0.5), 3, generator=[])
+    assert len(empty.prediction) == 0 and empty.method == "uniform"
+
+    class NaNAfterFirst(torch.nn.Module):
+        def forward(self, z):
+            out = torch.zeros(z.shape[0], 3)
+            return out + (float("nan") if z.flatten(1)[:, 0].mean() > 0.45 else 0.0)
+
+    with pytest.raises(NonFiniteLogitsError, match="NaN") as info:
+        fixed.certify(NaNAfterFirst(), torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2).clone(),
+                      Uniform(0.01), 3, generator=gens[:2])  # fmt: skip
+    assert info.value.positions == [1]
