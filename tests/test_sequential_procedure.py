@@ -446,3 +446,48 @@ def test_a_run_certifies_sequentially_end_to_end(tmp_path):
     assert m["forward_passes_p90"] == pytest.approx(np.percentile(samples, 90))
     settings = json.loads((run_dir / "certify_settings.json").read_text())
     assert (settings["procedure"], settings["n"], settings["radii"][:3]) == ("sequential", 256, [0.0, 0.25, 0.5])
+
+
+def test_every_setting_is_kept_checked_and_named_in_its_refusal():
+    """Each constructor setting reaches describe() as given (and its default as documented), and each bad value
+    is refused with a message that names its key."""
+    default = Sequential().describe()
+    assert {k: default[k] for k in ("n0", "n", "alpha", "beta", "final_share", "first_batch", "growth", "max_batch",
+                                    "tolerance", "select", "bound")} == {
+        "n0": 64, "n": 100_000, "alpha": 0.001, "beta": 0.05, "final_share": 0.5, "first_batch": 32, "growth": 2,
+        "max_batch": 1024, "tolerance": None, "select": "top", "bound": "union"}  # fmt: skip
+    given = Sequential(n0=7, n=5000, alpha=0.01, radii=[0.5, 0.25, 0.5], tolerance=1, select="label", bound="kt",
+                       beta=None, final_share=0.25, first_batch=16, growth=3, max_batch=64).describe()  # fmt: skip
+    assert given == {"procedure": "sequential", "n0": 7, "n": 5000, "alpha": 0.01, "select": "label",
+                     "radii": [0.25, 0.5], "tolerance": 1.0, "bound": "kt", "beta": None, "final_share": 0.25,
+                     "first_batch": 16, "growth": 3, "max_batch": 64}  # fmt: skip
+    assert isinstance(given["tolerance"], float) and Sequential(radii=None).radii == []
+    bad = {
+        "n0": (0, "procedure.n0 must be an integer >= 1, got 0"),
+        "n": (0, "procedure.n must be an integer >= 1, got 0"),
+        "first_batch": (0, "procedure.first_batch must be an integer >= 1, got 0"),
+        "growth": (True, "procedure.growth must be an integer >= 1, got True"),
+        "max_batch": (0, "procedure.max_batch must be an integer >= 1, got 0"),
+        "alpha": (1.0, "procedure.alpha"),
+        "beta": (0.0, "procedure.beta"),
+        "final_share": (1.5, "procedure.final_share"),
+        "select": ("all", "procedure.select must be one of ['top', 'label'], got 'all'"),
+        "bound": ("cp", "procedure.bound must be one of ['kt', 'kt+final', 'union'], got 'cp'"),
+        "radii": ("0.5", "procedure.radii"),
+    }
+    for key, (value, words) in bad.items():
+        with pytest.raises(ValueError) as info:  # (ProcedureError; the radii list: OptionError)
+            Sequential(**{key: value})
+        assert str(info.value).startswith(words), (key, str(info.value))
+    for tolerance in (0, -1, math.inf, True, "0.1"):
+        with pytest.raises(ProcedureError) as info:
+            Sequential(tolerance=tolerance)
+        assert str(info.value) == f"procedure.tolerance must be a positive radius or null, got {tolerance!r}"
+    with pytest.raises(ProcedureError, match=r"^procedure.max_batch \(16\) must be >= procedure.first_batch \(32\)$"):
+        Sequential(max_batch=16)
+    # every look's share of alpha and of beta must stay a normal float: checked with the schedule's looks
+    with pytest.raises(ProcedureError, match="procedure.alpha"):
+        Sequential(alpha=1e-306, n=10**6)
+    with pytest.raises(ProcedureError, match="procedure.beta"):
+        Sequential(beta=1e-306, n=10**6)
+    Sequential(beta=None, alpha=1e-3, n=10**6)  # beta None: alpha's level, already checked
