@@ -743,3 +743,53 @@ def test_the_class_allowance_counts_from_the_larger_of_prediction_and_label(tmp_
     wrong = dssn_row(dssn, 0, 0, [0] * 5000 + [27])  # prediction 5000, label 0: classes below 5000 + 1 + 4096
     write(p, dssn, [{**wrong, "counts": "5000:27 9000:0"}])
     assert sorted(read(p, dssn)) == [0]
+
+
+def test_metrics_name_the_noise_and_procedure_and_count_a_zero_radius_as_certified(tmp_path, dssn):
+    """A zero radius is a certificate, not an abstention (radius < 0): it counts in neither abstain_rate nor as
+    predict = -1 in the locuslab file; metrics name the noise's label and the procedure."""
+    u = Uniform(0.5)
+    rows = [uniform_row(u, 0, 0, [N, 0]), uniform_row(u, 1, 0, [N // 2 + 1, N // 2 - 1]), uniform_row(u, 2, 0, [N, 0])]
+    rows[2]["radius"] = 0.0  # (summarize reads the radius column as written)
+    assert rows[1]["radius"] < 0
+    write(tmp_path / "certificates.csv", u, rows)
+    m = summarize(tmp_path, record(u), META, radii=[0.0], plot=False)
+    assert (m["method"], m["label"], m["procedure"]) == ("uniform", u.label, "fixed")
+    assert m["abstain_rate"] == pytest.approx(1 / 3) and m["certified_accuracy"] == {"0": 2 / 3}
+    lines = [line.split("\t") for line in (tmp_path / "certificates.locuslab.tsv").read_text().splitlines()[1:]]
+    assert [(line[2], line[4]) for line in lines] == [("0", "1"), ("-1", "0"), ("0", "1")]
+    write(tmp_path / "certificates.csv", dssn, [dssn_row(dssn, 0, 0, [14, 13])])  # k = 0
+    m = summarize(tmp_path, record(dssn), META, radii=[0.0], plot=False)
+    assert (m["label"], m["procedure"], m["abstain_rate"]) == (dssn.label, "exact", 0.0)
+
+
+def test_data_dependent_forward_passes_are_the_samples_mean_median_and_90th_percentile(tmp_path):
+    from ssn_exp.certify.procedures_sequential import Sequential
+    from ssn_exp.lightning.results import _forward_passes
+
+    u = Uniform(0.5)
+    rec = CertificateRecord(u, Sequential(n=1000))
+    samples = [96, 160, 288, 544, 96, 96, 1056, 2080, 96, 160, 4128]
+    rows = [{"samples": str(s)} for s in samples]
+    got = _forward_passes(rec, rows)
+    assert got == {"forward_passes_per_example": float(np.mean(samples)),
+                   "forward_passes_median": float(np.median(samples)),
+                   "forward_passes_p90": float(np.percentile(samples, 90))}  # fmt: skip
+    assert got["forward_passes_p90"] != float(np.percentile(samples, 91))
+    fixed = _forward_passes(record(u, n0=10), rows)
+    assert fixed == {
+        "forward_passes_per_example": 10 + N,
+        "forward_passes_median": 10 + N,
+        "forward_passes_p90": 10 + N,
+    }
+
+    class Unknown(Sequential):
+        name = "unknown"
+
+        def columns(self, noise):
+            return ["p_lower", *noise.extra_columns]
+
+    with pytest.raises(
+        ValueError, match=r"^Unknown\.forward_passes gives no count and its rows have no samples column$"
+    ):
+        _forward_passes(CertificateRecord(u, Unknown(n=1000)), rows)
