@@ -190,3 +190,33 @@ def test_fixed_with_a_generator_per_example():
         fixed.certify(NaNAfterFirst(), torch.tensor([0.0, 1.0]).view(2, 1, 1, 1).expand(2, 1, 2, 2).clone(),
                       Uniform(0.01), 3, generator=gens[:2])  # fmt: skip
     assert info.value.positions == [1]
+
+
+def test_the_default_stream_hands_each_batch_s_settings_to_certify_and_numbers_the_stream():
+    from ssn_exp.certify.core import NonFiniteLogitsError
+
+    seen = []
+
+    class Recording(FixedSample):
+        name = "recording"
+
+        def certify(self, model, x, noise, num_classes, **kw):
+            seen.append({k: kw[k] for k in ("noise_batch", "labels", "progress")})
+            if x.shape[0] == 1 and x.mean() > 0.9:
+                raise NonFiniteLogitsError("the model gives NaN", positions=[0])
+            return super().certify(model, x, noise, num_classes, **kw)
+
+    def gens(k):
+        return [torch.Generator().manual_seed(i) for i in range(k)]
+
+    x = torch.full((3, 1, 2, 2), 0.5)
+    batches = [(x[:2], gens(2), [0, 1]), (x[2:], gens(1), [2])]
+    progress = []
+    out = list(Recording(n0=2, n=4).certify_batches(_linear(), iter(batches), Uniform(0.5), 3, noise_batch=7,
+                                                     progress=progress.append))  # fmt: skip
+    assert [positions for positions, _ in out] == [[0, 1], [2]] and sum(progress) == 3 * (2 + 4)
+    assert [(s["noise_batch"], s["labels"]) for s in seen] == [(7, [0, 1]), (7, [2])]
+    bad = [(x[:2], gens(2), None), (torch.ones(1, 1, 2, 2), gens(1), None)]
+    with pytest.raises(NonFiniteLogitsError, match="^the model gives NaN$") as info:
+        list(Recording(n0=2, n=4).certify_batches(_linear(), iter(bad), Uniform(0.5), 3))
+    assert info.value.positions == [2]  # its position in the stream
