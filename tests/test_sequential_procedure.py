@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -230,9 +231,15 @@ def test_rows_read_back_are_checked(tmp_path, reference):
     down = repr(-lam)
     msg = _tamper(tmp_path, reference, ("p_lower", "radius", "radius_box"), ("0.0", down, down), row=j)
     assert "below the bound" in msg
-    assert "disagree" in _tamper(tmp_path, reference, "radius", "0.01", row=j)
-    assert "samples" in _tamper(tmp_path, reference, SAMPLES_COLUMN, lambda v: str(int(v) + 1), row=j)
-    assert "outside" in _tamper(tmp_path, reference, SAMPLES_COLUMN, "0", row=j)
+    assert _tamper(tmp_path, reference, "radius", "0.01", row=j).endswith("(p_lower and radius disagree)")
+    msg = _tamper(tmp_path, reference, SAMPLES_COLUMN, lambda v: str(int(v) + 1), row=j)
+    t, s = map(int, re.search(r"counts sum to (\d+), not samples - n0 = (\d+)\)$", msg).groups())
+    assert s == t + 1
+    proc = _procedure()
+    msg = _tamper(tmp_path, reference, SAMPLES_COLUMN, "0", row=j)
+    assert msg.endswith(f"(samples 0 outside [1, {proc.n0 + proc.n}])")
+    msg = _tamper(tmp_path, reference, SAMPLES_COLUMN, str(proc.n0 + proc.n + 1), row=j)
+    assert msg.endswith(f"(samples {proc.n0 + proc.n + 1} outside [1, {proc.n0 + proc.n}])")
     # one more sample and one more vote: consistent, but not a check point of the schedule
     msg = _tamper(
         tmp_path, reference, (SAMPLES_COLUMN, "counts"), (lambda v: str(int(v) + 1), lambda c: _add_vote(c, 9)), row=j
