@@ -165,3 +165,24 @@ def test_a_refusal_names_the_module_that_holds_the_object(monkeypatch):
         with pytest.raises(UntrustedTarget) as info:
             Trust().check({"_target_": f"ssn_holder_mod.{name}"}, "f")
         assert str(info.value).endswith(f"trust it with trust_targets=[{home}] or name it in your own config")
+
+
+def test_a_config_s_interpolations_are_resolved_before_its_targets_are_read():
+    cfg = OmegaConf.create({"net": "mypkg.nets.Net", "model": {"_target_": "${net}"}})
+    assert "mypkg.nets.Net" in Trust.from_config(cfg).targets
+
+
+def test_a_name_in_the_targets_that_is_no_callable_is_still_refused():
+    import ssn_exp.certify.procedures as procedures
+
+    name = "ssn_exp.certify.procedures.Exact.name"
+    trust = Trust(targets=[name])
+    assert trust.resolve(name) == "exact" and not trust._allowed(name, procedures.Exact.name)
+    assert not Trust(targets=["ssn_exp.noises"])._allowed("ssn_exp.noises", sys.modules["ssn_exp.noises"])
+
+
+def test_an_interpolation_is_quoted_up_to_60_characters():
+    value = "${" + "a" * 70 + "}"
+    with pytest.raises(UntrustedTarget) as info:
+        Trust().check({"k": value}, "f")
+    assert str(info.value).startswith(f"f: k holds an interpolation ({value[:60]!r}); stored configs")
