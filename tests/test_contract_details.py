@@ -220,3 +220,25 @@ def test_the_default_stream_hands_each_batch_s_settings_to_certify_and_numbers_t
     with pytest.raises(NonFiniteLogitsError, match="^the model gives NaN$") as info:
         list(Recording(n0=2, n=4).certify_batches(_linear(), iter(bad), Uniform(0.5), 3))
     assert info.value.positions == [2]  # its position in the stream
+
+
+def test_clopper_pearson_matches_scipy_from_one_vote_and_checks_half_alpha():
+    from scipy.stats import beta
+
+    from ssn_exp.certify.core import MIN_LEVEL
+
+    n_a = np.arange(0, 11)
+    want = np.where(n_a == 0, 0.0, beta.ppf(0.025, np.maximum(n_a, 1), 10 - np.maximum(n_a, 1) + 1))
+    np.testing.assert_allclose(clopper_pearson_lower(n_a, 10, 0.05), want, rtol=1e-12, atol=0)
+    assert clopper_pearson_lower(0, 10, 0.05) == 0.0
+    with pytest.raises(ValueError, match="alpha"):  # alpha itself normal, alpha / 2 not: refused
+        clopper_pearson_lower(5, 10, MIN_LEVEL * 1.5)
+    assert 0 < clopper_pearson_lower(5, 10, 0.9) < 0.5  # (a large alpha is fine: alpha / 2 is what is spent)
+
+
+def test_the_library_default_procedure_is_the_paper_s():
+    from ssn_exp.certify.procedures import default_procedure
+
+    d = default_procedure(SSN(0.5)).describe()
+    assert {k: d[k] for k in ("n0", "n", "alpha")} == {"n0": 64, "n": 100_000, "alpha": 0.001}
+    assert default_procedure(DSSN(0.5, q=16, dim=4)).name == "exact"
