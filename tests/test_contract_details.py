@@ -242,3 +242,39 @@ def test_the_library_default_procedure_is_the_paper_s():
     d = default_procedure(SSN(0.5)).describe()
     assert {k: d[k] for k in ("n0", "n", "alpha")} == {"n0": 64, "n": 100_000, "alpha": 0.001}
     assert default_procedure(DSSN(0.5, q=16, dim=4)).name == "exact"
+
+
+@pytest.mark.parametrize("select", ["top", "label"])
+def test_sequential_certificates_carry_every_field(select):
+    from ssn_exp.certify.procedures_sequential import Sequential
+
+    proc = Sequential(n0=8, n=256, alpha=0.01, radii=[0.25], first_batch=16, max_batch=64, select=select)
+    x = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    cert = proc.certify(_linear(), x, Uniform(0.5), 3, generator=gens, labels=[0, 1, 2])
+    samples = cert.values["samples"]
+    assert cert.method == "uniform" and cert.forward_passes == int(samples.max())
+    assert cert.prediction.dtype == np.int64 and cert.radius.dtype == np.float64
+    assert cert.values["p_lower"].dtype == np.float64 and set(cert.values) >= {"p_lower", "samples", "radius_box"}
+    np.testing.assert_array_equal(cert.counts.sum(axis=1), samples - (8 if select == "top" else 0))
+    if select == "top":
+        np.testing.assert_array_equal(cert.counts_n0.sum(axis=1), [8, 8, 8])
+    else:
+        assert cert.counts_n0 is None
+        certified = cert.radius >= 0
+        np.testing.assert_array_equal(cert.prediction[certified], np.array([0, 1, 2])[certified])
+    empty = proc.certify(_linear(), x[:0], Uniform(0.5), 3, generator=[], labels=[])
+    assert empty.forward_passes == 0 and len(empty.prediction) == 0
+
+
+def test_fixed_sample_counts_are_bounded_and_its_level_is_its_own_error():
+    from ssn_exp.certify.core import MIN_LEVEL
+    from ssn_exp.certify.procedures import MAX_SAMPLES, ProcedureError
+
+    for key in ("n0", "n"):
+        with pytest.raises(ProcedureError, match=rf"^procedure\.{key} must be an integer in \[1, {MAX_SAMPLES}\]"):
+            FixedSample(**{key: MAX_SAMPLES + 1})
+    with pytest.raises(ProcedureError, match="procedure.alpha") as info:
+        FixedSample(alpha=MIN_LEVEL * 1.5)  # alpha / 2, what the two-sided bound spends, would be subnormal
+    assert type(info.value) is ProcedureError
+    assert FixedSample(n0=MAX_SAMPLES, n=MAX_SAMPLES, alpha=0.9).n == MAX_SAMPLES
