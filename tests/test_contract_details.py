@@ -278,3 +278,28 @@ def test_fixed_sample_counts_are_bounded_and_its_level_is_its_own_error():
         FixedSample(alpha=MIN_LEVEL * 1.5)  # alpha / 2, what the two-sided bound spends, would be subnormal
     assert type(info.value) is ProcedureError
     assert FixedSample(n0=MAX_SAMPLES, n=MAX_SAMPLES, alpha=0.9).n == MAX_SAMPLES
+
+
+def test_the_sequential_stream_checks_labels_and_names_nan_examples():
+    from ssn_exp.certify.core import NonFiniteLogitsError
+    from ssn_exp.certify.procedures_sequential import Sequential
+
+    proc = Sequential(n0=8, n=256, alpha=0.01, radii=[0.25], first_batch=16, max_batch=64, select="label")
+    x = torch.rand(2, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    for bad in (3, -1):
+        with pytest.raises(ValueError, match=rf"^labels must be integers in \[0, 3\), got {bad!r} for example 1$"):
+            proc.certify(_linear(), x, Uniform(0.5), 3, generator=gens, labels=[0, bad])
+    proc.certify(_linear(), x, Uniform(0.5), 3, generator=gens, labels=[0, 2])  # the largest label is fine
+    with pytest.raises(ValueError, match=r"^3 labels for 2 examples$"):
+        proc.certify(_linear(), x, Uniform(0.5), 3, generator=gens, labels=[0, 1, 2])
+    with pytest.raises(ValueError, match=r"^procedure\.select=label tests each example's label, and no labels were"):
+        proc.certify(_linear(), x, Uniform(0.5), 3, generator=gens)
+
+    class NaN(torch.nn.Module):
+        def forward(self, z):
+            return torch.full((z.shape[0], 3), float("nan"))
+
+    with pytest.raises(NonFiniteLogitsError) as info:
+        proc.certify(NaN(), x, Uniform(0.5), 3, generator=gens, labels=[0, 1])
+    assert str(info.value).startswith("the model returned NaN or infinite logits for example 0: no certificate")
