@@ -303,3 +303,28 @@ def test_the_sequential_stream_checks_labels_and_names_nan_examples():
     with pytest.raises(NonFiniteLogitsError) as info:
         proc.certify(NaN(), x, Uniform(0.5), 3, generator=gens, labels=[0, 1])
     assert str(info.value).startswith("the model returned NaN or infinite logits for example 0: no certificate")
+
+
+@pytest.mark.parametrize("lam", [0.3, 0.5, 0.9])
+def test_each_sampled_noise_is_its_documented_function_of_the_uniform_stream(lam):
+    """The same seed gives the same noise in every version (what makes certificates reproducible): uniform
+    x + (2 r - 1) lam, SSN the split at s = 2 lam r, Laplace lam (E1 - E2) from adjacent pairs of uniforms."""
+    x = torch.rand(2, 1, 3, 3, generator=torch.Generator().manual_seed(5))
+
+    def stream(shape):
+        return torch.rand(shape, generator=torch.Generator().manual_seed(9))
+
+    def draw(noise):
+        return noise._draw(x, torch.Generator().manual_seed(9))
+
+    for cls in (Uniform, SSN, Laplace):
+        noise = cls(1.0)
+        noise.lam = lam
+        if cls is Uniform:
+            want = x + (2 * stream(x.shape) - 1) * lam
+        elif cls is SSN:
+            want = noise.split(x, stream(x.shape) * 2 * lam)
+        else:
+            e = -torch.log1p(-stream((*x.shape, 2)))
+            want = (e[..., 0] - e[..., 1]) * lam + x
+        torch.testing.assert_close(draw(noise), want, rtol=0, atol=0)  # bit for bit
