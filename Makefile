@@ -40,9 +40,8 @@ lint: $(STAMP)  ## ruff check + format check
 	$(VENV)/bin/ruff check src tests
 	$(VENV)/bin/ruff format --check src tests
 
-mutation: $(STAMP)  ## mutation testing of the certificate and result-file code with mutmut (~7 min on 2 cores; survivors: mutmut results)
+mutation: $(STAMP)  ## mutation testing of the certificate, trust and result-file code with mutmut (hours on 2 cores; stopped, it resumes; survivors: mutmut results)
 	$(PY) -m pip install --quiet 'mutmut>=3.8'
-	rm -rf mutants
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run || true
 	$(VENV)/bin/mutmut results
 
