@@ -263,6 +263,8 @@ def test_sequential_certificates_carry_every_field(select):
         assert cert.counts_n0 is None
         certified = cert.radius >= 0
         np.testing.assert_array_equal(cert.prediction[certified], np.array([0, 1, 2])[certified])
+        assert not certified.all()  # where the label is not certified: the majority of the test's votes
+        np.testing.assert_array_equal(cert.prediction[~certified], cert.counts[~certified].argmax(axis=1))
     empty = proc.certify(_linear(), x[:0], Uniform(0.5), 3, generator=[], labels=[])
     assert empty.forward_passes == 0 and len(empty.prediction) == 0
 
@@ -328,3 +330,20 @@ def test_each_sampled_noise_is_its_documented_function_of_the_uniform_stream(lam
             e = -torch.log1p(-stream((*x.shape, 2)))
             want = (e[..., 0] - e[..., 1]) * lam + x
         torch.testing.assert_close(draw(noise), want, rtol=0, atol=0)  # bit for bit
+
+
+def test_sequential_with_one_generator_for_the_whole_batch():
+    from ssn_exp.certify.procedures_sequential import Sequential
+
+    proc = Sequential(n0=8, n=256, alpha=0.01, radii=[0.25], first_batch=16, max_batch=64)
+    x = torch.rand(3, 1, 2, 2, generator=torch.Generator().manual_seed(3))
+
+    def run(generator):
+        return proc.certify(_linear(), x, Uniform(0.5), 3, generator=generator)
+
+    a, b = run(torch.Generator().manual_seed(1)), run(torch.Generator().manual_seed(1))
+    np.testing.assert_array_equal(a.counts, b.counts)
+    np.testing.assert_array_equal(a.counts.sum(axis=1), a.values["samples"] - 8)
+    assert a.counts_n0.sum() == 3 * 8 and len(run(None).prediction) == 3
+    with pytest.raises(ValueError, match=r"^2 generators for 3 examples$"):
+        run([torch.Generator(), torch.Generator()])
