@@ -142,9 +142,8 @@ class Sequential(Procedure):
         """The sequential test for ``noise``: the thresholds p*(r) of :attr:`radii` under the noise's radius."""
         key = repr(sorted(noise.describe().items()))
         if key not in self._tests:
-            thresholds = thresholds_for_radii(noise.radius, self.radii) if self.radii else ()
             self._tests[key] = SequentialTest(
-                thresholds,
+                thresholds_for_radii(noise.radius, self.radii),
                 alpha=self.alpha,
                 beta=self.beta,
                 schedule=self.schedule,
@@ -161,37 +160,35 @@ class Sequential(Procedure):
     ) -> Certificates:
         """Certificates of the batch x, all of its examples in flight at once."""
         found = {}
-        for group, _, _ in self._finished(model, [(x, generator, labels)], noise, num_classes, noise_batch):
+        for group, _ in self._finished(model, [(x, generator, labels)], noise, num_classes, noise_batch):
             found.update((r.key, r) for r in group)
-        labels = self._labels(labels, x.shape[0])
-        return self._certificates([found[i] for i in range(x.shape[0])], x, noise, num_classes, labels)
+        return self._certificates([found[i] for i in range(x.shape[0])], x, noise, num_classes)
 
     def certify_batches(self, model, batches, noise, num_classes, *, noise_batch=1024, progress=None):
         """Certify a stream of batches with ``certify.batch_size`` examples in flight (the first batch's size): an
         example that finishes is replaced at once by the next of the stream, so the forward passes stay full
         until the stream runs dry. Yields the examples that finish after each forward pass."""
-        for group, x, labels in self._finished(model, batches, noise, num_classes, noise_batch):
-            yield [r.key for r in group], self._certificates(group, x, noise, num_classes, labels)
+        for group, x in self._finished(model, batches, noise, num_classes, noise_batch):
+            yield [r.key for r in group], self._certificates(group, x, noise, num_classes)
 
     def _finished(self, model, batches, noise, num_classes, noise_batch):
-        """Run the stream; yield, per forward pass that finishes examples, their results, inputs and labels."""
+        """Run the stream; yield, per forward pass that finishes examples, their results and inputs."""
         self.check(noise)
         test = self.test(noise)
         batches = iter(batches)
         first = next(batches, None)
         if first is None:
             return
-        rows: dict[int, tuple[torch.Tensor, int | None]] = {}  # position in flight -> (x row, label)
-        dtype = input_dtype(model, first[0])
+        rows: dict[int, torch.Tensor] = {}  # position in flight -> its x row
+        dtype = input_dtype(model, first[0])  # the noisy copies are drawn in the model's dtype
 
         def examples():
             pos = 0
             for x, generators, labels in itertools.chain([first], batches):
                 labels = self._labels(labels, x.shape[0])
                 for j, fn in enumerate(self._noise_fns(x, noise, dtype, generators)):
-                    label = None if labels is None else int(labels[j])
-                    rows[pos] = (x[j : j + 1], label)
-                    yield pos, tuple(x.shape[1:]), fn, label
+                    rows[pos] = x[j : j + 1]
+                    yield pos, tuple(x.shape[1:]), fn, None if labels is None else int(labels[j])
                     pos += 1
 
         stream = SequentialStream(
@@ -202,14 +199,11 @@ class Sequential(Procedure):
             use_labels=self.select == "label",
             noise_batch=noise_batch,
             capacity=max(1, first[0].shape[0]),
-            dtype=dtype,
         )
         for group in stream.run(examples()):
-            taken = [rows.pop(r.key) for r in group]
-            labels = None if self.select == "top" else np.array([label for _, label in taken], dtype=np.int64)
-            yield group, torch.cat([row for row, _ in taken]), labels
+            yield group, torch.cat([rows.pop(r.key) for r in group])
 
-    def _labels(self, labels, size: int) -> np.ndarray | None:
+    def _labels(self, labels, size: int) -> list | None:
         """The labels the test runs on (select=label), else None."""
         if self.select != "label":
             return None
@@ -218,9 +212,9 @@ class Sequential(Procedure):
                 "procedure.select=label tests each example's label, and no labels were given; "
                 "use procedure.select=top to certify inputs without labels"
             )
-        labels = np.asarray(labels.cpu() if hasattr(labels, "cpu") else labels, dtype=np.int64).reshape(-1)
-        if labels.shape != (size,):
-            raise ValueError(f"{labels.shape[0]} labels for {size} examples")
+        labels = torch.as_tensor(labels).reshape(-1).tolist()  # from any device
+        if len(labels) != size:
+            raise ValueError(f"{len(labels)} labels for {size} examples")
         return labels
 
     @staticmethod
@@ -235,8 +229,8 @@ class Sequential(Procedure):
         draw = noise.copies(x, dtype, generator)
         return [lambda m, j=j: draw(j, j + 1, 0, m)[0] for j in range(x.shape[0])]
 
-    def _certificates(self, group, x, noise: SampledNoise, num_classes: int, labels) -> Certificates:
-        """The certificates of examples x that finished with the results ``group`` (their labels with select=label)."""
+    def _certificates(self, group, x, noise: SampledNoise, num_classes: int) -> Certificates:
+        """The certificates of examples x that finished with the results ``group``."""
 
         def stack(name: str, dtype=np.int64) -> np.ndarray:  # a field of every result, as one array
             return np.array([getattr(r, name) for r in group], dtype=dtype)
@@ -251,15 +245,15 @@ class Sequential(Procedure):
             table("counts"),
         )
         radius = np.asarray(noise.radius(p_lower), dtype=np.float64)
-        if labels is not None:  # select=label: the label where it is certified, else the majority of the votes
-            prediction = np.where(radius >= 0, prediction, top_class(counts) if len(counts) else prediction)
+        if self.select == "label":  # the label where it is certified, else the majority of the votes
+            prediction = np.where(radius >= 0, prediction, top_class(counts))
         values = {"p_lower": p_lower, SAMPLES_COLUMN: samples, **noise.extra_radii(x, p_lower)}
         missing = [c for c in noise.extra_columns if c not in values]
         if missing:
             raise ValueError(f"{type(noise).__name__}.extra_radii gives no {', '.join(missing)}")
         return Certificates(
             method=noise.name,
-            prediction=np.asarray(prediction, dtype=np.int64),
+            prediction=prediction,
             radius=radius,
             counts=counts,
             forward_passes=int(samples.max()) if len(samples) else 0,  # the most any example took

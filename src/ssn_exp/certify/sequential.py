@@ -90,7 +90,8 @@ class SequentialStream:
     freed places, so forward passes stay full until the stream runs dry. ``noise_fn`` is called once per batch of
     the schedule (and once for the n0 selection samples), in the same order for an example whatever ``capacity``,
     ``noise_batch`` or the other examples are, so per-example generators make each result independent of the
-    packing. Selection: class A is the most frequent of n0 fresh samples (ties: lowest index).
+    packing. Selection: class A is the most frequent of n0 fresh samples (ties: lowest index). ``dtype``: the dtype
+    the model's inputs are cast to (None: as ``noise_fn`` gives them).
     """
 
     def __init__(
@@ -99,10 +100,10 @@ class SequentialStream:
         num_classes: int,
         test: SequentialTest,
         *,
-        n0: int = 64,
-        use_labels: bool = False,
-        noise_batch: int = 1024,
-        capacity: int = 1,
+        n0: int,
+        use_labels: bool,
+        noise_batch: int,
+        capacity: int,
         dtype: torch.dtype | None = None,
     ):
         if num_classes < 2:
@@ -145,7 +146,7 @@ class SequentialStream:
                         flying[s].draw(request(s))
                 batch = torch.cat([flying[s].next_copies(m) for s, m in pieces])
                 votes = self._forward(batch, [(flying[s].key, m) for s, m in pieces])
-                for (s, _), v in zip(pieces, votes, strict=True):
+                for (s, _), v in zip(pieces, votes):  # (one vote array per piece)
                     flying[s].count(v)
                 finished = [s for s, _ in sched.finished]
                 selected = [s for s in finished if flying[s].selecting]
@@ -192,17 +193,20 @@ class _InFlight:
 
     def __init__(self, key, shape: tuple, noise_fn: Callable, num_classes: int):
         self.key, self.shape, self.noise_fn, self.num_classes = key, shape, noise_fn, num_classes
-        self.selecting = True  # drawing its n0 selection samples
-        self.prediction = 0  # the class under test (after the selection, or the label)
+        self.prediction: int | None = None  # the class under test (after the selection, or the label)
         self.samples = 0  # forward passes spent on it
         self.counts = np.zeros(num_classes, dtype=np.int64)  # the test's votes (selection samples excluded)
         self.counts_n0 = np.zeros(num_classes, dtype=np.int64)
         self.got = 0  # successes so far in the current request
-        self.copies: torch.Tensor | None = None  # the noisy copies of the current request, and how many were used
-        self.used = 0
+        self.copies: torch.Tensor | None = None  # the noisy copies of the current request (``used``: how many used)
+
+    @property
+    def selecting(self) -> bool:
+        """Whether it is drawing its n0 selection samples (no class under test yet)."""
+        return self.prediction is None
 
     def test_class(self, c: int) -> None:
-        self.prediction, self.selecting = c, False
+        self.prediction = c
 
     def draw(self, size: int) -> None:
         """The noisy copies of the next request (``size`` of them, one call of the example's ``noise_fn``)."""
