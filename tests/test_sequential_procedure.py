@@ -20,9 +20,11 @@ from ssn_exp.certify.core import NonFiniteLogitsError
 from ssn_exp.certify.procedures import FixedSample, ProcedureError
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.certify.record import SAMPLES_COLUMN, CertificateRecord
+from ssn_exp.certify.sequential import PackingScheduler, SequentialStream
+from ssn_exp.certify.sequential_bounds import Schedule, SequentialTest, thresholds_for_radii
 from ssn_exp.lightning.certification import open_certifier
 from ssn_exp.lightning.results import ResultsFileError, merge_shards, summarize
-from ssn_exp.noises import DSSN, SSN, Uniform
+from ssn_exp.noises import DSSN, SSN, Laplace, Uniform
 
 N_EX = 10
 
@@ -190,8 +192,12 @@ def test_select_label_tests_the_label_without_selection_samples(tmp_path, refere
     ref = {r["index"]: r for r in reference[1]}
     certified = [r for r in rows if float(r["radius"]) >= 0.25]
     assert certified and all(ref[r["index"]]["correct"] == "1" for r in certified)
-    with pytest.raises(ProcedureError, match="no labels were given"):
+    with pytest.raises(ProcedureError) as info:
         _procedure(select="label").certify(_model(), _data()[0][0][None], Uniform(0.5), 10)
+    assert str(info.value) == (
+        "procedure.select=label tests each example's label, and no labels were given; "
+        "use procedure.select=top to certify inputs without labels"
+    )
 
 
 def _tamper(out, reference, column, value, procedure=None, row=1):
@@ -262,6 +268,11 @@ def test_a_raised_p_lower_is_refused_on_every_row(reference):
         forged = {**row, "seconds": "0.1", "p_lower": repr(p), "radius": radius, "radius_box": radius}
         with pytest.raises(ValueError, match="p_lower"):
             record.check(forged, 10)
+    # p_lower = 1 (never a bound of the counts) with its own radius: in range, refused by the counts
+    radius = repr(float(noise.radius(np.array([1.0]))[0]))
+    forged = {**row, "seconds": "0.1", "p_lower": "1.0", "radius": radius, "radius_box": radius}
+    with pytest.raises(ValueError, match="p_lower is above what the counts of the prediction allow"):
+        record.check(forged, 10)
 
 
 def _add_vote(counts: str, cls: int) -> str:
@@ -296,7 +307,9 @@ def test_label_rows_are_checked(tmp_path):
     cells[header.index("correct")] = str(int(other == cells[header.index("label")]))
     lines[j] = ",".join(cells) + "\n"
     (out / "certificates.csv").write_text("".join(lines))
-    with pytest.raises(ResultsFileError, match="majority of the counts"):
+    with pytest.raises(
+        ResultsFileError, match=r"\(the prediction is neither a certified label nor the majority of the counts\)$"
+    ):
         _certifier(out, procedure=proc)
     # a certified row (the test ran on the label) moved to another class, votes and all: not what the test wrote
     lines = [",".join(header) + "\n"] + [",".join(r[c] for c in header) + "\n" for r in rows]
@@ -309,7 +322,7 @@ def test_label_rows_are_checked(tmp_path):
     row["counts"] = " ".join(f"{c}:{v}" for c, v in sorted(votes.items(), key=lambda kv: int(kv[0])))
     lines[j] = ",".join(row[c] for c in header) + "\n"
     (out / "certificates.csv").write_text("".join(lines))
-    with pytest.raises(ResultsFileError, match="a certified row of select=label must predict its label"):
+    with pytest.raises(ResultsFileError, match=r"\(a certified row of select=label must predict its label\)$"):
         _certifier(out, procedure=proc)
 
 
@@ -498,3 +511,245 @@ def test_every_setting_is_kept_checked_and_named_in_its_refusal():
     with pytest.raises(ProcedureError, match="procedure.beta"):
         Sequential(beta=1e-306, n=10**6)
     Sequential(beta=None, alpha=1e-3, n=10**6)  # beta None: alpha's level, already checked
+    for key in ("alpha", "final_share"):  # null only for beta (and tolerance)
+        with pytest.raises(ProcedureError, match=f"^procedure.{key} must lie in"):
+            Sequential(**{key: None})
+    # a final share too small to be a level is named as such (not as the alpha it would leave the final look)
+    with pytest.raises(ProcedureError, match=r"^procedure.final_share=1.5e-308 is too small"):
+        Sequential(final_share=1.5e-308)
+    assert Sequential(n=320, first_batch=32, max_batch=32).schedule.batches[:3] == (32, 32, 32)  # constant batches
+
+
+# -- the procedure's seams, unit by unit (fast: tiny inputs, no driver) ---------------------------------------
+
+
+def _means_model():
+    """3 classes by the mean of the input: below 1/3, up to 2/3, above (float64 parameters)."""
+    net = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3)).double().eval()
+    with torch.no_grad():
+        centers = torch.tensor([1 / 6, 1 / 2, 5 / 6], dtype=torch.float64)  # logit_k = 2 c_k m - c_k^2: the nearest
+        net[1].weight.copy_(centers[:, None].expand(3, 4) / 2)  # (2 c_k times the mean of 4 values)
+        net[1].bias.copy_(-(centers**2))
+    return net
+
+
+class _Drawn(Uniform):
+    """Uniform noise counting the noisy copies it draws (and summing them)."""
+
+    drawn, total = 0, 0.0
+
+    def noisy(self, x, start, stop, generator=None):
+        self.drawn += x.shape[0] * (stop - start)
+        out = super().noisy(x, start, stop, generator)
+        self.total += float(out.sum())
+        return out
+
+
+@pytest.mark.parametrize("one_generator", [True, False])
+def test_each_example_is_certified_from_its_own_noisy_copies_and_no_copy_is_wasted(one_generator):
+    """One generator for the batch (drawn per example in turn) or one per example: each example's votes come from
+    its own input, exactly the copies its samples column counts are drawn (none for the other examples), and the
+    same seeds draw the same noise."""
+    x = torch.tensor([0.1, 0.5, 0.9]).repeat_interleave(4).reshape(3, 1, 2, 2).float()  # means 0.1, 0.5, 0.9
+    proc = Sequential(n0=8, n=64, alpha=0.01, radii=[0.0], first_batch=16, max_batch=32)
+    totals = []
+    for _ in range(2):
+        noise = _Drawn(0.1)
+        gens = [torch.Generator().manual_seed(i) for i in range(3)]
+        gens = gens[0] if one_generator else gens
+        cert = proc.certify(_means_model(), x, noise, 3, noise_batch=20, generator=gens)
+        np.testing.assert_array_equal(cert.prediction, [0, 1, 2])
+        assert np.all(cert.radius >= 0)
+        assert noise.drawn == cert.values[SAMPLES_COLUMN].sum()
+        totals.append(noise.total)
+    assert totals[0] == totals[1]
+
+
+def test_noisy_copies_reach_the_model_in_its_dtype():
+    """float32 images, a float64 model: the copies are drawn in the model's dtype (a float64 Linear layer refuses
+    float32 inputs)."""
+    x = torch.tensor([0.1, 0.9]).repeat_interleave(4).reshape(2, 1, 2, 2).float()
+    proc = Sequential(n0=8, n=64, alpha=0.01, radii=[0.0], first_batch=16, max_batch=32)
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    cert = proc.certify(_means_model(), x, Uniform(0.1), 3, generator=gens)
+    np.testing.assert_array_equal(cert.prediction, [0, 2])
+
+
+class _Sizes:
+    """A model recording the size of every forward pass (the class: the sign of the first input value)."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, x):
+        self.calls.append(x.shape[0])
+        z = x.reshape(x.shape[0], -1)[:, :1]
+        return torch.cat([-z, z], dim=1)
+
+
+def test_forward_passes_hold_noise_batch_inputs_and_batch_size_examples():
+    """noise_batch defaults to 1024 inputs per forward pass (certify and certify_batches alike); the stream keeps
+    the first batch's size of examples in flight: the first pass holds their n0 selection samples."""
+    proc = Sequential(n0=64, n=64, alpha=0.01, radii=[0.0], first_batch=64, max_batch=64)
+    x = torch.full((20, 1, 1, 1), 0.5)
+    model = _Sizes()
+    proc.certify(model, x, Uniform(0.5), 2, generator=[torch.Generator().manual_seed(i) for i in range(20)])
+    assert max(model.calls) == 1024 and sum(model.calls) == 20 * 128
+    for size in (1, 3):
+        model = _Sizes()
+        batches = [(x[i : i + size], [torch.Generator() for _ in range(size)], None) for i in range(0, 6, size)]
+        found = [k for keys, _ in proc.certify_batches(model, batches, Uniform(0.5), 2) for k in keys]
+        assert sorted(found) == list(range(6)) and model.calls[0] == 64 * size
+    model = _Sizes()
+    batches = [(x, [torch.Generator() for _ in range(20)], None)]
+    assert sum(len(keys) for keys, _ in proc.certify_batches(model, batches, Uniform(0.5), 2)) == 20
+    assert max(model.calls) == 1024
+
+
+def test_the_test_is_built_from_the_settings_and_the_noise():
+    """Each noise gets the test of its own radius function: thresholds p*(r) of the radii under it; every setting of
+    the procedure is the test's."""
+    proc = Sequential(alpha=0.02, beta=0.1, bound="kt", final_share=0.25, tolerance=0.3, radii=[0.5, 0.0], n=5000)
+    u = Uniform(0.5)
+    for noise in (u, Uniform(1.0), u):
+        test = proc.test(noise)
+        np.testing.assert_array_equal(test.thresholds, thresholds_for_radii(noise.radius, [0.0, 0.5]))
+        assert (test.alpha, test.beta, test.bound, test.final_share, test.tolerance) == (0.02, 0.1, "kt", 0.25, 0.3)
+        assert test.schedule == proc.schedule and test.radius_fn == noise.radius
+    assert len(Sequential(radii=None).test(Uniform(0.5)).thresholds) == 0
+
+
+class _Plateau(Laplace):
+    """A user noise whose certified radius is exactly 0 for p_lower in [1/2, 0.9) (then p_lower - 0.9)."""
+
+    def radius(self, p_lower):
+        p = np.asarray(p_lower, dtype=np.float64)
+        return np.where(p < 0.5, -1.0, np.where(p < 0.9, 0.0, p - 0.9))
+
+
+class _LabelFirst:
+    """Votes for class 0 on the first 16 inputs it sees, for class 1 afterwards."""
+
+    def __init__(self):
+        self.seen = 0
+
+    def __call__(self, x):
+        i = torch.arange(self.seen, self.seen + x.shape[0])
+        self.seen += x.shape[0]
+        return torch.stack([i < 16, i >= 16], dim=1).double()
+
+
+def test_a_label_certified_at_radius_zero_is_the_prediction_even_against_the_majority():
+    """select=label, label 0: the first look (16 votes for 0) certifies radius 0 (p_lower, the running maximum of
+    the lower bound, stays there); the next batch (32 votes for 1) refutes radius 0.05. The row predicts its label,
+    not the majority of the votes, and reads back as such; moved to the majority it is refused."""
+    noise = _Plateau(0.5)
+    proc = Sequential(n0=8, n=240, alpha=0.01, radii=[0.0, 0.05], select="label", first_batch=16, max_batch=64)
+    cert = proc.certify(_LabelFirst(), torch.full((1, 1, 1, 1), 0.5), noise, 2, generator=None, labels=[0])
+    assert cert.radius.tolist() == [0.0] and cert.counts.tolist() == [[16, 32]]
+    assert cert.prediction.tolist() == [0]
+    values = {"p_lower": cert.values["p_lower"][0], SAMPLES_COLUMN: 48, "label": 0}
+    proc.check_row(values, cert.counts[0], 0, 0.0, noise)
+    with pytest.raises(ValueError, match=r"^a certified row of select=label must predict its label$"):
+        proc.check_row(values, cert.counts[0], 1, 0.0, noise)
+
+
+def test_check_row_bounds_samples_and_tolerates_only_rounding_of_the_radius():
+    """A row of a single sample (select=label, n=1) is a legal row; the radius read back may differ from its
+    recomputation by rounding (1e-9), no more."""
+    noise = Laplace(0.5)
+    proc = Sequential(n=1, alpha=0.4, radii=[0.0], select="label", first_batch=1, max_batch=1)
+    one = proc.certify(_Sizes(), torch.full((1, 1, 1, 1), 0.5), noise, 2, labels=[1])
+    assert one.values[SAMPLES_COLUMN].tolist() == [1]
+    values = {"p_lower": one.values["p_lower"][0], SAMPLES_COLUMN: 1, "label": 1}
+    proc.check_row(values, one.counts[0], int(one.prediction[0]), float(one.radius[0]), noise)
+    proc = _procedure()
+    x = torch.full((4, 1, 1, 1), 0.75)
+    cert = proc.certify(_Sizes(), x, noise, 2, generator=[torch.Generator().manual_seed(i) for i in range(4)])
+    j = int(np.argmax((cert.radius > 0) & (cert.radius < 0.75)))
+    assert 0 < cert.radius[j] < 0.75  # 8e-10 is above its relative tolerance
+    values = {"p_lower": cert.values["p_lower"][j], SAMPLES_COLUMN: cert.values[SAMPLES_COLUMN][j]}
+    for off in (-8e-10, 8e-10):
+        proc.check_row(values, cert.counts[j], int(cert.prediction[j]), float(cert.radius[j]) + off, noise)
+    with pytest.raises(ValueError, match=r"^p_lower and radius disagree$"):
+        proc.check_row(values, cert.counts[j], int(cert.prediction[j]), float(cert.radius[j]) + 2e-9, noise)
+    # p_lower outside [0, 1] is refused at once, even with the radius the noise gives it
+    for p in (1.5, -0.5):
+        radius = float(noise.radius(np.array([p]))[0])
+        with pytest.raises(ValueError, match=r"^p_lower and radius disagree$"):
+            proc.check_row({**values, "p_lower": p}, cert.counts[j], int(cert.prediction[j]), radius, noise)
+
+
+class _NoBox(Uniform):
+    """A user noise that declares further radii its extra_radii does not give."""
+
+    extra_columns = ("radius_box", "radius_other")
+
+    def extra_radii(self, x, p_lower):
+        return {}
+
+
+def test_bad_calls_are_refused_with_what_is_wrong():
+    x, gens = torch.full((2, 1, 1, 1), 0.5), [torch.Generator(), torch.Generator()]
+    proc = Sequential(n0=8, n=64, alpha=0.01, radii=[0.0], first_batch=16, max_batch=32)
+    with pytest.raises(ValueError, match=r"^_NoBox.extra_radii gives no radius_box, radius_other$"):
+        proc.certify(_Sizes(), x, _NoBox(0.5), 2, generator=gens)
+    for noise_batch in (0, True, 2.5):
+        with pytest.raises(ValueError, match=rf"^noise_batch must be an integer >= 1, got {noise_batch!r}$"):
+            proc.certify(_Sizes(), x, Uniform(0.5), 2, generator=gens, noise_batch=noise_batch)
+    with pytest.raises(ValueError, match=r"^num_classes must be >= 2, got 1$"):
+        proc.certify(_Sizes(), x, Uniform(0.5), 1, generator=gens)
+    empty = proc.certify(_Sizes(), x[:0], Uniform(0.5), 2, generator=[])  # typed even when empty
+    assert (empty.prediction.dtype, empty.counts.dtype, empty.counts.shape) == (np.int64, np.int64, (0, 2))
+    assert empty.values[SAMPLES_COLUMN].dtype == np.int64 and empty.counts_n0.dtype == np.int64
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [
+        ({"n0": 0}, "n0 must be an integer >= 1 (or give labels), got 0"),
+        ({"n0": True}, "n0 must be an integer >= 1 (or give labels), got True"),
+        ({"n0": 2.5}, "n0 must be an integer >= 1 (or give labels), got 2.5"),
+        ({"capacity": 0}, "capacity must be an integer >= 1, got 0"),
+        ({"capacity": True}, "capacity must be an integer >= 1, got True"),
+        ({"capacity": 1.5}, "capacity must be an integer >= 1, got 1.5"),
+    ],
+)
+def test_the_stream_refuses_bad_settings(kw, message):
+    kw = {"n0": 4, "use_labels": False, "noise_batch": 8, "capacity": 1, **kw}
+    with pytest.raises(ValueError) as info:
+        SequentialStream(_Sizes(), 2, SequentialTest([0.5]), **kw)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize("use_labels", [True, False])
+def test_the_stream_counts_its_forward_passes_and_casts_the_inputs(use_labels):
+    """forward_batches is the number of model calls; the model gets ``dtype`` whatever noise_fn gives; the votes are
+    int64, and the selection counts are None where the label is tested (n0 = 1 is a selection)."""
+    dtypes = []
+
+    def model(x):
+        dtypes.append(x.dtype)
+        return _Sizes()(x)
+
+    test = SequentialTest([0.5], alpha=0.05, schedule=Schedule(first=4, growth=2, max_batch=8, cap=16))
+    stream = SequentialStream(
+        model, 2, test, n0=1, use_labels=use_labels, noise_batch=5, capacity=2, dtype=torch.float64
+    )
+    g = torch.Generator().manual_seed(0)
+    examples = [(k, (1,), lambda m: torch.rand(m, 1, generator=g) - 0.2, 1) for k in range(3)]
+    results = [r for group in stream.run(examples) for r in group]
+    assert sorted(r.key for r in results) == [0, 1, 2]
+    assert stream.forward_batches == len(dtypes) > 0 and set(dtypes) == {torch.float64}
+    assert all(r.counts.dtype == np.int64 for r in results)
+    if use_labels:
+        assert all(r.counts_n0 is None and r.prediction == 1 for r in results)
+    else:
+        assert all(r.counts_n0.dtype == np.int64 and r.counts_n0.sum() == 1 for r in results)
+    with pytest.raises(ValueError, match=r"^labels must be integers in \[0, 2\), got True for example 'a'$"):
+        next(
+            SequentialStream(model, 2, test, n0=1, use_labels=True, noise_batch=5, capacity=1).run(
+                [("a", (1,), lambda m: torch.zeros(m, 1), True)]
+            )
+        )
+    assert PackingScheduler(4).finished == []  # no forward pass yet: nothing finished
