@@ -14,7 +14,15 @@ import torch
 
 import ssn_exp.noises as noises_module
 from helpers import NOISES, SAMPLED_NOISES, all_noises
-from ssn_exp.noises import RADIUS_GRID, EnumeratedNoise, InputDomainError, Noise, SampledNoise
+from ssn_exp.noises import (
+    RADIUS_GRID,
+    EnumeratedNoise,
+    InputDomainError,
+    Noise,
+    RadiusError,
+    SampledNoise,
+    check_radius_function,
+)
 
 Q, DIM = 16, 16
 NOISE = all_noises(Q, DIM)
@@ -175,3 +183,30 @@ def test_a_sampled_noise_is_drawn_where_the_input_lives(name):
     for noise in (NOISE[name], type(NOISE[name])(0.1)):
         out = noise._draw(x, None)
         assert out.device == x.device and out.shape == x.shape and out.dtype == x.dtype
+
+
+def _raises_on_two_lines(p):
+    raise ValueError("p must be\n    a float")
+
+
+@pytest.mark.parametrize(
+    "radius,words",
+    [
+        (lambda p: p - 0.5 - 1e-4, "is negative at some p >= 1/2"),  # at p = 1/2 alone
+        (_raises_on_two_lines, "raises ValueError (p must be a float) for an array of probabilities"),  # one line
+        (lambda p: np.full(p.shape, "wide"), "raises ValueError (could not convert"),  # text, not numbers
+    ],
+)
+def test_a_radius_function_that_cannot_make_a_certificate_is_refused_in_one_line(radius, words):
+    with pytest.raises(RadiusError) as info:
+        check_radius_function(radius, "Mine.radius")
+    assert str(info.value).startswith("Mine.radius ") and words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "radius",
+    [lambda p: np.where(p < 0.5, -1.0, p - 0.5), lambda p: np.floor(8 * p) / 8 - 0.5],
+    ids=["flat below one half", "steps"],
+)
+def test_a_radius_function_with_flat_parts_is_non_decreasing_and_accepted(radius):
+    check_radius_function(radius, "Mine.radius")

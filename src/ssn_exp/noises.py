@@ -99,7 +99,6 @@ def check_radius_function(radius_fn, owner: str) -> None:
     except Exception as exc:  # a user's function: whatever it raises is reported in one line
         text = " ".join(str(exc).split())
         raise RadiusError(f"{owner} raises {type(exc).__name__} ({text}) for an array of probabilities") from None
-    problem = None
     if values.shape != RADIUS_GRID.shape:
         problem = f"gives shape {values.shape} for {RADIUS_GRID.shape[0]} probabilities (one radius per p expected)"
     elif not np.all(np.isfinite(values)):
@@ -109,8 +108,9 @@ def check_radius_function(radius_fn, owner: str) -> None:
         problem = "is negative at some p >= 1/2"
     elif np.any(np.diff(values) < 0):
         problem = "decreases as p grows"
-    if problem:
-        raise RadiusError(f"{owner} {problem}: a certified radius must be a finite non-decreasing function of p_lower")
+    else:
+        return
+    raise RadiusError(f"{owner} {problem}: a certified radius must be a finite non-decreasing function of p_lower")
 
 
 def _check_sigma(sigma) -> float:
