@@ -360,6 +360,9 @@ def test_empty_batch_and_shapes():
     assert out.shape == (0,) and out.dtype == np.float64
     out = box_radius(np.full((2, 1, 3, 3), 0.5, dtype=np.float32), [0.7, 0.3], 0.5)
     assert out.shape == (2,) and out.dtype == np.float64
+    # no pixel at all: nothing to move, the standard radius (also for d = 1: the whole box is certified beyond it)
+    for x in (np.zeros((2, 0)), np.zeros((2, 3, 0)), np.array([[0.5], [1.0]])):
+        np.testing.assert_array_equal(box_radius(x, [0.9, 0.3], 0.5), standard([0.9, 0.3], 0.5))
 
 
 def test_no_floating_point_warnings_with_non_positive_factors():
@@ -371,6 +374,8 @@ def test_no_floating_point_warnings_with_non_positive_factors():
             rho = box_radius(x, p, lam)
             assert np.isfinite(rho).all()
             np.testing.assert_allclose(rho, 2 * lam * (p - 0.5), rtol=1e-15)
+        # nor when the overlap of a large image's corner underflows (0.75 ** 3072; P_2 = 0.5625 > t = 0.51 >= P_3)
+        assert box_radius(np.zeros((1, 3 * 32 * 32)), [0.99], 2.0)[0] == pytest.approx(2 + 4 * (1 - 0.51 / 0.5625))
 
 
 # ---------------------------------------------------------------- 4. bad input

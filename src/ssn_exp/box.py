@@ -103,10 +103,10 @@ def box_radius(x, p_lower, lam) -> np.ndarray:
     if not np.all((p >= 0.0) & (p <= 1.0)):  # also rejects NaN
         raise ValueError("p_lower must lie in [0, 1] (found values outside or NaN)")
     if batch == 0:
-        return np.zeros(0, dtype=np.float64)
+        return np.zeros(0)
 
-    xs = xs.reshape(batch, -1)
-    d = xs.shape[1]
+    d = xs[0].size  # values per example (batch >= 1 here)
+    xs = xs.reshape(batch, d)
     w = 2.0 * lam_f
     q = p - 0.5  # exact for p in [1/4, 1]
     standard = w * q  # 2 lam (p - 1/2), the same floats as randomized_radius
