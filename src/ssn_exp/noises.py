@@ -623,7 +623,7 @@ def levine2021_table(q: int, levels: int, lam: float) -> np.ndarray:
     float32 torch operation on the same operands (with q in place of their hard-coded 255), so the values are
     theirs bit for bit; the two roundings make about 1 value in 25 differ from :func:`exact_table` by one ulp.
     """
-    x = torch.arange(q + 1, dtype=torch.float32).div(q).view(-1, 1)  # ToTensor: uint8 -> float32, / 255
+    x = torch.arange(q + 1).float().div(q).view(-1, 1)  # ToTensor: uint8 -> float32, / 255
     s = (torch.arange(levels) + 0.5) / float(q)  # int64 + 0.5: float32, a row
     if lam >= 0.5:
         gt = (x > s).float()
