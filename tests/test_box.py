@@ -257,6 +257,34 @@ def test_the_largest_box_radius_is_sound_and_within_a_pixel_for_wide_noise():
         assert most - 1.5 <= extreme <= most, (lam, p)
 
 
+@pytest.mark.parametrize("p,lam", [(0.5, 1.0), (0.3, 1.0), (0.0, 5.0), (0.9, 0.25), (1.0, 0.25), (0.9, 0.1)])
+def test_the_largest_box_radius_is_the_standard_one_where_the_box_cannot_help(p, lam):
+    # p_lower <= 1/2: nothing is certified; 2 lam <= 1/2 (also exactly 1/2): one pixel of room 1/2 moves all the mass.
+    assert largest_box_radius(p, lam) == 2 * lam * (p - 0.5)
+
+
+def test_a_threshold_met_exactly_at_the_farthest_corner_gives_the_box_s_l1_size_and_never_more():
+    """p_lower chosen so that the farthest corner's overlap P_d equals t = 3/2 - p_lower exactly (in floats): the
+    certificate reaches exactly that corner (inclusive limit), sum_i m_i. It never reports more, although u, a
+    rounded quotient, often comes out an ulp above the last pixel's room."""
+    rng = np.random.default_rng(5)
+    cases = 0
+    while cases < 200:
+        x = rng.integers(0, 256, size=(1, 3)) / 255
+        lam = float(rng.choice([1.0, 2.0, 3.0]))
+        m = room(x)[0]
+        corner = np.cumprod(1.0 - m / (2.0 * lam))  # P_1 .. P_d (all factors positive: 2 lam >= 2)
+        if corner[-1] < 0.5:  # t <= 1/2 would need p_lower > 1
+            continue
+        cases += 1
+        p = 1.5 - corner[-1]
+        assert 1.0 - (p - 0.5) == corner[-1] < corner[-2]  # t = P_d exactly, P_{d-1} > t: k = d - 1
+        rho = box_radius(x, [p], lam)[0]
+        size = np.cumsum(m)[-1]
+        assert rho <= size and rho == pytest.approx(size, rel=1e-14), (x, p, lam)
+        assert rho > standard(p, lam)
+
+
 def test_the_noise_refuses_a_radius_box_out_of_bounds():
     from ssn_exp.noises import SSN, Uniform
 
@@ -332,6 +360,9 @@ def test_empty_batch_and_shapes():
     assert out.shape == (0,) and out.dtype == np.float64
     out = box_radius(np.full((2, 1, 3, 3), 0.5, dtype=np.float32), [0.7, 0.3], 0.5)
     assert out.shape == (2,) and out.dtype == np.float64
+    # no pixel at all: nothing to move, the standard radius (also for d = 1: the whole box is certified beyond it)
+    for x in (np.zeros((2, 0)), np.zeros((2, 3, 0)), np.array([[0.5], [1.0]])):
+        np.testing.assert_array_equal(box_radius(x, [0.9, 0.3], 0.5), standard([0.9, 0.3], 0.5))
 
 
 def test_no_floating_point_warnings_with_non_positive_factors():
@@ -343,6 +374,8 @@ def test_no_floating_point_warnings_with_non_positive_factors():
             rho = box_radius(x, p, lam)
             assert np.isfinite(rho).all()
             np.testing.assert_allclose(rho, 2 * lam * (p - 0.5), rtol=1e-15)
+        # nor when the overlap of a large image's corner underflows (0.75 ** 3072; P_2 = 0.5625 > t = 0.51 >= P_3)
+        assert box_radius(np.zeros((1, 3 * 32 * 32)), [0.99], 2.0)[0] == pytest.approx(2 + 4 * (1 - 0.51 / 0.5625))
 
 
 # ---------------------------------------------------------------- 4. bad input

@@ -14,7 +14,15 @@ import torch
 
 import ssn_exp.noises as noises_module
 from helpers import NOISES, SAMPLED_NOISES, all_noises
-from ssn_exp.noises import RADIUS_GRID, EnumeratedNoise, InputDomainError, Noise, SampledNoise
+from ssn_exp.noises import (
+    RADIUS_GRID,
+    EnumeratedNoise,
+    InputDomainError,
+    Noise,
+    RadiusError,
+    SampledNoise,
+    check_radius_function,
+)
 
 Q, DIM = 16, 16
 NOISE = all_noises(Q, DIM)
@@ -122,8 +130,13 @@ def test_inputs_outside_the_image_domain_are_refused_naming_the_value(name, valu
         pytest.skip("on DSSN's grid: 1 within its tolerance")
     x = torch.full((3, 1, 4, 4), 0.25)
     x[2, 0, 1, 0] = value
+    # what to do about it, too (DSSN's own message names its grid: test_smoothing.py)
+    hint = (
+        r"^input out of the image domain \[0, 1\]: example 2, coordinate 4 has value \S+ "
+        r"\(noise is added to raw images in \[0, 1\]; normalise inside the model, not in the data\)$"
+    )
     for make in (lambda: noise.sample(x), lambda: noise.noisy(x, 0, 4), lambda: noise.copies(x, torch.float32)):
-        with pytest.raises(InputDomainError, match=r"example 2, coordinate 4"):
+        with pytest.raises(InputDomainError, match=r"example 2, coordinate 4" if name == "dssn" else hint):
             make()
     assert noise.sample(torch.tensor([[0.0, 1.0] * 8])).shape == (1, DIM)  # the closed interval is fine
 
@@ -159,3 +172,41 @@ def test_an_enumerated_noise_enumerates_its_support_and_certifies_from_counts(na
     counts = np.array([[noise.support, 0, 0], [1, noise.support - 1, 0]])
     pred, k = noise.exact_certificate(counts)
     assert pred.tolist() == [0, 1] and np.all(k >= 0) and k[0] >= k[1]
+
+
+@pytest.mark.parametrize("name", SAMPLED_NOISES)
+def test_a_sampled_noise_is_drawn_where_the_input_lives(name):
+    """Noise "is made where the input lives" (ssn_exp.noises), checked without a GPU on PyTorch's meta device (shapes
+    and dtypes, no values: so on the drawing hook itself, the domain check reads values). At sigma = 0.5 and 0.1 (SSN
+    splits differently below lam = 1/2)."""
+    x = torch.empty(2, 1, 4, 4, device="meta", dtype=torch.float64)
+    for noise in (NOISE[name], type(NOISE[name])(0.1)):
+        out = noise._draw(x, None)
+        assert out.device == x.device and out.shape == x.shape and out.dtype == x.dtype
+
+
+def _raises_on_two_lines(p):
+    raise ValueError("p must be\n    a float")
+
+
+@pytest.mark.parametrize(
+    "radius,words",
+    [
+        (lambda p: p - 0.5 - 1e-4, "is negative at some p >= 1/2"),  # at p = 1/2 alone
+        (_raises_on_two_lines, "raises ValueError (p must be a float) for an array of probabilities"),  # one line
+        (lambda p: np.full(p.shape, "wide"), "raises ValueError (could not convert"),  # text, not numbers
+    ],
+)
+def test_a_radius_function_that_cannot_make_a_certificate_is_refused_in_one_line(radius, words):
+    with pytest.raises(RadiusError) as info:
+        check_radius_function(radius, "Mine.radius")
+    assert str(info.value).startswith("Mine.radius ") and words in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "radius",
+    [lambda p: np.where(p < 0.5, -1.0, p - 0.5), lambda p: np.floor(8 * p) / 8 - 0.5],
+    ids=["flat below one half", "steps"],
+)
+def test_a_radius_function_with_flat_parts_is_non_decreasing_and_accepted(radius):
+    check_radius_function(radius, "Mine.radius")

@@ -242,6 +242,21 @@ def test_absurd_sigma_is_refused_before_allocating_the_table(sigma, q):
         DSSN(sigma, q=q, dim=64)
 
 
+def test_the_table_limit_counts_q_plus_one_rows_of_2l_entries(monkeypatch):
+    """At most _MAX_TABLE entries in the (q + 1) x 2L lookup table, checked at a small limit: a table of exactly the limit
+    is built, one offset more is refused before allocating, naming how many offsets would fit."""
+    import ssn_exp.noises as noises
+
+    monkeypatch.setattr(noises, "_MAX_TABLE", 64)
+
+    def sigma(levels: int, q: int) -> float:  # L = floor(2 sqrt(3) sigma q)
+        return (levels + 0.5) / (2 * math.sqrt(3) * q)
+
+    assert DSSN(sigma(8, 3), q=3, dim=2).levels == 8  # 4 x 16 = 64 entries
+    with pytest.raises(ValueError, match=r"L = 9 split offsets for q=3; DSSN enumerates at most 8 here"):
+        DSSN(sigma(9, 3), q=3, dim=2)  # 4 x 18 = 72
+
+
 def test_the_largest_allowed_dssn_is_built():
     m = DSSN(MAX_LEVELS / (2 * np.sqrt(3) * 4) * 0.999, q=4, dim=3)
     assert 0.99 * MAX_LEVELS < m.levels <= MAX_LEVELS

@@ -45,7 +45,7 @@ Non-positive factors. For P_k > 0, u <= m_(k+1) is equivalent to P_{k+1} = P_k (
 then P_{k+1} <= 0 < t, so the first qualifying k always comes at or before the first non-positive
 factor. (In fact, since m is sorted, a non-positive factor means m_(1) >= 2 lam > rho, so k = 0.)
 The code clips the factors to [0, 1] (P then is non-increasing), so k = #{j in 1..d : P_j > t},
-no division by a P_k <= 0 can happen, and u is clipped to [0, m_(k+1)] against rounding.
+no division by a P_k <= 0 can happen, and u is clipped to m_(k+1) against rounding.
 
 Not for DSSN: DSSN shares one offset across all pixels, the per-pixel events are not independent and
 the coupling probability is not the product ov(delta), so this certificate does not apply to it.
@@ -103,9 +103,9 @@ def box_radius(x, p_lower, lam) -> np.ndarray:
     if not np.all((p >= 0.0) & (p <= 1.0)):  # also rejects NaN
         raise ValueError("p_lower must lie in [0, 1] (found values outside or NaN)")
     if batch == 0:
-        return np.zeros(0, dtype=np.float64)
+        return np.zeros(0)
 
-    d = int(np.prod(xs.shape[1:], dtype=np.int64))
+    d = xs[0].size  # values per example (batch >= 1 here)
     xs = xs.reshape(batch, d)
     w = 2.0 * lam_f
     q = p - 0.5  # exact for p in [1/4, 1]
@@ -114,23 +114,22 @@ def box_radius(x, p_lower, lam) -> np.ndarray:
         return standard
 
     t = (1.0 - q)[:, None]  # 3/2 - p
+    rows = np.arange(batch)
     with np.errstate(all="ignore"):
-        m = -np.sort(-np.maximum(xs, 1.0 - xs), axis=1)  # room per pixel, descending
-        factors = np.clip(1.0 - m / w, 0.0, 1.0)
+        m = -np.sort(-np.maximum(xs, 1.0 - xs))  # room per pixel, descending along each row
+        factors = np.maximum(1.0 - m / w, 0.0)  # <= 1: m >= 0
         prods = np.cumprod(factors, axis=1)  # P_1 .. P_d, non-increasing
         k = np.count_nonzero(prods > t, axis=1)  # first k with P_{k+1} <= t; d if none
-        ones = np.ones((batch, 1))
-        p_k = np.take_along_axis(np.concatenate([ones, prods], axis=1), k[:, None], axis=1)[:, 0]
+        p_k = np.concatenate([np.ones((batch, 1)), prods], axis=1)[rows, k]
         sums = np.cumsum(m, axis=1)
-        s_k = np.take_along_axis(np.concatenate([np.zeros((batch, 1)), sums], axis=1), k[:, None], axis=1)[:, 0]
-        m_next = np.take_along_axis(m, np.minimum(k, d - 1)[:, None], axis=1)[:, 0]
-        # u = 2 lam (1 - t / P_k) = 2 lam ((P_k - 1) + q) / P_k; k = 0 (P_0 = 1) gives 2 lam (p - 1/2) bit for bit.
-        # p_k > t > 0 at the chosen k, so `safe` only guards against misuse.
-        safe = np.where(p_k > 0, p_k, 1.0)
-        u = np.clip(w * ((safe - 1.0) + q) / safe, 0.0, m_next)
+        s_k = np.concatenate([np.zeros((batch, 1)), sums], axis=1)[rows, k]
+        m_next = m[rows, np.minimum(k, d - 1)]
+        # u = 2 lam (1 - t / P_k) = 2 lam ((P_k - 1) + q) / P_k; k = 0 (P_0 = 1) gives 2 lam (p - 1/2) bit for bit,
+        # so p_lower <= 1/2 (t >= 1, k = 0, u <= 0) returns the standard radius. For p_lower > 1/2, q and t = 1 - q
+        # are exact and P_k > t, so (P_k - 1) + q > 0: u >= 0 without a clip; u <= m_(k+1) only up to rounding.
+        u = np.minimum(w * ((p_k - 1.0) + q) / p_k, m_next)
         # Whole box certified: any value >= sum_i m_i says so; keep rho_box >= rho (tiny boxes, d = 1).
-        rho = np.where(k < d, s_k + u, np.maximum(sums[:, -1], standard))
-    return np.where(q > 0, rho, standard)
+        return np.where(k < d, s_k + u, np.maximum(sums[:, -1], standard))
 
 
 def largest_box_radius(p_lower: float, lam: float) -> float:

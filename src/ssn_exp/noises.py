@@ -74,6 +74,8 @@ _GRID_TOL = 1e-3
 MAX_LEVELS = 1_000_000
 #: The most entries of DSSN's lookup table ((q + 1) x 2L values; 2**27 float32 = 512 MiB).
 _MAX_TABLE = 2**27
+#: DSSN's table indices: below (q + 1) 2L + L <= _MAX_TABLE + MAX_LEVELS < 2**31, so int32 holds them all.
+_INDEX_DTYPE = torch.int32
 #: How DSSN's noisy values are computed: ``exact`` rounds the exact value once (default);
 #: ``levine2021`` repeats the float32 operations of the authors' code, so their values are matched bit for bit.
 ARITHMETICS = ("exact", "levine2021")
@@ -97,7 +99,6 @@ def check_radius_function(radius_fn, owner: str) -> None:
     except Exception as exc:  # a user's function: whatever it raises is reported in one line
         text = " ".join(str(exc).split())
         raise RadiusError(f"{owner} raises {type(exc).__name__} ({text}) for an array of probabilities") from None
-    problem = None
     if values.shape != RADIUS_GRID.shape:
         problem = f"gives shape {values.shape} for {RADIUS_GRID.shape[0]} probabilities (one radius per p expected)"
     elif not np.all(np.isfinite(values)):
@@ -107,8 +108,9 @@ def check_radius_function(radius_fn, owner: str) -> None:
         problem = "is negative at some p >= 1/2"
     elif np.any(np.diff(values) < 0):
         problem = "decreases as p grows"
-    if problem:
-        raise RadiusError(f"{owner} {problem}: a certified radius must be a finite non-decreasing function of p_lower")
+    else:
+        return
+    raise RadiusError(f"{owner} {problem}: a certified radius must be a finite non-decreasing function of p_lower")
 
 
 def _check_sigma(sigma) -> float:
@@ -148,8 +150,8 @@ def check_unit_box(x: torch.Tensor) -> None:
 
 
 def _rand(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    dtype = x.dtype if x.is_floating_point() else torch.float32
-    return torch.rand(x.shape, generator=generator, device=x.device, dtype=dtype)
+    """Uniforms in [0, 1) like x (floating point: :func:`check_unit_box` has passed), where x lives."""
+    return torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype)
 
 
 def uniform_radius(p_lower, lam: float) -> np.ndarray:
@@ -317,7 +319,7 @@ class SSN(_BoxConstrained):
         """x_tilde for given split points s (same shape as x)."""
         if self.lam >= 0.5:
             # Equal to the general formula when 2 lam >= 1: ([x > s] + min(s, 1)) / 2.
-            return ((x > s).to(s.dtype) + s.clamp(max=1.0)) * 0.5
+            return ((x > s) + s.clamp(max=1.0)) * 0.5  # bool + float: s's dtype
         return self.split_general(x, s)
 
     def split_general(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
@@ -345,8 +347,7 @@ class Laplace(SampledNoise):
         # lam (E1 - E2) with E = -log1p(-r), r in [0, 1): the difference of two independent Exp(1) variables, every
         # value finite. Each value's pair (E1, E2) is adjacent in one draw, so the stream of uniforms, and with it
         # the noise, does not depend on how certification splits the copies into chunks (certify.noise_batch).
-        dtype = x.dtype if x.is_floating_point() else torch.float32
-        e = torch.rand((*x.shape, 2), generator=generator, device=x.device, dtype=dtype).neg_().log1p_().neg_()
+        e = torch.rand((*x.shape, 2), generator=generator, device=x.device, dtype=x.dtype).neg_().log1p_().neg_()
         return (e[..., 0] - e[..., 1]).mul_(self.lam).add_(x)
 
     def radius(self, p_lower) -> np.ndarray:
@@ -399,14 +400,13 @@ class DSSN(EnumeratedNoise):
         if arithmetic == "exact":
             values = exact_table(self.q, self.levels)  # float64, exact
         else:
-            values = levine2021_table(self.q, self.levels, self.lam).astype(np.float64)  # their float32 values
+            values = levine2021_table(self.q, self.levels, self.lam)  # their float32 values, exact in any wider dtype
         # The hot paths index a table doubled along m, row k holding table[k, (m mod L)] for m in [0, 2L):
         # the index of (k, (v_i + j) mod L) is then k * 2L + v_i + j, with no remainder to take.
-        self._values2 = np.concatenate([values, values], axis=1).reshape(-1)
+        self._values2 = np.concatenate([values, values], axis=1).ravel()
         self._tables2: dict = {}
         #: table[k * L + m] = x_tilde for input k/q split at (m + 0.5)/q, as float32 (for inspection and tests).
-        self._table = torch.from_numpy(values.astype(np.float32).reshape(-1))
-        self._index_dtype = torch.int32 if self._values2.size + self.levels < 2**31 else torch.int64
+        self._table = torch.from_numpy(values.astype(np.float32).ravel())
         # quantize() checks |x q - round(x q)| <= 1e-3 in float64. In float32, x q carries an error of at
         # most q 2^-24 (1 + 1e-3); a float32 check with this much less tolerance therefore only accepts
         # inputs the float64 check accepts, with the same k. Anything it flags goes to the float64 check.
@@ -443,7 +443,7 @@ class DSSN(EnumeratedNoise):
         key = (str(device), dtype)
         if key not in self._cache:
             self._cache[key] = (
-                self.v.to(device=device, dtype=self._index_dtype),
+                self.v.to(device=device, dtype=_INDEX_DTYPE),
                 self.v.to(device=device, dtype=torch.float32),
                 self._table2(dtype).to(device),
             )
@@ -500,8 +500,8 @@ class DSSN(EnumeratedNoise):
         k = self._grid_fast(flat)
         if k is not None:  # float32 arithmetic on integers below 2^24: exact
             idx = v_float if j is None else v_float + j
-            return idx.add(k, alpha=2 * self.levels).to(self._index_dtype)
-        idx = self._quantize_exact(flat).to(self._index_dtype).mul_(2 * self.levels).add_(v_int)
+            return idx.add(k, alpha=2 * self.levels).to(_INDEX_DTYPE)
+        idx = self._quantize_exact(flat).to(_INDEX_DTYPE).mul_(2 * self.levels).add_(v_int)
         if j is not None:
             idx.add_(j)
         return idx
@@ -512,7 +512,7 @@ class DSSN(EnumeratedNoise):
         """x_tilde (in ``dtype``) for offsets j in [start, stop) given :meth:`_base`: (batch, stop - start, dim)."""
         _, _, table2 = self._on(base.device, dtype)
         j = torch.arange(start, stop, device=base.device, dtype=base.dtype)
-        idx = base.unsqueeze(1) + j.view(1, -1, 1)  # (batch, n, dim), all < (q + 1) * 2L
+        idx = base.unsqueeze(1) + j.view(-1, 1)  # (batch, n, dim), all < (q + 1) * 2L
         return table2.index_select(0, idx.view(-1)).view(idx.shape)
 
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
@@ -525,7 +525,7 @@ class DSSN(EnumeratedNoise):
     def sample(self, x, generator=None):
         """Training noise: one uniformly random offset j per example, the same v always."""
         self._flat(x)  # shape checks first
-        j = torch.randint(0, self.levels, (x.shape[0], 1), generator=generator, device=x.device)
+        j = torch.randint(self.levels, (x.shape[0], 1), generator=generator, device=x.device)  # in [0, L)
         idx = self._base(x, j)  # k * 2L + v + j: the entry for m = (v + j) mod L
         _, _, table2 = self._on(x.device, x.dtype)
         return table2.index_select(0, idx.view(-1)).view(x.shape)
@@ -606,8 +606,8 @@ def exact_table(q: int, levels: int) -> np.ndarray:
     with denominator 4q lies either exactly on a float32 rounding boundary (then float64 holds it exactly) or at
     least 2^-24 / (4q) (relative) away from one, far more than float64's 2^-53 error.
     """
-    k = np.arange(q + 1, dtype=np.int64)[:, None]
-    m = np.arange(levels, dtype=np.int64)[None, :]
+    k = np.arange(q + 1)[:, None]  # int64
+    m = np.arange(levels)[None, :]
     n = np.floor_divide(k - m - 1, levels) + 1
     c2 = 2 * n * levels + 2 * m + 1  # 2q * c, an odd integer
     t = np.minimum(c2, 2 * q) + np.maximum(c2 - 2 * levels, 0)  # 4q * x_tilde
@@ -623,8 +623,8 @@ def levine2021_table(q: int, levels: int, lam: float) -> np.ndarray:
     float32 torch operation on the same operands (with q in place of their hard-coded 255), so the values are
     theirs bit for bit; the two roundings make about 1 value in 25 differ from :func:`exact_table` by one ulp.
     """
-    x = torch.arange(q + 1, dtype=torch.float32).div(q).view(-1, 1)  # ToTensor: uint8 -> float32, / 255
-    s = (torch.arange(levels, dtype=torch.int64).view(1, -1) + 0.5) / float(q)
+    x = torch.arange(q + 1).float().div(q).view(-1, 1)  # ToTensor: uint8 -> float32, / 255
+    s = (torch.arange(levels) + 0.5) / float(q)  # int64 + 0.5: float32, a row
     if lam >= 0.5:
         gt = (x > s).float()
         out = (gt + torch.clamp(s, max=1)) / 2
