@@ -186,12 +186,10 @@ def count_predictions(
             logits = model(noisy(i0, i1, start, stop).reshape(-1, *shape))
             finite[i0:i1] &= check_logits(logits, rows, num_classes).view(i1 - i0, stop - start).all(dim=1)
             pred = logits.argmax(dim=1)
-            if i1 - i0 == 1:
-                counts[i0] += torch.bincount(pred, minlength=num_classes)
-            else:  # image i of the chunk owns bins [i C, (i + 1) C)
-                owner = torch.arange(0, (i1 - i0) * num_classes, num_classes, device=x.device)
-                key = (owner.unsqueeze(1) + pred.view(i1 - i0, stop - start)).view(-1)
-                counts[i0:i1] += torch.bincount(key, minlength=(i1 - i0) * num_classes).view(i1 - i0, num_classes)
+            # image i of the chunk owns bins [i C, (i + 1) C)
+            owner = torch.arange(0, (i1 - i0) * num_classes, num_classes, device=x.device)
+            key = (owner.unsqueeze(1) + pred.view(i1 - i0, stop - start)).view(-1)
+            counts[i0:i1] += torch.bincount(key, minlength=(i1 - i0) * num_classes).view(i1 - i0, num_classes)
             if progress is not None:
                 progress(pred.numel())
     if not bool(finite.all()):
