@@ -348,6 +348,28 @@ def test_default_noise_batch_is_1024():
     assert [len(z) for z in seen] == [64, 100, 100, 50]
 
 
+def test_each_procedure_defaults_to_noise_batch_1024_and_passes_a_given_one_on():
+    from ssn_exp.certify.procedures import Exact, FixedSample
+
+    f, seen = _recorder()
+    x = _grid_images(1)
+    dssn = DSSN(20.0, q=16, dim=4)
+    runs = {  # procedure, noise, its passes as (sizes by default, sizes with noise_batch=100)
+        "exact": (Exact(), dssn, ([1024, dssn.support - 1024], [100] * 11 + [dssn.support - 1100])),
+        "fixed": (FixedSample(n0=64, n=2048), Uniform(0.5), ([64, 1024, 1024], [64] + [100] * 20 + [48])),
+    }
+    for name, (procedure, noise, (default, given)) in runs.items():
+        for kw, want in (({}, default), ({"noise_batch": 100}, given)):
+            for stream in (False, True):
+                seen.clear()
+                generators = [torch.Generator().manual_seed(0)]
+                if stream:
+                    list(procedure.certify_batches(f, [(x, generators, None)], noise, 2, **kw))
+                else:
+                    procedure.certify(f, x, noise, 2, generator=generators, **kw)
+                assert [len(z) for z in seen] == want, (name, kw, stream)
+
+
 def test_count_predictions_rejects_bad_arguments_and_logits_of_the_wrong_shape():
     x = _grid_images(1)
     with pytest.raises(ValueError, match=r"the model gives 3 logits per input; expected num_classes=5"):
