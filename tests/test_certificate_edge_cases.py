@@ -13,9 +13,12 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from scipy.special import betainc
 from scipy.stats import beta
 
 from helpers import SAMPLED_NOISES, all_noises
+from ssn_exp.certify.core import MIN_LEVEL, beta_quantile_below, check_level
+from ssn_exp.certify.procedures import ProcedureError
 from ssn_exp.certify import (
     NonFiniteLogitsError,
     SmoothedClassifier,
@@ -326,6 +329,47 @@ def test_input_dtype_of_modules_callables_and_integer_inputs():
     assert input_dtype(BufferOnly(), torch.zeros(1, 2)) == torch.float64
     count_predictions(BufferOnly(), _grid_images(1), Uniform(0.5), 4, 2)
     assert seen == [torch.float64]
+
+
+@pytest.mark.parametrize("value", [0, 1, -0.5, 1.5, True, False, "0.5", None, float("nan")])
+def test_a_level_outside_0_1_is_refused_naming_it(value):
+    with pytest.raises(ValueError) as info:
+        check_level("procedure.alpha", value)
+    assert str(info.value) == f"procedure.alpha must lie in (0, 1), got {value!r}"
+
+
+def test_a_level_is_a_float_whose_derived_levels_are_normal_floats():
+    assert check_level("alpha", 0.001) == 0.001 and type(check_level("alpha", np.float32(0.5))) is float
+    assert check_level("alpha", MIN_LEVEL) == MIN_LEVEL  # (share 1: the level itself) the smallest normal float
+    assert check_level("alpha", 2 * MIN_LEVEL, share=0.5) == 2 * MIN_LEVEL
+    for value, share in ((MIN_LEVEL / 2, 1.0), (1.5 * MIN_LEVEL, 0.5)):
+        with pytest.raises(ValueError) as info:
+            check_level("alpha", value, share=share)
+        assert str(info.value) == (
+            f"alpha={value!r} is too small: a bound would be computed at {value * share!r}, below the smallest normal "
+            f"float {MIN_LEVEL!r}"
+        )
+    levels = check_level("alphas", np.array([0.5, MIN_LEVEL, 2 * MIN_LEVEL], dtype=np.float64))
+    assert levels.dtype == np.float64 and levels.tolist() == [0.5, MIN_LEVEL, 2 * MIN_LEVEL]
+    assert check_level("alphas", np.array([0.5, 0.25], dtype=np.float32)).dtype == np.float64
+    assert check_level("alphas", np.array([0.5, 2 * MIN_LEVEL]), share=0.5).tolist() == [0.5, 2 * MIN_LEVEL]
+    for bad, share in (([0.5, 1.0], 1.0), ([0.5, 1.5], 1.0), ([0.5, MIN_LEVEL / 2], 1.0), ([1.5 * MIN_LEVEL], 0.5)):
+        with pytest.raises(ProcedureError) as info:
+            check_level("alphas", np.array(bad), share=share, error=ProcedureError)
+        assert str(info.value) == f"alphas must lie in [{MIN_LEVEL!r}, 1)"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # scipy's ppf, called here to show where it fails
+def test_beta_quantile_below_is_scipy_s_quantile_or_the_largest_float_below_it():
+    assert beta_quantile_below(0.001, 3, 10) == beta.ppf(0.001, 3, 10)  # where scipy's inversion converges
+    level, a, b = 1e-300, 5, 100_000  # scipy's ppf gives a point far above the quantile here
+    assert betainc(a, b, beta.ppf(level, a, b)) > level
+    q = beta_quantile_below(level, a, b)
+    assert np.ndim(q) == 0 and isinstance(q, np.floating)  # a scalar for scalars
+    assert betainc(a, b, q) <= level < betainc(a, b, np.nextafter(q, 1.0))
+    both = beta_quantile_below(np.array([level, 0.001]), np.array([a, 3]), np.array([b, 10]))
+    assert both.shape == (2,) and both.tolist() == [q, beta.ppf(0.001, 3, 10)]
+    assert beta_quantile_below([level, level], a, b).tolist() == [q, q]  # broadcast
 
 
 def test_count_predictions_never_hands_the_model_more_than_noise_batch_inputs():

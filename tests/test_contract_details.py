@@ -65,14 +65,14 @@ def test_a_fixed_row_is_recomputed_exactly_from_its_counts():
 def test_extra_radii_a_noise_does_not_give_are_named():
     class Odd(Uniform):
         name = "odd"
-        extra_columns = ("radius_a", "radius_b")
+        extra_columns = ("radius_a", "radius_b", "radius_c")
 
         def extra_radii(self, x, p_lower):
             return {"radius_a": p_lower}
 
     x = torch.full((1, 1, 2, 2), 0.5)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
-    with pytest.raises(ValueError, match=r"^Odd\.extra_radii gives no radius_b$"):
+    with pytest.raises(ValueError, match=r"^Odd\.extra_radii gives no radius_b, radius_c$"):
         FixedSample(n0=4, n=8).certify(model, x, Odd(0.5), 3, generator=[torch.Generator().manual_seed(0)])
 
 
