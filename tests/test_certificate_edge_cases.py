@@ -17,8 +17,6 @@ from scipy.special import betainc
 from scipy.stats import beta
 
 from helpers import SAMPLED_NOISES, all_noises
-from ssn_exp.certify.core import MIN_LEVEL, beta_quantile_below, check_level
-from ssn_exp.certify.procedures import ProcedureError
 from ssn_exp.certify import (
     NonFiniteLogitsError,
     SmoothedClassifier,
@@ -35,6 +33,8 @@ from ssn_exp.certify import (
     randomized_radius,
     top_class,
 )
+from ssn_exp.certify.core import MIN_LEVEL, beta_quantile_below, check_level
+from ssn_exp.certify.procedures import ProcedureError
 from ssn_exp.noises import (
     DSSN,
     MAX_LEVELS,
