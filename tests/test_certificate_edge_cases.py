@@ -344,7 +344,7 @@ def test_a_level_is_a_float_whose_derived_levels_are_normal_floats():
     assert check_level("alpha", 2 * MIN_LEVEL, share=0.5) == 2 * MIN_LEVEL
     for value, share in ((MIN_LEVEL / 2, 1.0), (1.5 * MIN_LEVEL, 0.5)):
         with pytest.raises(ValueError) as info:
-            check_level("alpha", value, share=share)
+            check_level("alpha", value, **({} if share == 1.0 else {"share": share}))  # share 1 by default
         assert str(info.value) == (
             f"alpha={value!r} is too small: a bound would be computed at {value * share!r}, below the smallest normal "
             f"float {MIN_LEVEL!r}"
