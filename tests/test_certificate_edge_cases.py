@@ -13,6 +13,7 @@ from fractions import Fraction
 import numpy as np
 import pytest
 import torch
+from scipy.special import betainc
 from scipy.stats import beta
 
 from helpers import SAMPLED_NOISES, all_noises
@@ -32,6 +33,8 @@ from ssn_exp.certify import (
     randomized_radius,
     top_class,
 )
+from ssn_exp.certify.core import MIN_LEVEL, beta_quantile_below, check_level
+from ssn_exp.certify.procedures import ProcedureError
 from ssn_exp.noises import (
     DSSN,
     MAX_LEVELS,
@@ -328,6 +331,48 @@ def test_input_dtype_of_modules_callables_and_integer_inputs():
     assert seen == [torch.float64]
 
 
+@pytest.mark.parametrize("value", [0, 1, -0.5, 1.5, True, False, "0.5", None, float("nan")])
+def test_a_level_outside_0_1_is_refused_naming_it(value):
+    with pytest.raises(ValueError) as info:
+        check_level("procedure.alpha", value)
+    assert str(info.value) == f"procedure.alpha must lie in (0, 1), got {value!r}"
+
+
+def test_a_level_is_a_float_whose_derived_levels_are_normal_floats():
+    assert check_level("alpha", 0.001) == 0.001 and type(check_level("alpha", np.float32(0.5))) is float
+    assert check_level("alpha", MIN_LEVEL) == MIN_LEVEL  # (share 1: the level itself) the smallest normal float
+    assert check_level("alpha", 2 * MIN_LEVEL, share=0.5) == 2 * MIN_LEVEL
+    for value, share in ((MIN_LEVEL / 2, 1.0), (1.5 * MIN_LEVEL, 0.5)):
+        with pytest.raises(ValueError) as info:
+            check_level("alpha", value, **({} if share == 1.0 else {"share": share}))  # share 1 by default
+        assert str(info.value) == (
+            f"alpha={value!r} is too small: a bound would be computed at {value * share!r}, below the smallest normal "
+            f"float {MIN_LEVEL!r}"
+        )
+    levels = check_level("alphas", np.array([0.5, MIN_LEVEL, 2 * MIN_LEVEL], dtype=np.float64))
+    assert levels.dtype == np.float64 and levels.tolist() == [0.5, MIN_LEVEL, 2 * MIN_LEVEL]
+    assert check_level("alphas", np.array([0.5, 0.25], dtype=np.float32)).dtype == np.float64
+    assert check_level("alphas", np.array([0.5, 2 * MIN_LEVEL]), share=0.5).tolist() == [0.5, 2 * MIN_LEVEL]
+    for bad, share in (([0.5, 1.0], 1.0), ([0.5, 1.5], 1.0), ([0.5, MIN_LEVEL / 2], 1.0), ([1.5 * MIN_LEVEL], 0.5)):
+        with pytest.raises(ProcedureError) as info:
+            check_level("alphas", np.array(bad), share=share, error=ProcedureError)
+        assert str(info.value) == f"alphas must lie in [{MIN_LEVEL!r}, 1)"
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # scipy's ppf, called here to show where it fails
+@pytest.mark.parametrize("level, a, b", [(1e-300, 5, 100_000), (1e-300, 2, 10), (1e-100, 2, 100)])
+def test_beta_quantile_below_is_scipy_s_quantile_or_the_largest_float_below_it(level, a, b):
+    assert beta_quantile_below(0.001, 3, 10) == beta.ppf(0.001, 3, 10)  # where scipy's inversion converges
+    # here scipy's ppf gives a point above the quantile: far above, or by 9% (1e-100, 2, 100)
+    assert betainc(a, b, beta.ppf(level, a, b)) > level * (1 + 1e-9)
+    q = beta_quantile_below(level, a, b)
+    assert np.ndim(q) == 0 and isinstance(q, np.floating)  # a scalar for scalars
+    assert betainc(a, b, q) <= level < betainc(a, b, np.nextafter(q, 1.0))
+    both = beta_quantile_below(np.array([level, 0.001]), np.array([a, 3]), np.array([b, 10]))
+    assert both.shape == (2,) and both.tolist() == [q, beta.ppf(0.001, 3, 10)]
+    assert beta_quantile_below([level, level], a, b).tolist() == [q, q]  # broadcast
+
+
 def test_count_predictions_never_hands_the_model_more_than_noise_batch_inputs():
     f, seen = _recorder()
     counts = count_predictions(f, _grid_images(4), Uniform(0.5), n=3, num_classes=2, noise_batch=5)
@@ -346,6 +391,28 @@ def test_default_noise_batch_is_1024():
     seen.clear()
     certify_batch(f, x, Uniform(0.5), 2, n0=64, n=250, noise_batch=100)  # and a given one is passed on
     assert [len(z) for z in seen] == [64, 100, 100, 50]
+
+
+def test_each_procedure_defaults_to_noise_batch_1024_and_passes_a_given_one_on():
+    from ssn_exp.certify.procedures import Exact, FixedSample
+
+    f, seen = _recorder()
+    x = _grid_images(1)
+    dssn = DSSN(20.0, q=16, dim=4)
+    runs = {  # procedure, noise, its passes as (sizes by default, sizes with noise_batch=100)
+        "exact": (Exact(), dssn, ([1024, dssn.support - 1024], [100] * 11 + [dssn.support - 1100])),
+        "fixed": (FixedSample(n0=64, n=2048), Uniform(0.5), ([64, 1024, 1024], [64] + [100] * 20 + [48])),
+    }
+    for name, (procedure, noise, (default, given)) in runs.items():
+        for kw, want in (({}, default), ({"noise_batch": 100}, given)):
+            for stream in (False, True):
+                seen.clear()
+                generators = [torch.Generator().manual_seed(0)]
+                if stream:
+                    list(procedure.certify_batches(f, [(x, generators, None)], noise, 2, **kw))
+                else:
+                    procedure.certify(f, x, noise, 2, generator=generators, **kw)
+                assert [len(z) for z in seen] == want, (name, kw, stream)
 
 
 def test_count_predictions_rejects_bad_arguments_and_logits_of_the_wrong_shape():

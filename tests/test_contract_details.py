@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from ssn_exp.certify.core import clopper_pearson_lower
-from ssn_exp.certify.procedures import FixedSample, NoiseDefault
+from ssn_exp.certify.procedures import Exact, FixedSample, NoiseDefault, ProcedureError, check_radii
+from ssn_exp.exceptions import OptionError
 from ssn_exp.lightning.results import format_table
 from ssn_exp.noises import DSSN, SSN, Laplace, Noise, Uniform, levine2021_table
 
@@ -64,14 +65,14 @@ def test_a_fixed_row_is_recomputed_exactly_from_its_counts():
 def test_extra_radii_a_noise_does_not_give_are_named():
     class Odd(Uniform):
         name = "odd"
-        extra_columns = ("radius_a", "radius_b")
+        extra_columns = ("radius_a", "radius_b", "radius_c")
 
         def extra_radii(self, x, p_lower):
             return {"radius_a": p_lower}
 
     x = torch.full((1, 1, 2, 2), 0.5)
     model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
-    with pytest.raises(ValueError, match=r"^Odd\.extra_radii gives no radius_b$"):
+    with pytest.raises(ValueError, match=r"^Odd\.extra_radii gives no radius_b, radius_c$"):
         FixedSample(n0=4, n=8).certify(model, x, Odd(0.5), 3, generator=[torch.Generator().manual_seed(0)])
 
 
@@ -80,6 +81,17 @@ def test_radii_are_float64_whatever_the_noise_computes_in():
     r = Laplace(0.5).radius(p)
     assert r.dtype == np.float64
     np.testing.assert_array_equal(r, Laplace(0.5).radius(p.astype(np.float64)))
+
+    class Single(Uniform):  # a noise of a user's that computes its radius in float32
+        name = "single"
+
+        def radius(self, p_lower):
+            return super().radius(p_lower).astype(np.float32)
+
+    x = torch.full((2, 1, 2, 2), 0.5)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    cert = FixedSample(n0=4, n=8).certify(model, x, Single(0.5), 3, generator=torch.Generator().manual_seed(0))
+    assert cert.radius.dtype == np.float64  # a certificate's radius is float64 (Certificates.radius)
 
 
 @pytest.mark.parametrize("lam", [0.5, 0.75])
@@ -241,6 +253,7 @@ def test_the_library_default_procedure_is_the_paper_s():
 
     d = default_procedure(SSN(0.5)).describe()
     assert {k: d[k] for k in ("n0", "n", "alpha")} == {"n0": 64, "n": 100_000, "alpha": 0.001}
+    assert FixedSample().describe() == {"n0": 64, "n": 100_000, "alpha": 0.001}  # and procedure=fixed's own
     assert default_procedure(DSSN(0.5, q=16, dim=4)).name == "exact"
 
 
@@ -347,3 +360,32 @@ def test_sequential_with_one_generator_for_the_whole_batch():
     assert a.counts_n0.sum() == 3 * 8 and len(run(None).prediction) == 3
     with pytest.raises(ValueError, match=r"^2 generators for 3 examples$"):
         run([torch.Generator(), torch.Generator()])
+
+
+def test_radii_are_a_list_of_non_negative_finite_numbers_and_never_booleans():
+    assert check_radii((0.5, 1), "certify.radii") == [0.5, 1.0]
+    with pytest.raises(OptionError) as info:
+        check_radii("0.5", "certify.radii")
+    assert str(info.value) == "certify.radii must be a list, e.g. certify.radii=[0.5]; got '0.5'"
+    for bad in ([True], [0.5, False], [-0.5], [float("nan")], ["0.5"]):
+        with pytest.raises(ProcedureError) as info:
+            check_radii(bad, "certify.radii")
+        assert str(info.value) == f"certify.radii must be a list of non-negative finite numbers, got {bad!r}"
+    with pytest.raises(ProcedureError):
+        check_radii([], "certify.radii", allow_empty=False)
+
+
+def test_a_procedure_given_a_noise_it_cannot_certify_says_which_to_choose():
+    choose = (
+        "choose another procedure (procedure=exact for an enumerated noise such as dssn, procedure=fixed for a "
+        "sampled one)"
+    )
+    with pytest.raises(ProcedureError) as info:
+        Exact().check(Uniform(0.5))
+    assert str(info.value) == (
+        f"procedure=exact cannot certify uniform noise: it enumerates every noisy copy, and this noise is sampled; {choose}"
+    )
+    with pytest.raises(ProcedureError) as info:
+        FixedSample().check(DSSN(0.5, q=16, dim=4))
+    assert str(info.value).startswith("procedure=fixed cannot certify dssn noise: it samples the noise")
+    assert str(info.value).endswith(choose)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+from ssn_exp.certify.core import ModelOutputError, check_logits
 from ssn_exp.certify.procedures import Exact, FixedSample
 from ssn_exp.certify.procedures_sequential import Sequential
 from ssn_exp.cli.messages import is_user_error, one_line
@@ -55,3 +56,18 @@ def test_a_bad_model_output_is_the_same_one_line_under_every_procedure(tmp_path,
     want = {"wide": "gives 4 logits per input; expected num_classes=3", "integer": "gives int64 logits",
             "nan": "NaN or infinite logits for test example(s) [1]"}[kind]  # fmt: skip
     assert want in lines["exact"]
+
+
+@pytest.mark.parametrize(
+    "logits, got",
+    [
+        ([[0.0, 1.0, 2.0]] * 4, "list"),  # not a tensor: its type is named
+        (torch.zeros(4), "(4,)"),  # one value per input
+        (torch.zeros(4, CLASSES, 1), "(4, 3, 1)"),  # the right rows and classes, one dimension too many
+        (torch.zeros(5, CLASSES), "(5, 3)"),  # another number of rows
+    ],
+)
+def test_logits_of_another_shape_or_type_are_named(logits, got):
+    with pytest.raises(ModelOutputError) as info:
+        check_logits(logits, 4, CLASSES)
+    assert str(info.value) == f"the model gives {got} for 4 inputs; expected (4, num_classes=3) logits"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 
 import numpy as np
 import pytest
@@ -23,6 +24,7 @@ from ssn_exp.exceptions import LinkedRunFileError, UserError
 from ssn_exp.lightning.results import (
     BASE_COLUMNS,
     ResultsFileError,
+    append_rows,
     format_counts,
     format_table,
     merge_shards,
@@ -31,6 +33,7 @@ from ssn_exp.lightning.results import (
     read_certificates,
     summarize,
     write_json_atomic,
+    write_locuslab,
     write_rows_atomic,
     write_text_atomic,
 )
@@ -161,6 +164,59 @@ def test_atomic_writes_leave_no_temporary_file_and_refuse_a_symlink(tmp_path):
     write_rows_atomic(tmp_path / "r.csv", ["x", "y"], [{"x": 1, "y": 2, "z": 3}, {"x": 4}])
     assert (tmp_path / "r.csv").read_bytes() == b"x,y\r\n1,2\r\n4,\r\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere.txt", "m.json", "out.txt", "r.csv"]
+
+
+LINK_WORDS = (
+    "is a symbolic link; ssn_exp does not write run files through links: remove it, or give the run another "
+    "directory (tag=NAME or hydra.run.dir=DIR)"
+)
+
+
+def test_append_rows_creates_the_file_then_appends_and_ignores_other_keys(tmp_path):
+    path = tmp_path / "certificates.csv"
+    old = os.umask(0o022)
+    try:
+        append_rows(path, ["x", "y"], [{"x": 1, "y": 2, "z": 3}])
+        write_text_atomic(tmp_path / "other.txt", "x")
+    finally:
+        os.umask(old)
+    append_rows(path, ["x", "y"], [{"x": 4}])
+    assert path.read_bytes() == b"1,2\r\n4,\r\n"
+    # every run file is created rw-r--r-- (under the usual umask): data, not a program
+    assert stat.S_IMODE(path.stat().st_mode) == stat.S_IMODE((tmp_path / "other.txt").stat().st_mode) == 0o644
+
+
+@pytest.mark.parametrize("dangling", [False, True])
+def test_append_rows_refuses_a_symlink_and_writes_nothing_through_it(tmp_path, dangling):
+    target = tmp_path / "elsewhere.csv"
+    if not dangling:
+        target.write_text("the user's file\n")
+    link = tmp_path / "certificates.csv"
+    link.symlink_to(target)
+    with pytest.raises(LinkedRunFileError) as info:
+        append_rows(link, ["x"], [{"x": 1}])
+    assert str(info.value) == f"{link} {LINK_WORDS}"
+    assert target.read_text() == "the user's file\n" if not dangling else not target.exists()
+    assert link.is_symlink()
+
+
+def test_metrics_json_is_strict_json_or_nothing(tmp_path):
+    with pytest.raises(ValueError):
+        write_json_atomic(tmp_path / "metrics.json", {"acr": float("nan")})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_certificates_file_that_is_not_utf8_or_not_csv_is_named(tmp_path, dssn):
+    path = tmp_path / "certificates.csv"
+    path.write_bytes(b"index,label\n\xff\xfe\n")
+    with pytest.raises(ResultsFileError) as info:
+        read(path, dssn)
+    assert str(info.value) == f"{path} is not UTF-8 text: not a certificates file; certify into another directory"
+    path.write_text(",".join(columns_for(dssn)) + "\n" + "1" * 200_000 + "\n")  # beyond the csv module's field limit
+    with pytest.raises(ResultsFileError) as info:
+        read(path, dssn)
+    assert str(info.value).startswith(f"{path} is not a CSV file (field larger than field limit")
+    assert str(info.value).endswith("; certify into another directory")
 
 
 def test_atomic_write_temporaries_are_per_process(tmp_path, monkeypatch):
@@ -577,6 +633,14 @@ def test_the_locuslab_file_reads_as_locuslab_reads_it_with_abstentions_wrong(tmp
         == m["certified_accuracy"]
         == {"0": 2 / 3, "0.5625": 2 / 3, "0.6": 1 / 3, "0.8125": 1 / 3, "1": 0.0}
     )
+
+
+def test_the_locuslab_file_needs_a_radius_and_a_correct_flag_per_row(tmp_path, dssn):
+    rows = [dssn_row(dssn, 0, 0, [20, 7]), dssn_row(dssn, 1, 1, [20, 7])]
+    for correct, rho in (([True], [0.5, 0.5]), ([True, False], [0.5])):
+        with pytest.raises(ValueError):
+            write_locuslab(tmp_path / "l.tsv", rows, correct, rho)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_summarize_decides_dssn_radii_exactly_from_k(tmp_path, dssn):

@@ -160,8 +160,11 @@ def test_a_refusal_names_the_module_that_holds_the_object(monkeypatch):
     holder.build = f
     holder.own = types.FunctionType((lambda: None).__code__, {}, "own")
     holder.own.__module__ = "ssn_holder_mod.inner"
+    holder.sub = types.ModuleType("ssn_holder_mod.sub")  # a package's subpackage re-exporting its inner callable
+    holder.sub.deep = types.FunctionType((lambda: None).__code__, {}, "deep")
+    holder.sub.deep.__module__ = "ssn_holder_mod.sub.inner"
     monkeypatch.setitem(sys.modules, "ssn_holder_mod", holder)
-    for name, home in (("build", "ssn_real_home"), ("own", "ssn_holder_mod")):
+    for name, home in (("build", "ssn_real_home"), ("own", "ssn_holder_mod"), ("sub.deep", "ssn_holder_mod.sub")):
         with pytest.raises(UntrustedTarget) as info:
             Trust().check({"_target_": f"ssn_holder_mod.{name}"}, "f")
         assert str(info.value).endswith(f"trust it with trust_targets=[{home}] or name it in your own config")
@@ -186,3 +189,38 @@ def test_an_interpolation_is_quoted_up_to_60_characters():
     with pytest.raises(UntrustedTarget) as info:
         Trust().check({"k": value}, "f")
     assert str(info.value).startswith(f"f: k holds an interpolation ({value[:60]!r}); stored configs")
+
+
+@pytest.mark.parametrize("name", ["builtins.exit", "builtins.help", "builtins.str.join", "builtins.object.__init__"])
+def test_callables_without_a_name_or_a_module_are_refused_in_one_line(name):
+    """``builtins.exit`` (an instance: no ``__name__``), ``str.join`` (a method descriptor: no ``__module__``)."""
+    with pytest.raises(UntrustedTarget, match=rf"^f: _target_='{name}' is not a class or function ssn_exp builds"):
+        Trust().check({"_target_": name}, "f")
+
+
+def test_a_target_of_the_user_s_config_is_allowed_under_any_name(monkeypatch):
+    """The user's config names it: allowed as named, even where the object's own name is another (an alias)."""
+    mod = types.ModuleType("ssn_alias_mod")
+    mod.alias = types.FunctionType((lambda: None).__code__, {}, "orig")
+    mod.alias.__module__ = "ssn_alias_mod"
+    monkeypatch.setitem(sys.modules, "ssn_alias_mod", mod)
+    Trust(targets=["ssn_alias_mod.alias"]).check({"_target_": "ssn_alias_mod.alias"}, "f")
+    with pytest.raises(UntrustedTarget, match="is not a class or function"):
+        Trust().check({"_target_": "ssn_alias_mod.alias"}, "f")
+
+
+def test_an_allowed_name_that_does_not_resolve_hides_no_other_alias():
+    """Every allowed name with the object's short name is tried: those that do not resolve here are skipped."""
+    trust = Trust(targets=[f"ssn_nomod{i}.SGD" for i in range(100)])  # (a set: tried in any order)
+    trust.check({"_target_": "torch.optim.sgd.SGD"}, "f")  # the very object torch.optim.SGD, one of ours
+
+
+def test_a_moved_module_is_imported_to_resolve_an_old_checkpoint_s_target(monkeypatch):
+    """``ssn_exp.smoothing`` (the module older checkpoints name) is imported for them even where nothing did yet."""
+    import ssn_exp
+    import ssn_exp.noises
+
+    monkeypatch.delitem(sys.modules, "ssn_exp.smoothing", raising=False)
+    monkeypatch.delattr(ssn_exp, "smoothing", raising=False)
+    assert Trust().resolve("ssn_exp.smoothing.DSSN") is ssn_exp.noises.DSSN
+    assert "ssn_exp.smoothing" in sys.modules

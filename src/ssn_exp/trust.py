@@ -63,7 +63,7 @@ def _walk(tree, path: str, depth: int = 0):
 
 def targets_in(tree) -> list[tuple[str, object]]:
     """(dotted key, value) of every ``_target_`` in a nested dict / list."""
-    return [(path, value) for path, value in _walk(tree, "") if path.rsplit(".", 1)[-1] == "_target_"]
+    return [(path, value) for path, value in _walk(tree, "") if path.rpartition(".")[2] == "_target_"]
 
 
 @lru_cache(maxsize=1)
@@ -94,7 +94,7 @@ _LIBRARIES = frozenset({"torch", "torchvision", "numpy", "scipy", "hydra", "omeg
 def _hint(module: str) -> str:
     """How to trust ``module``, only where it may be the user's own code: never a standard-library or system module
     (``posix`` for ``os.system``) or one of the libraries ssn_exp runs on, whose other callables a file may not name."""
-    root = module.split(".", 1)[0]
+    root = module.partition(".")[0]
     if root in sys.stdlib_module_names or root in sys.builtin_module_names or root in _LIBRARIES:
         return ""
     return f"; if it is your own code, trust it with trust_targets=[{module}] or name it in your own config"
@@ -150,7 +150,7 @@ class Trust:
                 try:
                     plain = OmegaConf.to_container(cfg, resolve=True)
                 except Exception:  # noqa: BLE001 - an interpolation that fails elsewhere too: take the raw values
-                    plain = OmegaConf.to_container(cfg, resolve=False)
+                    plain = OmegaConf.to_container(cfg)  # unresolved
         except ImportError:  # pragma: no cover - omegaconf ships with hydra
             pass
         plain = {k: v for k, v in dict(plain or {}).items() if k not in _UNTRUSTED_GROUPS}
@@ -184,7 +184,6 @@ class Trust:
         for i, part in enumerate(parts[1:], start=2):
             if not isinstance(obj, (types.ModuleType, type)):
                 raise LookupError(f"{'.'.join(parts[: i - 1])} is not a module or class")
-            sub = None
             if isinstance(obj, types.ModuleType):
                 try:
                     inspect.getattr_static(obj, part)
@@ -224,13 +223,12 @@ class Trust:
             return True
         module = getattr(obj, "__module__", None)
         qualname = getattr(obj, "__qualname__", None)
-        if isinstance(module, str):
-            full = f"{module}.{qualname}" if isinstance(qualname, str) else module
-            if any(_matches(module, m) or _matches(full, m) for m in self.modules):
+        if isinstance(module, str):  # in a trusted module, or itself named by trust_targets (mypkg.models.Net)
+            if any(_matches(f"{module}.{qualname}", m) for m in self.modules):
                 return True
         short = getattr(obj, "__name__", None)
         for allowed in self.targets:  # an alias of an allowed callable (same object under another name)
-            if allowed.rsplit(".", 1)[-1] == short:
+            if allowed.rpartition(".")[2] == short:
                 try:
                     if self.resolve(allowed) is obj:
                         return True
@@ -248,7 +246,7 @@ class Trust:
                     f"{where}: {key} holds an interpolation ({value[:60]!r}); stored configs are resolved, so the "
                     "file was edited: refusing to evaluate it"
                 )
-            if key.rsplit(".", 1)[-1] != "_target_":
+            if key.rpartition(".")[2] != "_target_":
                 continue
             if not isinstance(value, str) or not _DOTTED.fullmatch(value):
                 raise UntrustedTarget(f"{where}: {key} must be a dotted name such as mypkg.Net, got {value!r:.80}")

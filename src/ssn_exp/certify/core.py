@@ -85,7 +85,7 @@ def check_level(name: str, value, *, share: float = 1.0, error: type[Exception] 
         if not np.all((v * share >= MIN_LEVEL) & (v < 1)):
             raise error(f"{name} must lie in [{MIN_LEVEL!r}, 1)")
         return v
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 < value < 1:
+    if not isinstance(value, numbers.Real) or not 0 < value < 1:  # (True and False are 1 and 0: refused too)
         raise error(f"{name} must lie in (0, 1), got {value!r}")
     if not float(value) * share >= MIN_LEVEL:
         raise error(
@@ -115,7 +115,7 @@ def beta_quantile_below(level, a, b) -> np.ndarray:
                 hi = np.where(ok, hi, mid - 1)
             q = q.copy()
             q[bad] = lo.view(np.float64)
-    return q[()] if q.ndim == 0 else q
+    return q[()]  # a scalar for scalars
 
 
 def clopper_pearson_lower(n_a, n, alpha: float = 0.001) -> np.ndarray:
@@ -186,12 +186,10 @@ def count_predictions(
             logits = model(noisy(i0, i1, start, stop).reshape(-1, *shape))
             finite[i0:i1] &= check_logits(logits, rows, num_classes).view(i1 - i0, stop - start).all(dim=1)
             pred = logits.argmax(dim=1)
-            if i1 - i0 == 1:
-                counts[i0] += torch.bincount(pred, minlength=num_classes)
-            else:  # image i of the chunk owns bins [i C, (i + 1) C)
-                owner = torch.arange(0, (i1 - i0) * num_classes, num_classes, device=x.device)
-                key = (owner.unsqueeze(1) + pred.view(i1 - i0, stop - start)).view(-1)
-                counts[i0:i1] += torch.bincount(key, minlength=(i1 - i0) * num_classes).view(i1 - i0, num_classes)
+            # image i of the chunk owns bins [i C, (i + 1) C)
+            owner = torch.arange(0, (i1 - i0) * num_classes, num_classes, device=x.device)
+            key = (owner.unsqueeze(1) + pred.view(i1 - i0, stop - start)).view(-1)
+            counts[i0:i1] += torch.bincount(key, minlength=(i1 - i0) * num_classes).view(i1 - i0, num_classes)
             if progress is not None:
                 progress(pred.numel())
     if not bool(finite.all()):

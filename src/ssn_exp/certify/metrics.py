@@ -112,7 +112,6 @@ def certified_accuracy(correct, radius, radii: Iterable = PAPER_RADII, q: int | 
 
 def average_certified_radius(correct, radius, q: int | None = None) -> float:
     """ACR: mean over all examples of rho * [correct], negative radii counting as 0."""
-    correct = np.asarray(correct, dtype=bool)
     rho = np.asarray(radius, dtype=np.float64)
     if q is not None:
         rho = rho / q

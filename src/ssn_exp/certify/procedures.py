@@ -301,9 +301,8 @@ class FixedSample(Procedure):
 
     def check_row(self, values, counts, prediction, radius, noise) -> None:
         p = float(values["p_lower"])
-        if not 0.0 <= p <= 1.0 or not math.isclose(
-            radius, float(noise.radius(np.array([p]))[0]), rel_tol=1e-9, abs_tol=1e-9
-        ):
+        # the radius is p_lower's to 1e-9, relative (math.isclose's default rel_tol) or absolute
+        if not 0.0 <= p <= 1.0 or not math.isclose(radius, float(noise.radius(np.array([p]))[0]), abs_tol=1e-9):
             raise ValueError("p_lower and radius disagree")
         if int(counts.sum()) != self.n:
             raise ValueError(f"counts sum to {int(counts.sum())}, not N = {self.n}")

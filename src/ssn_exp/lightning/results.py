@@ -97,7 +97,7 @@ def append_rows(path: Path, columns: list[str], rows: Sequence[dict]) -> None:
 
 def write_json_atomic(path: Path, data: dict) -> None:
     """``data`` as strict JSON (no NaN or Infinity: ``ValueError`` instead, nothing written), atomically."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False, allow_nan=False) + "\n")
+    write_text_atomic(path, json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def model_fingerprint(model: torch.nn.Module) -> str:
@@ -106,7 +106,7 @@ def model_fingerprint(model: torch.nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -212,7 +212,7 @@ def merge_shards(out_dir: Path, world_size: int, record: CertificateRecord, stem
     path = out_dir / f"{stem}.csv"
     write_rows_atomic(path, record.columns, [rows[i] for i in sorted(rows)])
     for shard in shards:
-        shard.unlink(missing_ok=True)
+        shard.unlink()
     return path
 
 
@@ -278,7 +278,7 @@ def summarize(
             metrics.setdefault(key, meta[key])
     metrics.update(record.procedure.describe())  # the procedure's own settings (fixed: n0, n, alpha), as it ran
     for key, value in noise.describe().items():  # the noise's own parameters (DSSN: levels, arithmetic)
-        if key not in ("method", "sigma", "lambda", "seed", "q"):
+        if key != "seed":  # the run's seed is meta's; method, sigma, lambda repeat the above, DSSN's q is the data's
             metrics[key] = value
     write_json_atomic(out_dir / "metrics.json", metrics)
     write_locuslab(out_dir / LOCUSLAB_FILE, [rows[i] for i in order], correct, radius / q if q else radius)
