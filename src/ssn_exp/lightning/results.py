@@ -212,7 +212,7 @@ def merge_shards(out_dir: Path, world_size: int, record: CertificateRecord, stem
     path = out_dir / f"{stem}.csv"
     write_rows_atomic(path, record.columns, [rows[i] for i in sorted(rows)])
     for shard in shards:
-        shard.unlink()
+        shard.unlink(missing_ok=True)  # a shard gone between the glob and here is no loss
     return path
 
 
