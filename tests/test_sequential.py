@@ -349,6 +349,24 @@ def test_a_look_outside_the_schedule_is_refused(step):
             fn(0, len(test.checkpoints))
 
 
+def test_kt_final_adds_its_clopper_pearson_look_at_the_cap_only():
+    """bound=kt+final (docs/method.md 13.2): the KT sequence at alpha (1 - final_share) at every look and, at the cap
+    only, the better of it and a Clopper-Pearson bound at alpha final_share (each side)."""
+    alpha, w = 0.05, 0.5
+    sched = Schedule(first=8, max_batch=64, cap=500)
+    final = SequentialTest([0.5], alpha=alpha, beta=alpha, schedule=sched, bound="kt+final", final_share=w)
+    last = len(final.checkpoints) - 1
+    t = int(final.checkpoints[last])
+    a = np.arange(0, t + 1, 10)
+    kt_low, cp_low = kt_lower_bound(a, t, alpha * (1 - w)), cp_lower_bound(a, t, alpha * w)
+    np.testing.assert_array_equal(final.lower_at(a, last), np.maximum(kt_low, cp_low))
+    kt_up, cp_up = kt_upper_bound(a, t, alpha * (1 - w)), cp_upper_bound(a, t, alpha * w)
+    np.testing.assert_array_equal(final.upper_at(a, last), np.minimum(kt_up, cp_up))
+    assert np.any(cp_low > kt_low) and np.any(cp_up < kt_up)  # the cap look does change the bounds
+    t0 = int(final.checkpoints[last - 1])
+    np.testing.assert_array_equal(final.lower_at(a[a <= t0], last - 1), kt_lower_bound(a[a <= t0], t0, alpha * (1 - w)))
+
+
 # -- integer thresholds ---------------------------------------------------------------------------------------
 
 

@@ -123,6 +123,11 @@ def cp_upper_bound(a, t, alpha: float) -> np.ndarray:
     return 1.0 - cp_lower_bound(t - a, t, alpha)
 
 
+#: The bound functions of each side of a test, and how the extra cap look combines with the main bound.
+_LOWER = (kt_lower_bound, cp_lower_bound, np.maximum)
+_UPPER = (kt_upper_bound, cp_upper_bound, np.minimum)
+
+
 def level_shares(bound: str, final_share: float, looks: int) -> tuple[np.ndarray, np.ndarray]:
     """The share of the level each of ``looks`` check points spends: on its main bound, and on the extra cap look
     (nan: none). ``kt``: all of it at every look (a confidence sequence); ``kt+final``: 1 - final_share at every look
@@ -298,17 +303,14 @@ class SequentialTest:
         main, extra = level_shares(self.bound, self.final_share, len(self.checkpoints))
         return level * main, level * extra
 
-    def _bound(self, a, step, levels, lower: bool) -> np.ndarray:
+    def _bound(self, a, step, levels, side) -> np.ndarray:
         step = np.asarray(step)
         if np.any(step < 0) or np.any(step >= len(self.checkpoints)):
             raise ValueError(f"step must lie in [0, {len(self.checkpoints)})")
         a, step = np.broadcast_arrays(np.asarray(a), step)
         t = self.checkpoints[step]
         main, extra = levels[0][step], levels[1][step]
-        if lower:
-            kt, cp, pick = kt_lower_bound, cp_lower_bound, np.maximum
-        else:
-            kt, cp, pick = kt_upper_bound, cp_upper_bound, np.minimum
+        kt, cp, pick = side
         out = kt(a, t, main) if self.bound != "union" else cp(a, t, main)
         has = ~np.isnan(extra)
         if np.any(has):
@@ -318,11 +320,11 @@ class SequentialTest:
 
     def lower_at(self, a, step) -> np.ndarray:
         """The lower bound after the check at schedule index ``step`` (t = checkpoints[step]) with a successes."""
-        return self._bound(a, step, self.levels_lower, True)
+        return self._bound(a, step, self.levels_lower, _LOWER)
 
     def upper_at(self, a, step) -> np.ndarray:
         """The upper bound (level beta) after the check at schedule index ``step``."""
-        return self._bound(a, step, self.levels_upper, False)
+        return self._bound(a, step, self.levels_upper, _UPPER)
 
     def _search(self, fn, p) -> np.ndarray:
         """Per check point i and threshold j: the smallest a in [0, t_i + 1] with fn(a, i) >= p[j] (t_i + 1: none)."""
