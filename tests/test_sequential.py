@@ -14,6 +14,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.special import betainc, betaln
+from scipy.stats import beta as beta_dist
 from scipy.stats import binom
 
 from sequential_sim import certify_sequential, false_certificate_probability, simulate, smoothing_noise
@@ -120,6 +121,80 @@ def test_bad_arguments_are_refused(call):
         call()
 
 
+@pytest.mark.parametrize(
+    "call,words",
+    [
+        (lambda: kt_lower_bound(1, 4, 0.0), "^alpha must lie"),
+        (lambda: cp_lower_bound(1, 4, 1.5), "^alpha must lie"),
+        (lambda: SequentialTest([0.5], alpha=2), "^alpha must lie"),
+        (lambda: SequentialTest([0.5], beta=-1.0), "^beta must lie"),
+        (lambda: SequentialTest([0.5], final_share=1.0), "^final_share must lie"),
+        (lambda: SequentialTest([0.5], bound="bogus"), "^unknown bound 'bogus'"),
+        (lambda: SequentialTest([0.5], schedule=1000), "^schedule must be a Schedule, got int$"),
+        (lambda: SequentialTest([0.5, -0.1]), "^thresholds must be probabilities >= 0"),
+        (lambda: SequentialTest([None]), "^thresholds must be probabilities >= 0"),
+        (lambda: SequentialTest([0.5], tolerance=-1.0), "^tolerance must be > 0"),
+        (lambda: thresholds_for_radii(lambda q: 1.0 - q, [0.1]), "^radius_fn decreases"),
+        (lambda: thresholds_for_radii(lambda q: q, [0.1, float("nan")]), "^radii must be finite$"),
+        (lambda: thresholds_for_radii(lambda q: q, [float("inf")]), "^radii must be finite$"),
+        (lambda: thresholds_for_radii(lambda q: q, [None]), "^radii must be finite$"),  # a missing radius (null)
+    ],
+)
+def test_bad_arguments_are_named_in_the_error(call, words):
+    with pytest.raises(ValueError, match=words):
+        call()
+
+
+@pytest.mark.parametrize(
+    "a,t,words",
+    [
+        (1.5, 4, "^success counts must be integers$"),
+        (np.inf, 4, "^success counts must be integers$"),
+        (1, 4.5, "^trial counts must be integers$"),
+        (1, np.nan, "^trial counts must be integers$"),
+        (-1, 4, "^counts must satisfy 0 <= successes <= trials$"),
+        (5, 4, "^counts must satisfy 0 <= successes <= trials$"),
+        (0, -1, "^counts must satisfy 0 <= successes <= trials$"),
+    ],
+)
+def test_bad_counts_are_named(a, t, words):
+    for fn in (kt_lower_bound, cp_lower_bound):
+        with pytest.raises(ValueError, match=words):
+            fn(a, t, 0.05)
+
+
+def test_counts_may_be_integral_floats():
+    for fn in (kt_lower_bound, kt_upper_bound, cp_lower_bound, cp_upper_bound):
+        np.testing.assert_array_equal(fn(np.array([0.0, 3.0, 10.0]), 10.0, 0.05), fn([0, 3, 10], 10, 0.05))
+
+
+def test_bounds_are_silent_and_keep_the_shape_of_their_counts():
+    """Every count is a number without a numpy warning (a = 0 and a = t included); a scalar count gives a scalar,
+    like scipy; the level may be an array (or a list) per count."""
+    t = 10
+    a = np.arange(t + 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for fn in (kt_lower_bound, kt_upper_bound, cp_lower_bound, cp_upper_bound):
+            out = fn(a, t, 0.05)
+            assert out.shape == a.shape and np.all(np.isfinite(out))
+        low = kt_lower_bound(a, t, 0.05)
+    assert low[0] == 0.0 and np.all(low[1:] > 0)
+    assert isinstance(kt_lower_bound(3, 10, 0.05), float) and np.ndim(kt_lower_bound(3, 10, 0.05)) == 0
+    for fn in (kt_lower_bound, cp_lower_bound):
+        both = fn([5, 5], [10, 10], [0.01, 0.05])
+        assert both[0] == fn(5, 10, 0.01) and both[1] == fn(5, 10, 0.05) and both[0] < both[1]
+
+
+def test_cp_lower_bound_is_strictly_below_scipy_s_quantile():
+    """As documented: alpha shrunk by a relative 1e-9 and the quantile moved one ulp down, so that an inversion
+    error of scipy's in the last bits cannot put the bound above the exact one."""
+    t = 200
+    a = np.arange(1, t + 1)
+    for alpha in (1e-6, 0.001, 0.05):
+        assert np.all(cp_lower_bound(a, t, alpha) < beta_dist.ppf(alpha * (1 - 1e-9), a, t - a + 1))
+
+
 @pytest.mark.parametrize("alpha", [1e-100, 1e-200, 1e-300])
 def test_cp_lower_bound_guards_its_own_inversion(alpha):
     """Where scipy's beta.ppf does not converge (tiny alpha: NaN, or a point above the quantile, with a warning), the
@@ -144,6 +219,40 @@ def test_schedule_grows_then_stays_and_ends_at_the_cap():
     assert Schedule(first=100, max_batch=100, cap=30).batches == (30,)
 
 
+def test_schedule_counts_its_looks_exactly_at_the_limit():
+    """MAX_LOOKS = 1024 looks are allowed, one more is refused, with or without a growing start; the refusal is
+    immediate even for an absurd cap (nothing is built); every parameter may be 1."""
+    assert Schedule(first=1, growth=1, max_batch=1, cap=1).batches == (1,)
+    assert len(Schedule(first=1, growth=1, max_batch=1, cap=1024)) == 1024
+    assert len(Schedule(first=1, growth=2, max_batch=2, cap=2047)) == 1024  # 1, then 1023 batches of 2
+    for kwargs, looks in [
+        (dict(first=1, growth=1, max_batch=1, cap=1025), 1025),
+        (dict(first=1, growth=2, max_batch=2, cap=2048), 1025),
+        (dict(first=1, growth=1, max_batch=2, cap=10**18), 10**18),
+        (dict(cap=10**18), 976562500000000 + 5),
+    ]:
+        with pytest.raises(
+            ValueError,
+            match=f"^a cap of {kwargs['cap']} samples takes {looks} looks .* more than 1024: lower the cap \\(n\\) or raise max_batch$",
+        ):
+            Schedule(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,words",
+    [
+        (dict(first=0), "^schedule first must be an integer >= 1, got 0$"),
+        (dict(growth=2.0), "^schedule growth must be an integer >= 1, got 2.0$"),
+        (dict(max_batch=True), "^schedule max_batch must be an integer >= 1, got True$"),
+        (dict(cap=-5), "^schedule cap must be an integer >= 1, got -5$"),
+        (dict(first=64, max_batch=32), r"^schedule max_batch \(32\) must be >= first \(64\)$"),
+    ],
+)
+def test_schedule_names_its_bad_parameter(kwargs, words):
+    with pytest.raises(ValueError, match=words):
+        Schedule(**kwargs)
+
+
 def test_thresholds_for_radii_invert_the_radius_exactly():
     lam = math.sqrt(3) * 0.5
 
@@ -162,6 +271,26 @@ def test_thresholds_for_radii_invert_the_radius_exactly():
         thresholds_for_radii(lambda q: -q, [0.1])
 
 
+def test_thresholds_for_radii_at_the_edges_of_0_1():
+    """A radius reached only at p = 1 has the threshold 1 (not inf); radius_fn is only ever asked about
+    probabilities in [0, 1], unreachable radii included; a single radius may be a scalar."""
+    lam = 0.5
+    seen = []
+
+    def radius(p):
+        p = np.asarray(p, dtype=np.float64)
+        seen.append(p.copy())
+        return randomized_radius(p, lam)
+
+    top = float(radius(np.array([1.0]))[0])
+    p = thresholds_for_radii(radius, [top, np.nextafter(top, 2.0), 0.0])
+    assert p[0] == 1.0 and np.isinf(p[1]) and p[2] == 0.5
+    every = np.concatenate(seen)
+    assert np.all((every >= 0.0) & (every <= 1.0))
+    np.testing.assert_array_equal(thresholds_for_radii(radius, 0.25), thresholds_for_radii(radius, [0.25]))
+    assert thresholds_for_radii(radius, 0.25).shape == (1,)
+
+
 @pytest.mark.parametrize("bound", BOUNDS)
 @pytest.mark.parametrize("share", [0.25, 0.5])
 def test_each_family_spends_exactly_alpha_by_the_union_bound(bound, share):
@@ -175,6 +304,67 @@ def test_each_family_spends_exactly_alpha_by_the_union_bound(bound, share):
             assert np.all(main > 0)
             if bound == "kt":
                 assert np.all(main == budget) and np.all(np.isnan(extra))
+
+
+@pytest.mark.parametrize("share", [0.25, 0.5])
+def test_level_shares_with_one_and_two_looks(share):
+    """union: one look spends all of alpha; two looks spend 1 - final_share, then final_share at the cap; kt+final
+    spends its extra share only at the cap."""
+    one = Schedule(first=100, max_batch=100, cap=30)
+    two = Schedule(first=8, max_batch=8, cap=16)
+    alpha = 0.01
+    np.testing.assert_array_equal(
+        SequentialTest([0.5], alpha=alpha, schedule=one, final_share=share).levels_lower[0], [alpha]
+    )
+    main, extra = SequentialTest([0.5], alpha=alpha, schedule=two, final_share=share).levels_lower
+    np.testing.assert_allclose(main, [alpha * (1 - share), alpha * share], rtol=1e-15)
+    assert np.all(np.isnan(extra))
+    three = Schedule(first=8, max_batch=8, cap=24)
+    main, extra = SequentialTest([0.5], alpha=alpha, schedule=three, bound="kt+final", final_share=share).levels_lower
+    np.testing.assert_allclose(main, alpha * (1 - share), rtol=1e-15)
+    assert np.all(np.isnan(extra[:-1])) and extra[-1] == pytest.approx(alpha * share, rel=1e-15)
+
+
+def test_a_level_that_one_look_would_spend_below_the_normal_floats_is_refused():
+    """check_level with the least share of a look: the union bound over ~100 looks spends alpha / 200 at each, so
+    alpha = 1e-306 is refused for it (its looks would compute at a subnormal level), and accepted for kt."""
+    SequentialTest([0.5], alpha=1e-306, bound="kt")
+    SequentialTest([0.5], alpha=1e-306, bound="kt+final", final_share=0.5)
+    for kwargs, name in [
+        (dict(alpha=1e-306), "alpha"),
+        (dict(beta=1e-306), "beta"),
+        (dict(alpha=1e-306, bound="kt+final", final_share=1e-3), "alpha"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{name}=1e-306 is too small"):
+            SequentialTest([0.5], **kwargs)
+
+
+@pytest.mark.parametrize("step", [-1, 10**6])
+def test_a_look_outside_the_schedule_is_refused(step):
+    test = SequentialTest([0.5], schedule=Schedule(first=8, max_batch=8, cap=16))
+    for fn in (test.lower_at, test.upper_at):
+        with pytest.raises(ValueError, match=r"^step must lie in \[0, 2\)$"):
+            fn(0, step)
+        with pytest.raises(ValueError):
+            fn(0, len(test.checkpoints))
+
+
+def test_kt_final_adds_its_clopper_pearson_look_at_the_cap_only():
+    """bound=kt+final (docs/method.md 13.2): the KT sequence at alpha (1 - final_share) at every look and, at the cap
+    only, the better of it and a Clopper-Pearson bound at alpha final_share (each side)."""
+    alpha, w = 0.05, 0.5
+    sched = Schedule(first=8, max_batch=64, cap=500)
+    final = SequentialTest([0.5], alpha=alpha, beta=alpha, schedule=sched, bound="kt+final", final_share=w)
+    last = len(final.checkpoints) - 1
+    t = int(final.checkpoints[last])
+    a = np.arange(0, t + 1, 10)
+    kt_low, cp_low = kt_lower_bound(a, t, alpha * (1 - w)), cp_lower_bound(a, t, alpha * w)
+    np.testing.assert_array_equal(final.lower_at(a, last), np.maximum(kt_low, cp_low))
+    kt_up, cp_up = kt_upper_bound(a, t, alpha * (1 - w)), cp_upper_bound(a, t, alpha * w)
+    np.testing.assert_array_equal(final.upper_at(a, last), np.minimum(kt_up, cp_up))
+    assert np.any(cp_low > kt_low) and np.any(cp_up < kt_up)  # the cap look does change the bounds
+    t0 = int(final.checkpoints[last - 1])
+    np.testing.assert_array_equal(final.lower_at(a[a <= t0], last - 1), kt_lower_bound(a[a <= t0], t0, alpha * (1 - w)))
 
 
 # -- integer thresholds ---------------------------------------------------------------------------------------
@@ -191,6 +381,16 @@ def test_integer_thresholds_agree_with_the_bounds_for_every_count(bound):
         for j, pj in enumerate(p):
             np.testing.assert_array_equal(low >= pj, a >= test.certify_counts[i, j])
             np.testing.assert_array_equal(up < pj, a <= test.refute_counts[i, j])
+
+
+@pytest.mark.parametrize("bound", BOUNDS)
+def test_integer_thresholds_of_an_unreachable_or_free_threshold(bound):
+    """The documented sentinels: an infinite threshold is never certified (t_i + 1) and refuted at every count (t_i);
+    the threshold 0 is certified at every count (0) and never refuted (-1)."""
+    test = SequentialTest([np.inf, 0.0], alpha=0.05, schedule=Schedule(first=8, max_batch=32, cap=200), bound=bound)
+    t = test.checkpoints
+    np.testing.assert_array_equal(test.certify_counts, np.stack([t + 1, np.zeros_like(t)], axis=1))
+    np.testing.assert_array_equal(test.refute_counts, np.stack([t, np.full_like(t, -1)], axis=1))
 
 
 def test_integer_thresholds_agree_at_the_boundaries_for_the_full_cap():
@@ -370,6 +570,94 @@ def test_update_refuses_inconsistent_input():
         test.update(state, [2], [1])
     test.update(state, [0], [32])
     assert state.trials[0] == 32 and state.successes[0] == 32 and state.step[0] == 1
+
+
+def test_update_refuses_out_of_range_images_and_counts_and_done_images():
+    test = SequentialTest([0.5], schedule=Schedule(first=8, max_batch=8, cap=16))
+    state = test.start(2)
+    for images, successes in (([-1], [1]), ([0], [-1])):
+        with pytest.raises(ValueError):
+            test.update(state, images, successes)
+    assert np.all(state.step == 0) and np.all(state.trials == 0)  # nothing half-done
+    test.update(state, 0, 8)
+    test.update(state, 0, 8)
+    assert state.done[0]
+    with pytest.raises(ValueError):
+        test.next_batch(state, [0])
+
+
+def test_start_reset_and_empty_updates_keep_the_documented_state():
+    """start gives the documented dtypes and the values of no samples; reset puts an image back there; an update
+    of no images (a step of the stream with nothing to add) changes nothing; one image may be given as scalars."""
+    test = SequentialTest([0.5], schedule=Schedule(first=8, max_batch=16, cap=40))
+    state = test.start(3)
+    kinds = {"step": np.int64, "trials": np.int64, "successes": np.int64, "lower": np.float64, "upper": np.float64}
+    kinds["done"] = np.bool_
+    fresh = {name: getattr(state, name).copy() for name in kinds}
+    for name, kind in kinds.items():
+        assert fresh[name].dtype == kind and fresh[name].shape == (3,), name
+    assert np.all(fresh["lower"] == 0.0) and np.all(fresh["upper"] == 1.0) and not fresh["done"].any()
+    assert not fresh["step"].any() and not fresh["trials"].any() and not fresh["successes"].any()
+    np.testing.assert_array_equal(test.next_batch(state, []), np.zeros(0, dtype=np.int64))
+    assert test.update(state, [], []).shape == (0,)
+    done = test.update(state, 1, 8)  # a scalar image and count: the image's first batch (all 8 successes)
+    assert done.shape == (1,) and state.trials[1] == 8 and state.successes[1] == 8 and state.step[1] == 1
+    assert state.lower[1] > 0 and state.upper[1] == 1.0
+    state.reset(1)
+    for name in kinds:
+        np.testing.assert_array_equal(getattr(state, name), fresh[name], err_msg=name)
+
+
+def test_thresholds_may_be_a_scalar_or_zero():
+    """A single threshold may be a scalar; p* = 0 (a radius every p reaches, see thresholds_for_radii) is decided at
+    the first look whatever the counts."""
+    test = SequentialTest(0.0, schedule=Schedule(first=8, max_batch=8, cap=16))
+    assert test.thresholds.shape == (1,)
+    np.testing.assert_array_equal(test.certify_counts, [[0], [0]])
+    np.testing.assert_array_equal(test.decided([0.0], [1.0]), [True])
+
+
+def test_the_stopping_rule_at_its_boundaries():
+    """Certified once the running lower bound reaches p* (>=), refuted once the upper bound is below it (<);
+    the tolerance rule stops at a width of exactly the tolerance."""
+    test = SequentialTest([0.5, 0.75])
+    np.testing.assert_array_equal(test.decided([0.75, 0.5, 0.6], [1.0, 0.75, 0.75]), [True, False, False])
+    np.testing.assert_array_equal(test.decided([0.5, 0.0], [0.75, 0.5]), [False, False])
+    np.testing.assert_array_equal(test.decided([0.5, 0.0], [0.7, 0.4]), [True, True])
+    tol = SequentialTest([], tolerance=0.5)  # radius_fn: the identity
+    np.testing.assert_array_equal(tol.decided([0.25, 0.25], [0.75, 0.8]), [True, False])
+
+
+def test_the_row_check_names_what_is_wrong():
+    """stopped_with on rows that no run of the test ends with: each reason names itself (a row's error line)."""
+    sched = Schedule(first=8, max_batch=64, cap=500)
+    free = SequentialTest([], alpha=0.05, schedule=sched)  # no thresholds, no tolerance: every run reaches the cap
+    last = len(free.checkpoints) - 1
+    for a in (0, 20, 300, 500):
+        at_cap = float(free.lower_at(a, last))
+        assert free.stopped_with(a, last, at_cap) is None
+        most = max(float(free.lower_at(min(a, t), i)) for i, t in enumerate(free.checkpoints))
+        assert free.stopped_with(a, last, most) is None
+        why = free.stopped_with(a, last, float(np.nextafter(most, 2.0)))
+        assert why.startswith("p_lower is above what the counts of the prediction allow")
+        before = float(free.lower_at(min(a, free.checkpoints[last - 1]), last - 1))
+        why = free.stopped_with(min(a, free.checkpoints[last - 1]), last - 1, before)
+        assert why.startswith("the test would not have stopped at these samples")
+    # 8 successes of the first 8, then few: the running maximum is the first look's bound, which is accepted; a
+    # value just below it is no bound the test computes, and one below the last look's bound is refused as such
+    first = float(free.lower_at(8, 0))
+    assert first > float(free.lower_at(20, last))
+    assert free.stopped_with(20, last, first) is None
+    why = free.stopped_with(20, last, float(np.nextafter(first, 0.0)))
+    assert why.startswith("p_lower is not a bound the test computes")
+    below = float(np.nextafter(free.lower_at(20, last), 0.0))
+    assert free.stopped_with(20, last, below).startswith("p_lower is below the bound of the counts")
+    # all successes decide p* = 0.3 at the first look: a row that stops later with all successes is refused
+    test = SequentialTest([0.3], alpha=0.05, schedule=sched, bound="kt")
+    assert test.decided([test.lower_at(8, 0)], [1.0])[0]
+    t3 = int(test.checkpoints[3])
+    why = test.stopped_with(t3, 3, float(test.lower_at(t3, 3)))
+    assert why.startswith("an earlier look would have decided every radius")
 
 
 # -- packing ----------------------------------------------------------------------------------------------------

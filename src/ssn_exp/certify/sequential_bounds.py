@@ -57,16 +57,12 @@ _BISECT_STEPS = 64
 
 
 def _counts(a, t) -> tuple[np.ndarray, np.ndarray]:
-    a = np.asarray(a)
-    t = np.asarray(t)
-    if a.size and not np.issubdtype(a.dtype, np.integer):
-        if not np.all(np.isfinite(a)) or np.any(a != np.round(a)):
-            raise ValueError("success counts must be integers")
-    if t.size and not np.issubdtype(t.dtype, np.integer):
-        if not np.all(np.isfinite(t)) or np.any(t != np.round(t)):
-            raise ValueError("trial counts must be integers")
+    a, t = np.asarray(a), np.asarray(t)
+    for what, x in (("success", a), ("trial", t)):
+        if not np.all(np.isfinite(x)) or np.any(x != np.round(x)):
+            raise ValueError(f"{what} counts must be integers")
     a, t = np.broadcast_arrays(a.astype(np.int64), t.astype(np.int64))
-    if np.any(t < 0) or np.any(a < 0) or np.any(a > t):
+    if np.any(a < 0) or np.any(a > t):  # (so t >= 0)
         raise ValueError("counts must satisfy 0 <= successes <= trials")
     return a, t
 
@@ -80,24 +76,25 @@ def kt_lower_bound(a, t, alpha: float) -> np.ndarray:
     log M_t(p) = log(1/alpha) is found by bisection and returned from below (never above the true infimum).
     L_t = 0 when a = 0 (or t = 0).
     """
-    alpha = check_level("alpha", np.asarray(alpha, dtype=np.float64) if np.ndim(alpha) else alpha)
+    alpha = check_level("alpha", np.asarray(alpha) if np.ndim(alpha) else alpha)
     a, t = _counts(a, t)
     af, tf = a.astype(np.float64), t.astype(np.float64)
     bf = tf - af
-    pos = a > 0
-    # h(p) = a log p + (t - a) log(1 - p) increases on [0, a/t]; M_t(p) >= 1/alpha <=> h(p) <= c.
+    # h(p) = a log p + (t - a) log(1 - p) increases on [0, a/t]; M_t(p) >= 1/alpha <=> h(p) <= c. c < 0 (as
+    # B(a + 1/2, t - a + 1/2) <= B(1/2, 1/2)), so a nan h (0 log 0: a = 0, where hi = 0, or a = t at p = 1) is never
+    # below c: a = 0 keeps lo = 0.
     c = betaln(af + 0.5, bf + 0.5) - _LOG_PI + np.log(alpha)
     c = c - _SLACK * (1.0 + np.abs(c))
     lo = np.zeros(c.shape)
-    hi = np.broadcast_to(np.where(pos, af / np.maximum(tf, 1.0), 1.0), c.shape)
+    hi = np.broadcast_to(af / np.maximum(tf, 1.0), c.shape)
     with np.errstate(divide="ignore", invalid="ignore"):
         for _ in range(_BISECT_STEPS):
             mid = 0.5 * (lo + hi)
-            h = af * np.log(mid) + np.where(bf > 0, bf * np.log1p(-mid), 0.0)
+            h = af * np.log(mid) + bf * np.log1p(-mid)
             below = h <= c  # M_t(mid) >= 1/alpha: mid is still excluded, the infimum lies above it
             lo = np.where(below, mid, lo)
             hi = np.where(below, hi, mid)
-    return np.where(pos, lo, 0.0)[()] if lo.ndim == 0 else np.where(pos, lo, 0.0)
+    return lo[()]
 
 
 def kt_upper_bound(a, t, alpha: float) -> np.ndarray:
@@ -113,7 +110,7 @@ def cp_lower_bound(a, t, alpha: float) -> np.ndarray:
     make the bound smaller; where the inversion does not converge (tiny alpha), :func:`beta_quantile_below` falls
     back to bisection on the CDF, so the bound is never above the quantile.
     """
-    alpha = check_level("alpha", np.asarray(alpha, dtype=np.float64) if np.ndim(alpha) else alpha)
+    alpha = check_level("alpha", np.asarray(alpha) if np.ndim(alpha) else alpha)
     a, t = _counts(a, t)
     safe = np.maximum(a, 1)
     q = beta_quantile_below(alpha * (1.0 - 1e-9), safe, t - safe + 1)
@@ -124,6 +121,11 @@ def cp_upper_bound(a, t, alpha: float) -> np.ndarray:
     """One-sided Clopper-Pearson upper bound: the mirror of :func:`cp_lower_bound` on failures."""
     a, t = _counts(a, t)
     return 1.0 - cp_lower_bound(t - a, t, alpha)
+
+
+#: The bound functions of each side of a test, and how the extra cap look combines with the main bound.
+_LOWER = (kt_lower_bound, cp_lower_bound, np.maximum)
+_UPPER = (kt_upper_bound, cp_upper_bound, np.minimum)
 
 
 def level_shares(bound: str, final_share: float, looks: int) -> tuple[np.ndarray, np.ndarray]:
@@ -209,10 +211,10 @@ def thresholds_for_radii(radius_fn: Callable[[np.ndarray], np.ndarray], radii) -
     # bisect over the bit patterns of the floats in [0, 1] (ordered like the floats): the exact smallest float
     lo = np.zeros(len(r), dtype=np.int64)  # invariant: the answer's bit pattern lies in [lo, hi]
     hi = np.full(len(r), np.array(1.0).view(np.int64))
-    reach = np.asarray(radius_fn(np.ones(len(r))), dtype=np.float64) >= r
+    reach = np.asarray(radius_fn(np.ones(len(r)))) >= r
     while np.any(lo < hi):
         mid = lo + (hi - lo) // 2
-        ok = np.asarray(radius_fn(mid.view(np.float64)), dtype=np.float64) >= r
+        ok = np.asarray(radius_fn(mid.view(np.float64))) >= r
         hi = np.where(ok, mid, hi)
         lo = np.where(ok, lo, mid + 1)
     p = lo.view(np.float64)
@@ -283,7 +285,7 @@ class SequentialTest:
         if tolerance is not None and (not isinstance(tolerance, int | float) or not tolerance > 0):
             raise ValueError(f"tolerance must be > 0 (or None), got {tolerance!r}")
         self.tolerance = None if tolerance is None else float(tolerance)
-        self.radius_fn = radius_fn if radius_fn is not None else (lambda q: np.asarray(q, dtype=np.float64))
+        self.radius_fn = radius_fn if radius_fn is not None else np.asarray  # default: the identity
         self.checkpoints = self.schedule.checkpoints
         share = least_share(self.bound, self.final_share, len(self.checkpoints))
         check_level("alpha", self.alpha, share=share)
@@ -301,51 +303,48 @@ class SequentialTest:
         main, extra = level_shares(self.bound, self.final_share, len(self.checkpoints))
         return level * main, level * extra
 
-    def _bound(self, a, step, levels, lower: bool) -> np.ndarray:
-        step = np.asarray(step, dtype=np.int64)
+    def _bound(self, a, step, levels, side) -> np.ndarray:
+        step = np.asarray(step)
         if np.any(step < 0) or np.any(step >= len(self.checkpoints)):
             raise ValueError(f"step must lie in [0, {len(self.checkpoints)})")
-        a, step = np.broadcast_arrays(np.asarray(a, dtype=np.int64), step)
+        a, step = np.broadcast_arrays(np.asarray(a), step)
         t = self.checkpoints[step]
         main, extra = levels[0][step], levels[1][step]
-        if lower:
-            kt, cp, pick = kt_lower_bound, cp_lower_bound, np.maximum
-        else:
-            kt, cp, pick = kt_upper_bound, cp_upper_bound, np.minimum
+        kt, cp, pick = side
         out = kt(a, t, main) if self.bound != "union" else cp(a, t, main)
         has = ~np.isnan(extra)
         if np.any(has):
-            out = np.asarray(out, dtype=np.float64).copy()
+            out = np.array(out)  # a copy, written in place
             out[has] = pick(out[has], cp(a[has], t[has], extra[has]))
         return out
 
     def lower_at(self, a, step) -> np.ndarray:
         """The lower bound after the check at schedule index ``step`` (t = checkpoints[step]) with a successes."""
-        return self._bound(a, step, self.levels_lower, True)
+        return self._bound(a, step, self.levels_lower, _LOWER)
 
     def upper_at(self, a, step) -> np.ndarray:
         """The upper bound (level beta) after the check at schedule index ``step``."""
-        return self._bound(a, step, self.levels_upper, False)
+        return self._bound(a, step, self.levels_upper, _UPPER)
 
     def _search(self, fn, p) -> np.ndarray:
         """Per check point i and threshold j: the smallest a in [0, t_i + 1] with fn(a, i) >= p[j] (t_i + 1: none)."""
         k, nj = len(self.checkpoints), len(p)
         steps = np.repeat(np.arange(k), nj)
         t = self.checkpoints[steps]
-        return self._least(fn, steps, np.tile(p, k), np.zeros(k * nj, dtype=np.int64), t).reshape(k, nj)
+        return self._least(fn, steps, np.tile(p, k), 0, t).reshape(k, nj)
 
     @staticmethod
     def _least(fn, steps, target, lo, top) -> np.ndarray:
         """Per entry: the smallest a in [lo, top + 1] with fn(a, step) >= target (top + 1: none). A binary search
         over a, vectorised; fn is non-decreasing in a."""
-        lo, hi, top = np.asarray(lo, dtype=np.int64), np.asarray(top, dtype=np.int64) + 1, np.asarray(top)
-        lo, hi = np.broadcast_arrays(lo, hi)
+        top = np.asarray(top)
+        lo, hi = np.broadcast_arrays(lo, top + 1)  # integers (counts)
         lo, hi = lo.copy(), hi.copy()  # invariant: the answer lies in [lo, hi]
         while np.any(lo < hi):
             mid = (lo + hi) // 2
             good = (np.asarray(fn(np.minimum(mid, top), steps)) >= target) & (mid <= top)
             hi = np.where(good, mid, hi)
-            lo = np.where(good, lo, mid + 1)
+            lo = np.where(good, lo, np.minimum(mid + 1, hi))  # a finished entry (lo = hi = top + 1: none) stays
         return lo
 
     def _certify_counts(self, p) -> np.ndarray:
@@ -411,11 +410,11 @@ class SequentialTest:
         steps = np.arange(step + 1)
         hi = np.minimum(a, t)
         lo = np.maximum(a - (t[-1] - t), 0)
-        at_hi = np.asarray(self.lower_at(hi, steps), dtype=np.float64)
-        at_lo = np.asarray(self.lower_at(lo, steps), dtype=np.float64)
+        at_hi = self.lower_at(hi, steps)
+        at_lo = self.lower_at(lo, steps)
         least = np.maximum.accumulate(at_lo)
-        most_up = np.minimum.accumulate(np.asarray(self.upper_at(hi, steps), dtype=np.float64))
-        least_up = np.minimum.accumulate(np.asarray(self.upper_at(lo, steps), dtype=np.float64))
+        most_up = np.minimum.accumulate(self.upper_at(hi, steps))
+        least_up = np.minimum.accumulate(self.upper_at(lo, steps))
         if not lower <= at_hi.max():
             return "p_lower is above what the counts of the prediction allow"
         if lower < least[-1]:
@@ -432,19 +431,18 @@ class SequentialTest:
         # else the bound of an earlier look j at a count its range allows, and no look from j on decided
         j = steps[:-1]
         a_j = np.minimum(self._least(self.lower_at, j, lower, lo[j], hi[j]), hi[j])
-        reached = np.asarray(self.lower_at(a_j, j), dtype=np.float64) == lower
+        reached = self.lower_at(a_j, j) == lower
         if any(reached[i] and np.all(open_at[i:step]) for i in j):
             return None
         return "p_lower is not a bound the test computes from the counts of the prediction"
 
     def decided(self, lower, upper) -> np.ndarray:
         """The stopping rule, given running lower and upper bounds (arrays)."""
-        lower = np.asarray(lower, dtype=np.float64)
-        upper = np.asarray(upper, dtype=np.float64)
+        lower, upper = np.asarray(lower), np.asarray(upper)
         stop = np.zeros(lower.shape, dtype=bool)
         if len(self.thresholds):
             p = self.thresholds[None, :]
-            stop |= np.all((lower[:, None] >= p) | (upper[:, None] < p), axis=1)
+            stop = np.all((lower[:, None] >= p) | (upper[:, None] < p), axis=1)
         if self.tolerance is not None:
             width = np.asarray(self.radius_fn(upper)) - np.asarray(self.radius_fn(lower))
             stop |= width <= self.tolerance
