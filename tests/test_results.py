@@ -586,6 +586,7 @@ def test_summarize_a_dssn_run(tmp_path, dssn):
     write(tmp_path / "certificates.csv", dssn, rows)
     m = summarize(tmp_path, record(dssn), dict(META, arithmetic="float32"), radii=[0.0, 0.5625, 0.6, 1.0], plot=False)
     assert m["method"] == "dssn" and m["sigma"] == 0.5 and m["lambda"] == dssn.lam and m["q"] == 16
+    assert list(m)[:6] == ["method", "label", "procedure", "sigma", "lambda", "q"]
     assert (m["dataset"], m["training"], m["denoiser"], m["seed"]) == ("digits", "noise", "none", 3)
     assert m["n_examples"] == 4 and m["clean_accuracy"] == 0.75
     assert m["certified_accuracy"] == {"0": 0.75, "0.5625": 0.5, "0.6": 0.25, "1": 0.0}
@@ -617,6 +618,10 @@ def test_the_locuslab_file_reads_as_locuslab_reads_it_with_abstentions_wrong(tmp
     write(tmp_path / "certificates.csv", u, rows)
     radii = [0.0, 0.25, 0.5, 1.0]
     m = summarize(tmp_path, record(u), META, radii=radii, plot=False)
+    # the run's identity first, each key once, as documented (a noise's describe() adds only its own extras); the
+    # data's quantisation q is recorded for every noise, not only for DSSN's lattice
+    assert list(m)[:6] == ["method", "label", "procedure", "sigma", "lambda", "q"] and m["q"] == META["q"]
+    assert (m["method"], m["sigma"], m["lambda"]) == ("uniform", 0.5, u.lam)
     path = tmp_path / "certificates.locuslab.tsv"
     lines = [line.split("\t") for line in path.read_text().splitlines()]
     assert [line[2] for line in lines[1:]] == ["0", "-1", "0"] and [line[4] for line in lines[1:]] == ["1", "0", "0"]
