@@ -109,6 +109,9 @@ ALL_KEYS = [f"certify.{k}" for k in CERTIFY_KEYS] + OTHER_KEYS
 @example(key="certify.radii", value=["${nope}"])
 @example(key="certify.radii", value=["???"])
 @example(key="data.shape", value=["${nope}", 8, 8])
+# and a value the procedure reads through an interpolation (procedure.n: ${data.certify_n}) that is ??? or holds one
+@example(key="data.certify_n", value="???")
+@example(key="data.certify_n", value=["???"])
 def test_each_config_value_alone_is_accepted_or_refused_in_one_line(composed, key, value):
     """One value changed at a time (several at once can hide each other: the first bad one is reported)."""
     test_certify_settings_accept_or_refuse_in_one_line.hypothesis.inner_test(composed, [(key, value)], "auto")

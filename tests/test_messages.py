@@ -126,3 +126,20 @@ def test_an_unknown_sweep_is_exit_status_2_in_one_line():
         rc = main(["nosuch"])
     lines = err.getvalue().strip().splitlines()
     assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: unknown sweep 'nosuch'; choose one of ")
+
+
+def test_a_missing_value_is_named_where_omegaconf_names_it_and_said_plainly_where_it_does_not():
+    """``???`` as a key's value names the key; ``???`` inside a list (OmegaConf gives no key, only an index) is
+    still a sentence about a missing value, never a made-up key."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import MissingMandatoryValue
+
+    cfg = OmegaConf.create({"procedure": {"n": "???"}, "radii": ["???"]})
+    with pytest.raises(MissingMandatoryValue) as info:
+        cfg.procedure.n  # noqa: B018 - reading it raises
+    assert one_line(info.value) == "procedure.n is not set: give procedure.n=... on the command line"
+    with pytest.raises(MissingMandatoryValue) as info:
+        list(cfg.radii)
+    assert one_line(info.value) == (
+        "a config value is not set (Missing value at index 0): ??? must be given on the command line"
+    )

@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from ssn_exp.exceptions import (  # (the value checks live there: every layer checks with them)
     ConfigError,
@@ -141,6 +142,10 @@ def build(node: DictConfig, group: str, **kwargs):
         raise ConfigError(f"cannot build {group} from {config_source(group)}: {instantiation_message(exc)}") from None
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"cannot build {group} from {config_source(group)}: {describe(exc)}") from None
+    except OmegaConfBaseException as exc:  # a value it reads is ??? (or an interpolation of one) or cannot resolve
+        from ssn_exp.cli.messages import one_line
+
+        raise ConfigError(f"cannot build {group} from {config_source(group)}: {one_line(exc)}") from None
 
 
 def refuse_hpc_checkpoints(root: Path) -> None:

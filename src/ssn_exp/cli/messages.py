@@ -64,9 +64,12 @@ def one_line(exc: BaseException) -> str:
     if rank is not None:
         return rank
     if isinstance(exc, MissingMandatoryValue | InterpolationToMissingValueError):  # (???, or a ${...} of one)
-        missing = str(exc).split("Missing mandatory value:")[-1].split()
+        text = str(exc)
+        missing = text.split("Missing mandatory value:")[-1].split() if "Missing mandatory value:" in text else []
         if missing:
             return f"{missing[0]} is not set: give {missing[0]}=... on the command line"
+        first = text.strip().splitlines()[0] if text.strip() else "a missing value"  # ??? in a list: no key
+        return f"a config value is not set ({first}): ??? must be given on the command line"
     if isinstance(exc, KeyError) and not isinstance(exc, OmegaConfBaseException):
         return describe(exc)
     if isinstance(exc, OSError) and exc.errno in _OS_USER_ERRNOS and exc.filename:
